@@ -1,0 +1,58 @@
+"""fastlm: fused Triton and CUDA C++ kernels for Transformer language models.
+
+Every op has a plain-PyTorch reference that is its test oracle and its CPU path; on CUDA
+tensors the kernels run. See ``fastlm.available_backends()`` for what runs here.
+"""
+
+from __future__ import annotations
+
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+__version__ = "0.1.0"
+
+
+def _alias_source_kernels() -> None:
+    """In a source checkout used without ``pip install`` (PYTHONPATH=.), the top-level
+    kernels/ directory is what an install maps to fastlm.kernels: register it so."""
+    if "fastlm.kernels" in _sys.modules or _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")):
+        return
+    try:
+        if _ilu.find_spec("fastlm.kernels") is not None:  # installed (editable or not)
+            return
+    except (ImportError, ValueError):
+        pass
+    src = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    init = _os.path.join(src, "__init__.py")
+    if _os.path.isfile(init):
+        spec = _ilu.spec_from_file_location("fastlm.kernels", init, submodule_search_locations=[src])
+        module = _ilu.module_from_spec(spec)
+        _sys.modules["fastlm.kernels"] = module
+        spec.loader.exec_module(module)
+
+
+_alias_source_kernels()
+
+from .backend import (  # noqa: E402
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
+from . import nn  # noqa: E402
+
+__all__ = [
+    "BackendUnavailableError",
+    "add_layer_norm",
+    "add_rms_norm",
+    "available_backends",
+    "get_backend",
+    "layer_norm",
+    "nn",
+    "rms_norm",
+    "set_backend",
+    "use_backend",
+]

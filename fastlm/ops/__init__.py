@@ -1,0 +1,1 @@
+"""One file per op family: argument checks, custom-op registration, autograd, dispatch."""

@@ -1,0 +1,220 @@
+"""Layer norm and RMSNorm (with the fused residual add): checks, custom ops, autograd, dispatch.
+
+The four public functions are one op family that differs by two flags (rms, residual),
+so they share one pair of custom ops:
+
+    fastlm::norm(x, residual?, weight?, bias?, normalized_ndim, eps, rms, keep_sum)
+        -> (y, sum, mean, rstd)
+    fastlm::norm_bwd(dy, dsum?, x, weight?, bias?, mean, rstd, normalized_ndim, eps, rms, backend)
+        -> (dx, dweight, dbias)
+
+``sum`` is x + residual (the pre-norm residual stream), written only when it is asked for
+or needed by the backward; ``mean`` is empty for RMSNorm; absent outputs are empty tensors.
+The backend is resolved when the op runs, not when it is traced; the backward resolves the
+backend that was requested at the forward (autograd may run it on another thread, where
+``use_backend`` would not be seen).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..backend import get_backend, resolve
+from ..reference import norm as ref
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ShapeArg = Union[int, Sequence[int], torch.Size]
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _check_normalized_shape(input: Tensor, normalized_shape: _ShapeArg, fn: str) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        shape = (normalized_shape,)
+    elif isinstance(normalized_shape, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in normalized_shape):
+        shape = tuple(normalized_shape)
+    else:
+        raise TypeError(f"fastlm.{fn}: normalized_shape must be an int or a sequence of ints, "
+                        f"got {normalized_shape!r}")
+    if len(shape) == 0:
+        raise ValueError(f"fastlm.{fn}: normalized_shape must not be empty")
+    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
+        raise ValueError(f"fastlm.{fn}: normalized_shape {list(shape)} does not match the trailing dims "
+                         f"of input, whose shape is {list(input.shape)}")
+    return shape
+
+
+def _check_args(fn: str, input: Tensor, residual: Optional[Tensor], normalized_shape: _ShapeArg,
+                weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[int, ...]:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"fastlm.{fn}: input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"fastlm.{fn}: input must be a floating-point tensor, got dtype {input.dtype}")
+    shape = _check_normalized_shape(input, normalized_shape, fn)
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"fastlm.{fn}: residual must be a Tensor, got {type(residual).__name__}")
+        if residual.device != input.device:
+            raise ValueError(f"fastlm.{fn}: residual is on {residual.device} but input is on {input.device}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"fastlm.{fn}: residual has dtype {residual.dtype} but input has {input.dtype}; "
+                            f"they must match")
+        if residual.shape != input.shape:
+            raise ValueError(f"fastlm.{fn}: residual has shape {list(residual.shape)} but input has "
+                             f"{list(input.shape)}; they must match")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fastlm.{fn}: {name} must be a Tensor or None, got {type(t).__name__}")
+        if t.device != input.device:
+            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but input is on {input.device}")
+        if t.dtype not in (input.dtype, torch.float32):
+            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype}; with input of dtype {input.dtype} "
+                            f"it must be {input.dtype} or torch.float32")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"fastlm.{fn}: {name} has shape {list(t.shape)} but normalized_shape is {list(shape)}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"fastlm.{fn}: eps must be a finite number >= 0, got {eps!r}")
+    return shape
+
+
+def _triton_unsupported(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Optional[str]:
+    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in _KERNEL_DTYPES:
+            return f"{name} has dtype {t.dtype}; the kernel takes float32, float16 and bfloat16"
+    return None
+
+
+def _pick(fn: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], requested: Optional[str] = None) -> str:
+    return resolve(fn, x.device.type, {
+        "triton": _triton_unsupported(x, weight, bias),
+        "cuda": "the CUDA C++ norm kernels are not written yet",
+    }, requested)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("fastlm::norm", mutates_args=())
+def _norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+          normalized_ndim: int, eps: float, rms: bool, keep_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    fn = ("add_" if residual is not None else "") + ("rms_norm" if rms else "layer_norm")
+    backend = _pick(fn, x, weight, bias)
+    if backend == "triton":
+        from fastlm.kernels import norm as kernels
+        return kernels.norm_fwd(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum)
+    s = x + residual if residual is not None else x
+    y, mean, rstd = ref.norm(s, weight, bias, normalized_ndim, eps, rms)
+    return y, (s if (residual is not None and keep_sum) else x.new_empty(0)), mean, rstd
+
+
+@_norm.register_fake
+def _(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum):
+    rows = math.prod(x.shape[: x.dim() - normalized_ndim])
+    s = torch.empty_like(x) if (residual is not None and keep_sum) else x.new_empty(0)
+    mean = x.new_empty(0 if rms else rows, dtype=torch.float32)
+    return torch.empty_like(x), s, mean, x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::norm_bwd", mutates_args=())
+def _norm_bwd(dy: Tensor, dsum: Optional[Tensor], x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+              mean: Tensor, rstd: Tensor, normalized_ndim: int, eps: float, rms: bool,
+              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    chosen = _pick("rms_norm" if rms else "layer_norm", x, weight, bias, backend)
+    if chosen == "triton":
+        from fastlm.kernels import norm as kernels
+        dx, dw, db = kernels.norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms)
+    else:
+        dx, dw, db = ref.norm_bwd(dy, x, weight, bias, normalized_ndim, eps, rms)
+        if dsum is not None:
+            dx = dx + dsum
+    empty = x.new_empty(0)
+    return dx, (dw if dw is not None else empty), (db if db is not None else empty.clone())
+
+
+@_norm_bwd.register_fake
+def _(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, eps, rms, backend):
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return torch.empty_like(x), dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum = inputs
+    _, s, mean, rstd = output
+    if residual is not None and s.numel() == 0 and x.numel() != 0:
+        ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+        ctx.recompute_sum = True
+    else:
+        ctx.save_for_backward(s if residual is not None else x, None, weight, bias, mean, rstd)
+        ctx.recompute_sum = False
+    ctx.has_residual = residual is not None
+    ctx.normalized_ndim, ctx.eps, ctx.rms = normalized_ndim, eps, rms
+    ctx.backend = get_backend()
+
+
+def _backward(ctx, dy, ds, dmean, drstd):
+    x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+    if ctx.recompute_sum:  # the forward did not store x + residual: form it again
+        x = x + residual
+    dsum = ds if (ctx.has_residual and ds is not None and ds.numel() == x.numel()) else None
+    dx, dw, db = _norm_bwd(dy, dsum, x, weight, bias, mean, rstd, ctx.normalized_ndim, ctx.eps, ctx.rms,
+                           ctx.backend)
+    return (dx, dx if ctx.has_residual else None, dw if weight is not None else None,
+            db if bias is not None else None, None, None, None, None)
+
+
+_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _run(fn, input, residual, normalized_shape, weight, bias, eps, rms, return_residual):
+    shape = _check_args(fn, input, residual, normalized_shape, weight, bias, eps)
+    keep_sum = residual is not None and (return_residual or _needs_grad(input, residual, weight, bias))
+    y, s, _, _ = _norm(input, residual, weight, bias, len(shape), float(eps), rms, keep_sum)
+    if return_residual:
+        return y, s
+    return y
+
+
+def layer_norm(input: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """torch.nn.functional.layer_norm, on fastlm's kernels."""
+    return _run("layer_norm", input, None, normalized_shape, weight, bias, eps, False, False)
+
+
+def rms_norm(input: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
+    """torch.nn.functional.rms_norm, on fastlm's kernels (eps None: torch.finfo(input.dtype).eps)."""
+    if eps is None and isinstance(input, Tensor) and input.is_floating_point():
+        eps = torch.finfo(input.dtype).eps
+    return _run("rms_norm", input, None, normalized_shape, weight, None, eps, True, False)
+
+
+def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, return_residual: bool = False):
+    """layer_norm(input + residual) in one kernel; with return_residual=True returns
+    (normed, input + residual), the pre-norm residual stream."""
+    if residual is None:
+        raise TypeError("fastlm.add_layer_norm: residual must be a Tensor, got None")
+    return _run("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, False, return_residual)
+
+
+def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor] = None,
+                 eps: Optional[float] = None, return_residual: bool = False):
+    """rms_norm(input + residual) in one kernel; with return_residual=True returns
+    (normed, input + residual), the pre-norm residual stream."""
+    if residual is None:
+        raise TypeError("fastlm.add_rms_norm: residual must be a Tensor, got None")
+    if eps is None and isinstance(input, Tensor) and input.is_floating_point():
+        eps = torch.finfo(input.dtype).eps
+    return _run("add_rms_norm", input, residual, normalized_shape, weight, None, eps, True, return_residual)

@@ -1,0 +1,76 @@
+"""The one tolerance rule for every kernel test and for ``fastlm check``.
+
+A kernel's output is compared with a float64 reference computed from the same inputs.
+It passes when its worst error is at most ``mult`` times the worst error of PyTorch's own
+eager path in the same dtype, plus a floor: twice the rounding of the reference to that
+dtype (the rule FlashAttention's tests use). NaN or inf never passes where the reference
+is finite. A failure says where: the index of the worst element, both values, and
+whether a NaN appeared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Comparison:
+    ok: bool
+    max_err: float
+    eager_err: float
+    tol: float
+    message: str
+
+
+def rounding_floor(ref64: Tensor, dtype: torch.dtype) -> float:
+    """Twice the worst rounding of the reference to ``dtype``: one unit in the last place
+    at the reference's largest magnitude (never below 0.3). FlashAttention's tests measure
+    the same bound as 2 * (ref + 0.3 - 0.3 - ref).abs().max(); the closed form does not
+    depend on how lucky the rounding of a small tensor happens to be."""
+    if ref64.numel() == 0 or not dtype.is_floating_point:
+        return 0.0
+    finite = ref64[torch.isfinite(ref64)]
+    peak = finite.abs().max().item() if finite.numel() else 0.0
+    return torch.finfo(dtype).eps * max(peak, 0.3)
+
+
+def compare(out: Tensor, ref64: Tensor, eager: Tensor | None, name: str = "output",
+            mult: float = 2.0, atol: float = 0.0) -> Comparison:
+    """Judge ``out`` against ``ref64`` (float64) with ``eager`` (torch's own result in
+    out's dtype) as the yardstick."""
+    if out.shape != ref64.shape:
+        return Comparison(False, float("inf"), 0.0, 0.0,
+                          f"{name}: shape {list(out.shape)} != reference {list(ref64.shape)}")
+    if out.numel() == 0:
+        return Comparison(True, 0.0, 0.0, 0.0, f"{name}: empty")
+    o = out.detach().double().cpu()
+    r = ref64.detach().double().cpu()
+    diff = (o - r).abs()
+    bad = ~torch.isfinite(o) & torch.isfinite(r)
+    eager_err = 0.0
+    if eager is not None:
+        eager_err = (eager.detach().double().cpu() - r).abs().max().item()
+    tol = mult * eager_err + rounding_floor(r, out.dtype) + atol
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        return Comparison(False, float("nan"), eager_err, tol,
+                          f"{name}: non-finite value {o[idx].item()} at index {idx} where the reference is "
+                          f"{r[idx].item()} ({int(bad.sum())} such elements)")
+    diff = torch.where(torch.isfinite(r), diff, torch.zeros_like(diff))
+    flat = int(diff.argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), o.shape))
+    max_err = diff.reshape(-1)[flat].item()
+    ok = max_err <= tol
+    msg = (f"{name}: max error {max_err:.3e} at index {idx} (got {o[idx].item():.6g}, reference "
+           f"{r[idx].item():.6g}); tolerance {tol:.3e} = {mult} x eager error {eager_err:.3e} + floor")
+    return Comparison(ok, max_err, eager_err, tol, msg)
+
+
+def assert_close(out: Tensor, ref64: Tensor, eager: Tensor | None, name: str = "output",
+                 mult: float = 2.0, atol: float = 0.0) -> Comparison:
+    c = compare(out, ref64, eager, name, mult, atol)
+    assert c.ok, c.message
+    return c

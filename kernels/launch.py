@@ -1,0 +1,68 @@
+"""Launch settings shared by every Triton kernel: block sizes, warps, program counts, outputs.
+
+One place decides how a row-wise kernel is shaped, so every op is tuned the same way.
+Device properties are queried on the first call that needs them and cached per device;
+nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# A row of up to this many elements is held in registers in one block; wider rows are
+# processed in chunks of this size (two or three passes over the row).
+MAX_FUSED_BLOCK = 16384
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def row_block(n: int, max_block: int | None = None) -> tuple[int, bool]:
+    """(BLOCK_N, single) for a row of ``n`` elements: single=True when one block covers it.
+
+    Blocks are at least 16 wide: smaller ones run in the interpreter but do not compile
+    for every GPU op.
+    """
+    cap = MAX_FUSED_BLOCK if max_block is None else max_block
+    block = max(16, next_power_of_2(n))
+    if block <= cap:
+        return block, True
+    return cap, False
+
+
+def row_warps(block_n: int) -> int:
+    """Warps for a row-wise kernel over a block of ``block_n`` elements (8 to 32 per thread)."""
+    return int(min(16, max(1, block_n // 256)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, rows: int, per_sm: int = 4) -> int:
+    """Programs for a kernel where each program loops over a share of the rows."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = _sm_count(index) * per_sm
+    else:
+        target = 4  # the interpreter runs programs one after another; a few exercise the split
+    return max(1, min(rows, target))
+
+
+def poison_enabled() -> bool:
+    """FASTLM_POISON=1 fills every kernel output with NaN before the kernel writes it."""
+    return os.environ.get("FASTLM_POISON", "0") == "1"
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a kernel output; under FASTLM_POISON=1 fill it with NaN so unwritten
+    elements cannot pass a test."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poison_enabled() and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out

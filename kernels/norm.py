@@ -1,0 +1,284 @@
+"""Layer norm and RMSNorm, with the residual add fused, forward and backward, in Triton.
+
+One kernel pair serves both norms (constexpr RMS) and every option (residual, weight,
+bias): the variants differ by a few lines, and constexpr branches cost nothing at run time.
+
+Forward: one program per row. A row that fits one block (<= MAX_FUSED_BLOCK elements)
+is read once and kept in registers; a wider row is walked in chunks, three passes (sum,
+centred sum of squares, normalise), because holding it would spill.
+
+Backward: with xhat = (x - mean) * rstd and g = dy * w,
+    dx = rstd * (g - mean(g * xhat) * xhat - mean(g))      (RMSNorm: without the last term)
+    dw = sum over rows of dy * xhat,  db = sum over rows of dy.
+Each program takes a contiguous range of rows and keeps its share of dw/db in float32;
+the (programs, N) partials are summed afterwards in a fixed order, so weight gradients
+are deterministic (same inputs, same bits), with no atomics.
+
+Row offsets are int64 (row index * stride can pass 2^31); the math is float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import empty, persistent_programs, row_block, row_warps
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, R, S, Y, W, B, Mean, Rstd,
+    stride_xm, stride_xn, stride_rm, stride_rn,
+    N, eps,
+    HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    RMS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_xm
+    r_row = R + row * stride_rm
+    s_row = S + row * N  # S and Y are written contiguous
+    y_row = Y + row * N
+    cols = tl.arange(0, BLOCK_N)
+    if SINGLE:
+        mask = cols < N
+        x = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0)
+        if HAS_RES:
+            # Round the sum to the input dtype first: the output is then exactly the norm of
+            # the residual stream that is stored and that the backward reads.
+            x = (x.to(tl.float32) + tl.load(r_row + cols * stride_rn, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(S.dtype.element_ty)
+            if STORE_SUM:
+                tl.store(s_row + cols, x, mask=mask)
+        x = x.to(tl.float32)
+        if RMS:
+            xc = x
+        else:
+            mean = tl.sum(x, axis=0) / N
+            xc = tl.where(mask, x - mean, 0.0)
+            tl.store(Mean + row, mean)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+        tl.store(Rstd + row, rstd)
+        y = xc * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # Pass 1: the mean (and the stored residual stream).
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = c < N
+            x = tl.load(x_row + c * stride_xn, mask=mask, other=0.0)
+            if HAS_RES:
+                x = (x.to(tl.float32) + tl.load(r_row + c * stride_rn, mask=mask, other=0.0).to(tl.float32))
+                x = x.to(S.dtype.element_ty)
+                if STORE_SUM:
+                    tl.store(s_row + c, x, mask=mask)
+            acc += x.to(tl.float32)
+        mean = 0.0
+        if not RMS:
+            mean = tl.sum(acc, axis=0) / N
+            tl.store(Mean + row, mean)
+        # Pass 2: the variance about the mean (two passes are exact where E[x^2] - mean^2 is not).
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = c < N
+            x = tl.load(x_row + c * stride_xn, mask=mask, other=0.0)
+            if HAS_RES:
+                x = (x.to(tl.float32) + tl.load(r_row + c * stride_rn, mask=mask, other=0.0).to(tl.float32))
+                x = x.to(S.dtype.element_ty)
+            xc = tl.where(mask, x.to(tl.float32) - mean, 0.0)
+            acc += xc * xc
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        tl.store(Rstd + row, rstd)
+        # Pass 3: normalise and write.
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = c < N
+            x = tl.load(x_row + c * stride_xn, mask=mask, other=0.0)
+            if HAS_RES:
+                x = (x.to(tl.float32) + tl.load(r_row + c * stride_rn, mask=mask, other=0.0).to(tl.float32))
+                x = x.to(S.dtype.element_ty)
+            y = (x.to(tl.float32) - mean) * rstd
+            if HAS_W:
+                y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                y = y + tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_row + c, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    X, W, Mean, Rstd, DY, DS, DX, DW, DB,
+    stride_xm, stride_xn, stride_dym, stride_dyn, stride_dsm, stride_dsn,
+    M, N, rows_per_program,
+    HAS_DS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
+    BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    dw_row = DW + pid.to(tl.int64) * N  # this program's partial sums
+    db_row = DB + pid.to(tl.int64) * N
+    if SINGLE:
+        mask = cols < N
+        w = 1.0
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for row in range(row_start, row_end):
+            x = tl.load(X + row * stride_xm + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * stride_dym + cols * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(Rstd + row)
+            if RMS:
+                xhat = x * rstd
+            else:
+                xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+            g = dy * w
+            c1 = tl.sum(g * xhat, axis=0) / N
+            if RMS:
+                dx = (g - xhat * c1) * rstd
+            else:
+                c2 = tl.sum(g, axis=0) / N
+                dx = (g - xhat * c1 - c2) * rstd
+            if HAS_DS:
+                dx += tl.load(DS + row * stride_dsm + cols * stride_dsn, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_W:
+                dw += dy * xhat
+            if HAS_B:
+                db += dy
+        if HAS_W:
+            tl.store(dw_row + cols, dw, mask=mask)
+        if HAS_B:
+            tl.store(db_row + cols, db, mask=mask)
+    else:
+        # Wide rows: the partials live in this program's own row of DW/DB (read-modify-write
+        # by one program only, so still deterministic); they start at zero.
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            if HAS_W:
+                tl.store(dw_row + c, tl.zeros([BLOCK_N], dtype=tl.float32), mask=c < N)
+            if HAS_B:
+                tl.store(db_row + c, tl.zeros([BLOCK_N], dtype=tl.float32), mask=c < N)
+        for row in range(row_start, row_end):
+            rstd = tl.load(Rstd + row)
+            mean = 0.0
+            if not RMS:
+                mean = tl.load(Mean + row)
+            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = c < N
+                x = tl.load(X + row * stride_xm + c * stride_xn, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dym + c * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                g = dy
+                if HAS_W:
+                    g = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                acc1 += g * xhat
+                acc2 += g
+            c1 = tl.sum(acc1, axis=0) / N
+            c2 = 0.0
+            if not RMS:
+                c2 = tl.sum(acc2, axis=0) / N
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = c < N
+                x = tl.load(X + row * stride_xm + c * stride_xn, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dym + c * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                g = dy
+                if HAS_W:
+                    g = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                dx = (g - xhat * c1 - c2) * rstd
+                if HAS_DS:
+                    dx += tl.load(DS + row * stride_dsm + c * stride_dsn, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + row * N + c, dx.to(DX.dtype.element_ty), mask=mask)
+                if HAS_W:
+                    tl.store(dw_row + c, tl.load(dw_row + c, mask=mask, other=0.0) + dy * xhat, mask=mask)
+                if HAS_B:
+                    tl.store(db_row + c, tl.load(db_row + c, mask=mask, other=0.0) + dy, mask=mask)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """View ``t`` as (rows, n) without copying where its strides allow; copy otherwise."""
+    return t.reshape(-1, n)
+
+
+def norm_fwd(x, residual, weight, bias, normalized_ndim: int, eps: float, rms: bool,
+             keep_sum: bool, max_block: int | None = None):
+    """Launch the forward. Returns (y, sum, mean, rstd); sum and mean may be empty."""
+    n = 1
+    for d in x.shape[x.dim() - normalized_ndim:]:
+        n *= d
+    x2 = _rows(x, n)
+    m = x2.shape[0]
+    r2 = _rows(residual, n) if residual is not None else x2
+    has_res = residual is not None
+    store_sum = has_res and keep_sum
+    y = empty(x.shape, x.dtype, x.device)
+    s = empty(x.shape, x.dtype, x.device) if store_sum else x.new_empty(0)
+    mean = empty((m,), torch.float32, x.device) if not rms else x.new_empty(0, dtype=torch.float32)
+    rstd = empty((m,), torch.float32, x.device)
+    w = weight.reshape(-1).contiguous() if weight is not None else x2
+    b = bias.reshape(-1).contiguous() if bias is not None else x2
+    if m == 0 or n == 0:
+        return y, s, mean, rstd
+    block, single = row_block(n, max_block)
+    _norm_fwd_kernel[(m,)](
+        x2, r2, s if store_sum else y, y, w, b, mean if not rms else rstd, rstd,
+        x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1),
+        n, eps,
+        HAS_RES=has_res, STORE_SUM=store_sum, HAS_W=weight is not None, HAS_B=bias is not None,
+        RMS=rms, BLOCK_N=block, SINGLE=single, num_warps=row_warps(block),
+    )
+    return y, s, mean, rstd
+
+
+def norm_bwd(dy, ds, x, weight, bias, mean, rstd, normalized_ndim: int, rms: bool,
+             max_block: int | None = None):
+    """Launch the backward. ``x`` is the normalised input (the residual stream when a
+    residual was added); ``ds``, if given, is the gradient flowing into that stream
+    from elsewhere. Returns (dx, dweight, dbias), the last two None when absent."""
+    n = 1
+    for d in x.shape[x.dim() - normalized_ndim:]:
+        n *= d
+    x2 = _rows(x, n)
+    dy2 = _rows(dy, n)
+    ds2 = _rows(ds, n) if ds is not None else dy2
+    m = x2.shape[0]
+    dx = empty(x.shape, x.dtype, x.device)
+    programs = persistent_programs(x.device, m)
+    has_w, has_b = weight is not None, bias is not None
+    dw_part = empty((programs, n), torch.float32, x.device) if has_w else None
+    db_part = empty((programs, n), torch.float32, x.device) if has_b else None
+    if m > 0 and n > 0:
+        block, single = row_block(n, max_block)
+        rows_per_program = triton.cdiv(m, programs)
+        programs = triton.cdiv(m, rows_per_program)  # every program gets at least one row
+        w = weight.reshape(-1).contiguous() if has_w else x2
+        _norm_bwd_kernel[(programs,)](
+            x2, w, mean if not rms else rstd, rstd, dy2, ds2, dx,
+            dw_part if has_w else dx, db_part if has_b else dx,
+            x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), ds2.stride(0), ds2.stride(1),
+            m, n, rows_per_program,
+            HAS_DS=ds is not None, HAS_W=has_w, HAS_B=has_b, RMS=rms,
+            BLOCK_N=block, SINGLE=single, num_warps=row_warps(block),
+        )
+        dw_part = dw_part[:programs] if has_w else None
+        db_part = db_part[:programs] if has_b else None
+    else:  # no rows (or empty rows): the weight gradients are zero
+        for part in (dw_part, db_part):
+            if part is not None:
+                part.zero_()
+    dw = dw_part.sum(0).to(weight.dtype).reshape(weight.shape) if has_w else None
+    db = db_part.sum(0).to(bias.dtype).reshape(bias.shape) if has_b else None
+    return dx, dw, db
