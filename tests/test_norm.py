@@ -32,7 +32,7 @@ def _skip_unrunnable(backend, dtype):
 def _eps(kind, dtype, eps):
     if eps is not None:
         return eps
-    return 1e-5 if kind == "layer" else torch.finfo(dtype).eps
+    return 1e-5 if kind == "layer" else None  # None: each implementation's own default
 
 
 def oracle(kind, x, residual, shape, weight, bias, eps, dtype=None):
@@ -410,5 +410,5 @@ def test_gpu_offsets_beyond_2_to_the_31():
     with fastlm.use_backend("triton"):
         y = fastlm.rms_norm(x, n)
     tail = x[-3:].float()
-    ref = tail * torch.rsqrt(tail.square().mean(-1, keepdim=True) + torch.finfo(torch.bfloat16).eps)
+    ref = tail * torch.rsqrt(tail.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
     torch.testing.assert_close(y[-3:].float(), ref, atol=2e-2, rtol=2e-2)

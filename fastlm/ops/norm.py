@@ -173,6 +173,14 @@ _norm.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- public functions
 
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """The eps torch's rms_norm uses when given None: the machine epsilon of the type it
+    computes in, so float32's for float16 and bfloat16 inputs (torch's docs say
+    finfo(input.dtype).eps, but its kernels use the compute type's (tests check it on CPU and CUDA); a
+    drop-in must give the same numbers, so fastlm follows the kernels)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -194,9 +202,9 @@ def layer_norm(input: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tens
 
 def rms_norm(input: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
-    """torch.nn.functional.rms_norm, on fastlm's kernels (eps None: torch.finfo(input.dtype).eps)."""
+    """torch.nn.functional.rms_norm, on fastlm's kernels (eps None: as torch, see default_rms_eps)."""
     if eps is None and isinstance(input, Tensor) and input.is_floating_point():
-        eps = torch.finfo(input.dtype).eps
+        eps = default_rms_eps(input.dtype)
     return _run("rms_norm", input, None, normalized_shape, weight, None, eps, True, False)
 
 
@@ -216,5 +224,5 @@ def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg, w
     if residual is None:
         raise TypeError("fastlm.add_rms_norm: residual must be a Tensor, got None")
     if eps is None and isinstance(input, Tensor) and input.is_floating_point():
-        eps = torch.finfo(input.dtype).eps
+        eps = default_rms_eps(input.dtype)
     return _run("add_rms_norm", input, residual, normalized_shape, weight, None, eps, True, return_residual)

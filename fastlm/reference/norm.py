@@ -54,11 +54,11 @@ def layer_norm(x: Tensor, normalized_shape, weight=None, bias=None, eps: float =
 
 def rms_norm(x: Tensor, normalized_shape, weight=None, eps: float | None = None,
              residual: Tensor | None = None, upcast: bool = True) -> Tensor:
-    """rms_norm(x + residual); eps None means torch.finfo(x.dtype).eps, as in torch."""
+    """rms_norm(x + residual); eps None means the epsilon of the compute type, as torch does."""
     if residual is not None:
         x = x + residual
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     ndim = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
     return norm(x, weight, None, ndim, eps, rms=True, upcast=upcast)[0]
 
