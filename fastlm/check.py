@@ -1,0 +1,167 @@
+"""``fastlm check``: run every kernel that can run on this machine against its float64
+reference, forward and backward, and print a short table.
+
+On a machine without CUDA the Triton kernels run under the interpreter (this command sets
+TRITON_INTERPRET=1 before triton is imported), so the check is the same code path CI tests.
+Each op family contributes cases: a name, a function that runs fastlm, and the same
+computation in plain torch (used in float64 as the oracle and in the test dtype as the
+yardstick of fastlm.testing's tolerance rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class Case:
+    op: str
+    shape: tuple
+    make_inputs: Callable  # (dtype, device, generator) -> dict of named tensors
+    run_fastlm: Callable  # (inputs) -> output tensor
+    run_torch: Callable  # (inputs) -> output tensor, in the inputs' dtype
+
+
+def _norm_cases(quick: bool, on_gpu: bool) -> list[Case]:
+    import torch
+    import torch.nn.functional as F
+
+    import fastlm
+
+    shapes = [(4096, 4096), (2048, 8192), (64, 65537)] if on_gpu else [(64, 768), (7, 4097)]
+    if quick:
+        shapes = shapes[:1]
+
+    def inputs(rows, width, residual, bias=True):
+        def make(dtype, device, g):
+            def rnd(*shape):
+                return torch.randn(*shape, generator=g, device="cpu").to(device=device, dtype=dtype)
+            d = {"x": rnd(rows, width), "weight": rnd(width)}
+            if bias:
+                d["bias"] = rnd(width)
+            if residual:
+                d["residual"] = rnd(rows, width)
+            return d
+        return make
+
+    cases = []
+    for rows, width in shapes:
+        shape = (rows, width)
+        cases += [
+            Case("layer_norm", shape, inputs(rows, width, False),
+                 lambda t: fastlm.layer_norm(t["x"], t["x"].shape[-1], t["weight"], t["bias"]),
+                 lambda t: F.layer_norm(t["x"], t["x"].shape[-1:], t["weight"], t["bias"])),
+            Case("rms_norm", shape, inputs(rows, width, False, bias=False),
+                 lambda t: fastlm.rms_norm(t["x"], t["x"].shape[-1], t["weight"]),
+                 lambda t: F.rms_norm(t["x"], t["x"].shape[-1:], t["weight"])),
+            Case("add_layer_norm", shape, inputs(rows, width, True),
+                 lambda t: fastlm.add_layer_norm(t["x"], t["residual"], t["x"].shape[-1], t["weight"], t["bias"]),
+                 lambda t: F.layer_norm(t["x"] + t["residual"], t["x"].shape[-1:], t["weight"], t["bias"])),
+            Case("add_rms_norm", shape, inputs(rows, width, True, bias=False),
+                 lambda t: fastlm.add_rms_norm(t["x"], t["residual"], t["x"].shape[-1], t["weight"]),
+                 lambda t: F.rms_norm(t["x"] + t["residual"], t["x"].shape[-1:], t["weight"])),
+        ]
+    return cases
+
+
+def run_case(case: Case, backend: str, dtype, device) -> dict:
+    """Forward and backward of one case on one backend; the worst judged error of each."""
+    import torch
+
+    import fastlm
+    from fastlm.testing import compare
+
+    g = torch.Generator().manual_seed(0)
+    base = case.make_inputs(dtype, device, g)
+    dy = None
+
+    def forward_backward(fn, cast):
+        nonlocal dy
+        t = {k: cast(v).detach().requires_grad_(True) for k, v in base.items()}
+        out = fn(t)
+        if dy is None:
+            dy = torch.randn(out.shape, generator=g).to(device)
+        grads = torch.autograd.grad(out, list(t.values()), cast(dy.to(out.dtype)))
+        return out, dict(zip(t.keys(), grads))
+
+    start = time.perf_counter()
+    with fastlm.use_backend(backend):
+        out, grads = forward_backward(case.run_fastlm, lambda v: v)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    ref, ref_grads = forward_backward(case.run_torch, lambda v: v.double())
+    eager, eager_grads = forward_backward(case.run_torch, lambda v: v)
+    fwd = compare(out, ref, eager, "output")
+    bwd = [compare(grads[k], ref_grads[k], eager_grads[k], f"grad of {k}") for k in grads]
+    worst_bwd = max(bwd, key=lambda c: (not c.ok, c.max_err / c.tol if c.tol else c.max_err))
+    return {
+        "op": case.op, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
+        "shape": "x".join(map(str, case.shape)), "fwd": fwd, "bwd": worst_bwd,
+        "ok": fwd.ok and all(c.ok for c in bwd), "seconds": seconds,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastlm check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one shape per op")
+    parser.add_argument("--backend", action="append", choices=["triton", "cuda"],
+                        help="check only these kernel backends (default: every one that runs here)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            print("fastlm check: triton was imported before TRITON_INTERPRET=1 could be set", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"
+
+    import fastlm
+
+    device = torch.device("cuda" if on_gpu else "cpu")
+    info = fastlm.available_backends()
+    print(f"fastlm {fastlm.__version__} on {torch.cuda.get_device_name() if on_gpu else 'CPU'} "
+          f"(torch {torch.__version__})")
+    for name, (available, reason) in info.items():
+        print(f"  {name:7s} {'yes' if available else 'no ':3s}  {reason}")
+    backends = [b for b in (args.backend or ["triton", "cuda"]) if info[b].available]
+    if not backends:
+        print("no kernel backend can run here: nothing to check", file=sys.stderr)
+        return 1
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if on_gpu else [])
+    if not on_gpu:
+        print("  (Triton under the interpreter: bfloat16 is checked on a GPU only, see docs/ARCHITECTURE.md)")
+
+    rows = []
+    for case in _norm_cases(args.quick, on_gpu):
+        for backend in backends:
+            for dtype in dtypes:
+                rows.append(run_case(case, backend, dtype, device))
+
+    header = f"{'op':15s} {'backend':7s} {'dtype':8s} {'shape':11s} {'fwd err':>9s} {'fwd tol':>9s} " \
+             f"{'bwd err':>9s} {'bwd tol':>9s} {'time':>7s}  result"
+    print()
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['op']:15s} {r['backend']:7s} {r['dtype']:8s} {r['shape']:11s} {r['fwd'].max_err:9.2e} "
+              f"{r['fwd'].tol:9.2e} {r['bwd'].max_err:9.2e} {r['bwd'].tol:9.2e} {r['seconds']:6.2f}s  "
+              f"{'ok' if r['ok'] else 'FAIL'}")
+    failed = [r for r in rows if not r["ok"]]
+    for r in failed:
+        for c in (r["fwd"], r["bwd"]):
+            if not c.ok:
+                print(f"FAIL {r['op']} {r['backend']} {r['dtype']} {r['shape']}: {c.message}")
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
