@@ -167,6 +167,8 @@ def _norm_bwd_kernel(
                 tl.store(dw_row + c, tl.zeros([BLOCK_N], dtype=tl.float32), mask=c < N)
             if HAS_B:
                 tl.store(db_row + c, tl.zeros([BLOCK_N], dtype=tl.float32), mask=c < N)
+        # The partial rows are re-read below; make every thread's stores visible first.
+        tl.debug_barrier()
         for row in range(row_start, row_end):
             rstd = tl.load(Rstd + row)
             mean = 0.0
@@ -206,6 +208,7 @@ def _norm_bwd_kernel(
                     tl.store(dw_row + c, tl.load(dw_row + c, mask=mask, other=0.0) + dy * xhat, mask=mask)
                 if HAS_B:
                     tl.store(db_row + c, tl.load(db_row + c, mask=mask, other=0.0) + dy, mask=mask)
+            tl.debug_barrier()
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -282,3 +285,29 @@ def norm_bwd(dy, ds, x, weight, bias, mean, rstd, normalized_ndim: int, rms: boo
     dw = dw_part.sum(0).to(weight.dtype).reshape(weight.shape) if has_w else None
     db = db_part.sum(0).to(bias.dtype).reshape(bias.shape) if has_b else None
     return dx, dw, db
+
+
+def gpu_compile_variants():
+    """(kernel, signature, constexprs, num_warps) for the GPU compile check
+    (kernels/compile_check.py): the interpreter never compiles, so CI compiles every
+    variant for real GPU targets instead."""
+    variants = []
+    for dt in ("fp32", "fp16", "bf16"):
+        for single in (True, False):
+            for rms in (False, True):
+                block = 1024 if single else 4096
+                fwd_sig = {"X": f"*{dt}", "R": f"*{dt}", "S": f"*{dt}", "Y": f"*{dt}", "W": "*fp32", "B": "*fp32",
+                           "Mean": "*fp32", "Rstd": "*fp32", "stride_xm": "i64", "stride_xn": "i32",
+                           "stride_rm": "i64", "stride_rn": "i32", "N": "i32", "eps": "fp32"}
+                fwd_const = {"HAS_RES": True, "STORE_SUM": True, "HAS_W": True, "HAS_B": not rms, "RMS": rms,
+                             "BLOCK_N": block, "SINGLE": single}
+                variants.append((_norm_fwd_kernel, fwd_sig, fwd_const, row_warps(block)))
+                bwd_sig = {"X": f"*{dt}", "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "DY": f"*{dt}",
+                           "DS": f"*{dt}", "DX": f"*{dt}", "DW": "*fp32", "DB": "*fp32",
+                           "stride_xm": "i64", "stride_xn": "i32", "stride_dym": "i64", "stride_dyn": "i32",
+                           "stride_dsm": "i64", "stride_dsn": "i32", "M": "i32", "N": "i32",
+                           "rows_per_program": "i32"}
+                bwd_const = {"HAS_DS": True, "HAS_W": True, "HAS_B": not rms, "RMS": rms,
+                             "BLOCK_N": block, "SINGLE": single}
+                variants.append((_norm_bwd_kernel, bwd_sig, bwd_const, row_warps(block)))
+    return variants
