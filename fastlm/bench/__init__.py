@@ -1,0 +1,120 @@
+"""The benchmark runner: ``python -m fastlm.bench SUITE`` or ``fastlm bench SUITE``.
+
+    python -m fastlm.bench norm [--out DIR] [--quick] [--rows R ...] [--widths N ...]
+                                [--dtype bf16|fp16|fp32] [--reps N] [--compile auto|on|off]
+    python -m fastlm.bench all  ...
+
+Each suite writes <out>/<suite>.json (device, versions, date, measured ceilings, every
+row) and <out>/<suite>.md (the table, also printed). The device ceilings are measured
+once per run and shared by its suites. See fastlm/bench/runner.py for how times are taken.
+
+Importing this package touches no device and does not import triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+# Suite name -> module under fastlm.bench with run(config, harness) and the names it accepts.
+# Later issues add ce, attention and ffn.
+SUITES = {"norm": "fastlm.bench.norm"}
+
+_DEFAULT_REPS = {("cuda", False): 100, ("cuda", True): 10, ("cpu", False): 10, ("cpu", True): 3}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastlm bench",
+        description="Time fastlm's ops against PyTorch eager and torch.compile; write JSON and markdown.")
+    p.add_argument("suite", choices=sorted(SUITES) + ["all"], help='the suite to run; "all" runs every suite')
+    p.add_argument("--out", type=Path, default=Path("bench-out"),
+                   help="folder for <suite>.json and <suite>.md (default: ./bench-out)")
+    p.add_argument("--quick", action="store_true",
+                   help="the smallest shape and few repetitions: checks the harness, not the kernels")
+    p.add_argument("--rows", type=_positive_int, nargs="+", help="row counts (default: the suite's for the device)")
+    p.add_argument("--widths", type=_positive_int, nargs="+", help="row widths (default: the suite's for the device)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="element type (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--reps", type=_positive_int,
+                   help="timed calls per implementation and case (default: 100 on CUDA, 10 on CPU; --quick 10 / 3)")
+    p.add_argument("--warmup", type=_positive_int, default=None, help="untimed calls first (default: 3 CUDA, 1 CPU)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="where to run (default: CUDA when present)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="include torch.compile (auto: on CUDA only; on CPU each compile takes tens of seconds)")
+    p.add_argument("--impls", nargs="+", metavar="IMPL",
+                   help="only these implementations (fastlm-triton, fastlm-cuda, fastlm-torch, torch-eager, "
+                        "torch-compile)")
+    p.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (norm: layer_norm, rms_norm, "
+                                                          "add_layer_norm, add_rms_norm)")
+    p.add_argument("--modes", nargs="+", choices=["fwd", "bwd", "fwd+bwd"], help="only these modes")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the suites named in ``argv``; returns 0 if every suite ran, 1 otherwise."""
+    args = build_parser().parse_args(argv)
+
+    import torch
+
+    from . import runner
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("fastlm bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    device_type = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    on_cuda = device.type == "cuda"
+    config = runner.Config(
+        device=device,
+        dtype=runner.DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")],
+        quick=args.quick,
+        reps=args.reps or _DEFAULT_REPS[(device.type, args.quick)],
+        warmup=args.warmup or (3 if on_cuda else 1),
+        rows=args.rows,
+        widths=args.widths,
+        compile={"on": True, "off": False}.get(args.compile, on_cuda),
+        impls=args.impls,
+        ops=args.ops,
+        modes=args.modes,
+    )
+    if on_cuda:
+        torch.cuda.set_device(device)
+
+    env = runner.environment(device)
+    ceilings = runner.measure_ceilings(device, quick=args.quick)
+    print(f"fastlm bench on {env['device']}: copy {ceilings['copy_gbps']:.1f} GB/s, "
+          f"{ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.3g} TFLOP/s", file=sys.stderr)
+
+    status = 0
+    for suite in (sorted(SUITES) if args.suite == "all" else [args.suite]):
+        harness = runner.Harness(config, ceilings)
+        if env["env"].get("FASTLM_POISON") == "1":
+            harness.note("FASTLM_POISON=1 was set: every kernel output is filled with NaN first, "
+                         "which slows the fastlm kernels")
+        if not on_cuda:
+            harness.note("on CPU a case's tensors may sit in cache, so its GB/s can pass the copy "
+                         "bandwidth, which is measured on a tensor larger than the cache")
+        try:
+            importlib.import_module(SUITES[suite]).run(config, harness)
+        except Exception:  # keep what was measured; the other suites still run
+            traceback.print_exc()
+            harness.note(f"the {suite} suite stopped early: {traceback.format_exc().strip().splitlines()[-1]}")
+            status = 1
+        json_path, md_path, report = runner.write_results(args.out, suite, env, config, ceilings,
+                                                          harness.rows, harness.notes)
+        print(report)
+        print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    return status
