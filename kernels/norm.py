@@ -27,6 +27,31 @@ from .launch import empty, persistent_programs, row_block, row_warps
 
 
 @triton.jit
+def _load_input(x_row, r_row, s_row, c, mask, stride_xn, stride_rn,
+                HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr):
+    """One chunk of the input to normalise, x or x + residual, as float32.
+
+    The sum is rounded to the input dtype first (and stored when asked): the output is then
+    exactly the norm of the residual stream that is stored and that the backward reads."""
+    x = tl.load(x_row + c * stride_xn, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_row + c * stride_rn, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        if STORE_SUM:
+            tl.store(s_row + c, x, mask=mask)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _affine(y, W, B, c, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    if HAS_W:
+        y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X, R, S, Y, W, B, Mean, Rstd,
     stride_xm, stride_xn, stride_rm, stride_rn,
@@ -42,15 +67,7 @@ def _norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
         mask = cols < N
-        x = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0)
-        if HAS_RES:
-            # Round the sum to the input dtype first: the output is then exactly the norm of
-            # the residual stream that is stored and that the backward reads.
-            x = (x.to(tl.float32) + tl.load(r_row + cols * stride_rn, mask=mask, other=0.0).to(tl.float32))
-            x = x.to(S.dtype.element_ty)
-            if STORE_SUM:
-                tl.store(s_row + cols, x, mask=mask)
-        x = x.to(tl.float32)
+        x = _load_input(x_row, r_row, s_row, cols, mask, stride_xn, stride_rn, HAS_RES, STORE_SUM)
         if RMS:
             xc = x
         else:
@@ -59,25 +76,14 @@ def _norm_fwd_kernel(
             tl.store(Mean + row, mean)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
         tl.store(Rstd + row, rstd)
-        y = xc * rstd
-        if HAS_W:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_B:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _affine(xc * rstd, W, B, cols, mask, HAS_W, HAS_B)
         tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Pass 1: the mean (and the stored residual stream).
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
-            mask = c < N
-            x = tl.load(x_row + c * stride_xn, mask=mask, other=0.0)
-            if HAS_RES:
-                x = (x.to(tl.float32) + tl.load(r_row + c * stride_rn, mask=mask, other=0.0).to(tl.float32))
-                x = x.to(S.dtype.element_ty)
-                if STORE_SUM:
-                    tl.store(s_row + c, x, mask=mask)
-            acc += x.to(tl.float32)
+            acc += _load_input(x_row, r_row, s_row, c, c < N, stride_xn, stride_rn, HAS_RES, STORE_SUM)
         mean = 0.0
         if not RMS:
             mean = tl.sum(acc, axis=0) / N
@@ -86,29 +92,25 @@ def _norm_fwd_kernel(
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
-            mask = c < N
-            x = tl.load(x_row + c * stride_xn, mask=mask, other=0.0)
-            if HAS_RES:
-                x = (x.to(tl.float32) + tl.load(r_row + c * stride_rn, mask=mask, other=0.0).to(tl.float32))
-                x = x.to(S.dtype.element_ty)
-            xc = tl.where(mask, x.to(tl.float32) - mean, 0.0)
+            x = _load_input(x_row, r_row, s_row, c, c < N, stride_xn, stride_rn, HAS_RES, False)
+            xc = tl.where(c < N, x - mean, 0.0)
             acc += xc * xc
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
         tl.store(Rstd + row, rstd)
         # Pass 3: normalise and write.
         for start in range(0, N, BLOCK_N):
             c = start + cols
-            mask = c < N
-            x = tl.load(x_row + c * stride_xn, mask=mask, other=0.0)
-            if HAS_RES:
-                x = (x.to(tl.float32) + tl.load(r_row + c * stride_rn, mask=mask, other=0.0).to(tl.float32))
-                x = x.to(S.dtype.element_ty)
-            y = (x.to(tl.float32) - mean) * rstd
-            if HAS_W:
-                y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-            if HAS_B:
-                y = y + tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_row + c, y.to(Y.dtype.element_ty), mask=mask)
+            x = _load_input(x_row, r_row, s_row, c, c < N, stride_xn, stride_rn, HAS_RES, False)
+            y = _affine((x - mean) * rstd, W, B, c, c < N, HAS_W, HAS_B)
+            tl.store(y_row + c, y.to(Y.dtype.element_ty), mask=c < N)
+
+
+@triton.jit
+def _load_xhat_dy(X, DY, row, c, mask, stride_xm, stride_xn, stride_dym, stride_dyn, mean, rstd):
+    """One chunk of the normalised input (zero outside the row) and of the output gradient."""
+    x = tl.load(X + row * stride_xm + c * stride_xn, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dym + c * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, (x - mean) * rstd, 0.0), dy
 
 
 @triton.jit
@@ -133,20 +135,16 @@ def _norm_bwd_kernel(
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
         for row in range(row_start, row_end):
-            x = tl.load(X + row * stride_xm + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * stride_dym + cols * stride_dyn, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(Rstd + row)
-            if RMS:
-                xhat = x * rstd
-            else:
-                xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+            mean = 0.0
+            if not RMS:
+                mean = tl.load(Mean + row)
+            xhat, dy = _load_xhat_dy(X, DY, row, cols, mask, stride_xm, stride_xn, stride_dym, stride_dyn,
+                                     mean, tl.load(Rstd + row))
             g = dy * w
-            c1 = tl.sum(g * xhat, axis=0) / N
-            if RMS:
-                dx = (g - xhat * c1) * rstd
-            else:
-                c2 = tl.sum(g, axis=0) / N
-                dx = (g - xhat * c1 - c2) * rstd
+            dx = g - xhat * (tl.sum(g * xhat, axis=0) / N)
+            if not RMS:
+                dx -= tl.sum(g, axis=0) / N
+            dx *= tl.load(Rstd + row)
             if HAS_DS:
                 dx += tl.load(DS + row * stride_dsm + cols * stride_dsn, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
@@ -174,32 +172,27 @@ def _norm_bwd_kernel(
             mean = 0.0
             if not RMS:
                 mean = tl.load(Mean + row)
+            # Pass 1: the two row sums of the gradient formula.
             acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
             acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
                 c = start + cols
-                mask = c < N
-                x = tl.load(X + row * stride_xm + c * stride_xn, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dym + c * stride_dyn, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                g = dy
-                if HAS_W:
-                    g = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                xhat, dy = _load_xhat_dy(X, DY, row, c, c < N, stride_xm, stride_xn, stride_dym, stride_dyn,
+                                         mean, rstd)
+                g = _affine(dy, W, W, c, c < N, HAS_W, False)  # g = dy * w
                 acc1 += g * xhat
                 acc2 += g
             c1 = tl.sum(acc1, axis=0) / N
             c2 = 0.0
             if not RMS:
                 c2 = tl.sum(acc2, axis=0) / N
+            # Pass 2: dx, and this row's share of dw and db.
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = c < N
-                x = tl.load(X + row * stride_xm + c * stride_xn, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dym + c * stride_dyn, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                g = dy
-                if HAS_W:
-                    g = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                xhat, dy = _load_xhat_dy(X, DY, row, c, mask, stride_xm, stride_xn, stride_dym, stride_dyn,
+                                         mean, rstd)
+                g = _affine(dy, W, W, c, mask, HAS_W, False)
                 dx = (g - xhat * c1 - c2) * rstd
                 if HAS_DS:
                     dx += tl.load(DS + row * stride_dsm + c * stride_dsn, mask=mask, other=0.0).to(tl.float32)
