@@ -41,6 +41,7 @@ from .backend import (  # noqa: E402
     set_backend,
     use_backend,
 )
+from .ops.cross_entropy import cross_entropy  # noqa: E402
 from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
 from . import nn  # noqa: E402
 
@@ -49,6 +50,7 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "available_backends",
+    "cross_entropy",
     "get_backend",
     "layer_norm",
     "nn",

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-FAMILIES = ["norm"]  # each fastlm.kernels.<family> module exposes gpu_compile_variants()
+FAMILIES = ["norm", "cross_entropy"]  # each fastlm.kernels.<family> module exposes gpu_compile_variants()
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,246 @@
+"""Softmax cross-entropy: argument checks, custom ops, autograd, dispatch.
+
+    fastlm::cross_entropy(logits (R, C), target, weight?, ignore_index, label_smoothing, z_loss, softcap)
+        -> (loss, lse, coef), one float32 value per row
+    fastlm::cross_entropy_bwd(dloss, logits, target, weight?, lse, coef, ..., backend) -> dlogits
+
+The ops work on rows; ``cross_entropy`` below moves the class dim last, and reduces the
+per-row losses with plain torch ops (which autograd and torch.compile see through): the
+kernels never need to know the reduction. For "mean" the divisor is torch's: the summed
+class weights of the counted targets (their count without weights), or the number of rows
+for probability targets. Where that divisor is 0 (every target ignored) torch returns NaN;
+fastlm returns 0 with zero gradients, on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backend import get_backend, resolve
+from ..reference import cross_entropy as ref
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _check_float_option(fn: str, name: str, value, low: float, high: float = math.inf):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not (low <= value <= high):
+        bound = f"in [{low}, {high}]" if math.isfinite(high) else f">= {low}"
+        raise ValueError(f"fastlm.{fn}: {name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_loss_options(fn: str, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """Validate the options shared by cross_entropy and linear_cross_entropy; returns
+    (label_smoothing, z_loss, softcap) as floats, softcap 0.0 meaning none."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"fastlm.{fn}: ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"fastlm.{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    label_smoothing = _check_float_option(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = _check_float_option(fn, "z_loss", z_loss, 0.0)
+    if softcap is None:
+        softcap = 0.0
+    else:
+        softcap = _check_float_option(fn, "softcap", softcap, 0.0)
+        if softcap == 0.0:
+            raise ValueError(f"fastlm.{fn}: softcap must be None or > 0, got {softcap!r}")
+    return label_smoothing, z_loss, softcap
+
+
+def _check_args(input, target, weight):
+    fn = "cross_entropy"
+    if not isinstance(input, Tensor):
+        raise TypeError(f"fastlm.{fn}: input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"fastlm.{fn}: input must be a floating-point tensor of logits, got dtype {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError(f"fastlm.{fn}: input must have a class dimension, got a 0-d tensor")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"fastlm.{fn}: target must be a Tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        raise ValueError(f"fastlm.{fn}: target is on {target.device} but input is on {input.device}")
+    class_dim = 0 if input.dim() == 1 else 1
+    classes = input.shape[class_dim]
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(f"fastlm.{fn}: probability targets must have the input's shape {list(input.shape)}, "
+                             f"got {list(target.shape)}")
+    elif target.dtype in (torch.int64, torch.int32):
+        expected = input.shape[:class_dim] + input.shape[class_dim + 1:]
+        if target.shape != expected:
+            raise ValueError(f"fastlm.{fn}: class-index target must have shape {list(expected)} for input of shape "
+                             f"{list(input.shape)}, got {list(target.shape)}")
+    else:
+        raise TypeError(f"fastlm.{fn}: target must hold class indices (int64 or int32) or class probabilities "
+                        f"(floating point), got dtype {target.dtype}")
+    if weight is not None:
+        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+            raise TypeError(f"fastlm.{fn}: weight must be a floating-point Tensor or None")
+        if weight.device != input.device:
+            raise ValueError(f"fastlm.{fn}: weight is on {weight.device} but input is on {input.device}")
+        if weight.shape != (classes,):
+            raise ValueError(f"fastlm.{fn}: weight must have shape [{classes}] (one per class), "
+                             f"got {list(weight.shape)}")
+    return class_dim, classes
+
+
+def check_targets_in_range(fn: str, target: Tensor, classes: int, ignore_index: int) -> None:
+    """On CPU, a class index outside [0, C) is an error naming it (the check costs nothing
+    there); on CUDA it would cost a host sync, so the kernels give that row NaN instead."""
+    if target.device.type != "cpu" or target.is_floating_point() or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(f"fastlm.{fn}: target holds class index {value}, outside [0, {classes}) and not "
+                         f"ignore_index={ignore_index}")
+
+
+def _triton_unsupported(logits: Tensor, weight: Optional[Tensor]) -> Optional[str]:
+    if logits.dtype not in _KERNEL_DTYPES:
+        return f"input has dtype {logits.dtype}; the kernel takes float32, float16 and bfloat16"
+    if weight is not None and weight.dtype not in _KERNEL_DTYPES:
+        return f"weight has dtype {weight.dtype}"
+    return None
+
+
+def pick_backend(fn: str, logits: Tensor, weight: Optional[Tensor], requested: Optional[str] = None) -> str:
+    return resolve(fn, logits.device.type, {
+        "triton": _triton_unsupported(logits, weight),
+        "cuda": "the CUDA C++ cross-entropy kernels are not written yet",
+    }, requested)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+def rows_fwd(backend: str, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+    """Per-row (loss, lse, coef) on an already chosen backend."""
+    if backend == "triton":
+        from fastlm.kernels import cross_entropy as kernels
+        return kernels.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    return ref.cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+
+
+def rows_bwd(backend: str, dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing, softcap,
+             out=None):
+    """Gradient of the per-row losses on an already chosen backend (``out``: write it there)."""
+    if backend == "triton":
+        from fastlm.kernels import cross_entropy as kernels
+        return kernels.cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index,
+                                         label_smoothing, softcap, out=out)
+    grad = ref.cross_entropy_rows_bwd(dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing,
+                                      softcap)
+    if out is not None:
+        return out.copy_(grad)
+    return grad
+
+
+@torch.library.custom_op("fastlm::cross_entropy", mutates_args=())
+def _cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                   label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+    check_targets_in_range("cross_entropy", target, logits.shape[1], ignore_index)
+    backend = pick_backend("cross_entropy", logits, weight)
+    return rows_fwd(backend, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+
+
+@_cross_entropy.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+    rows = logits.shape[0]
+    return tuple(logits.new_empty(rows, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("fastlm::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd(dloss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                       coef: Tensor, ignore_index: int, label_smoothing: float, softcap: float,
+                       backend: str) -> Tensor:
+    chosen = pick_backend("cross_entropy", logits, weight, backend)
+    return rows_bwd(chosen, dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing, softcap)
+
+
+@_cross_entropy_bwd.register_fake
+def _(dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing, softcap, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap = inputs
+    _, lse, coef = output
+    ctx.save_for_backward(logits, target, weight, lse, coef)
+    ctx.options = (ignore_index, label_smoothing, softcap)
+    ctx.backend = get_backend()
+
+
+def _backward(ctx, dloss, dlse, dcoef):
+    logits, target, weight, lse, coef = ctx.saved_tensors
+    ignore_index, label_smoothing, softcap = ctx.options
+    dlogits = _cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing,
+                                 softcap, ctx.backend)
+    return dlogits, None, None, None, None, None, None
+
+
+_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+
+def mean_divisor(target: Tensor, weight: Optional[Tensor], ignore_index: int, rows: int) -> Tensor:
+    """torch's divisor for reduction="mean", as a tensor (no host sync), 1 where it would be 0."""
+    if target.is_floating_point():
+        return torch.tensor(float(max(rows, 1)), device=target.device)
+    counted = target != ignore_index
+    if weight is None:
+        divisor = counted.sum().float()
+    else:
+        safe = torch.where(counted, target, 0).clamp(0, weight.shape[0] - 1).long()
+        divisor = (weight.float()[safe] * counted).sum()
+    return torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def reduce(loss_rows: Tensor, reduction: str, divisor_fn, out_shape, dtype) -> Tensor:
+    if reduction == "none":
+        return loss_rows.reshape(out_shape).to(dtype)
+    total = loss_rows.sum()
+    if reduction == "mean":
+        total = total / divisor_fn()
+    return total.to(dtype)
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                  softcap: Optional[float] = None) -> Tensor:
+    """torch.nn.functional.cross_entropy on fastlm's kernels, plus z_loss and softcap.
+
+    input (N, C), (C,) or (N, C, d1, ...); target class indices (int64/int32) or class
+    probabilities (input's shape). z_loss adds z_loss * logsumexp^2 per counted row;
+    softcap applies softcap * tanh(x / softcap) to the logits first. Differences from torch,
+    on purpose: when every target is ignored, "mean" gives 0 (torch: NaN); a class index
+    out of range raises ValueError on CPU and gives NaN for that row on CUDA.
+    """
+    class_dim, classes = _check_args(input, target, weight)
+    if target.is_floating_point() and ignore_index != -100:
+        raise ValueError("fastlm.cross_entropy: ignore_index is not supported with probability targets "
+                         "(as in torch)")
+    label_smoothing, z_loss, softcap = check_loss_options("cross_entropy", ignore_index, reduction,
+                                                          label_smoothing, z_loss, softcap)
+    # Rows of logits, the class dim last: a view for (N, C) and (C,); a copy for (N, C, d...).
+    if input.dim() == 1:
+        logits, tgt = input.unsqueeze(0), target.unsqueeze(0)
+        out_shape = ()
+    elif input.dim() == 2:
+        logits, tgt = input, target
+        out_shape = target.shape[:1]
+    else:
+        logits = input.movedim(1, -1).reshape(-1, classes)
+        tgt = target.movedim(1, -1).reshape(-1, classes) if target.is_floating_point() else target.reshape(-1)
+        out_shape = input.shape[:1] + input.shape[2:]
+    loss_rows, _, _ = _cross_entropy(logits, tgt, weight, ignore_index, label_smoothing, z_loss, softcap)
+    return reduce(loss_rows, reduction, lambda: mean_divisor(tgt, weight, ignore_index, logits.shape[0]),
+                  out_shape, input.dtype)

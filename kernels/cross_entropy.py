@@ -1,0 +1,234 @@
+"""Softmax cross-entropy, forward and backward, in Triton (formulas: fastlm/reference/cross_entropy.py).
+
+Forward: one program per row walks the vocabulary in chunks once, with an online softmax
+(running max and rescaled sum of exponentials), so any vocabulary (256k and beyond) streams
+through registers; the sums that label smoothing and soft targets need ride along in the
+same pass. It writes, per row, the loss, the logsumexp and ``coef``, the multiplier of the
+softmax in the gradient, so that the backward is a single pass too: read a chunk of logits,
+write a chunk of gradient. The backward may write the gradient over the logits in place
+(the fused linear cross-entropy does), since each element is read before it is written by
+the same program.
+
+A class index outside [0, C) that is not ignore_index is never used as an address: its row's
+loss and gradient are NaN (the op layer raises on CPU before any kernel runs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import empty, next_power_of_2
+
+# Widest chunk of the vocabulary held in registers at once.
+MAX_BLOCK_C = 8192
+
+
+@triton.jit
+def _softcapped(x, softcap, SOFTCAP: tl.constexpr):
+    """softcap * tanh(x / softcap), with tanh from exp (libdevice is not in the interpreter):
+    tanh(u) = 1 - 2 / (exp(2u) + 1) saturates cleanly to +-1 at large |u|."""
+    if SOFTCAP:
+        x = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x / softcap) + 1.0))
+    return x
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    X, T, W, SumW, Loss, Lse, Coef,
+    stride_xr, stride_xc, stride_tr, stride_tc,
+    C, ignore_index, smoothing, z_loss, softcap,
+    SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_xr
+    cols = tl.arange(0, BLOCK_C)
+    m = -float("inf")
+    s = 0.0
+    sum_qx = tl.zeros([BLOCK_C], dtype=tl.float32)  # sum of q * x over the classes q covers
+    sum_q = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, C, BLOCK_C):
+        c = start + cols
+        mask = c < C
+        x = tl.load(x_row + c * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, _softcapped(x, softcap, SOFTCAP), -float("inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+        if SOFT:
+            t = tl.load(T + row * stride_tr + c * stride_tc, mask=mask, other=0.0).to(tl.float32)
+            q = t * (1.0 - smoothing) + smoothing / C
+            if HAS_W:
+                q *= tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+            q = tl.where(mask, q, 0.0)
+            sum_qx += q * tl.where(mask, x, 0.0)
+            sum_q += q
+        elif SMOOTH:
+            w = 1.0
+            if HAS_W:
+                w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+            sum_qx += w * tl.where(mask, x, 0.0)
+    lse = m + tl.log(s)
+    if SOFT:
+        q_total = tl.sum(sum_q, axis=0)
+        loss = lse * q_total - tl.sum(sum_qx, axis=0) + z_loss * lse * lse
+        coef = q_total + 2.0 * z_loss * lse
+    else:
+        t = tl.load(T + row * stride_tr).to(tl.int64)
+        counted = t != ignore_index
+        valid = counted & (t >= 0) & (t < C)
+        # Only a valid index is ever an address.
+        x_t = tl.load(x_row + t * stride_xc, mask=valid, other=0.0).to(tl.float32)
+        x_t = _softcapped(x_t, softcap, SOFTCAP)
+        w_t = 1.0
+        if HAS_W:
+            w_t = tl.load(W + t, mask=valid, other=0.0).to(tl.float32)
+        loss = (1.0 - smoothing) * w_t * (lse - x_t)
+        coef = (1.0 - smoothing) * w_t
+        if SMOOTH:
+            if HAS_W:
+                sum_w = tl.load(SumW).to(tl.float32)
+            else:
+                sum_w = C * 1.0
+            loss += smoothing / C * (lse * sum_w - tl.sum(sum_qx, axis=0))
+            coef += smoothing / C * sum_w
+        loss += z_loss * lse * lse
+        coef += 2.0 * z_loss * lse
+        loss = tl.where(counted, loss, 0.0)
+        loss = tl.where(counted & (valid == 0), float("nan"), loss)
+        coef = tl.where(valid, coef, 0.0)
+    tl.store(Loss + row, loss)
+    tl.store(Lse + row, lse)
+    tl.store(Coef + row, coef)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    X, T, W, Lse, Coef, DLoss, DX,
+    stride_xr, stride_xc, stride_tr, stride_tc, stride_dl, stride_dxr,
+    C, ignore_index, smoothing, softcap,
+    SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_xr
+    dx_row = DX + row * stride_dxr
+    cols = tl.arange(0, BLOCK_C)
+    lse = tl.load(Lse + row)
+    coef = tl.load(Coef + row)
+    g = tl.load(DLoss + row * stride_dl).to(tl.float32)
+    t = 0
+    q_t = 0.0
+    if not SOFT:
+        t = tl.load(T + row * stride_tr).to(tl.int64)
+        counted = t != ignore_index
+        valid = counted & (t >= 0) & (t < C)
+        g = tl.where(valid, g, 0.0)
+        g = tl.where(counted & (valid == 0), float("nan"), g)
+        q_t = 1.0 - smoothing
+        if HAS_W:
+            q_t *= tl.load(W + t, mask=valid, other=0.0).to(tl.float32)
+    for start in range(0, C, BLOCK_C):
+        c = start + cols
+        mask = c < C
+        x = tl.load(x_row + c * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        xc = _softcapped(x, softcap, SOFTCAP)
+        grad = tl.exp(xc - lse) * coef
+        if SOFT:
+            q = tl.load(T + row * stride_tr + c * stride_tc, mask=mask, other=0.0).to(tl.float32)
+            q = q * (1.0 - smoothing) + smoothing / C
+            if HAS_W:
+                q *= tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+            grad -= q
+        else:
+            if SMOOTH:
+                w = 1.0
+                if HAS_W:
+                    w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                grad -= smoothing / C * w
+            grad -= tl.where(c == t, q_t, 0.0)
+        grad *= g
+        if SOFTCAP:
+            th = xc / softcap
+            grad *= 1.0 - th * th
+        tl.store(dx_row + c, grad.to(DX.dtype.element_ty), mask=mask)
+
+
+def _block(c: int, max_block: int | None = None) -> int:
+    return max(16, min(next_power_of_2(c), max_block or MAX_BLOCK_C))
+
+
+def _warps(block: int) -> int:
+    return int(min(16, max(1, block // 512)))
+
+
+def _flags(target, weight, label_smoothing, softcap):
+    return dict(SOFT=target.is_floating_point(), HAS_W=weight is not None, SMOOTH=label_smoothing > 0,
+                SOFTCAP=softcap > 0)
+
+
+def cross_entropy_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
+                      softcap: float):
+    """logits (R, C) with any strides; target (R,) indices or (R, C) probabilities.
+    Returns per-row float32 (loss, lse, coef)."""
+    rows, classes = logits.shape
+    loss = empty((rows,), torch.float32, logits.device)
+    lse = empty((rows,), torch.float32, logits.device)
+    coef = empty((rows,), torch.float32, logits.device)
+    if rows == 0:
+        return loss, lse, coef
+    block = _block(classes)
+    sum_w = weight.float().sum().reshape(1) if (weight is not None and label_smoothing > 0) else loss
+    w = weight if weight is not None else loss
+    t_strides = (target.stride(0), target.stride(1) if target.dim() == 2 else 0)
+    _cross_entropy_fwd_kernel[(rows,)](
+        logits, target, w, sum_w, loss, lse, coef,
+        logits.stride(0), logits.stride(1), *t_strides,
+        classes, ignore_index, label_smoothing, z_loss, softcap,
+        BLOCK_C=block, num_warps=_warps(block), **_flags(target, weight, label_smoothing, softcap),
+    )
+    return loss, lse, coef
+
+
+def cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index: int, label_smoothing: float,
+                      softcap: float, out=None):
+    """Gradient of the per-row losses with respect to logits, given their gradient ``dloss``
+    (R,) (any stride, 0 included). ``out`` may be ``logits`` itself (overwritten in place)."""
+    rows, classes = logits.shape
+    if out is None:
+        out = empty((rows, classes), logits.dtype, logits.device)
+    if rows == 0:
+        return out
+    block = _block(classes)
+    w = weight if weight is not None else lse
+    t_strides = (target.stride(0), target.stride(1) if target.dim() == 2 else 0)
+    _cross_entropy_bwd_kernel[(rows,)](
+        logits, target, w, lse, coef, dloss, out,
+        logits.stride(0), logits.stride(1), *t_strides, dloss.stride(0), out.stride(0),
+        classes, ignore_index, label_smoothing, softcap,
+        BLOCK_C=block, num_warps=_warps(block), **_flags(target, weight, label_smoothing, softcap),
+    )
+    return out
+
+
+def gpu_compile_variants():
+    """Kernel variants for kernels/compile_check.py (compiled for real GPU targets in CI)."""
+    variants = []
+    for dt in ("fp32", "bf16"):
+        for soft in (False, True):
+            for extras in (False, True):
+                flags = dict(SOFT=soft, HAS_W=extras, SMOOTH=extras, SOFTCAP=extras)
+                tgt = f"*{dt}" if soft else "*i64"
+                fwd_sig = {"X": f"*{dt}", "T": tgt, "W": "*fp32", "SumW": "*fp32", "Loss": "*fp32",
+                           "Lse": "*fp32", "Coef": "*fp32", "stride_xr": "i64", "stride_xc": "i32",
+                           "stride_tr": "i64", "stride_tc": "i32", "C": "i32", "ignore_index": "i64",
+                           "smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32"}
+                variants.append((_cross_entropy_fwd_kernel, fwd_sig, dict(flags, BLOCK_C=8192), 16))
+                bwd_sig = {"X": f"*{dt}", "T": tgt, "W": "*fp32", "Lse": "*fp32", "Coef": "*fp32",
+                           "DLoss": "*fp32", "DX": f"*{dt}", "stride_xr": "i64", "stride_xc": "i32",
+                           "stride_tr": "i64", "stride_tc": "i32", "stride_dl": "i64", "stride_dxr": "i64",
+                           "C": "i32", "ignore_index": "i64", "smoothing": "fp32", "softcap": "fp32"}
+                variants.append((_cross_entropy_bwd_kernel, bwd_sig, dict(flags, BLOCK_C=8192), 16))
+    return variants
