@@ -42,6 +42,7 @@ from .backend import (  # noqa: E402
     use_backend,
 )
 from .ops.cross_entropy import cross_entropy  # noqa: E402
+from .ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
 from . import nn  # noqa: E402
 
@@ -53,6 +54,7 @@ __all__ = [
     "cross_entropy",
     "get_backend",
     "layer_norm",
+    "linear_cross_entropy",
     "nn",
     "rms_norm",
     "set_backend",

@@ -1,5 +1,6 @@
 """Drop-in modules for their torch.nn twins, running on fastlm's ops."""
 
+from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from .norm import LayerNorm, RMSNorm
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["CrossEntropyLoss", "LayerNorm", "LinearCrossEntropyLoss", "RMSNorm"]
