@@ -10,6 +10,7 @@ whether a NaN appeared.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,18 @@ def rounding_floor(ref64: Tensor, dtype: torch.dtype) -> float:
     finite = ref64[torch.isfinite(ref64)]
     peak = finite.abs().max().item() if finite.numel() else 0.0
     return torch.finfo(dtype).eps * max(peak, 0.3)
+
+
+def summation_floor(ref64: Tensor, dtype: torch.dtype, terms: int) -> float:
+    """Rounding that a sum of ``terms`` values may gather when it is added up in another
+    order than torch's (a matmul split into chunks, a reduction over a vocabulary in
+    blocks): eps * sqrt(terms) * the reference's largest magnitude, the usual statistical
+    bound of a float sum. Added to the floor for such results, and only for them."""
+    if ref64.numel() == 0 or not dtype.is_floating_point:
+        return 0.0
+    finite = ref64[torch.isfinite(ref64)]
+    peak = finite.abs().max().item() if finite.numel() else 0.0
+    return torch.finfo(dtype).eps * math.sqrt(max(terms, 1)) * peak
 
 
 def compare(out: Tensor, ref64: Tensor, eager: Tensor | None, name: str = "output",

@@ -145,6 +145,7 @@ def _setup_context(ctx, inputs, output):
     else:
         ctx.save_for_backward(x, weight, target, bias)
         ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
+        ctx.reduction = reduction
         ctx.backend = get_backend()
 
 
@@ -155,6 +156,10 @@ def _backward(ctx, dloss, _ddx, _ddweight, _ddbias):
         dbias = dbias * dloss.to(dbias.dtype) if ctx.has_bias else None
     else:
         x, weight, target, bias = ctx.saved_tensors
+        if ctx.reduction != 0:  # a scalar loss whose gradients were not formed in the forward
+            if ctx.reduction == 2:
+                dloss = dloss / mean_divisor(target, None, ctx.options[0], x.shape[0])
+            dloss = dloss.expand(x.shape[0])
         dx, dweight, dbias = _linear_cross_entropy_bwd(dloss, x, weight, target, bias, *ctx.options, ctx.backend)
         dbias = dbias if ctx.has_bias else None
     return dx, dweight, None, dbias, None, None, None, None, None, None, None
