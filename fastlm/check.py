@@ -25,6 +25,7 @@ class Case:
     make_inputs: Callable  # (dtype, device, generator) -> dict of named tensors
     run_fastlm: Callable  # (inputs) -> output tensor
     run_torch: Callable  # (inputs) -> output tensor, in the inputs' dtype
+    constant: tuple = ()  # inputs that take no gradient and keep their dtype (targets)
 
 
 def _norm_cases(quick: bool, on_gpu: bool) -> list[Case]:
@@ -69,6 +70,48 @@ def _norm_cases(quick: bool, on_gpu: bool) -> list[Case]:
     return cases
 
 
+def _loss_cases(quick: bool, on_gpu: bool) -> list[Case]:
+    import torch
+    import torch.nn.functional as F
+
+    import fastlm
+
+    shapes = [(4096, 128256), (512, 256000)] if on_gpu else [(64, 1000), (5, 50257)]
+    lce_shapes = [(4096, 2048, 32000)] if on_gpu else [(64, 48, 500)]
+    if quick:
+        shapes, lce_shapes = shapes[:1], lce_shapes[:1]
+
+    def ce_inputs(rows, vocab):
+        def make(dtype, device, g):
+            t = torch.randint(0, vocab, (rows,), generator=g)
+            t[torch.rand(rows, generator=g) < 0.05] = -100
+            return {"x": torch.randn(rows, vocab, generator=g).to(device=device, dtype=dtype), "t": t.to(device)}
+        return make
+
+    def lce_inputs(rows, hidden, vocab):
+        def make(dtype, device, g):
+            return {"x": torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype),
+                    "w": (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(device=device, dtype=dtype),
+                    "t": torch.randint(0, vocab, (rows,), generator=g).to(device)}
+        return make
+
+    def plain_lce(t):
+        logits = F.linear(t["x"], t["w"])
+        return F.cross_entropy(logits, t["t"], label_smoothing=0.1)
+
+    cases = []
+    for rows, vocab in shapes:
+        cases.append(Case("cross_entropy", (rows, vocab), ce_inputs(rows, vocab),
+                          lambda t: fastlm.cross_entropy(t["x"], t["t"], label_smoothing=0.1, reduction="sum"),
+                          lambda t: F.cross_entropy(t["x"], t["t"], label_smoothing=0.1, reduction="sum"),
+                          constant=("t",)))
+    for rows, hidden, vocab in lce_shapes:
+        cases.append(Case("linear_cross_entropy", (rows, hidden, vocab), lce_inputs(rows, hidden, vocab),
+                          lambda t: fastlm.linear_cross_entropy(t["x"], t["w"], t["t"], label_smoothing=0.1),
+                          plain_lce, constant=("t",)))
+    return cases
+
+
 def run_case(case: Case, backend: str, dtype, device) -> dict:
     """Forward and backward of one case on one backend; the worst judged error of each."""
     import torch
@@ -82,12 +125,13 @@ def run_case(case: Case, backend: str, dtype, device) -> dict:
 
     def forward_backward(fn, cast):
         nonlocal dy
-        t = {k: cast(v).detach().requires_grad_(True) for k, v in base.items()}
+        t = {k: (v if k in case.constant else cast(v).detach().requires_grad_(True)) for k, v in base.items()}
         out = fn(t)
         if dy is None:
             dy = torch.randn(out.shape, generator=g).to(device)
-        grads = torch.autograd.grad(out, list(t.values()), cast(dy.to(out.dtype)))
-        return out, dict(zip(t.keys(), grads))
+        leaves = {k: v for k, v in t.items() if k not in case.constant}
+        grads = torch.autograd.grad(out, list(leaves.values()), cast(dy.to(out.dtype)))
+        return out, dict(zip(leaves.keys(), grads))
 
     start = time.perf_counter()
     with fastlm.use_backend(backend):
@@ -140,18 +184,18 @@ def main(argv=None) -> int:
         print("  (Triton under the interpreter: bfloat16 is checked on a GPU only, see docs/ARCHITECTURE.md)")
 
     rows = []
-    for case in _norm_cases(args.quick, on_gpu):
+    for case in _norm_cases(args.quick, on_gpu) + _loss_cases(args.quick, on_gpu):
         for backend in backends:
             for dtype in dtypes:
                 rows.append(run_case(case, backend, dtype, device))
 
-    header = f"{'op':15s} {'backend':7s} {'dtype':8s} {'shape':11s} {'fwd err':>9s} {'fwd tol':>9s} " \
+    header = f"{'op':20s} {'backend':7s} {'dtype':8s} {'shape':15s} {'fwd err':>9s} {'fwd tol':>9s} " \
              f"{'bwd err':>9s} {'bwd tol':>9s} {'time':>7s}  result"
     print()
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['op']:15s} {r['backend']:7s} {r['dtype']:8s} {r['shape']:11s} {r['fwd'].max_err:9.2e} "
+        print(f"{r['op']:20s} {r['backend']:7s} {r['dtype']:8s} {r['shape']:15s} {r['fwd'].max_err:9.2e} "
               f"{r['fwd'].tol:9.2e} {r['bwd'].max_err:9.2e} {r['bwd'].tol:9.2e} {r['seconds']:6.2f}s  "
               f"{'ok' if r['ok'] else 'FAIL'}")
     failed = [r for r in rows if not r["ok"]]
