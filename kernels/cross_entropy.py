@@ -180,6 +180,8 @@ def cross_entropy_fwd(logits, target, weight, ignore_index: int, label_smoothing
     if rows == 0:
         return loss, lse, coef
     block = _block(classes)
+    # Class weights are read at unit stride: a strided (C,) view costs one tiny copy.
+    weight = weight.contiguous() if weight is not None else None
     sum_w = weight.float().sum().reshape(1) if (weight is not None and label_smoothing > 0) else loss
     w = weight if weight is not None else loss
     t_strides = (target.stride(0), target.stride(1) if target.dim() == 2 else 0)
@@ -202,7 +204,7 @@ def cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index: in
     if rows == 0:
         return out
     block = _block(classes)
-    w = weight if weight is not None else lse
+    w = weight.contiguous() if weight is not None else lse
     t_strides = (target.stride(0), target.stride(1) if target.dim() == 2 else 0)
     _cross_entropy_bwd_kernel[(rows,)](
         logits, target, w, lse, coef, dloss, out,

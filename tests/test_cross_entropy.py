@@ -1,0 +1,484 @@
+"""fastlm.cross_entropy against torch.nn.functional.cross_entropy in float64.
+
+The oracle is torch's own function (float64), with fastlm's two extensions added on top:
+softcap applied to the logits first, z_loss * logsumexp^2 added for each counted row (and
+divided by torch's "mean" divisor). The yardstick for the tolerance rule is the same
+oracle in the input's dtype (fastlm/testing.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm.kernels import cross_entropy as ce_kernels
+from fastlm.ops import cross_entropy as ce_ops
+from fastlm.testing import assert_close, summation_floor
+
+from .conftest import DEVICE, ON_GPU
+
+BACKENDS = ["torch", "triton"]
+
+
+def oracle(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+           softcap=None):
+    """torch's cross-entropy in x's dtype, plus the z_loss and softcap extensions."""
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    w = weight.to(x.dtype) if weight is not None else None
+    soft = t.is_floating_point()
+    tt = t.to(x.dtype) if soft else t.long()
+    kwargs = dict(weight=w, label_smoothing=label_smoothing)
+    if not soft:
+        kwargs["ignore_index"] = ignore_index
+    loss = F.cross_entropy(x, tt, reduction=reduction, **kwargs)
+    if z_loss == 0.0:
+        return loss
+    class_dim = 0 if x.dim() == 1 else 1
+    z = z_loss * torch.logsumexp(x, dim=class_dim).square()
+    if soft:
+        counted_w = torch.ones_like(z)
+        z_rows = z
+    else:
+        counted = tt != ignore_index
+        z_rows = z * counted
+        safe = torch.where(counted, tt, 0)
+        counted_w = (w[safe] if w is not None else torch.ones_like(z)) * counted
+    if reduction == "none":
+        return loss + z_rows
+    if reduction == "sum":
+        return loss + z_rows.sum()
+    return loss + z_rows.sum() / counted_w.sum()
+
+
+def check(backend, x, t, weight=None, dloss=None, grad_atol=0.0, **options):
+    """fastlm's loss and input gradient against the float64 oracle, eager as the yardstick."""
+    xl = x.detach().requires_grad_(True)
+    with fastlm.use_backend(backend):
+        loss = fastlm.cross_entropy(xl, t, weight, **options)
+    assert loss.dtype == x.dtype
+    if dloss is None:
+        dloss = torch.randn(loss.shape, device=x.device, dtype=torch.float32).to(x.dtype)
+    (grad,) = torch.autograd.grad(loss, [xl], dloss)
+    assert grad.dtype == x.dtype and grad.shape == x.shape
+
+    def run(cast):
+        xx = cast(x).detach().requires_grad_(True)
+        tt = cast(t) if t.is_floating_point() else t
+        ww = cast(weight) if weight is not None else None
+        out = oracle(xx, tt, ww, **options)
+        return out, torch.autograd.grad(out, [xx], cast(dloss))[0]
+
+    ref, ref_grad = run(lambda v: v.double())
+    eager, eager_grad = run(lambda v: v)
+    classes = x.shape[0 if x.dim() == 1 else 1]
+    # The kernel sums a row in blocks of classes, then torch sums the rows: another order
+    # than torch's, so a sum's rounding over those terms is allowed on top of the rule.
+    terms = classes + max(t.numel() // (classes if t.is_floating_point() else 1), 1)
+    assert_close(loss, ref, eager, "loss", atol=summation_floor(ref, loss.dtype, terms))
+    assert_close(grad, ref_grad, eager_grad, "grad of input",
+                 atol=summation_floor(ref_grad, grad.dtype, classes) + grad_atol)
+    return loss, grad
+
+
+def logits(n, c, dtype=torch.float32, scale=2.0):
+    return (torch.randn(n, c, device=DEVICE) * scale).to(dtype)
+
+
+def targets(n, c, ignore=0.15, ignore_index=-100, dtype=torch.int64):
+    t = torch.randint(0, c, (n,), device=DEVICE)
+    t[torch.rand(n, device=DEVICE) < ignore] = ignore_index
+    return t.to(dtype)
+
+
+def class_weight(c):
+    return torch.rand(c, device=DEVICE) + 0.1
+
+
+def soft_targets(shape, class_dim=1):
+    return torch.softmax(torch.randn(shape, device=DEVICE) * 2, dim=class_dim)
+
+
+# Every option alone, then combined. "weight" is a flag: the class weights are drawn per test.
+OPTIONS = [
+    {},
+    {"weight": True},
+    {"ignore_index": 3},
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 1.0},
+    {"z_loss": 1e-2},
+    {"softcap": 3.0},
+    {"weight": True, "label_smoothing": 0.2, "ignore_index": 0},
+    {"weight": True, "label_smoothing": 0.1, "ignore_index": 1, "z_loss": 1e-3, "softcap": 5.0},
+]
+
+
+def _ids(options):
+    return "-".join(f"{k}={v}" if k != "weight" else k for k, v in options.items()) or "plain"
+
+
+def _split(options, c):
+    options = dict(options)
+    weight = class_weight(c) if options.pop("weight", False) else None
+    return weight, options
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTIONS, ids=_ids)
+def test_class_index_targets(backend, reduction, options):
+    n, c = 29, 37
+    weight, options = _split(options, c)
+    t = targets(n, c, ignore_index=options.get("ignore_index", -100))
+    check(backend, logits(n, c), t, weight, reduction=reduction, **options)
+
+
+SOFT_OPTIONS = [o for o in OPTIONS if "ignore_index" not in o] + [
+    {"weight": True, "label_smoothing": 0.3, "z_loss": 1e-3, "softcap": 2.0}]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", SOFT_OPTIONS, ids=_ids)
+def test_probability_targets(backend, reduction, options):
+    n, c = 23, 41
+    weight, options = _split(options, c)
+    check(backend, logits(n, c), soft_targets((n, c)), weight, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unnormalised_probability_targets(backend):
+    """torch does not ask that soft targets sum to one (distillation with masses, say)."""
+    n, c = 11, 19
+    check(backend, logits(n, c), torch.rand(n, c, device=DEVICE) * 3, label_smoothing=0.1, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [1, 2, 3, 17, 50257])
+def test_vocabulary_sizes(backend, c):
+    n = 5 if c > 1000 else 13
+    t = targets(n, c, ignore=0.2)
+    check(backend, logits(n, c), t, reduction="none")
+    check(backend, logits(n, c), t, class_weight(c), label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    check(backend, logits(n, c), soft_targets((n, c)), label_smoothing=0.05)
+
+
+@pytest.mark.parametrize("c", [15, 16, 17, 33])
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+def test_vocabulary_block_edges(monkeypatch, c, soft):
+    """The kernels walk the vocabulary in blocks of at most MAX_BLOCK_C: with it set to 16,
+    C = 15, 16, 17 and 33 take one partial, one full, one full + 1 and two full + 1 blocks."""
+    monkeypatch.setattr(ce_kernels, "MAX_BLOCK_C", 16)
+    assert ce_kernels._block(c) == 16
+    n = 9
+    t = soft_targets((n, c)) if soft else targets(n, c)
+    check("triton", logits(n, c), t, reduction="none")
+    check("triton", logits(n, c), t, class_weight(c), label_smoothing=0.1, z_loss=1e-2, softcap=3.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_targets_equal_int64(backend):
+    n, c = 17, 23
+    x, t, w = logits(n, c), targets(n, c), class_weight(c)
+    check(backend, x, t.int(), w, label_smoothing=0.1, reduction="none")
+
+    def run(tt):
+        xl = x.clone().requires_grad_(True)
+        with fastlm.use_backend(backend):
+            loss = fastlm.cross_entropy(xl, tt, w, label_smoothing=0.1)
+        return loss, torch.autograd.grad(loss, [xl])[0]
+
+    (l32, g32), (l64, g64) = run(t.int()), run(t)
+    assert torch.equal(l32, l64) and torch.equal(g32, g64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_single_row_input(backend, reduction):
+    """input (C,): a 0-d class index or a (C,) probability target, as torch accepts."""
+    c = 31
+    loss, _ = check(backend, logits(1, c)[0], torch.tensor(7, device=DEVICE), reduction=reduction)
+    assert loss.shape == ()
+    check(backend, logits(1, c)[0], soft_targets((c,), class_dim=0), reduction=reduction, z_loss=1e-2)
+    check(backend, logits(1, c)[0], torch.tensor(4, device=DEVICE), class_weight(c), label_smoothing=0.2,
+          reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(3, 13, 5), (2, 11, 3, 4)], ids=["3d", "4d"])
+def test_spatial_inputs(backend, reduction, shape):
+    """(N, C, d1, ...) inputs, the class dim second, as for segmentation or (B, V, T) logits."""
+    c = shape[1]
+    x = torch.randn(shape, device=DEVICE) * 2
+    t = torch.randint(0, c, shape[:1] + shape[2:], device=DEVICE)
+    t[torch.rand(t.shape, device=DEVICE) < 0.2] = -100
+    loss, _ = check(backend, x, t, class_weight(c), reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    assert loss.shape == (t.shape if reduction == "none" else ())
+    check(backend, x, soft_targets(shape), reduction=reduction, softcap=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    n, c = 21, 34
+    transposed = torch.randn(c, n, device=DEVICE).t()  # (N, C) with the class stride N
+    sliced = torch.randn(n, 2 * c, device=DEVICE)[:, ::2]  # class stride 2
+    t = targets(2 * n, c)[::2]  # strided targets
+    weight = class_weight(2 * c)[::2]
+    for x in (transposed, sliced):
+        assert not x.is_contiguous()
+        check(backend, x, t, weight, label_smoothing=0.1, reduction="none")
+        soft = soft_targets((c, n), class_dim=0).t()
+        check(backend, x, soft, z_loss=1e-3)
+    spatial = torch.randn(3, 5, 13, device=DEVICE).transpose(1, 2)  # (N, C, d) non-contiguous
+    check(backend, spatial, torch.randint(0, 13, (3, 5), device=DEVICE), reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and not ON_GPU:
+        pytest.skip("bfloat16 casts truncate under the Triton interpreter: checked on a GPU")
+    n, c = 19, 300
+    t = targets(n, c)
+    check(backend, logits(n, c, dtype), t, reduction="none")
+    check(backend, logits(n, c, dtype), t, class_weight(c).to(dtype), label_smoothing=0.1, z_loss=1e-3,
+          softcap=5.0)
+    check(backend, logits(n, c, dtype), soft_targets((n, c)).to(dtype), reduction="sum")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_are_stable(backend):
+    """Logits in the hundreds: the online softmax subtracts the running max, nothing overflows.
+
+    The backward forms softmax as exp(x - lse) from the float32 lse the forward saved, so the
+    gradient carries lse's rounding, eps(float32) * |lse| relative: allowed here on top of
+    the rule (3e-5 at |x| ~ 1000; below 16-bit resolution for logits under ~100)."""
+    n, c = 7, 200
+    x = logits(n, c, scale=300.0)
+    lse_rounding = torch.finfo(torch.float32).eps * x.abs().max().item()
+    check(backend, x, targets(n, c), z_loss=1e-4, grad_atol=lse_rounding)
+    check(backend, x.half(), targets(n, c))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_target_ignored(backend, reduction):
+    """The one deliberate difference from torch: "mean" over no counted target is 0, not NaN,
+    and the gradient is zero."""
+    n, c = 6, 10
+    x = logits(n, c).requires_grad_(True)
+    t = torch.full((n,), -100, device=DEVICE)
+    with fastlm.use_backend(backend):
+        loss = fastlm.cross_entropy(x, t, class_weight(c), reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
+    (grad,) = torch.autograd.grad(loss.sum(), [x])
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(grad, torch.zeros_like(grad))
+    if reduction == "mean":
+        assert torch.isnan(F.cross_entropy(x.detach(), t))  # what torch gives instead
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_target_ignored(backend):
+    n, c = 15, 12
+    t = targets(n, c, ignore=0.0)
+    assert (t != -100).all()
+    check(backend, logits(n, c), t, class_weight(c), label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_rows(backend):
+    x = torch.randn(0, 9, device=DEVICE, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    with fastlm.use_backend(backend):
+        assert fastlm.cross_entropy(x, t, reduction="none").shape == (0,)
+        assert fastlm.cross_entropy(x, t, reduction="sum").item() == 0.0
+        loss = fastlm.cross_entropy(x, t)
+    assert loss.item() == 0.0
+    assert torch.autograd.grad(loss, [x])[0].shape == (0, 9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    n, c = 33, 77
+    x, t, w = logits(n, c), targets(n, c), class_weight(c)
+
+    def once():
+        xl = x.clone().requires_grad_(True)
+        with fastlm.use_backend(backend):
+            loss = fastlm.cross_entropy(xl, t, w, label_smoothing=0.1, z_loss=1e-3)
+        return loss, torch.autograd.grad(loss, [xl])[0]
+
+    (l1, g1), (l2, g2) = once(), once()
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_twice_and_no_grad(backend):
+    n, c = 8, 20
+    x, t = logits(n, c).requires_grad_(True), targets(n, c)
+    with fastlm.use_backend(backend):
+        loss = fastlm.cross_entropy(x, t, reduction="none")
+        (g1,) = torch.autograd.grad(loss.sum(), [x], retain_graph=True)
+        (g2,) = torch.autograd.grad(loss.sum(), [x])
+        with torch.no_grad():
+            again = fastlm.cross_entropy(x, t, reduction="none")
+    assert torch.equal(g1, g2)
+    assert torch.equal(again, loss.detach())
+
+
+@pytest.mark.skipif(ON_GPU, reason="on CUDA an out-of-range index gives NaN instead (no host sync)")
+@pytest.mark.parametrize("bad", [10, 11, -1, -7])
+def test_out_of_range_target_raises_on_cpu(bad):
+    x, t = logits(4, 10), targets(4, 10, ignore=0.0)
+    t[1] = bad
+    for backend in BACKENDS:
+        with fastlm.use_backend(backend), pytest.raises(ValueError, match=f"class index {bad}"):
+            fastlm.cross_entropy(x, t)
+    t[1] = -100
+    with fastlm.use_backend("torch"):
+        fastlm.cross_entropy(x, t)  # ignore_index itself is fine
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_row_is_nan_in_the_ops(backend):
+    """What the CUDA path does, checked on the ops themselves here: the kernel never reads
+    with the bad index as an address; that row's loss and gradient are NaN, others exact."""
+    n, c = 6, 10
+    x, t = logits(n, c), targets(n, c, ignore=0.0)
+    t[2], t[4] = c, -3
+    chosen = ce_ops.pick_backend("cross_entropy", x, None, backend)
+    loss, lse, coef = ce_ops.rows_fwd(chosen, x, t, None, -100, 0.0, 0.0, 0.0)
+    grad = ce_ops.rows_bwd(chosen, torch.ones(n, device=DEVICE), x, t, None, lse, coef, -100, 0.0, 0.0)
+    bad = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    bad[[2, 4]] = True
+    assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all()
+    good = ~bad
+    ref = F.cross_entropy(x[good].double(), t[good], reduction="none")
+    torch.testing.assert_close(loss[good].double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(grad[good]).all()
+
+
+def _bad_cases():
+    x, t = logits(4, 10), targets(4, 10)
+    w = class_weight(10)
+    probs = soft_targets((4, 10))
+    return [
+        ("integer input", lambda: fastlm.cross_entropy(t, t), TypeError, "input"),
+        ("0-d input", lambda: fastlm.cross_entropy(x[0, 0], t[0]), ValueError, "input"),
+        ("input not a tensor", lambda: fastlm.cross_entropy([1.0, 2.0], t), TypeError, "input"),
+        ("target dtype", lambda: fastlm.cross_entropy(x, t.to(torch.int16)), TypeError, "target"),
+        ("target shape", lambda: fastlm.cross_entropy(x, t[:3]), ValueError, "target"),
+        ("probability target shape", lambda: fastlm.cross_entropy(x, probs[:, :9]), ValueError, "target"),
+        ("target device", lambda: fastlm.cross_entropy(x, t.to("meta")), ValueError, "target"),
+        ("weight shape", lambda: fastlm.cross_entropy(x, t, w[:9]), ValueError, "weight"),
+        ("weight dtype", lambda: fastlm.cross_entropy(x, t, w.long()), TypeError, "weight"),
+        ("weight device", lambda: fastlm.cross_entropy(x, t, w.to("meta")), ValueError, "weight"),
+        ("reduction", lambda: fastlm.cross_entropy(x, t, reduction="batchmean"), ValueError, "reduction"),
+        ("label_smoothing", lambda: fastlm.cross_entropy(x, t, label_smoothing=1.5), ValueError,
+         "label_smoothing"),
+        ("z_loss", lambda: fastlm.cross_entropy(x, t, z_loss=-0.1), ValueError, "z_loss"),
+        ("z_loss nan", lambda: fastlm.cross_entropy(x, t, z_loss=float("nan")), ValueError, "z_loss"),
+        ("softcap", lambda: fastlm.cross_entropy(x, t, softcap=0.0), ValueError, "softcap"),
+        ("softcap negative", lambda: fastlm.cross_entropy(x, t, softcap=-1.0), ValueError, "softcap"),
+        ("ignore_index", lambda: fastlm.cross_entropy(x, t, ignore_index=1.5), TypeError, "ignore_index"),
+        ("ignore_index with probabilities", lambda: fastlm.cross_entropy(x, probs, ignore_index=0), ValueError,
+         "ignore_index"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input_names_the_argument(case):
+    _, call, exc, word = case
+    with pytest.raises(exc, match=word):
+        call()
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    x, t = logits(3, 5).double(), targets(3, 5)
+    with fastlm.use_backend("triton"), pytest.raises(fastlm.BackendUnavailableError, match="float64"):
+        fastlm.cross_entropy(x, t)
+    with fastlm.use_backend("torch"):  # the reference takes float64
+        torch.testing.assert_close(fastlm.cross_entropy(x, t), F.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+def test_opcheck(backend, soft):
+    n, c = 10, 24
+    x = logits(n, c).requires_grad_(True)
+    t = soft_targets((n, c)) if soft else targets(n, c)
+    with fastlm.use_backend(backend):
+        torch.library.opcheck(ce_ops._cross_entropy, (x, t, class_weight(c), -100, 0.1, 1e-3, 3.0))
+        torch.library.opcheck(ce_ops._cross_entropy, (x, t, None, -100, 0.0, 0.0, 0.0))
+        _, lse, coef = ce_ops._cross_entropy(x.detach(), t, None, -100, 0.1, 0.0, 0.0)
+        dloss = torch.randn(n, device=DEVICE)
+        torch.library.opcheck(ce_ops._cross_entropy_bwd, (dloss, x.detach(), t, None, lse, coef, -100, 0.1, 0.0,
+                                                          backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(backend, reduction):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+    def loss_fn(x, t, w):
+        return fastlm.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1, z_loss=1e-3).sum()
+
+    n, c = 12, 20
+    x, t, w = logits(n, c).requires_grad_(True), targets(n, c), class_weight(c)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    with fastlm.use_backend(backend):
+        expected = loss_fn(x, t, w)
+        (g_expected,) = torch.autograd.grad(expected, [x])
+        got = compiled(x, t, w)
+        (g_got,) = torch.autograd.grad(got, [x])
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(g_got, g_expected)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("c", [32000, 128256, 256000])
+def test_gpu_real_vocabularies(dtype, c):
+    n = 64
+    t = targets(n, c)
+    check("triton", logits(n, c, dtype), t, label_smoothing=0.1, z_loss=1e-4)
+    check("triton", logits(n, c, dtype), t, class_weight(c), reduction="none", softcap=30.0)
+
+
+@pytest.mark.gpu
+def test_gpu_out_of_range_target_is_nan():
+    n, c = 8, 1000
+    x, t = logits(n, c).requires_grad_(True), targets(n, c, ignore=0.0)
+    t[3] = c + 5
+    loss = fastlm.cross_entropy(x, t, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), [x])
+    assert torch.isnan(loss[3]) and torch.isnan(grad[3]).all()
+    others = torch.arange(n, device=DEVICE) != 3
+    assert torch.isfinite(loss[others]).all() and torch.isfinite(grad[others]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_more_than_2_to_the_31_elements():
+    """N * C past 2^31: offsets are int64 (an int32 offset would wrap and read far rows)."""
+    c = 131072
+    n = 2 ** 31 // c + 3
+    x = torch.randn(n, c, device=DEVICE, dtype=torch.bfloat16)
+    t = torch.randint(0, c, (n,), device=DEVICE)
+    x.requires_grad_(True)
+    loss = fastlm.cross_entropy(x, t, reduction="none")
+    (grad,) = torch.autograd.grad(loss, [x], torch.ones_like(loss))
+    last = slice(n - 4, n)  # rows that start past element 2^31
+    ref = F.cross_entropy(x.detach()[last].double(), t[last], reduction="none")
+    torch.testing.assert_close(loss[last].double(), ref, rtol=2e-2, atol=2e-2)
+    ref_grad = torch.softmax(x.detach()[last].double(), -1)
+    ref_grad[torch.arange(4), t[last]] -= 1
+    torch.testing.assert_close(grad[last].double(), ref_grad, rtol=2e-2, atol=1e-3)
