@@ -1,0 +1,188 @@
+"""Attention in plain PyTorch, as the formula reads: the oracle and the CPU path.
+
+Layout (B, L, H, D) for queries and (B, S, Hk, D) for keys and values (FlashAttention's);
+Hk divides H (grouped-query attention: query head h reads key head h // (H / Hk)).
+
+Which keys query i of a sequence sees (L, S: that sequence's query and key lengths):
+
+    shift = S - L if bottom_right else 0       (FlashAttention aligns causal bottom-right,
+                                                torch's SDPA top-left)
+    i + shift - window_left <= j <= i + shift + window_right
+
+with a window side of -1 meaning unbounded; causal is window_right = 0. On top of that a
+boolean mask (True takes part) or an additive float mask, broadcast to (B, H, L, S).
+
+    s = q k^T * scale                  (soft-capped: s <- softcap * tanh(s / softcap))
+    p = softmax(s) over the visible keys, lse = logsumexp(s)
+    out = (p * keep / (1 - dropout_p)) v
+
+A query that sees no key gets out = 0 and lse = +inf (so the backward's exp(s - lse) is 0
+and its gradients are zero): torch's SDPA may give NaN there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def visible(L: int, S: int, bottom_right: bool, window_left: int, window_right: int, device) -> Tensor:
+    """(L, S) boolean: which keys each query sees under the causal / window rule."""
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    shift = S - L if bottom_right else 0
+    ok = torch.ones(L, S, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        ok &= j >= i + shift - window_left
+    if window_right >= 0:
+        ok &= j <= i + shift + window_right
+    return ok
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, softcap: float, mask: Optional[Tensor], ok: Tensor):
+    """(B, H, L, S) scores with everything invisible at -inf; also tanh of the capped scores."""
+    group = q.shape[2] // k.shape[2]
+    kk = k.repeat_interleave(group, dim=2) if group > 1 else k
+    s = torch.einsum("blhd,bshd->bhls", q, kk) * scale
+    th = None
+    if softcap > 0:
+        th = torch.tanh(s / softcap)
+        s = softcap * th
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            ok = ok & mask
+        else:
+            s = s + mask.to(s.dtype)
+    return torch.where(ok, s, float("-inf")), th, kk
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def attention_dense(q, k, v, scale: float, bottom_right: bool, window_left: int, window_right: int,
+                    softcap: float, mask: Optional[Tensor], keep: Optional[Tensor], dropout_p: float):
+    """One batch of equal-length sequences. Returns (out in q's dtype, lse (B, H, L) float32/64)."""
+    dt = _compute_dtype(q)
+    B, L, H, _ = q.shape
+    S = k.shape[1]
+    ok = visible(L, S, bottom_right, window_left, window_right, q.device)
+    s, _, _ = _scores(q.to(dt), k.to(dt), scale, softcap, mask, ok)
+    lse = torch.logsumexp(s, dim=-1)  # -inf where a row sees nothing
+    empty = torch.isneginf(lse)
+    lse = torch.where(empty, float("inf"), lse)
+    p = torch.exp(s - lse[..., None])  # 0 on rows that see nothing
+    if keep is not None:
+        p = p * keep.to(dt) / (1 - dropout_p)
+    group = H // k.shape[2]
+    vv = v.to(dt).repeat_interleave(group, dim=2) if group > 1 else v.to(dt)
+    out = torch.einsum("bhls,bshd->blhd", p, vv)
+    return out.to(q.dtype), lse
+
+
+def attention_dense_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, window_left: int,
+                        window_right: int, softcap: float, mask: Optional[Tensor], keep: Optional[Tensor],
+                        dropout_p: float):
+    """Gradients (dq, dk, dv) of attention_dense, by the explicit formula (no autograd)."""
+    dt = _compute_dtype(q)
+    B, L, H, D = q.shape
+    S, Hk = k.shape[1], k.shape[2]
+    group = H // Hk
+    ok = visible(L, S, bottom_right, window_left, window_right, q.device)
+    qd, do = q.to(dt), dout.to(dt)
+    s, th, kk = _scores(qd, k.to(dt), scale, softcap, mask, ok)
+    p = torch.exp(s - lse.to(dt)[..., None])
+    vv = v.to(dt).repeat_interleave(group, dim=2) if group > 1 else v.to(dt)
+    dp = torch.einsum("blhd,bshd->bhls", do, vv)
+    delta = (do * out.to(dt)).sum(-1).transpose(1, 2)  # (B, H, L): sum_j p_ij dp_ij
+    if keep is not None:
+        pd = p * keep.to(dt) / (1 - dropout_p)
+        dp = dp * keep.to(dt) / (1 - dropout_p)
+    else:
+        pd = p
+    dv = torch.einsum("bhls,blhd->bshd", pd, do)
+    ds = p * (dp - delta[..., None])
+    if th is not None:
+        ds = ds * (1 - th.square())
+    dq = torch.einsum("bhls,bshd->blhd", ds, kk) * scale
+    dk = torch.einsum("bhls,blhd->bshd", ds, qd) * scale
+    if group > 1:
+        dk = dk.reshape(B, S, Hk, group, -1).sum(3)
+        dv = dv.reshape(B, S, Hk, group, -1).sum(3)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _sequences(cu_q: Optional[Tensor], cu_k: Optional[Tensor], seqused_k: Optional[Tensor], B: int, L: int,
+               S: int):
+    """Per sequence: (batch index, q rows, k rows), slices of the packed or padded tensors."""
+    if cu_q is not None:
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        return [(b, slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+    used = seqused_k.tolist() if seqused_k is not None else [S] * B
+    return [(b, slice(0, L), slice(0, used[b])) for b in range(B)]
+
+
+def _keep_of(keep: Optional[Tensor], b: int, rq: slice, rk: slice) -> Optional[Tensor]:
+    if keep is None:
+        return None
+    return keep[b:b + 1, :, :rq.stop - rq.start, :rk.stop - rk.start]
+
+
+def attention(q, k, v, scale: float, bottom_right: bool = False, window_left: int = -1, window_right: int = -1,
+              softcap: float = 0.0, mask: Optional[Tensor] = None, keep: Optional[Tensor] = None,
+              dropout_p: float = 0.0, cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+              seqused_k: Optional[Tensor] = None):
+    """Attention over dense (B, L, H, D) tensors, or packed (total, H, D) ones with cu_seqlens.
+
+    keep: the dropout mask (B, H, L, S) of kept positions, or None; for packed sequences
+    (B, H, max L, max S), sequence b using keep[b, :, :its L, :its S].
+    seqused_k: (B,) keys in use per batch (the KV cache's filled length).
+    Returns (out like q with v's head dim, lse (B, H, L) or (H, total_q), float32/64).
+    """
+    if (cu_seqlens_q is not None or seqused_k is not None) and mask is not None:
+        raise ValueError("attention: masks are for dense batches, not packed or cached ones")
+    if cu_seqlens_q is None and seqused_k is None:
+        return attention_dense(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask, keep,
+                               dropout_p)
+    dt = _compute_dtype(q)
+    out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+    varlen = cu_seqlens_q is not None
+    B = len(cu_seqlens_q) - 1 if varlen else q.shape[0]
+    lse = torch.full((q.shape[-2], q.shape[0]) if varlen else (B, q.shape[2], q.shape[1]), float("inf"),
+                     dtype=dt, device=q.device)
+    for b, rq, rk in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, B, q.shape[1], k.shape[1]):
+        if varlen:
+            o, l_ = attention_dense(q[None, rq], k[None, rk], v[None, rk], scale, bottom_right, window_left,
+                                    window_right, softcap, None, _keep_of(keep, b, rq, rk), dropout_p)
+            out[rq] = o[0]
+            lse[:, rq] = l_[0]
+        else:
+            o, l_ = attention_dense(q[b:b + 1], k[b:b + 1, rk], v[b:b + 1, rk], scale, bottom_right, window_left,
+                                    window_right, softcap, None, _keep_of(keep, b, rq, rk), dropout_p)
+            out[b] = o[0]
+            lse[b] = l_[0]
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool = False, window_left: int = -1,
+                  window_right: int = -1, softcap: float = 0.0, mask: Optional[Tensor] = None,
+                  keep: Optional[Tensor] = None, dropout_p: float = 0.0, cu_seqlens_q: Optional[Tensor] = None,
+                  cu_seqlens_k: Optional[Tensor] = None):
+    """Gradients (dq, dk, dv) of ``attention`` (dense or packed; no gradient through a KV cache)."""
+    if cu_seqlens_q is None:
+        return attention_dense_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right,
+                                   softcap, mask, keep, dropout_p)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b, rq, rk in _sequences(cu_seqlens_q, cu_seqlens_k, None, 0, 0, 0):
+        g = attention_dense_bwd(dout[None, rq], q[None, rq], k[None, rk], v[None, rk], out[None, rq],
+                                lse[None, :, rq], scale, bottom_right, window_left, window_right, softcap, None,
+                                _keep_of(keep, b, rq, rk), dropout_p)
+        dq[rq], dk[rk], dv[rk] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,542 @@
+"""Flash attention, forward and backward, in Triton (formulas: fastlm/reference/attention.py).
+
+Forward (FlashAttention-2's order): one program per (block of queries, batch, query head)
+walks the keys in blocks with an online softmax in base 2 (scores pre-multiplied by
+log2(e), so each exponential is one exp2), keeping the output accumulator, the running max
+and the running sum in registers. Nothing of size L x S is stored: the program writes the
+normalised output and the row's logsumexp, all the backward needs besides q, k, v.
+
+Which key blocks a query block visits is bounded by the causal / sliding-window rule, so a
+causal pass costs half; inside a block, positions past a sequence's end, outside the window
+or masked out score -inf. A row that sees no key at all ends with sum 0: its output is 0
+and its lse +inf, so the backward's exp2(s - lse) is 0 there and no NaN can appear.
+
+Backward, deterministic and without atomics, in three kernels: delta = rowsum(dO * O);
+dK, dV with one program per (block of keys, batch, key head), looping over the query heads
+of its group (GQA) and the query blocks that see it; dQ with one program per (block of
+queries, batch, query head), looping over key blocks as the forward does. Probabilities are
+recomputed from q, k and the saved lse.
+
+Dropout draws tl.rand(seed, offset) from the position (batch, head, query, key): the backward
+regenerates exactly the forward's mask, and ``dropout_mask`` exposes it for tests.
+
+Layouts: q (B, L, H, D), k and v (B, S, Hk, D), any strides; packed sequences (varlen) are
+(total, H, D) with cu_seqlens, and the KV cache passes the used length per batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import empty, next_power_of_2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tanh(x):
+    # libdevice is not in the interpreter; this form saturates cleanly to +-1.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _seq_bounds(b, CU_Q, CU_K, SEQUSED_K, L, S, VARLEN: tl.constexpr, SEQUSED: tl.constexpr):
+    """(first row of the sequence in q, its query length, first row in k, its key length)."""
+    q_start = b * 0
+    k_start = b * 0
+    len_q = L
+    len_k = S
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        len_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        len_k = tl.load(CU_K + b + 1) - k_start
+    if SEQUSED:
+        len_k = tl.load(SEQUSED_K + b)
+    return q_start.to(tl.int64), len_q, k_start.to(tl.int64), len_k
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, len_q, len_k, shift, window_left, window_right, scale, softcap,
+            M, stride_mm, stride_mn,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
+            IEEE: tl.constexpr):
+    """Scores of a (BLOCK_M, BLOCK_N) tile in base 2 with invisible positions at -inf, and
+    the tanh of the soft-capped scores (for the backward's chain rule; 0 without softcap).
+    M points at this (batch, head)'s mask; MASK: 0 none, 1 boolean, 2 additive."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    th = s * 0.0
+    if SOFTCAP:
+        th = _tanh(s * (scale / softcap))
+        s = th * (softcap * 1.4426950408889634)
+    else:
+        s = s * (scale * 1.4426950408889634)
+    ok = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
+    if HAS_LEFT:
+        ok = ok & (offs_n[None, :] >= offs_m[:, None] + shift - window_left)
+    if HAS_RIGHT:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift + window_right)
+    if MASK != 0:
+        mv = tl.load(M + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn, mask=ok, other=0)
+        if MASK == 1:
+            ok = ok & (mv != 0)
+        else:
+            s = s + mv.to(tl.float32) * 1.4426950408889634
+    s = tl.where(ok, s, -float("inf"))
+    return s, th
+
+
+@triton.jit
+def _keep(seed, b, h, offs_m, offs_n, H, L_MAX, S_MAX, dropout_p):
+    """The dropout mask of a tile: a counter-based draw per (batch, head, query, key)."""
+    base = ((b * H + h).to(tl.int64) * L_MAX) * S_MAX
+    offsets = base + offs_m[:, None].to(tl.int64) * S_MAX + offs_n[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _key_range(m_lo, m_hi, len_k, shift, window_left, window_right,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) that queries [m_lo, m_hi] may see; lo a multiple of BLOCK_N."""
+    lo = 0
+    hi = len_k
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, m_hi + shift + window_right + 1)
+    if HAS_LEFT:
+        lo = tl.maximum(0, m_lo + shift - window_left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, M, CU_Q, CU_K, SEQUSED_K, SEED,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
+    H, GROUP, L, S, D, DV, scale, softcap, window_left, window_right, dropout_p,
+    VARLEN: tl.constexpr, SEQUSED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, len_q, k_start, len_k = _seq_bounds(b, CU_Q, CU_K, SEQUSED_K, L, S, VARLEN, SEQUSED)
+    m0 = pid_m * BLOCK_M
+    if m0 >= len_q:
+        return
+    shift = len_k - len_q if BOTTOM_RIGHT else len_k * 0
+    hk = h // GROUP
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
+    k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kn
+    v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vn
+    m_ptr = M + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < D), other=0.0)
+    seed = tl.load(SEED) if DROPOUT else 0
+
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    lo, hi = _key_range(m0, m0 + BLOCK_M - 1, len_k, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + offs_n0
+        k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
+        s, _ = _scores(q, k, offs_m, offs_n, len_q, len_k, shift, window_left, window_right, scale, softcap,
+                       m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen nothing yet has max -inf: subtract 0 instead, so every
+        # exponential of -inf is a clean 0 (never inf - inf).
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _keep(seed, b, h, offs_m, offs_n, H, L, S, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
+        if IEEE:
+            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_om
+    tl.store(o_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_dv[None, :] < DV))
+    tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m, lse,
+             mask=offs_m < len_q)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, CU_Q,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_lb, stride_lh,
+    H, L, DV,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta = rowsum(dO * O): sum_j p_ij dp_ij of every query row, in float32."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start = b * 0
+    len_q = L
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        len_q = tl.load(CU_Q + b + 1) - q_start
+    q_start = q_start.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < len_q) & (offs_dv[None, :] < DV)
+    rows = q_start + offs_m[:, None]
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows * stride_om
+                + offs_dv[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m,
+             tl.sum(o * do, axis=1), mask=offs_m < len_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV_, M, CU_Q, CU_K, SEED,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
+    H, HK, GROUP, L, S, D, DV, scale, softcap, window_left, window_right, dropout_p,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HK
+    hk = bhk % HK
+    q_start, len_q, k_start, len_k = _seq_bounds(b, CU_Q, CU_K, CU_K, L, S, VARLEN, False)
+    n0 = pid_n * BLOCK_N
+    if n0 >= len_k:
+        return
+    shift = len_k - len_q if BOTTOM_RIGHT else len_k * 0
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kn
+    v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vn
+    k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
+    seed = tl.load(SEED) if DROPOUT else 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    # Queries that may see keys [n0, n0 + BLOCK_N): the key rule solved for i.
+    m_lo = 0
+    m_hi = len_q
+    if HAS_RIGHT:
+        m_lo = tl.maximum(0, n0 - shift - window_right)
+        m_lo = (m_lo // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        m_hi = tl.minimum(m_hi, n0 + BLOCK_N - 1 - shift + window_left + 1)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
+        do_ptr = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom
+        l_ptr = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        m_ptr = M + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        for m0 in range(m_lo, m_hi, BLOCK_M):
+            offs_m = m0 + offs_m0
+            row_ok = offs_m < len_q
+            q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(do_ptr + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + l_ptr + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + l_ptr + offs_m, mask=row_ok, other=0.0)
+            s, th = _scores(q, k, offs_m, offs_n, len_q, len_k, shift, window_left, window_right, scale, softcap,
+                            m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE)
+            p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+            if IEEE:
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                dp = tl.dot(do, tl.trans(v))
+            pd = p
+            if DROPOUT:
+                keep = _keep(seed, b, h, offs_m, offs_n, H, L, S, dropout_p)
+                pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - th * th)
+            if IEEE:
+                dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision="ieee")
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+
+    dk_ptr = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + k_start * stride_dkn
+    dv_ptr = DV_ + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + k_start * stride_dvn
+    tl.store(dk_ptr + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D))
+    tl.store(dv_ptr + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DV_.dtype.element_ty), mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, M, CU_Q, CU_K, SEED,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
+    H, GROUP, L, S, D, DV, scale, softcap, window_left, window_right, dropout_p,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, len_q, k_start, len_k = _seq_bounds(b, CU_Q, CU_K, CU_K, L, S, VARLEN, False)
+    m0 = pid_m * BLOCK_M
+    if m0 >= len_q:
+        return
+    shift = len_k - len_q if BOTTOM_RIGHT else len_k * 0
+    hk = h // GROUP
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < len_q
+    q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
+    do_ptr = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom
+    k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kn
+    v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vn
+    m_ptr = M + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    l_ptr = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+    q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(do_ptr + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + l_ptr + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + l_ptr + offs_m, mask=row_ok, other=0.0)
+    seed = tl.load(SEED) if DROPOUT else 0
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(m0, m0 + BLOCK_M - 1, len_k, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + offs_n0
+        k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
+        s, th = _scores(q, k, offs_m, offs_n, len_q, len_k, shift, window_left, window_right, scale, softcap,
+                        m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE)
+        p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+        if IEEE:
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _keep(seed, b, h, offs_m, offs_n, H, L, S, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
+        if IEEE:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+    dq_ptr = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + q_start * stride_dqm
+    tl.store(dq_ptr + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dropout_mask_kernel(KEEP, SEED, H, L, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The kernels' dropout mask, written out as (B, H, L, S) booleans (for tests)."""
+    bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(tl.load(SEED), bh // H, bh % H, offs_m, offs_n, H, L, S, dropout_p)
+    ptrs = KEEP + bh.to(tl.int64) * L * S + offs_m[:, None].to(tl.int64) * S + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+class Problem:
+    """The shape of one attention call, as the kernels see it: strides are taken per tensor."""
+
+    def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k):
+        self.varlen = cu_seqlens_q is not None
+        if self.varlen:
+            self.B = cu_seqlens_q.shape[0] - 1
+            self.L, self.S = max_seqlen_q, max_seqlen_k
+            self.H, self.D = q.shape[1], q.shape[2]
+            self.HK, self.DV = k.shape[1], v.shape[2]
+        else:
+            self.B, self.L, self.H, self.D = q.shape
+            self.S, self.HK, self.DV = k.shape[1], k.shape[2], v.shape[3]
+        self.group = self.H // self.HK
+        self.cu_q, self.cu_k, self.seqused_k = cu_seqlens_q, cu_seqlens_k, seqused_k
+
+    def strides(self, t):
+        """(batch, row, head, dim) strides; packed tensors have no batch stride (0)."""
+        if self.varlen:
+            return (0,) + tuple(t.stride())
+        return tuple(t.stride())
+
+    def lse_strides(self, lse):
+        return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
+
+    def new_lse(self, q):
+        rows = q.shape[0] if self.varlen else self.L
+        shape = (self.H, rows) if self.varlen else (self.B, self.H, rows)
+        return empty(shape, torch.float32, q.device)
+
+
+def _blocks(p: Problem, device, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tiles under the interpreter (the same
+    code, faster there, and block edges are hit by small tests)."""
+    if device.type != "cuda":
+        return 16, 16, 1, 1
+    big_d = max(p.D, p.DV) > 128 or dtype == torch.float32
+    if big_d:
+        return 64, 32, 4, 2
+    return 128, 64, 8, 3
+
+
+def _mask_args(mask, p: Problem):
+    """(tensor, kind, strides (b, h, m, n)) of an attention mask broadcast to (B, H, L, S)."""
+    if mask is None:
+        return None, 0, (0, 0, 0, 0)
+    kind = 1 if mask.dtype == torch.bool else 2
+    if kind == 1:
+        mask = mask.view(torch.uint8)  # same bytes; a broadcast view stays a view
+    m = mask.expand(p.B, p.H, p.L, p.S)
+    return m, kind, tuple(m.stride())
+
+
+def _common_flags(p: Problem, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, dtype):
+    return dict(VARLEN=p.varlen, BOTTOM_RIGHT=bottom_right, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                SOFTCAP=softcap > 0, MASK=mask_kind, DROPOUT=dropout_p > 0,
+                IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+
+
+def _dummy(device):
+    return torch.empty(1, dtype=torch.int32, device=device)
+
+
+def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, window_right: int, softcap: float,
+                  mask, dropout_p: float, seed, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+                  max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+    """Returns (out (like q, with v's head dim), lse float32 (B, H, L) or (H, total))."""
+    p = Problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+    out = empty(q.shape[:-1] + (p.DV,), q.dtype, q.device)
+    lse = p.new_lse(q)
+    if q.numel() == 0 or p.B == 0:
+        return out, lse.fill_(float("inf"))
+    mask_t, mask_kind, mask_strides = _mask_args(mask, p)
+    bm, bn, warps, stages = _blocks(p, q.device, q.dtype)
+    dummy = _dummy(q.device)
+    grid = (triton.cdiv(p.L, bm), p.B * p.H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, mask_t if mask_t is not None else dummy,
+        cu_seqlens_q if p.varlen else dummy, cu_seqlens_k if p.varlen else dummy,
+        seqused_k if seqused_k is not None else dummy, seed if seed is not None else dummy,
+        *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out), *p.lse_strides(lse), *mask_strides,
+        p.H, p.group, p.L, p.S, p.D, p.DV, scale, softcap, window_left, window_right, dropout_p,
+        SEQUSED=seqused_k is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, next_power_of_2(p.D)), BLOCK_DV=max(16, next_power_of_2(p.DV)),
+        num_warps=warps, num_stages=stages,
+        **_common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype),
+    )
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, window_left: int, window_right: int,
+                  softcap: float, mask, dropout_p: float, seed, cu_seqlens_q=None, cu_seqlens_k=None,
+                  max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+    """Returns (dq, dk, dv), each laid out like its input."""
+    p = Problem(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k)
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    if p.B == 0 or q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    mask_t, mask_kind, mask_strides = _mask_args(mask, p)
+    bm, bn, warps, stages = _blocks(p, q.device, q.dtype)
+    block_d, block_dv = max(16, next_power_of_2(p.D)), max(16, next_power_of_2(p.DV))
+    dummy = _dummy(q.device)
+    cu_q = cu_seqlens_q if p.varlen else dummy
+    cu_k = cu_seqlens_k if p.varlen else dummy
+    delta = empty(lse.shape, torch.float32, q.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(p.L, bm), p.B * p.H)](
+        out, dout, delta, cu_q, *p.strides(out), *p.strides(dout), *p.lse_strides(lse), p.H, p.L, p.DV,
+        VARLEN=p.varlen, BLOCK_M=bm, BLOCK_DV=block_dv, num_warps=4 if q.device.type == "cuda" else 1,
+    )
+    flags = _common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype)
+    common = (mask_t if mask_t is not None else dummy, cu_q, cu_k, seed if seed is not None else dummy)
+    # dK, dV: blocks of keys own their rows, so no two programs write the same element.
+    _attn_bwd_dkdv_kernel[(triton.cdiv(p.S, bn), p.B * p.HK)](
+        q, k, v, dout, lse, delta, dk, dv, *common,
+        *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(dout), *p.strides(dk), *p.strides(dv),
+        *p.lse_strides(lse), *mask_strides,
+        p.H, p.HK, p.group, p.L, p.S, p.D, p.DV, scale, softcap, window_left, window_right, dropout_p,
+        BLOCK_M=bm // 2 if q.device.type == "cuda" else bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=warps, num_stages=stages, **flags,
+    )
+    _attn_bwd_dq_kernel[(triton.cdiv(p.L, bm), p.B * p.H)](
+        q, k, v, dout, lse, delta, dq, *common,
+        *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(dout), *p.strides(dq),
+        *p.lse_strides(lse), *mask_strides,
+        p.H, p.group, p.L, p.S, p.D, p.DV, scale, softcap, window_left, window_right, dropout_p,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=warps, num_stages=stages, **flags,
+    )
+    return dq, dk, dv
+
+
+def dropout_mask(seed, B: int, H: int, L: int, S: int, dropout_p: float, device) -> torch.Tensor:
+    """The (B, H, L, S) boolean mask of kept positions that the kernels draw for ``seed``."""
+    keep = torch.empty((B, H, L, S), dtype=torch.int8, device=device)
+    bm = bn = 16 if device.type != "cuda" else 64
+    _dropout_mask_kernel[(triton.cdiv(L, bm), triton.cdiv(S, bn), B * H)](
+        keep, seed, H, L, S, dropout_p, BLOCK_M=bm, BLOCK_N=bn)
+    return keep.bool()
