@@ -41,6 +41,12 @@ from .backend import (  # noqa: E402
     set_backend,
     use_backend,
 )
+from .ops.attention import (  # noqa: E402
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    scaled_dot_product_attention,
+)
 from .ops.cross_entropy import cross_entropy  # noqa: E402
 from .ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
@@ -52,11 +58,15 @@ __all__ = [
     "add_rms_norm",
     "available_backends",
     "cross_entropy",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "get_backend",
     "layer_norm",
     "linear_cross_entropy",
     "nn",
     "rms_norm",
+    "scaled_dot_product_attention",
     "set_backend",
     "use_backend",
 ]

@@ -1,0 +1,411 @@
+"""Attention: argument checks, custom ops, autograd, dispatch, and the public interfaces.
+
+    fastlm::attention(q, k, v, mask?, cu_seqlens_q?, cu_seqlens_k?, seqused_k?, seed?, scale,
+                      bottom_right, window_left, window_right, softcap, dropout_p,
+                      max_seqlen_q, max_seqlen_k) -> (out, lse)
+    fastlm::attention_bwd(dout, q, k, v, out, lse, mask?, cu_seqlens_q?, cu_seqlens_k?, seed?, ...,
+                          backend) -> (dq, dk, dv)
+
+One op pair serves every interface: q (B, L, H, D), k and v (B, S, Hk, D) with any strides
+(SDPA's (B, H, L, E) is a transposed view of it, so nothing is copied), or packed
+(total, H, D) with cu_seqlens; causal is window_right = 0, aligned top-left (SDPA) or
+bottom-right (FlashAttention). The forward saves only its output and the logsumexp.
+
+Dropout: a seed is drawn from torch's default generator per call (so torch.manual_seed
+makes it reproducible) and passed as a tensor (no host sync); the Triton kernels draw their
+mask from it with tl.rand, the reference from a torch.Generator seeded with it. The backward
+regenerates the forward's mask from the same seed. ``dropout_mask`` returns the mask a
+backend draws for a seed, so tests can run the reference with it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backend import get_backend, resolve
+from ..reference import attention as ref
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------- dropout
+
+def draw_dropout_seed() -> Tensor:
+    """A seed for the dropout mask, from torch's default (CPU) generator."""
+    return torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64)
+
+
+def _reference_keep(seed: Tensor, B: int, H: int, L: int, S: int, dropout_p: float, device) -> Tensor:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed.item()))
+    return torch.rand((B, H, L, S), generator=g, device=device) >= dropout_p
+
+
+def dropout_mask(seed: Tensor, B: int, H: int, L: int, S: int, dropout_p: float, backend: str,
+                 device) -> Tensor:
+    """The (B, H, L, S) boolean mask of kept positions that ``backend`` draws for ``seed``
+    (for packed sequences L and S are the longest lengths). A debugging and testing aid."""
+    if backend == "triton":
+        from fastlm.kernels import attention as kernels
+        return kernels.dropout_mask(seed.to(device), B, H, L, S, dropout_p, torch.device(device))
+    return _reference_keep(seed, B, H, L, S, dropout_p, device)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def _triton_unsupported(q: Tensor, v: Tensor, mask: Optional[Tensor]) -> Optional[str]:
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"inputs have dtype {q.dtype}; the kernels take float32, float16 and bfloat16"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}"
+    return None
+
+
+def _pick(q: Tensor, v: Tensor, mask: Optional[Tensor], requested: Optional[str] = None) -> str:
+    return resolve("attention", q.device.type, {
+        "triton": _triton_unsupported(q, v, mask),
+        "cuda": "the CUDA C++ attention kernels are not written yet",
+    }, requested)
+
+
+def _problem_dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    if cu_seqlens_q is not None:
+        return cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k
+    return q.shape[0], q.shape[2], q.shape[1], k.shape[1]
+
+
+def _keep(backend, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p):
+    if dropout_p == 0.0 or backend == "triton":
+        return None
+    B, H, L, S = _problem_dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    return _reference_keep(seed, B, H, L, S, dropout_p, q.device)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("fastlm::attention", mutates_args=())
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+               cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], seed: Optional[Tensor], scale: float,
+               bottom_right: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
+               max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
+    backend = _pick(q, v, mask)
+    if backend == "triton":
+        from fastlm.kernels import attention as kernels
+        return kernels.attention_fwd(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask,
+                                     dropout_p, seed.to(q.device) if seed is not None else None, cu_seqlens_q,
+                                     cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+    keep = _keep(backend, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
+    out, lse = ref.attention(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask, keep, dropout_p,
+                             cu_seqlens_q, cu_seqlens_k, seqused_k)
+    return out.contiguous(), lse.float()
+
+
+@_attention.register_fake
+def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seqused_k, seed, scale, bottom_right, window_left, window_right,
+      softcap, dropout_p, max_seqlen_q, max_seqlen_k):
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
+                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor],
+                   scale: float, bottom_right: bool, window_left: int, window_right: int, softcap: float,
+                   dropout_p: float, max_seqlen_q: int, max_seqlen_k: int,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    chosen = _pick(q, v, mask, backend)
+    if chosen == "triton":
+        from fastlm.kernels import attention as kernels
+        return kernels.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right,
+                                     softcap, mask, dropout_p, seed.to(q.device) if seed is not None else None,
+                                     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    keep = _keep(chosen, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
+    dq, dk, dv = ref.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right, softcap,
+                                   mask, keep, dropout_p, cu_seqlens_q, cu_seqlens_k)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed, scale, bottom_right, window_left,
+      window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, mask, cu_q, cu_k, seqused_k, seed, scale, bottom_right, window_left, window_right, softcap, dropout_p,
+     max_q, max_k) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k, seed)
+    ctx.options = (scale, bottom_right, window_left, window_right, softcap, dropout_p, max_q, max_k)
+    ctx.backend = get_backend()
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, seed, *ctx.options, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _check_qkv(fn: str, q, k, v, packed: bool = False):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"fastlm.{fn}: {name} must be floating point, got dtype {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        if t.device != q.device:
+            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but q is on {q.device}")
+    dims = 3 if packed else 4
+    layout = "(total, H, D)" if packed else "(B, S, H, D)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != dims:
+            raise ValueError(f"fastlm.{fn}: {name} must be {dims}-D {layout}, got shape {list(t.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"fastlm.{fn}: k and v must agree but for the head dim, got {list(k.shape)} and "
+                         f"{list(v.shape)}")
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"fastlm.{fn}: k has batch {k.shape[0]} but q has {q.shape[0]}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"fastlm.{fn}: k has head dim {k.shape[-1]} but q has {q.shape[-1]}")
+    hq, hk = q.shape[-2], k.shape[-2]
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"fastlm.{fn}: q's {hq} heads must be a multiple of k's and v's {hk} heads")
+
+
+def _check_scale(fn: str, name: str, scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"fastlm.{fn}: {name} must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_dropout(fn: str, name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0):
+        raise ValueError(f"fastlm.{fn}: {name} must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def _check_window(fn: str, window_size) -> tuple[int, int]:
+    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(
+        isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    if not ok:
+        raise ValueError(f"fastlm.{fn}: window_size must be a pair of ints >= -1 (-1: unbounded), "
+                         f"got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _check_softcap(fn: str, softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
+            or softcap < 0:
+        raise ValueError(f"fastlm.{fn}: softcap must be a finite number >= 0 (0: off), got {softcap!r}")
+    return float(softcap)
+
+
+def _seed_for(dropout_p: float) -> Optional[Tensor]:
+    return draw_dropout_seed() if dropout_p > 0 else None
+
+
+def _window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
+    left, right = window_size
+    return (left, 0) if causal else (left, right)
+
+
+# ----------------------------------------------------------------------------- FlashAttention's interfaces
+
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    return_lse: bool = False):
+    """FlashAttention's flash_attn_func: q (B, L, H, D), k and v (B, S, Hk, D), Hk dividing H.
+
+    causal and window_size are aligned bottom-right (query i sees keys up to i + S - L), so a
+    single query attends to the whole cache. Returns out (B, L, H, Dv), and with return_lse
+    also the logsumexp (B, H, L) in float32 (+inf on rows that see no key)."""
+    fn = "flash_attn_func"
+    _check_qkv(fn, q, k, v)
+    dropout_p = _check_dropout(fn, "dropout_p", dropout_p)
+    scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
+    left, right = _window(bool(causal), _check_window(fn, window_size))
+    softcap = _check_softcap(fn, softcap)
+    out, lse = _attention(q, k, v, None, None, None, None, _seed_for(dropout_p), scale, True, left, right, softcap,
+                          dropout_p, 0, 0)
+    return (out, lse) if return_lse else out
+
+
+def _check_cu(fn: str, name: str, cu, q: Tensor):
+    if not isinstance(cu, Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"fastlm.{fn}: {name} must be a 1-D int32 tensor of B + 1 offsets, got {cu!r}")
+    if cu.device != q.device:
+        raise ValueError(f"fastlm.{fn}: {name} is on {cu.device} but q is on {q.device}")
+    return cu.to(torch.int32)
+
+
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, return_lse: bool = False):
+    """Packed sequences without padding: q (total_q, H, D), k and v (total_k, Hk, D); sequence b
+    is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (likewise for k). max_seqlen_q/k bound the
+    lengths (as in FlashAttention, they are trusted: a smaller value than the true longest
+    length leaves rows past it unwritten). The lse is (H, total_q)."""
+    fn = "flash_attn_varlen_func"
+    _check_qkv(fn, q, k, v, packed=True)
+    cu_q = _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, q)
+    cu_k = _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, q)
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"fastlm.{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got "
+                         f"{cu_q.numel()} and {cu_k.numel()}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"fastlm.{fn}: {name} must be an int >= 0, got {m!r}")
+    dropout_p = _check_dropout(fn, "dropout_p", dropout_p)
+    scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
+    left, right = _window(bool(causal), _check_window(fn, window_size))
+    softcap = _check_softcap(fn, softcap)
+    out, lse = _attention(q, k, v, None, cu_q, cu_k, None, _seed_for(dropout_p), scale, True, left, right, softcap,
+                          dropout_p, max_seqlen_q, max_seqlen_k)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+                            v: Optional[Tensor] = None, cache_seqlens=None, softmax_scale: Optional[float] = None,
+                            causal: bool = True, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0):
+    """Generation with a KV cache: q (B, L, H, D), caches (B, S_max, Hk, D).
+
+    If k and v (B, L_new, Hk, D) are given they are written into the caches in place at each
+    batch's cache_seqlens (an int or a (B,) int tensor; None means the caches are full), then
+    q attends to the first cache_seqlens + L_new keys, causal aligned bottom-right. No
+    gradient flows through this function (it is for inference)."""
+    fn = "flash_attn_with_kvcache"
+    _check_qkv(fn, q, k_cache, v_cache)
+    B, S_max = k_cache.shape[0], k_cache.shape[1]
+    if (k is None) != (v is None):
+        raise ValueError(f"fastlm.{fn}: k and v must be given together")
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError(f"fastlm.{fn}: cache_seqlens is needed to know where k and v go")
+        seqlens = torch.full((B,), S_max, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, Tensor) and cache_seqlens.dtype in (torch.int32, torch.int64) \
+            and cache_seqlens.shape == (B,):
+        if cache_seqlens.device != q.device:
+            raise ValueError(f"fastlm.{fn}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+        seqlens = cache_seqlens.to(torch.int32)
+    else:
+        raise ValueError(f"fastlm.{fn}: cache_seqlens must be None, an int or a ({B},) int tensor, "
+                         f"got {cache_seqlens!r}")
+    scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
+    left, right = _window(bool(causal), _check_window(fn, window_size))
+    softcap = _check_softcap(fn, softcap)
+    with torch.no_grad():
+        if k is not None:
+            _check_qkv(fn, q, k, v)
+            if k.shape[0] != B or k.shape[2:] != k_cache.shape[2:] or v.shape[2:] != v_cache.shape[2:]:
+                raise ValueError(f"fastlm.{fn}: k and v must be (B, L_new, Hk, D) like the caches, got "
+                                 f"{list(k.shape)} and {list(v.shape)}")
+            n = k.shape[1]
+            if q.device.type == "cpu" and bool((seqlens + n > S_max).any()):
+                raise ValueError(f"fastlm.{fn}: cache_seqlens + {n} new keys exceed the cache length {S_max}")
+            rows = (seqlens.long()[:, None] + torch.arange(n, device=q.device)).clamp_(max=S_max - 1)
+            batch = torch.arange(B, device=q.device)[:, None].expand_as(rows)
+            k_cache[batch, rows] = k
+            v_cache[batch, rows] = v
+            seqlens = seqlens + n
+        out, _ = _attention(q, k_cache, v_cache, None, None, None, seqlens, None, scale, True, left, right, softcap,
+                            0.0, 0, 0)
+    return out
+
+
+# ----------------------------------------------------------------------------- torch's SDPA
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention on fastlm's kernels: query (..., H, L, E),
+    key (..., Hk, S, E), value (..., Hk, S, Ev). is_causal is aligned top-left, as torch's;
+    attn_mask is boolean (True takes part) or additive, broadcastable to (..., H, L, S).
+    A query that sees no key gives 0 (torch may give NaN). attn_mask gets no gradient."""
+    fn = "scaled_dot_product_attention"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"fastlm.{fn}: {name} must be floating point, got dtype {t.dtype}")
+        if t.dim() < 2:
+            raise ValueError(f"fastlm.{fn}: {name} must be at least 2-D (..., L, E), got shape {list(t.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but query has {query.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but query is on {query.device}")
+        if t.dim() != query.dim():
+            raise ValueError(f"fastlm.{fn}: {name} has {t.dim()} dims but query has {query.dim()}")
+    if key.shape[-2] != value.shape[-2] or key.shape[:-3] != value.shape[:-3] or \
+            (key.dim() >= 3 and key.shape[-3] != value.shape[-3]):
+        raise ValueError(f"fastlm.{fn}: key {list(key.shape)} and value {list(value.shape)} must agree but for E")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"fastlm.{fn}: key has E = {key.shape[-1]} but query has {query.shape[-1]}")
+    if query.shape[:-3] != key.shape[:-3]:
+        raise ValueError(f"fastlm.{fn}: query and key batch dims differ: {list(query.shape[:-3])} and "
+                         f"{list(key.shape[:-3])}")
+    dropout_p = _check_dropout(fn, "dropout_p", dropout_p)
+    scale = _check_scale(fn, "scale", scale, query.shape[-1])
+    if is_causal and attn_mask is not None:
+        raise ValueError(f"fastlm.{fn}: attn_mask and is_causal=True cannot be given together (as in torch)")
+    L, S = query.shape[-2], key.shape[-2]
+    # Lay out as (B, L, H, E) views: (..., H, L, E) -> (prod(...), H, L, E) -> transpose.
+    if query.dim() == 2:
+        q4, k4, v4 = (t[None, None] for t in (query, key, value))
+    elif query.dim() == 3:
+        q4, k4, v4 = (t[None] for t in (query, key, value))
+    else:
+        q4, k4, v4 = (t.reshape((-1,) + t.shape[-3:]) for t in (query, key, value))
+    H, Hk = q4.shape[1], k4.shape[1]
+    if H != Hk:
+        if not enable_gqa:
+            raise ValueError(f"fastlm.{fn}: query has {H} heads but key has {Hk}; pass enable_gqa=True for grouped "
+                             f"query attention")
+        if H % Hk != 0:
+            raise ValueError(f"fastlm.{fn}: query's {H} heads must be a multiple of key's {Hk} (enable_gqa)")
+    mask = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"fastlm.{fn}: attn_mask must be a Tensor or None")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"fastlm.{fn}: attn_mask must be boolean or floating point, got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"fastlm.{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
+        if attn_mask.requires_grad:
+            raise ValueError(f"fastlm.{fn}: attn_mask requires grad; fastlm gives no gradient to the mask")
+        try:
+            full = torch.broadcast_shapes(attn_mask.shape, query.shape[:-1] + (S,))
+        except RuntimeError:
+            full = None
+        if full != query.shape[:-1] + (S,):
+            raise ValueError(f"fastlm.{fn}: attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
+                             f"{list(query.shape[:-1] + (S,))}")
+        m = attn_mask.expand(query.shape[:-1] + (S,))
+        mask = m.reshape((-1,) + m.shape[-3:]) if m.dim() > 4 else m
+        while mask.dim() < 4:
+            mask = mask[None]
+    out, _ = _attention(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), mask, None, None, None,
+                        _seed_for(dropout_p), scale, False, -1, 0 if is_causal else -1, 0.0, dropout_p, 0, 0)
+    out = out.transpose(1, 2)  # (B, H, L, Ev)
+    return out.reshape(query.shape[:-1] + (value.shape[-1],))
