@@ -540,3 +540,47 @@ def dropout_mask(seed, B: int, H: int, L: int, S: int, dropout_p: float, device)
     _dropout_mask_kernel[(triton.cdiv(L, bm), triton.cdiv(S, bn), B * H)](
         keep, seed, H, L, S, dropout_p, BLOCK_M=bm, BLOCK_N=bn)
     return keep.bool()
+
+
+def gpu_compile_variants():
+    """(kernel, signature, constexprs, options) for kernels/compile_check.py: the tile shapes
+    and warps ``_blocks`` picks on a GPU, for a plain call and one with every feature on."""
+    pointer = {"Q": "dt", "K": "dt", "V": "dt", "O": "dt", "DO": "dt", "DQ": "dt", "DK": "dt", "DV_": "dt",
+               "LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "SEQUSED_K": "*i32",
+               "SEED": "*i64", "KEEP": "*i8"}
+    floats = {"scale", "softcap", "dropout_p"}
+
+    def signature(kernel, dt, mask_kind):
+        sig = {}
+        for param in kernel.params:
+            name = param.name
+            if param.is_constexpr:
+                continue
+            if name == "M":
+                sig[name] = "*u8" if mask_kind == 1 else f"*{dt}"
+            elif name in pointer:
+                sig[name] = f"*{dt}" if pointer[name] == "dt" else pointer[name]
+            else:
+                sig[name] = "fp32" if name in floats else "i32"  # strides, sizes, window bounds
+        return sig
+
+    variants = []
+    cases = [("bf16", 64, False), ("bf16", 128, False), ("bf16", 128, True), ("fp16", 256, True), ("fp32", 128, True)]
+    for dt, d, full in cases:
+        big = d > 128 or dt == "fp32"
+        bm, bn, warps, stages = (64, 32, 4, 2) if big else (128, 64, 8, 3)
+        flags = dict(VARLEN=full, BOTTOM_RIGHT=full, HAS_LEFT=full, HAS_RIGHT=True, SOFTCAP=full, MASK=2 if full else 0,
+                     DROPOUT=full, IEEE=dt == "fp32")
+        tiles = dict(BLOCK_D=d, BLOCK_DV=d)
+        opts = {"num_warps": warps, "num_stages": stages}
+        const = dict(flags, SEQUSED=full, BLOCK_M=bm, BLOCK_N=bn, **tiles)
+        variants.append((_attn_fwd_kernel, signature(_attn_fwd_kernel, dt, const["MASK"]), const, opts))
+        const = dict(flags, BLOCK_M=bm // 2, BLOCK_N=bn, **tiles)
+        variants.append((_attn_bwd_dkdv_kernel, signature(_attn_bwd_dkdv_kernel, dt, const["MASK"]), const, opts))
+        const = dict(flags, BLOCK_M=bm, BLOCK_N=bn, **tiles)
+        variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, const["MASK"]), const, opts))
+    variants.append((_attn_bwd_delta_kernel, signature(_attn_bwd_delta_kernel, "bf16", 0),
+                     dict(VARLEN=True, BLOCK_M=128, BLOCK_DV=128), {"num_warps": 4}))
+    variants.append((_dropout_mask_kernel, signature(_dropout_mask_kernel, "bf16", 0),
+                     dict(BLOCK_M=64, BLOCK_N=64), {"num_warps": 4}))
+    return variants

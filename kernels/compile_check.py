@@ -18,7 +18,9 @@ import os
 import sys
 import time
 
-FAMILIES = ["norm", "cross_entropy"]  # each fastlm.kernels.<family> module exposes gpu_compile_variants()
+# Shared memory a block may use (opt-in maximum): A100 163 KiB, H100 227 KiB.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+FAMILIES = ["norm", "cross_entropy", "attention"]  # each fastlm.kernels.<family> module exposes gpu_compile_variants()
 
 
 def main(argv=None) -> int:
@@ -38,15 +40,22 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for family in FAMILIES:
         module = importlib.import_module(f"fastlm.kernels.{family}")
-        for kernel, signature, constexprs, num_warps in module.gpu_compile_variants():
+        for kernel, signature, constexprs, options in module.gpu_compile_variants():
+            options = options if isinstance(options, dict) else {"num_warps": options}
             for arch in args.arch:
                 name = f"{family}.{kernel.__name__} sm_{arch} {constexprs}"
                 count += 1
                 try:
                     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                                              target=GPUTarget("cuda", arch, 32), options=options)
                     if not compiled.asm.get("cubin"):
                         raise RuntimeError("no cubin produced")
+                    # Shared memory is only checked at launch: a tile that needs more than
+                    # the GPU has would compile here and fail there.
+                    shared = compiled.metadata.shared
+                    if shared > SHARED_LIMIT[arch]:
+                        raise RuntimeError(f"needs {shared} bytes of shared memory, sm_{arch} has "
+                                           f"{SHARED_LIMIT[arch]}")
                 except Exception as exc:  # report every failure, not just the first
                     failures += 1
                     print(f"FAIL {name}: {type(exc).__name__}: {exc}")
