@@ -480,5 +480,5 @@ def test_gpu_more_than_2_to_the_31_elements():
     ref = F.cross_entropy(x.detach()[last].double(), t[last], reduction="none")
     torch.testing.assert_close(loss[last].double(), ref, rtol=2e-2, atol=2e-2)
     ref_grad = torch.softmax(x.detach()[last].double(), -1)
-    ref_grad[torch.arange(4), t[last]] -= 1
+    ref_grad[torch.arange(4, device=DEVICE), t[last]] -= 1
     torch.testing.assert_close(grad[last].double(), ref_grad, rtol=2e-2, atol=1e-3)
