@@ -2,6 +2,8 @@
 
     python -m fastlm.bench norm [--out DIR] [--quick] [--rows R ...] [--widths N ...]
                                 [--dtype bf16|fp16|fp32] [--reps N] [--compile auto|on|off]
+    python -m fastlm.bench ce   [--rows N ...] [--widths VOCAB ...]   cross_entropy
+    python -m fastlm.bench lce  [--rows N ...] [--widths VOCAB ...]   linear_cross_entropy (H from the defaults)
     python -m fastlm.bench all  ...
 
 Each suite writes <out>/<suite>.json (device, versions, date, measured ceilings, every
@@ -21,8 +23,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 # Suite name -> module under fastlm.bench with run(config, harness) and the names it accepts.
-# Later issues add ce, attention and ffn.
-SUITES = {"norm": "fastlm.bench.norm"}
+# Later issues add attention and ffn.
+SUITES = {"norm": "fastlm.bench.norm", "ce": "fastlm.bench.ce", "lce": "fastlm.bench.lce"}
 
 _DEFAULT_REPS = {("cuda", False): 100, ("cuda", True): 10, ("cpu", False): 10, ("cpu", True): 3}
 
@@ -56,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="include torch.compile (auto: on CUDA only; on CPU each compile takes tens of seconds)")
     p.add_argument("--impls", nargs="+", metavar="IMPL",
                    help="only these implementations (fastlm-triton, fastlm-cuda, fastlm-torch, torch-eager, "
-                        "torch-compile)")
+                        "torch-compile, liger)")
     p.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (norm: layer_norm, rms_norm, "
-                                                          "add_layer_norm, add_rms_norm)")
+                                                          "add_layer_norm, add_rms_norm; ce: cross_entropy; "
+                                                          "lce: linear_cross_entropy)")
     p.add_argument("--modes", nargs="+", choices=["fwd", "bwd", "fwd+bwd"], help="only these modes")
     return p
 

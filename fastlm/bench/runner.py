@@ -37,8 +37,9 @@ MiB = 1 << 20
 
 # Columns of the markdown table: (row key, header).
 TABLE_COLUMNS = (
-    ("op", "op"), ("mode", "mode"), ("impl", "impl"), ("rows", "rows"), ("width", "width"),
+    ("op", "op"), ("mode", "mode"), ("impl", "impl"), ("rows", "rows"), ("hidden", "hidden"), ("width", "width"),
     ("dtype", "dtype"), ("ms", "median ms"), ("gbps", "GB/s"), ("frac_copy_bw", "of copy BW"),
+    ("tflops", "TFLOP/s"), ("frac_matmul", "of matmul peak"),
     ("peak_mib", "peak MiB"), ("speedup_vs_eager", "vs eager"), ("speedup_vs_compile", "vs compile"),
 )
 
@@ -363,7 +364,7 @@ def _first_line(exc: BaseException) -> str:
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if key == "frac_copy_bw":
+    if key in ("frac_copy_bw", "frac_matmul"):
         return f"{100 * value:.0f}%"
     if key.startswith("speedup"):
         return f"{value:.2f}x"
@@ -375,10 +376,13 @@ def _fmt(key: str, value: Any) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(h for _, h in TABLE_COLUMNS) + " |",
-             "|" + "|".join("---" if k in ("op", "mode", "impl", "dtype") else "--:" for k, _ in TABLE_COLUMNS) + "|"]
+    # A column no row fills (TFLOP/s in a bandwidth-bound suite, say) is left out.
+    columns = [(k, h) for k, h in TABLE_COLUMNS if k in ("op", "mode", "impl") or any(r.get(k) is not None
+                                                                                     for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "|".join("---" if k in ("op", "mode", "impl", "dtype") else "--:" for k, _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(k, row.get(k)) for k, _ in TABLE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(k, row.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,237 @@
+"""Benchmark suites for the loss: "ce" (cross_entropy on logits) and "lce" (the fused
+linear_cross_entropy against the plain lm-head matmul + loss).
+
+Implementations (each where it can run):
+
+    fastlm-triton, fastlm-cuda   fastlm's kernels (CUDA only; the interpreter is not timed)
+    fastlm-torch                 fastlm's reference backend
+    torch-eager                  what a user writes: F.cross_entropy(logits.float(), target)
+                                 ("lce": F.cross_entropy(F.linear(x, w).float(), target))
+    torch-compile                torch.compile of the eager function
+    liger                        Liger-Kernel's cross-entropy / fused linear cross-entropy,
+                                 when liger_kernel is installed (imported only then)
+
+Targets are class indices with about 5% ignore_index, reduction "mean". "ce" reports GB/s
+counting one read of the logits (fwd) and one read plus one write of their gradient (bwd),
+as the issue counts it; "lce" reports TFLOP/s (2 N H V for the logits, 3x that for
+fwd+bwd) and the peak memory above the inputs, forward plus backward.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .runner import COMPILE, EAGER, Config, Harness, dtype_name
+
+IGNORE_FRACTION = 0.05
+MODES = ("fwd", "bwd", "fwd+bwd")
+# (rows, vocab): real vocabularies (Llama 2, GPT-2, Llama 3, Gemma) at real token counts.
+GPU_CE = [(4096, 32000), (4096, 50257), (4096, 128256), (16384, 128256), (4096, 256000)]
+CPU_CE = [(128, 1000), (256, 4096)]
+# (tokens, hidden, vocab): the issue's memory case, its speed case, and a smaller vocabulary.
+GPU_LCE = [(8192, 4096, 128256), (32768, 4096, 128256), (8192, 4096, 32000)]
+CPU_LCE = [(256, 64, 1000)]
+
+
+def _liger(kind: str) -> Optional[Callable]:
+    try:
+        if kind == "ce":
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+            loss = LigerCrossEntropyLoss()
+            return lambda logits, t: loss(logits, t)
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        loss = LigerFusedLinearCrossEntropyLoss()
+        return lambda x, w, t: loss(w, x, t)
+    except Exception:  # not installed, or an incompatible version
+        return None
+
+
+def implementations(config: Config, harness: Harness, kind: str) -> list[str]:
+    import fastlm
+
+    chosen = []
+    available = fastlm.available_backends()
+    for backend in ("triton", "cuda"):
+        name = f"fastlm-{backend}"
+        if not config.wants("impl", name):
+            continue
+        if not config.on_cuda:
+            if backend == "triton":
+                harness.note("fastlm-triton left out: on CPU the Triton kernels run only under the interpreter")
+            continue
+        if available[backend].available:
+            chosen.append(name)
+        else:
+            harness.note(f"{name} left out: {available[backend].reason}")
+    for name in ("fastlm-torch", EAGER):
+        if config.wants("impl", name):
+            chosen.append(name)
+    if config.wants("impl", COMPILE):
+        if config.compile:
+            chosen.append(COMPILE)
+        else:
+            harness.note("torch-compile left out: off for this run (--compile on to force it)")
+    if config.wants("impl", "liger"):
+        if _liger(kind) is not None and config.on_cuda:
+            chosen.append("liger")
+        else:
+            harness.note("liger left out: liger_kernel is not installed (or not on CUDA)")
+    return chosen
+
+
+def _targets(rows: int, vocab: int, device) -> torch.Tensor:
+    t = torch.randint(0, vocab, (rows,), device=device)
+    t[torch.rand(rows, device=device) < IGNORE_FRACTION] = -100
+    return t
+
+
+def _call(mode: str, forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], Any]:
+    if mode == "fwd":
+        return lambda: (forward(),)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(forward(), params)
+    graph: list[torch.Tensor] = []
+
+    def backward():
+        if not graph:
+            graph.append(forward())
+        return torch.autograd.grad(graph[0], params, retain_graph=True)
+    return backward
+
+
+def _check(dtype: torch.dtype) -> Callable[[str, Any, Any], Optional[str]]:
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-4)
+
+    def check(name: str, out: Any, ref: Any) -> Optional[str]:
+        for a, b in zip(out, ref):
+            a, b = a.detach().float(), b.detach().float()
+            if not torch.isfinite(a).all():
+                return "returned NaN or inf"
+            rel = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+            if rel > tol:
+                return f"differs from torch-eager: max |diff| / max |eager| = {rel:.2e}"
+        return None
+    return check
+
+
+def ce_bytes(mode: str, rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """One read of the logits forward; one read and one write of them backward (targets and
+    per-row values, a few bytes a row, are left out)."""
+    logits = rows * vocab * torch.empty(0, dtype=dtype).element_size()
+    return {"fwd": logits, "bwd": 2 * logits, "fwd+bwd": 3 * logits}[mode]
+
+
+def lce_flops(mode: str, tokens: int, hidden: int, vocab: int) -> float:
+    """The matmuls: logits 2 N H V; the backward's dx and dW another 4 N H V."""
+    logits = 2.0 * tokens * hidden * vocab
+    return {"fwd": logits, "bwd": 2 * logits, "fwd+bwd": 3 * logits}[mode]
+
+
+def _ce_forward(name: str, compiled: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    import fastlm
+
+    def eager(logits, t):
+        return F.cross_entropy(logits.float(), t)
+
+    if name.startswith("fastlm-"):
+        backend = name.split("-", 1)[1]
+
+        def ours(logits, t):
+            with fastlm.use_backend(backend):
+                return fastlm.cross_entropy(logits, t)
+        return ours
+    if name == EAGER:
+        return eager
+    if name == COMPILE:
+        compiled.setdefault("fn", torch.compile(eager, dynamic=False))
+        return compiled["fn"]
+    return _liger("ce")
+
+
+def _lce_forward(name: str, compiled: dict) -> Callable:
+    import fastlm
+
+    def eager(x, w, t):
+        return F.cross_entropy(F.linear(x, w).float(), t)
+
+    if name.startswith("fastlm-"):
+        backend = name.split("-", 1)[1]
+
+        def ours(x, w, t):
+            with fastlm.use_backend(backend):
+                return fastlm.linear_cross_entropy(x, w, t)
+        return ours
+    if name == EAGER:
+        return eager
+    if name == COMPILE:
+        compiled.setdefault("fn", torch.compile(eager, dynamic=False))
+        return compiled["fn"]
+    return _liger("lce")
+
+
+def _shapes(config: Config, gpu: list, cpu: list) -> list:
+    shapes = gpu if config.on_cuda else cpu
+    if config.quick:
+        shapes = shapes[:1]
+    if config.rows or config.widths:  # --rows and --widths pick tokens and vocabularies
+        base = shapes[0]
+        rows = config.rows or [base[0]]
+        widths = config.widths or [base[-1]]
+        shapes = [(r, *base[1:-1], w) for r in rows for w in widths]
+    return shapes
+
+
+def run(config: Config, harness: Harness) -> None:
+    """The "ce" suite."""
+    impls = implementations(config, harness, "ce")
+    modes = [m for m in MODES if config.wants("mode", m)]
+    check = _check(config.dtype)
+    for rows, vocab in _shapes(config, GPU_CE, CPU_CE):
+        if COMPILE in impls:
+            torch._dynamo.reset()
+        compiled: dict = {}
+        torch.manual_seed(0)
+        logits = torch.randn(rows, vocab, device=config.device).to(config.dtype).requires_grad_()
+        t = _targets(rows, vocab, config.device)
+        for mode in modes:
+            fns = {name: _call(mode, (lambda f: lambda: f(logits, t))(_ce_forward(name, compiled)), [logits])
+                   for name in impls}
+            meta = {"op": "cross_entropy", "mode": mode, "rows": rows, "width": vocab,
+                    "dtype": dtype_name(config.dtype)}
+            done = harness.run_case(meta, fns, ce_bytes(mode, rows, vocab, config.dtype), check)
+            print(f"ce: {mode} {rows}x{vocab}: {len(done)} implementations timed", file=sys.stderr)
+        del logits, t, compiled
+
+
+def run_lce(config: Config, harness: Harness) -> None:
+    """The "lce" suite: time, TFLOP/s and peak memory of the whole lm-head + loss."""
+    impls = implementations(config, harness, "lce")
+    modes = [m for m in ("fwd", "fwd+bwd") if config.wants("mode", m)]
+    check = _check(config.dtype)
+    peak = harness.ceilings.get("matmul_tflops")
+    for tokens, hidden, vocab in _shapes(config, GPU_LCE, CPU_LCE):
+        if COMPILE in impls:
+            torch._dynamo.reset()
+        compiled: dict = {}
+        torch.manual_seed(0)
+        x = torch.randn(tokens, hidden, device=config.device).to(config.dtype).requires_grad_()
+        w = (torch.randn(vocab, hidden, device=config.device) / hidden ** 0.5).to(config.dtype).requires_grad_()
+        t = _targets(tokens, vocab, config.device)
+        for mode in modes:
+            fns = {name: _call(mode, (lambda f: lambda: f(x, w, t))(_lce_forward(name, compiled)), [x, w])
+                   for name in impls}
+            meta = {"op": "linear_cross_entropy", "mode": mode, "rows": tokens, "width": vocab, "hidden": hidden,
+                    "dtype": dtype_name(config.dtype)}
+            elem = torch.empty(0, dtype=config.dtype).element_size()
+            nbytes = (tokens * hidden + vocab * hidden) * elem * (1 if mode == "fwd" else 2)
+            done = harness.run_case(meta, fns, nbytes, check)
+            flops = lce_flops(mode, tokens, hidden, vocab)
+            for row in done:
+                row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                row["frac_matmul"] = row["tflops"] / peak if peak else None
+            print(f"lce: {mode} {tokens}x{hidden}x{vocab}: {len(done)} implementations timed", file=sys.stderr)
+        del x, w, t, compiled
