@@ -10,6 +10,7 @@ def test_check_quick_passes_and_prints_the_table(capsys):
     assert check.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "layer_norm" in out and "add_rms_norm" in out and " 0 failed" in out
+    assert "cross_entropy" in out and "flash_attn causal" in out and "sdpa masked" in out
 
 
 def test_cli_help_and_unknown_command(capsys):

@@ -1,6 +1,7 @@
 """Drop-in modules for their torch.nn twins, running on fastlm's ops."""
 
+from .attention import MultiheadAttention
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from .norm import LayerNorm, RMSNorm
 
-__all__ = ["CrossEntropyLoss", "LayerNorm", "LinearCrossEntropyLoss", "RMSNorm"]
+__all__ = ["CrossEntropyLoss", "LayerNorm", "LinearCrossEntropyLoss", "MultiheadAttention", "RMSNorm"]
