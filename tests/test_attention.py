@@ -379,6 +379,91 @@ def test_dropout_forward_and_backward_use_the_same_mask(backend, causal):
     check(backend, ours, lambda q, k, v: naive(q, k, v, causal=causal, keep=keep.to(q.dtype), dropout_p=p), inputs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_with_dropout_and_gqa(backend):
+    """Packed sequences with dropout through the public API: sequence b uses the mask's
+    [b, :, :its L, :its S] corner, forward and backward."""
+    lq, lk, H, Hk, D, p = [7, 18, 1, 0], [12, 18, 5, 3], 4, 2, 16, 0.2
+    q = torch.randn(sum(lq), H, D, device=DEVICE)
+    k = torch.randn(sum(lk), Hk, D, device=DEVICE)
+    v = torch.randn(sum(lk), Hk, D, device=DEVICE)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    torch.manual_seed(3)
+    keep = attn_ops.dropout_mask(attn_ops.draw_dropout_seed(), len(lq), H, max(lq), max(lk), p, backend, DEVICE)
+
+    def ours(q, k, v):
+        torch.manual_seed(3)
+        return fastlm.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), dropout_p=p, causal=True)
+
+    def oracle(q, k, v):
+        outs = []
+        for b, (a, e, c, d) in enumerate(zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(),
+                                             cu_k[1:].tolist())):
+            kb = keep[b:b + 1, :, :e - a, :d - c].to(q.dtype)
+            outs.append(naive(q[None, a:e], k[None, c:d], v[None, c:d], causal=True, keep=kb, dropout_p=p)[0])
+        return torch.cat(outs)
+
+    check(backend, ours, oracle, [q, k, v])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_option_at_once(backend):
+    """GQA, L != S, bottom-right causal with a left window, softcap, scale and dropout together."""
+    B, L, S, H, Hk, D, p = 2, 21, 34, 6, 2, 24, 0.15
+    options = {"causal": True, "window_size": (9, -1), "softcap": 3.0, "softmax_scale": 0.3}
+    torch.manual_seed(8)
+    keep = attn_ops.dropout_mask(attn_ops.draw_dropout_seed(), B, H, L, S, p, backend, DEVICE)
+
+    def ours(q, k, v):
+        torch.manual_seed(8)
+        return fastlm.flash_attn_func(q, k, v, dropout_p=p, **options)
+
+    check(backend, ours, lambda q, k, v: naive(q, k, v, scale=0.3, window=(9, -1), causal=True, softcap=3.0,
+                                               keep=keep.to(q.dtype), dropout_p=p), qkv(B, L, S, H, Hk, D))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_padding_mask_with_gqa(backend, is_causal):
+    """A (B, 1, 1, S) key padding mask with grouped heads (is_causal cannot join a mask in
+    torch's API: causal + padding is passed as one boolean mask)."""
+    B, H, Hk, L, S = 3, 4, 2, 19, 19
+    lengths = torch.tensor([19, 11, 1], device=DEVICE)
+    mask = (torch.arange(S, device=DEVICE)[None, :] < lengths[:, None])[:, None, None, :]
+    if is_causal:
+        mask = mask & torch.ones(L, S, dtype=torch.bool, device=DEVICE).tril()
+    check(backend, lambda q, k, v: fastlm.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+          _torch_sdpa(attn_mask=mask, enable_gqa=True), _sdpa_inputs(B, H, Hk, L, S, 16))
+
+
+def test_gpu_tile_edges_every_interface():
+    """Lengths 255, 256, 257 (the GPU tiles' edges) through SDPA, varlen and the KV cache."""
+    backend = "triton"
+    check(backend, lambda q, k, v: fastlm.scaled_dot_product_attention(q, k, v, is_causal=True),
+          _torch_sdpa(is_causal=True), _sdpa_inputs(1, 1, 1, 257, 255, 16))
+    lengths = [255, 256, 257]
+    q, k, v = (torch.randn(sum(lengths), 1, 16, device=DEVICE) for _ in range(3))
+    cu = _cu(lengths)
+    oracle_one = _oracle_flash({"causal": True})
+
+    def oracle(q, k, v):
+        return torch.cat([oracle_one(q[None, a:b], k[None, a:b], v[None, a:b])[0]
+                          for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+
+    check(backend, lambda q, k, v: fastlm.flash_attn_varlen_func(q, k, v, cu, cu, 257, 257, causal=True), oracle,
+          [q, k, v])
+    k_cache, v_cache = torch.randn(3, 260, 1, 16, device=DEVICE), torch.randn(3, 260, 1, 16, device=DEVICE)
+    seqlens = torch.tensor([254, 255, 256], dtype=torch.int32, device=DEVICE)
+    qd, kn, vn = (torch.randn(3, 1, 1, 16, device=DEVICE) for _ in range(3))
+    with fastlm.use_backend(backend):
+        out = fastlm.flash_attn_with_kvcache(qd, k_cache, v_cache, kn, vn, cache_seqlens=seqlens)
+    for b in range(3):
+        used = int(seqlens[b]) + 1
+        ref = naive(qd[b:b + 1].double(), k_cache[b:b + 1, :used].double(), v_cache[b:b + 1, :used].double())
+        eager = naive(qd[b:b + 1], k_cache[b:b + 1, :used], v_cache[b:b + 1, :used])
+        assert_close(out[b:b + 1], ref, eager, f"out of batch {b}", atol=summation_floor(ref, out.dtype, used))
+
+
 def test_triton_dropout_mask_is_the_kernels():
     """A dropout of ~1 keeps almost nothing: the output equals the reference with the mask
     dropout_mask reports, so the mask is the one the kernel drew."""
