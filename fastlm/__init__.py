@@ -48,9 +48,10 @@ from .ops.attention import (  # noqa: E402
     scaled_dot_product_attention,
 )
 from .ops.cross_entropy import cross_entropy  # noqa: E402
+from .ops.ffn import feed_forward, linear  # noqa: E402
 from .ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
-from . import nn  # noqa: E402
+from . import nn, ops  # noqa: E402
 
 __all__ = [
     "BackendUnavailableError",
@@ -58,11 +59,13 @@ __all__ = [
     "add_rms_norm",
     "available_backends",
     "cross_entropy",
+    "feed_forward",
     "flash_attn_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
     "get_backend",
     "layer_norm",
+    "linear",
     "linear_cross_entropy",
     "nn",
     "rms_norm",

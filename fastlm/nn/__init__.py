@@ -1,7 +1,9 @@
 """Drop-in modules for their torch.nn twins, running on fastlm's ops."""
 
 from .attention import MultiheadAttention
+from .ffn import FeedForward, Linear
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from .norm import LayerNorm, RMSNorm
 
-__all__ = ["CrossEntropyLoss", "LayerNorm", "LinearCrossEntropyLoss", "MultiheadAttention", "RMSNorm"]
+__all__ = ["CrossEntropyLoss", "FeedForward", "LayerNorm", "Linear", "LinearCrossEntropyLoss", "MultiheadAttention",
+           "RMSNorm"]

@@ -1,0 +1,334 @@
+"""The feed-forward block: linear with fused bias and activation, the gated variants, backward.
+
+Two custom-op pairs:
+
+    fastlm::linear(x, w, b?, activation, save) -> (y, saved)
+    fastlm::linear_bwd(dy, x, w, saved, activation, has_bias, backend) -> (dx, dw, db)
+    fastlm::feed_forward(x, w_in, b_in?, w_out, b_out?, activation, save) -> (y, h, pre)
+    fastlm::feed_forward_bwd(dy, x, w_in, b_in?, w_out, h, pre, activation, has_b_out, backend)
+        -> (dx, dw_in, db_in, dw_out, db_out)
+
+x is 2-D (tokens, features): the public functions flatten leading dims. Saved activations:
+``linear`` keeps the pre-activation z for gelu/gelu_tanh/silu (their derivative needs it)
+and nothing else (relu's derivative is read off the output). ``feed_forward`` keeps the
+hidden h = act(z) (the second matmul's input, needed for dW_out) and the pre-activation
+(z, or for the gated activations the gate and up halves gu), unless ``save`` is False
+(``recompute=True``): then the backward computes them again from x.
+
+Kernels (backend "triton"): the first matmul's epilogue adds the bias and applies the
+activation (for the gated ones it accumulates the gate and up tiles side by side and stores
+only act(gate) * up, so the (tokens, 2 * hidden) product is never formed in a separate
+pass); the backward's dh = dy @ W_out has the activation's derivative and the bias gradient
+in its epilogue. The remaining matmuls (dx, dW) are plain.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backend import get_backend, resolve
+from ..reference import ffn as ref
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = ref.ACTIVATIONS  # relu, gelu (erf), gelu_tanh, silu
+GATED = ref.GATED  # swiglu, geglu, reglu -> the activation of the gate
+
+
+def _triton_unsupported(*tensors: Optional[Tensor]) -> Optional[str]:
+    for t in tensors:
+        if t is not None and t.dtype not in _KERNEL_DTYPES:
+            return f"dtype {t.dtype}; the kernels take float32, float16 and bfloat16"
+    return None
+
+
+def _pick(fn: str, x: Tensor, requested: Optional[str] = None) -> str:
+    return resolve(fn, x.device.type, {
+        "triton": _triton_unsupported(x),
+        "cuda": "the CUDA C++ feed-forward kernels are not written (fastlm's CUDA C++ covers norms, loss, "
+                "attention)",
+    }, requested)
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty(0)
+
+
+def _act_name(activation: str) -> Optional[str]:
+    return None if activation == "none" else activation
+
+
+def _saves_preact(activation: str) -> bool:
+    """Whether the derivative needs the pre-activation (relu's is read off its output)."""
+    return activation in ("gelu", "gelu_tanh", "silu")
+
+
+# ----------------------------------------------------------------------------- reference path
+
+def _ref_linear_bwd(dy, x, w, saved, activation, has_bias):
+    dz = dy if activation == "none" else dy * ref.act_grad(saved, activation).to(dy.dtype)
+    db = dz.sum(0) if has_bias else None
+    return dz @ w, dz.t() @ x, db
+
+
+def _ref_ffn_fwd(x, w_in, b_in, w_out, b_out, activation):
+    """(y, h, pre) in plain torch, rounding where the kernels round: pre and h in x's dtype."""
+    pre = torch.nn.functional.linear(x, w_in, b_in)
+    if activation in GATED:
+        g, u = pre.chunk(2, dim=-1)
+        h = (ref.act(g.float(), GATED[activation]) * u.float()).to(x.dtype)
+    else:
+        h = ref.act(pre.float(), activation).to(x.dtype)
+    return torch.nn.functional.linear(h, w_out, b_out), h, pre
+
+
+def _ref_dpre(dh, pre, activation):
+    if activation in GATED:
+        g, u = pre.float().chunk(2, dim=-1)
+        a = GATED[activation]
+        dhf = dh.float()
+        return torch.cat([dhf * u * ref.act_grad(g, a), dhf * ref.act(g, a)], dim=-1).to(dh.dtype)
+    return (dh.float() * ref.act_grad(pre.float(), activation)).to(dh.dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops: linear
+
+@torch.library.custom_op("fastlm::linear", mutates_args=())
+def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], activation: str, save: bool) -> tuple[Tensor, Tensor]:
+    if _pick("linear", x) == "triton":
+        from fastlm.kernels import matmul as kernels
+        y, z = kernels.linear_fwd(x, w, b, _act_name(activation), save_preact=save and _saves_preact(activation))
+        return y, (z if z is not None else _empty(x))
+    z = torch.nn.functional.linear(x, w, b)
+    y = z if activation == "none" else ref.act(z.float(), activation).to(x.dtype)
+    return y, (z if save and _saves_preact(activation) else _empty(x))
+
+
+@_linear.register_fake
+def _(x, w, b, activation, save):
+    y = x.new_empty(x.shape[0], w.shape[0])
+    return y, (torch.empty_like(y) if save and _saves_preact(activation) else _empty(x))
+
+
+@torch.library.custom_op("fastlm::linear_bwd", mutates_args=())
+def _linear_bwd(dy: Tensor, x: Tensor, w: Tensor, saved: Tensor, activation: str, has_bias: bool,
+                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if _pick("linear", x, backend) == "triton":
+        from fastlm.kernels import matmul as kernels
+        if activation == "none":
+            dz, db = dy, (dy.float().sum(0) if has_bias else None)
+        else:
+            dz, db = kernels.dact(dy, saved, activation)  # relu: saved is the output, 1[y > 0] = 1[z > 0]
+        dx = kernels.matmul(dz, w.t())
+        dw = kernels.matmul(dz.t(), x.t())
+    else:
+        dx, dw, db = _ref_linear_bwd(dy, x, w, saved, activation, has_bias)
+    db = db.to(w.dtype) if has_bias else _empty(x)
+    return dx, dw, db
+
+
+@_linear_bwd.register_fake
+def _(dy, x, w, saved, activation, has_bias, backend):
+    return torch.empty_like(x), torch.empty_like(w), (w.new_empty(w.shape[0]) if has_bias else _empty(x))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, w, b, activation, save = inputs
+    y, z = output
+    saved = z if _saves_preact(activation) else (y if activation == "relu" else None)
+    ctx.save_for_backward(x, w, saved)
+    ctx.activation, ctx.has_bias, ctx.backend = activation, b is not None, get_backend()
+
+
+def _linear_backward(ctx, dy, _dz):
+    x, w, saved = ctx.saved_tensors
+    dx, dw, db = _linear_bwd(dy, x, w, saved if saved is not None else _empty(x), ctx.activation, ctx.has_bias,
+                             ctx.backend)
+    return dx, dw, (db if ctx.has_bias else None), None, None
+
+
+_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ----------------------------------------------------------------------------- custom ops: feed_forward
+
+@torch.library.custom_op("fastlm::feed_forward", mutates_args=())
+def _feed_forward(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
+                  activation: str, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if _pick("feed_forward", x) == "triton":
+        from fastlm.kernels import matmul as kernels
+        if activation in GATED:
+            h, pre = kernels.gated_fwd(x, w_in, b_in, activation, save_gu=save)
+        else:
+            h, pre = kernels.linear_fwd(x, w_in, b_in, activation, save_preact=save and _saves_preact(activation))
+        y, _ = kernels.linear_fwd(h, w_out, b_out, None)
+    else:
+        y, h, pre = _ref_ffn_fwd(x, w_in, b_in, w_out, b_out, activation)
+        if not (activation in GATED or _saves_preact(activation)):
+            pre = None
+    if not save:
+        return y, _empty(x), _empty(x)
+    return y, h, (pre if pre is not None else _empty(x))
+
+
+@_feed_forward.register_fake
+def _(x, w_in, b_in, w_out, b_out, activation, save):
+    y = x.new_empty(x.shape[0], w_out.shape[0])
+    if not save:
+        return y, _empty(x), _empty(x)
+    h = x.new_empty(x.shape[0], w_out.shape[1])
+    pre = x.new_empty(x.shape[0], w_in.shape[0]) if (activation in GATED or _saves_preact(activation)) else _empty(x)
+    return y, h, pre
+
+
+@torch.library.custom_op("fastlm::feed_forward_bwd", mutates_args=())
+def _feed_forward_bwd(dy: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, h: Tensor,
+                      pre: Tensor, activation: str, has_b_out: bool,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    gated = activation in GATED
+    recompute = h.numel() == 0 and x.numel() != 0
+    if _pick("feed_forward", x, backend) == "triton":
+        from fastlm.kernels import matmul as kernels
+        if recompute:
+            if gated:
+                h, pre = kernels.gated_fwd(x, w_in, b_in, activation, save_gu=True)
+            else:
+                h, pre = kernels.linear_fwd(x, w_in, b_in, activation, save_preact=_saves_preact(activation))
+        # dh = dy @ W_out, times the activation's derivative, in the matmul's epilogue.
+        if gated:
+            dpre, db_in = kernels.matmul_dgated(dy, w_out.t(), pre, activation)
+        else:
+            dpre, db_in = kernels.matmul_dact(dy, w_out.t(), pre if _saves_preact(activation) else h, activation)
+        dw_out = kernels.matmul(dy.t(), h.t())
+        dx = kernels.matmul(dpre, w_in.t())
+        dw_in = kernels.matmul(dpre.t(), x.t())
+        db_out = dy.float().sum(0) if has_b_out else None
+    else:
+        if recompute:
+            _, h, pre = _ref_ffn_fwd(x, w_in, b_in, w_out, None, activation)
+        elif not (gated or _saves_preact(activation)):
+            pre = h  # relu: the derivative is read off the output
+        dpre = _ref_dpre(dy @ w_out, pre, activation)
+        dw_out, dx, dw_in = dy.t() @ h, dpre @ w_in, dpre.t() @ x
+        db_in = dpre.float().sum(0)
+        db_out = dy.float().sum(0) if has_b_out else None
+    db_in = db_in.to(w_in.dtype) if b_in is not None else _empty(x)
+    db_out = db_out.to(w_out.dtype) if has_b_out else _empty(x)
+    return dx, dw_in, db_in, dw_out, db_out
+
+
+@_feed_forward_bwd.register_fake
+def _(dy, x, w_in, b_in, w_out, h, pre, activation, has_b_out, backend):
+    db_in = w_in.new_empty(w_in.shape[0]) if b_in is not None else _empty(x)
+    db_out = w_out.new_empty(w_out.shape[0]) if has_b_out else _empty(x)
+    return torch.empty_like(x), torch.empty_like(w_in), db_in, torch.empty_like(w_out), db_out
+
+
+def _ffn_setup(ctx, inputs, output):
+    x, w_in, b_in, w_out, b_out, activation, save = inputs
+    _, h, pre = output
+    ctx.save_for_backward(x, w_in, b_in, w_out, h, pre)
+    ctx.activation, ctx.has_b_out, ctx.backend = activation, b_out is not None, get_backend()
+
+
+def _ffn_backward(ctx, dy, _dh, _dpre):
+    x, w_in, b_in, w_out, h, pre = ctx.saved_tensors
+    dx, dw_in, db_in, dw_out, db_out = _feed_forward_bwd(dy, x, w_in, b_in, w_out, h, pre, ctx.activation,
+                                                         ctx.has_b_out, ctx.backend)
+    return (dx, dw_in, db_in if b_in is not None else None, dw_out, db_out if ctx.has_b_out else None, None, None)
+
+
+_feed_forward.register_autograd(_ffn_backward, setup_context=_ffn_setup)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _check_tensor(fn: str, name: str, t, like: Optional[Tensor] = None, optional: bool = False):
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fastlm.{fn}: {name} must be a Tensor{' or None' if optional else ''}, got "
+                        f"{type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"fastlm.{fn}: {name} must be floating point, got dtype {t.dtype}")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but input has {like.dtype}; they must match")
+        if t.device != like.device:
+            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but input is on {like.device}")
+
+
+def _check_shape(fn: str, name: str, t: Optional[Tensor], shape: tuple, what: str):
+    if t is not None and tuple(t.shape) != shape:
+        raise ValueError(f"fastlm.{fn}: {name} must be {what} = {list(shape)}, got {list(t.shape)}")
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _flatten(input: Tensor) -> Tensor:
+    return input.reshape(-1, input.shape[-1])  # a view when the leading dims allow it
+
+
+# ----------------------------------------------------------------------------- public functions
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+    """act(input @ weight.T + bias) in one kernel: input (..., K), weight (N, K) as nn.Linear
+    stores it, bias (N,); activation None, "relu", "gelu" (erf), "gelu_tanh" or "silu".
+    With activation None this is torch.nn.functional.linear."""
+    fn = "linear"
+    _check_tensor(fn, "input", input)
+    _check_tensor(fn, "weight", weight, input)
+    _check_tensor(fn, "bias", bias, input, optional=True)
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"fastlm.{fn}: activation must be None or one of {list(ACTIVATIONS)}, got {activation!r}"
+                         + (" (the gated ones are feed_forward's)" if activation in GATED else ""))
+    if input.dim() < 1 or weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"fastlm.{fn}: weight must be (out_features, in_features) = (N, {input.shape[-1]}) for "
+                         f"input of shape {list(input.shape)}, got {list(weight.shape)}")
+    _check_shape(fn, "bias", bias, (weight.shape[0],), "(out_features,)")
+    name = activation or "none"
+    save = _needs_grad(input, weight, bias)
+    y, _ = _linear(_flatten(input), weight, bias, name, save)
+    return y.reshape(input.shape[:-1] + (weight.shape[0],))
+
+
+def feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
+                 activation: str = "gelu", recompute: bool = False) -> Tensor:
+    """The Transformer's feed-forward block, act(input @ w_in.T + b_in) @ w_out.T + b_out.
+
+    input (..., d_model); w_in (hidden, d_model), or for the gated activations "swiglu",
+    "geglu", "reglu" (2 * hidden, d_model) holding the gate rows then the up rows, so the
+    block is (act(x Wg + bg) * (x Wu + bu)) W_out + b_out; w_out (d_model, hidden).
+    recompute=True saves no hidden activation for the backward and recomputes it from input.
+    """
+    fn = "feed_forward"
+    _check_tensor(fn, "input", input)
+    for name, t, optional in (("w_in", w_in, False), ("b_in", b_in, True), ("w_out", w_out, False),
+                              ("b_out", b_out, True)):
+        _check_tensor(fn, name, t, input, optional)
+    if not isinstance(activation, str) or (activation not in ACTIVATIONS and activation not in GATED):
+        raise ValueError(f"fastlm.{fn}: activation must be one of {list(ACTIVATIONS) + list(GATED)}, got "
+                         f"{activation!r}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"fastlm.{fn}: recompute must be a bool, got {recompute!r}")
+    d_model = input.shape[-1] if input.dim() >= 1 else None
+    if w_in.dim() != 2 or w_in.shape[1] != d_model:
+        raise ValueError(f"fastlm.{fn}: w_in must be (hidden, d_model) with d_model = {d_model} (input's last dim), "
+                         f"got {list(w_in.shape)}")
+    gated = activation in GATED
+    if gated and w_in.shape[0] % 2:
+        raise ValueError(f"fastlm.{fn}: for {activation!r} w_in stacks the gate and up projections, (2 * hidden, "
+                         f"d_model): its {w_in.shape[0]} rows are odd")
+    hidden = w_in.shape[0] // 2 if gated else w_in.shape[0]
+    if w_out.dim() != 2 or tuple(w_out.shape) != (w_out.shape[0], hidden) or w_out.shape[0] != d_model:
+        raise ValueError(f"fastlm.{fn}: w_out must be (d_model, hidden) = {[d_model, hidden]}, got "
+                         f"{list(w_out.shape)}")
+    _check_shape(fn, "b_in", b_in, (w_in.shape[0],), "(w_in's rows,)")
+    _check_shape(fn, "b_out", b_out, (d_model,), "(d_model,)")
+    save = not recompute and _needs_grad(input, w_in, b_in, w_out, b_out)
+    y, _, _ = _feed_forward(_flatten(input), w_in, b_in, w_out, b_out, activation, save)
+    return y.reshape(input.shape)
