@@ -5,6 +5,7 @@
     python -m fastlm.bench ce   [--rows N ...] [--widths VOCAB ...]   cross_entropy
     python -m fastlm.bench lce  [--rows N ...] [--widths VOCAB ...]   linear_cross_entropy (H from the defaults)
     python -m fastlm.bench attention [--rows SEQLEN ...] [--widths HEAD_DIM ...]   flash attention
+    python -m fastlm.bench ffn  [--rows TOKENS ...] [--widths D_MODEL ...]   feed_forward (gelu_tanh, swiglu)
     python -m fastlm.bench all  ...
 
 Each suite writes <out>/<suite>.json (device, versions, date, measured ceilings, every
@@ -25,7 +26,7 @@ from typing import Optional, Sequence
 
 # Suite name -> module under fastlm.bench with run(config, harness) and the names it accepts.
 SUITES = {"norm": "fastlm.bench.norm", "ce": "fastlm.bench.ce", "lce": "fastlm.bench.lce",
-          "attention": "fastlm.bench.attention"}
+          "attention": "fastlm.bench.attention", "ffn": "fastlm.bench.ffn"}
 
 _DEFAULT_REPS = {("cuda", False): 100, ("cuda", True): 10, ("cpu", False): 10, ("cpu", True): 3}
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="include torch.compile (auto: on CUDA only; on CPU each compile takes tens of seconds)")
     p.add_argument("--impls", nargs="+", metavar="IMPL",
                    help="only these implementations (fastlm-triton, fastlm-cuda, fastlm-torch, torch-eager, "
-                        "torch-compile, liger; attention: sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math, flash-attn)")
+                        "torch-compile, liger; attention: sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math, flash-attn; ffn: matmuls)")
     p.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (norm: layer_norm, rms_norm, "
                                                           "add_layer_norm, add_rms_norm; ce: cross_entropy; "
                                                           "lce: linear_cross_entropy)")
