@@ -26,9 +26,10 @@ class Case:
     run_fastlm: Callable  # (inputs) -> output tensor
     run_torch: Callable  # (inputs) -> output tensor, in the inputs' dtype
     constant: tuple = ()  # inputs that take no gradient and keep their dtype (targets)
-    # Gradients that are sums fastlm adds up in another order than torch (attention's dq and dk,
-    # see tests/test_nn_attention.py): allow float32's summation floor over this many terms.
-    grad_sum_terms: int = 0
+    # Results that are sums fastlm adds up in another order than torch (matmuls in tiles,
+    # attention's dq and dk, see tests/test_nn_attention.py): allow float32's summation floor
+    # over this many terms (float32: the kernels accumulate in it whatever the input dtype).
+    sum_terms: int = 0
 
 
 def _norm_cases(quick: bool, on_gpu: bool) -> list[Case]:
@@ -152,13 +153,54 @@ def _attention_cases(quick: bool, on_gpu: bool) -> list[Case]:
     for shape in flash:
         cases.append(Case("flash_attn causal" if shape[3] == shape[4] else "flash_attn gqa causal", shape,
                           inputs(*shape), lambda t: fastlm.flash_attn_func(t["q"], t["k"], t["v"], causal=True),
-                          lambda t: torch_sdpa(t, causal=True), grad_sum_terms=shape[2] * shape[5]))
+                          lambda t: torch_sdpa(t, causal=True), sum_terms=shape[2] * shape[5]))
     for shape in sdpa:
         cases.append(Case("sdpa masked", shape, inputs(*shape, mask=True),
                           lambda t: fastlm.scaled_dot_product_attention(
                               t["q"].transpose(1, 2), t["k"].transpose(1, 2), t["v"].transpose(1, 2),
                               attn_mask=t["mask"]).transpose(1, 2),
-                          torch_sdpa, constant=("mask",), grad_sum_terms=shape[2] * shape[5]))
+                          torch_sdpa, constant=("mask",), sum_terms=shape[2] * shape[5]))
+    return cases
+
+
+def _ffn_cases(quick: bool, on_gpu: bool) -> list[Case]:
+    import torch
+    import torch.nn.functional as F
+
+    import fastlm
+
+    # (tokens, d_model, hidden): the fused block, plain (gelu_tanh) and gated (swiglu).
+    shapes = [(4096, 2048, 5504)] if on_gpu else [(37, 24, 33)]
+
+    def inputs(tokens, d_model, hidden, gated):
+        rows = 2 * hidden if gated else hidden
+
+        def make(dtype, device, g):
+            def rnd(*shape, scale=1.0):
+                return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+            return {"x": rnd(tokens, d_model), "w_in": rnd(rows, d_model, scale=d_model ** -0.5), "b_in": rnd(rows),
+                    "w_out": rnd(d_model, hidden, scale=hidden ** -0.5), "b_out": rnd(d_model)}
+        return make
+
+    def torch_block(activation):
+        def run(t):
+            z = F.linear(t["x"], t["w_in"], t["b_in"])
+            if activation == "swiglu":
+                g, u = z.chunk(2, dim=-1)
+                h = F.silu(g) * u
+            else:
+                h = F.gelu(z, approximate="tanh")
+            return F.linear(h, t["w_out"], t["b_out"])
+        return run
+
+    cases = []
+    for tokens, d_model, hidden in shapes:
+        for activation in (["swiglu"] if quick else ["gelu_tanh", "swiglu"]):
+            cases.append(Case(f"feed_forward {activation}", (tokens, d_model, hidden),
+                              inputs(tokens, d_model, hidden, activation == "swiglu"),
+                              lambda t, a=activation: fastlm.feed_forward(t["x"], t["w_in"], t["b_in"], t["w_out"],
+                                                                          t["b_out"], a),
+                              torch_block(activation), sum_terms=max(tokens, d_model, hidden)))
     return cases
 
 
@@ -191,9 +233,9 @@ def run_case(case: Case, backend: str, dtype, device) -> dict:
     seconds = time.perf_counter() - start
     ref, ref_grads = forward_backward(case.run_torch, lambda v: v.double())
     eager, eager_grads = forward_backward(case.run_torch, lambda v: v)
-    fwd = compare(out, ref, eager, "output")
+    fwd = compare(out, ref, eager, "output", atol=summation_floor(ref, torch.float32, case.sum_terms))
     bwd = [compare(grads[k], ref_grads[k], eager_grads[k], f"grad of {k}",
-                   atol=summation_floor(ref_grads[k], torch.float32, case.grad_sum_terms)) for k in grads]
+                   atol=summation_floor(ref_grads[k], torch.float32, case.sum_terms)) for k in grads]
     worst_bwd = max(bwd, key=lambda c: (not c.ok, c.max_err / c.tol if c.tol else c.max_err))
     return {
         "op": case.op, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
@@ -236,7 +278,7 @@ def main(argv=None) -> int:
 
     rows = []
     for case in (_norm_cases(args.quick, on_gpu) + _loss_cases(args.quick, on_gpu)
-                 + _attention_cases(args.quick, on_gpu)):
+                 + _attention_cases(args.quick, on_gpu) + _ffn_cases(args.quick, on_gpu)):
         for backend in backends:
             for dtype in dtypes:
                 rows.append(run_case(case, backend, dtype, device))
