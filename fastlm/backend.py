@@ -99,9 +99,15 @@ def _triton_import_error() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_extension_error() -> str | None:
     if importlib.util.find_spec("fastlm._C") is None:
-        return "the CUDA C++ extension fastlm._C is not built (csrc/ holds no kernels yet)"
+        return "the CUDA C++ extension fastlm._C is not built (build it with: python -m fastlm.cuda_build)"
+    try:
+        from .ops import _cuda
+        _cuda.load()
+    except ImportError as exc:
+        return f"the CUDA C++ extension fastlm._C does not load: {exc}"
     return None
 
 

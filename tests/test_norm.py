@@ -20,7 +20,8 @@ from fastlm.testing import assert_close
 
 from .conftest import DEVICE, ON_GPU
 
-BACKENDS = ["torch", "triton"]
+# "cuda" (the CUDA C++ kernels) runs in the GPU runbook, after python -m fastlm.cuda_build.
+BACKENDS = ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -296,7 +297,7 @@ def test_explicit_triton_refuses_float64():
 
 
 def test_explicit_cuda_backend_raises_clearly():
-    x = torch.randn(4, 8, device=DEVICE)
+    x = torch.randn(4, 8, device=DEVICE, dtype=torch.float64)  # no CUDA kernel takes float64 (nor CPU tensors)
     with fastlm.use_backend("cuda"), pytest.raises(fastlm.BackendUnavailableError, match="cuda"):
         fastlm.rms_norm(x, 8)
 

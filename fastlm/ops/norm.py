@@ -93,8 +93,60 @@ def _triton_unsupported(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
 def _pick(fn: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], requested: Optional[str] = None) -> str:
     return resolve(fn, x.device.type, {
         "triton": _triton_unsupported(x, weight, bias),
-        "cuda": "the CUDA C++ norm kernels are not written yet",
+        "cuda": _triton_unsupported(x, weight, bias),  # the same dtypes
     }, requested)
+
+
+# ----------------------------------------------------------------------------- the CUDA C++ backend
+
+def _cuda_rows(t: Tensor, n: int) -> Tensor:
+    """(rows, n) with unit column stride (the CUDA kernels' contract): a view where possible."""
+    t2 = t.reshape(-1, n)
+    return t2 if (t2.stride(1) == 1 or t2.shape[1] <= 1) else t2.contiguous()
+
+
+def _cuda_norm_fwd(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum):
+    from fastlm.kernels.launch import empty
+
+    from . import _cuda
+    n = math.prod(x.shape[x.dim() - normalized_ndim:])
+    x2 = _cuda_rows(x, n)
+    r2 = _cuda_rows(residual, n) if residual is not None else None
+    m = x2.shape[0]
+    store_sum = residual is not None and keep_sum
+    y = empty(x.shape, x.dtype, x.device)
+    s = empty(x.shape, x.dtype, x.device) if store_sum else x.new_empty(0)
+    mean = empty((m,), torch.float32, x.device) if not rms else x.new_empty(0, dtype=torch.float32)
+    rstd = empty((m,), torch.float32, x.device)
+    w = weight.reshape(-1).float().contiguous() if weight is not None else None
+    b = bias.reshape(-1).float().contiguous() if bias is not None else None
+    _cuda.load().norm_fwd(_cuda.dtype_code(x.dtype), _cuda.addr(x2), _cuda.addr(r2), _cuda.addr(s if store_sum else None),
+                          _cuda.addr(y), _cuda.addr(w), _cuda.addr(b), _cuda.addr(mean if not rms else None),
+                          _cuda.addr(rstd), m, n, x2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps),
+                          rms, _cuda.stream(x))
+    return y, s, mean, rstd
+
+
+def _cuda_norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms):
+    from fastlm.kernels.launch import empty, persistent_programs
+
+    from . import _cuda
+    n = math.prod(x.shape[x.dim() - normalized_ndim:])
+    x2, dy2 = _cuda_rows(x, n), _cuda_rows(dy, n)
+    ds2 = _cuda_rows(dsum, n) if dsum is not None else None
+    m = x2.shape[0]
+    programs = persistent_programs(x.device, m)
+    dx = empty(x.shape, x.dtype, x.device)
+    dw_part = empty((programs, n), torch.float32, x.device) if weight is not None else None
+    db_part = empty((programs, n), torch.float32, x.device) if bias is not None else None
+    w = weight.reshape(-1).float().contiguous() if weight is not None else None
+    _cuda.load().norm_bwd(_cuda.dtype_code(x.dtype), _cuda.addr(x2), _cuda.addr(w),
+                          _cuda.addr(mean if not rms else None), _cuda.addr(rstd), _cuda.addr(dy2), _cuda.addr(ds2),
+                          _cuda.addr(dx), _cuda.addr(dw_part), _cuda.addr(db_part), m, n, x2.stride(0), dy2.stride(0),
+                          ds2.stride(0) if ds2 is not None else 0, rms, programs, _cuda.stream(x))
+    dw = dw_part.sum(0).reshape(weight.shape).to(weight.dtype) if weight is not None else None
+    db = db_part.sum(0).reshape(bias.shape).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -104,6 +156,8 @@ def _norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias:
           normalized_ndim: int, eps: float, rms: bool, keep_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fn = ("add_" if residual is not None else "") + ("rms_norm" if rms else "layer_norm")
     backend = _pick(fn, x, weight, bias)
+    if backend == "cuda":
+        return _cuda_norm_fwd(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum)
     if backend == "triton":
         from fastlm.kernels import norm as kernels
         return kernels.norm_fwd(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum)
@@ -125,7 +179,9 @@ def _norm_bwd(dy: Tensor, dsum: Optional[Tensor], x: Tensor, weight: Optional[Te
               mean: Tensor, rstd: Tensor, normalized_ndim: int, eps: float, rms: bool,
               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     chosen = _pick("rms_norm" if rms else "layer_norm", x, weight, bias, backend)
-    if chosen == "triton":
+    if chosen == "cuda":
+        dx, dw, db = _cuda_norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms)
+    elif chosen == "triton":
         from fastlm.kernels import norm as kernels
         dx, dw, db = kernels.norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms)
     else:

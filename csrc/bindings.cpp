@@ -1,0 +1,21 @@
+// The Python module fastlm._C: pybind11 bindings of the host entry points in kernels.h.
+// Compiled by the host compiler (no CUDA headers needed here) and linked with the .cu objects.
+#include <pybind11/pybind11.h>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastlm's CUDA C++ kernels (raw device pointers and a stream; see csrc/kernels.h)";
+  m.attr("ABI") = 1;  // bumped when an entry point's arguments change; fastlm/ops/_cuda.py checks it
+  m.def("norm_fwd", &fastlm::norm_fwd, "layer norm / RMSNorm forward (csrc/norm.cu)", py::arg("dtype"),
+        py::arg("x"), py::arg("res"), py::arg("sum"), py::arg("y"), py::arg("w"), py::arg("b"), py::arg("mean"),
+        py::arg("rstd"), py::arg("m"), py::arg("n"), py::arg("stride_xm"), py::arg("stride_rm"), py::arg("eps"),
+        py::arg("rms"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("norm_bwd", &fastlm::norm_bwd, "layer norm / RMSNorm backward (csrc/norm.cu)", py::arg("dtype"),
+        py::arg("x"), py::arg("w"), py::arg("mean"), py::arg("rstd"), py::arg("dy"), py::arg("ds"), py::arg("dx"),
+        py::arg("dw_part"), py::arg("db_part"), py::arg("m"), py::arg("n"), py::arg("stride_xm"),
+        py::arg("stride_dym"), py::arg("stride_dsm"), py::arg("rms"), py::arg("programs"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+}

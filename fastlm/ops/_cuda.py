@@ -1,0 +1,41 @@
+"""The bridge to fastlm's CUDA C++ extension (fastlm._C, built from csrc/ by fastlm.cuda_build).
+
+The extension takes raw device pointers, sizes, strides and a stream, so it links no
+libtorch and one build serves every torch version. This module turns tensors into those
+arguments: ``addr(t)`` (0 for None), ``dtype_code``, ``stream(t)`` (torch's current stream on
+t's device, so the kernels order with torch's own work). Argument checks happen before, in
+the op files, exactly as for the Triton backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+ABI = 1  # must equal fastlm._C.ABI (csrc/bindings.cpp)
+_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """The extension module; raises ImportError with the reason if it cannot be used."""
+    from fastlm import _C  # noqa: PLC0415
+
+    if getattr(_C, "ABI", None) != ABI:
+        raise ImportError(f"fastlm._C was built for ABI {getattr(_C, 'ABI', None)}, this fastlm needs {ABI}: "
+                          f"rebuild it with python -m fastlm.cuda_build")
+    return _C
+
+
+def addr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _CODES[dtype]
+
+
+def stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream

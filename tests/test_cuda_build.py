@@ -1,0 +1,64 @@
+"""The CUDA C++ extension compiles and links here, on a machine without a GPU: every .cu file
+in csrc/ for sm_80 and sm_90 with warnings as errors (nvcc's and the host compiler's), the
+pybind11 bindings, and the link into one module that imports and exposes its entry points.
+Running the kernels is the GPU runbook's part (the "cuda" backend in the op tests)."""
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastlm import cuda_build
+from fastlm.ops import _cuda
+
+ENTRY_POINTS = ["norm_fwd", "norm_bwd"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda_out")
+    path = cuda_build.build(out_dir=out, build_dir=tmp_path_factory.mktemp("cuda_build"), archs=("80", "90"))
+    return path
+
+
+def test_every_source_compiles_for_sm80_and_sm90_and_links(built):
+    assert built.exists() and built.name == cuda_build.module_name()
+    spec = importlib.util.spec_from_file_location("_C", built)  # its init function is PyInit__C
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.ABI == _cuda.ABI
+    for name in ENTRY_POINTS:
+        assert callable(getattr(module, name)), name
+
+
+def test_both_targets_are_compiled(tmp_path):
+    flags = cuda_build.write_ninja(tmp_path, tmp_path / "x.so", cuda_build.DEFAULT_ARCHS).read_text()
+    assert "-gencode=arch=compute_80,code=sm_80" in flags and "-gencode=arch=compute_90,code=sm_90" in flags
+
+
+def test_warnings_are_errors(tmp_path):
+    flags = cuda_build.write_ninja(tmp_path, tmp_path / "x.so", ("80",)).read_text()
+    assert "-Werror all-warnings" in flags and "-Werror" in flags.split("cxx_flags")[1]
+
+
+def test_a_warning_fails_the_build(tmp_path, monkeypatch):
+    """A source with an unused variable must not build (warnings are errors)."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for f in Path(cuda_build.CSRC).iterdir():
+        if f.suffix in (".h", ".cuh", ".cpp"):
+            shutil.copy(f, src / f.name)
+    (src / "bad.cu").write_text("__global__ void k(int* p) { int unused = 3; p[0] = 1; }\n")
+    monkeypatch.setattr(cuda_build, "CSRC", src)
+    with pytest.raises(RuntimeError, match="unused"):
+        cuda_build.build(out_dir=tmp_path, build_dir=tmp_path / "b", archs=("80",))
+
+
+def test_command_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fastlm.cuda_build", "--out", str(tmp_path / "o"),
+                           "--build-dir", str(tmp_path / "b"), "--arch", "80"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "o" / cuda_build.module_name()).exists()
