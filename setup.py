@@ -2,7 +2,7 @@
 optional CUDA C++ extension built from csrc/.
 
 The extension is built only when FASTLM_BUILD_CUDA=1 and csrc/ holds sources and nvcc
-is found; otherwise (every CPU-only machine, and CI) the install is pure Python and can
+is found (or, at any time, with `python -m fastlm.cuda_build`); otherwise (every CPU-only machine, and CI) the install is pure Python and can
 never fail because of CUDA. fastlm.available_backends() reports whether it was built.
 """
 
@@ -21,7 +21,11 @@ def cuda_extensions():
         print("fastlm: FASTLM_BUILD_CUDA=1 but csrc/ has no .cu sources or nvcc is missing; "
               "skipping the CUDA C++ extension")
         return []
-    # Issue 6 fills this in (pybind11 module fastlm._C, built with ninja).
+    # The same build as `python -m fastlm.cuda_build` (ninja + nvcc), writing fastlm/_C*.so
+    # beside the sources; loaded by path, since fastlm itself is not importable mid-install.
+    import runpy
+    builder = runpy.run_path(os.path.join("fastlm", "cuda_build.py"))
+    print(f"fastlm: built {builder['build']()}")
     return []
 
 

@@ -102,9 +102,10 @@ step_build() {
         echo "csrc has CUDA sources but nvcc is not on PATH"
         return 1
     fi
-    # setup.py builds the extension only when asked; --inplace puts it beside the sources,
-    # where PYTHONPATH finds it.
-    FASTLM_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
+    # The documented build command: ninja + nvcc into fastlm/_C*.so (see fastlm/cuda_build.py).
+    # pybind11 is header-only: FASTLM_PYBIND11_INCLUDE may point at its headers where the
+    # package is not installed (the GPU machine has no package registry).
+    "$PY" -m fastlm.cuda_build --verbose
 }
 
 step_tests() {

@@ -55,10 +55,15 @@ def _ninja() -> str:
 
 
 def _pybind11_include() -> str:
+    """pybind11's headers: FASTLM_PYBIND11_INCLUDE if set (pybind11 is header-only, so a copy
+    of its include/ folder is enough where the package cannot be installed), else the package's."""
+    if os.environ.get("FASTLM_PYBIND11_INCLUDE"):
+        return os.environ["FASTLM_PYBIND11_INCLUDE"]
     try:
         import pybind11
     except ImportError as exc:
-        raise RuntimeError("fastlm.cuda_build: pybind11 is not installed (pip install pybind11)") from exc
+        raise RuntimeError("fastlm.cuda_build: pybind11 is not installed (pip install pybind11, or set "
+                           "FASTLM_PYBIND11_INCLUDE to a copy of its include/ folder)") from exc
     return pybind11.get_include()
 
 
