@@ -18,4 +18,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dw_part"), py::arg("db_part"), py::arg("m"), py::arg("n"), py::arg("stride_xm"),
         py::arg("stride_dym"), py::arg("stride_dsm"), py::arg("rms"), py::arg("programs"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("cross_entropy_fwd", &fastlm::cross_entropy_fwd, "cross-entropy forward (csrc/cross_entropy.cu)",
+        py::arg("dtype"), py::arg("x"), py::arg("target"), py::arg("loss"), py::arg("lse"), py::arg("coef"),
+        py::arg("rows"), py::arg("classes"), py::arg("stride_xr"), py::arg("stride_t"), py::arg("ignore_index"),
+        py::arg("smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("cross_entropy_bwd", &fastlm::cross_entropy_bwd, "cross-entropy backward (csrc/cross_entropy.cu)",
+        py::arg("dtype"), py::arg("x"), py::arg("target"), py::arg("lse"), py::arg("coef"), py::arg("dloss"),
+        py::arg("dx"), py::arg("rows"), py::arg("classes"), py::arg("stride_xr"), py::arg("stride_t"),
+        py::arg("stride_dl"), py::arg("stride_dxr"), py::arg("ignore_index"), py::arg("smoothing"),
+        py::arg("softcap"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }

@@ -26,4 +26,21 @@ void norm_bwd(int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t mean
               std::int64_t stride_dym, std::int64_t stride_dsm, bool rms, std::int64_t programs,
               std::uintptr_t stream);
 
+// Softmax cross-entropy over rows of C logits (unit column stride, row stride stride_xr) with
+// class-index targets (int64, stride stride_t): ignore_index, label smoothing, z-loss and
+// logit soft-capping (0: off), as kernels/cross_entropy.py. Writes per-row float32 loss, lse
+// and coef (the softmax's multiplier in the gradient).
+void cross_entropy_fwd(int dtype, std::uintptr_t x, std::uintptr_t target, std::uintptr_t loss, std::uintptr_t lse,
+                       std::uintptr_t coef, std::int64_t rows, std::int64_t classes, std::int64_t stride_xr,
+                       std::int64_t stride_t, std::int64_t ignore_index, double smoothing, double z_loss,
+                       double softcap, std::uintptr_t stream);
+
+// dx (row stride stride_dxr, unit column stride; may be x itself) = d loss_row / d x, given
+// dloss (float32, stride stride_dl, 0 allowed).
+void cross_entropy_bwd(int dtype, std::uintptr_t x, std::uintptr_t target, std::uintptr_t lse, std::uintptr_t coef,
+                       std::uintptr_t dloss, std::uintptr_t dx, std::int64_t rows, std::int64_t classes,
+                       std::int64_t stride_xr, std::int64_t stride_t, std::int64_t stride_dl,
+                       std::int64_t stride_dxr, std::int64_t ignore_index, double smoothing, double softcap,
+                       std::uintptr_t stream);
+
 }  // namespace fastlm

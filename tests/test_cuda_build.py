@@ -14,7 +14,7 @@ import pytest
 from fastlm import cuda_build
 from fastlm.ops import _cuda
 
-ENTRY_POINTS = ["norm_fwd", "norm_bwd"]
+ENTRY_POINTS = ["norm_fwd", "norm_bwd", "cross_entropy_fwd", "cross_entropy_bwd"]
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,16 @@ Shapes (GPU): bf16, batch x seqlen = 16384 tokens, seqlen 512 to 16384, d_model 
 heads = 2048 / head_dim, head dim 64 and 128, causal and not: FlashAttention's benchmark.
 TFLOP/s counted as FlashAttention counts them: forward 4 B H L S D, halved when causal;
 backward 2.5x the forward; both 3.5x. Implementations that materialise the (L, S) scores are
-left out where those would take more than half the free memory. In the table "rows" is the
-batch, "width" the sequence length and "hidden" the head dim.
+left out where those would take more than half the free memory; an SDPA backend that has no
+kernel for a case ("No available kernel") is left out of it with torch's reason. In the table
+"rows" is the batch, "width" the sequence length and "hidden" the head dim (the JSON rows
+also carry "heads").
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -80,9 +83,15 @@ def implementations(config: Config, harness: Harness) -> list[str]:
             chosen.append(COMPILE)
         else:
             harness.note("torch-compile left out: off for this run (--compile on to force it)")
-    for name in SDPA:
-        if config.wants("impl", name) and (config.on_cuda or name == "sdpa-math"):
+    from torch.nn.attention import SDPBackend
+
+    for name, backend in SDPA.items():
+        if not config.wants("impl", name):
+            continue
+        if hasattr(SDPBackend, backend):  # whether it has a kernel for a case is asked per case
             chosen.append(name)
+        else:
+            harness.note(f"{name} left out: this torch has no SDPBackend.{backend}")
     if config.wants("impl", "flash-attn"):
         if _flash_attn() is not None and config.on_cuda:
             chosen.append("flash-attn")
@@ -131,6 +140,40 @@ def _forward(name: str, causal: bool, compiled: dict) -> Callable:
     return lambda q, k, v: flash(q, k, v, causal=causal)
 
 
+def _sdpa_unavailable(name: str, causal: bool, q, k, v) -> Optional[str]:
+    """Why torch's SDPA pinned to backend ``name`` has no kernel for this case, or None if it has.
+
+    torch raises "No available kernel" (CPU: "No viable backend") and gives its reasons only
+    as warnings, one group per backend, so try one forward and backward and keep the groups
+    that say more than "runtime disabled". Any other error is left to the harness to report.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = _forward(name, causal, {})(q, k, v)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            return None
+        except RuntimeError as exc:
+            error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "no available kernel" not in error.lower() and "no viable backend" not in error.lower():
+                return None
+    return sdpa_reasons([str(w.message) for w in caught]) or error.split(". ")[0].rstrip(".")
+
+
+def sdpa_reasons(messages: list[str]) -> str:
+    """torch's warnings for "No available kernel", less the backends that were only switched off.
+
+    They come in groups: a heading ("Flash attention kernel not used because:"), then the
+    checks that failed; a backend that sdpa_kernel switched off says "runtime disabled".
+    """
+    said = [m.split(" (Triggered internally")[0].strip() for m in messages]
+    said = [m for m in said if m and "runtime disabled" not in m]
+    # Drop a heading with nothing left under it.
+    said = [m for i, m in enumerate(said)
+            if not (m.endswith("because:") and (i + 1 == len(said) or said[i + 1].endswith("because:")))]
+    return " ".join(said)
+
+
 def _call(mode: str, forward: Callable[[], torch.Tensor], params: list[torch.Tensor],
           dout: torch.Tensor) -> Callable[[], Any]:
     """One timed call: the forward, the backward alone (of a graph built once), or both."""
@@ -177,10 +220,17 @@ def shapes(config: Config) -> list[tuple[int, int, int, int]]:
 
 
 def _free_bytes(device: torch.device) -> Optional[int]:
+    """Memory a new tensor can have: free on the device plus what torch's allocator holds unused."""
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return free
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def materialised_bytes(batch: int, heads: int, seqlen: int) -> int:
+    """About what an implementation that materialises the scores holds at its peak: three
+    float32 (L, S) tensors per head (the scores, their softmax, and its gradient or a copy)."""
+    return 3 * batch * heads * seqlen * seqlen * 4
 
 
 def run(config: Config, harness: Harness) -> None:
@@ -195,24 +245,31 @@ def run(config: Config, harness: Harness) -> None:
                    .requires_grad_() for _ in range(3))
         dout = torch.randn_like(q)
         free = _free_bytes(config.device)
-        scores = batch * heads * seqlen * seqlen * 4  # one float32 (L, S) tensor per head
+        scores = materialised_bytes(batch, heads, seqlen)
+        shape = f"B={batch} L={seqlen} H={heads} D={head_dim}"
         for causal in (False, True):
             if COMPILE in impls:
                 torch._dynamo.reset()
             compiled: dict = {}
             usable = []
             for name in impls:
-                if name in MATERIALISING and free is not None and 3 * scores > free // 2:
-                    harness.note(f"{name} left out at seqlen {seqlen}: its (L, S) scores would take "
-                                 f"{3 * scores / 2 ** 30:.1f} GiB of {free / 2 ** 30:.1f} free")
+                if name in MATERIALISING and free is not None and scores > free // 2:
+                    harness.note(f"{name} left out at {shape}: materialising the (L, S) scores would take "
+                                 f"about {scores / 2 ** 30:.1f} GiB of {free / 2 ** 30:.1f} GiB free")
                     continue
+                if name in SDPA:
+                    why_not = _sdpa_unavailable(name, causal, q, k, v)
+                    if why_not:
+                        harness.note(f"{name} left out at {shape}{' causal' if causal else ''}: "
+                                     f"no kernel for it ({why_not})")
+                        continue
                 usable.append(name)
             for mode in modes:
                 fns = {name: _call(mode, (lambda f: lambda: f(q, k, v))(_forward(name, causal, compiled)), [q, k, v],
                              dout)
                        for name in usable}
                 meta = {"op": "attention causal" if causal else "attention", "mode": mode, "rows": batch,
-                        "width": seqlen, "hidden": head_dim, "dtype": dtype_name(config.dtype)}
+                        "width": seqlen, "hidden": head_dim, "heads": heads, "dtype": dtype_name(config.dtype)}
                 # GB/s on the least traffic: q, k, v and out once forward; and their gradients backward.
                 nbytes = 4 * q.numel() * elem * {"fwd": 1, "bwd": 2, "fwd+bwd": 2}[mode]
                 done = harness.run_case(meta, fns, nbytes, check)
@@ -220,7 +277,7 @@ def run(config: Config, harness: Harness) -> None:
                 for row in done:
                     row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
                     row["frac_matmul"] = row["tflops"] / peak if peak else None
-                print(f"attention: {mode} {'causal ' if causal else ''}B={batch} L={seqlen} H={heads} D={head_dim}: "
+                print(f"attention: {mode} {'causal ' if causal else ''}{shape}: "
                       f"{len(done)} implementations timed", file=sys.stderr)
             del compiled
         del q, k, v, dout

@@ -112,17 +112,69 @@ def _triton_unsupported(logits: Tensor, weight: Optional[Tensor]) -> Optional[st
     return None
 
 
-def pick_backend(fn: str, logits: Tensor, weight: Optional[Tensor], requested: Optional[str] = None) -> str:
+def _cuda_unsupported(logits: Tensor, weight: Optional[Tensor], target: Optional[Tensor]) -> Optional[str]:
+    if weight is not None:
+        return "class weights are taken by the Triton kernel only (use the triton backend)"
+    if target is not None and target.is_floating_point():
+        return "probability targets are taken by the Triton kernel only (use the triton backend)"
+    return _triton_unsupported(logits, None)
+
+
+def pick_backend(fn: str, logits: Tensor, weight: Optional[Tensor], requested: Optional[str] = None,
+                 target: Optional[Tensor] = None) -> str:
     return resolve(fn, logits.device.type, {
         "triton": _triton_unsupported(logits, weight),
-        "cuda": "the CUDA C++ cross-entropy kernels are not written yet",
+        "cuda": _cuda_unsupported(logits, weight, target),
     }, requested)
+
+
+def _cuda_ready(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """The CUDA kernels' contract: unit column stride for the logits, int64 targets."""
+    if logits.stride(1) != 1 and logits.shape[1] > 1:
+        logits = logits.contiguous()
+    return logits, target.to(torch.int64)
+
+
+def _cuda_rows_fwd(logits, target, ignore_index, label_smoothing, z_loss, softcap):
+    from fastlm.kernels.launch import empty
+
+    from . import _cuda
+    logits, target = _cuda_ready(logits, target)
+    rows, classes = logits.shape
+    loss, lse, coef = (empty((rows,), torch.float32, logits.device) for _ in range(3))
+    _cuda.load().cross_entropy_fwd(_cuda.dtype_code(logits.dtype), _cuda.addr(logits), _cuda.addr(target),
+                                   _cuda.addr(loss), _cuda.addr(lse), _cuda.addr(coef), rows, classes,
+                                   logits.stride(0), target.stride(0), ignore_index, float(label_smoothing),
+                                   float(z_loss), float(softcap), _cuda.stream(logits))
+    return loss, lse, coef
+
+
+def _cuda_rows_bwd(dloss, logits, target, lse, coef, ignore_index, label_smoothing, softcap, out=None):
+    from fastlm.kernels.launch import empty
+
+    from . import _cuda
+    src, target = _cuda_ready(logits, target)
+    rows, classes = src.shape
+    if out is None or (out.stride(1) != 1 and classes > 1) or (out is logits and src is not logits):
+        dx = empty((rows, classes), logits.dtype, logits.device)
+    else:
+        dx = out
+    dloss = dloss.float()
+    _cuda.load().cross_entropy_bwd(_cuda.dtype_code(src.dtype), _cuda.addr(src), _cuda.addr(target), _cuda.addr(lse),
+                                   _cuda.addr(coef), _cuda.addr(dloss), _cuda.addr(dx), rows, classes, src.stride(0),
+                                   target.stride(0), dloss.stride(0), dx.stride(0), ignore_index,
+                                   float(label_smoothing), float(softcap), _cuda.stream(src))
+    if out is not None and dx is not out:
+        return out.copy_(dx)
+    return dx
 
 
 # ----------------------------------------------------------------------------- custom ops
 
 def rows_fwd(backend: str, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
     """Per-row (loss, lse, coef) on an already chosen backend."""
+    if backend == "cuda":
+        return _cuda_rows_fwd(logits, target, ignore_index, label_smoothing, z_loss, softcap)
     if backend == "triton":
         from fastlm.kernels import cross_entropy as kernels
         return kernels.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
@@ -132,6 +184,8 @@ def rows_fwd(backend: str, logits, target, weight, ignore_index, label_smoothing
 def rows_bwd(backend: str, dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing, softcap,
              out=None):
     """Gradient of the per-row losses on an already chosen backend (``out``: write it there)."""
+    if backend == "cuda":
+        return _cuda_rows_bwd(dloss, logits, target, lse, coef, ignore_index, label_smoothing, softcap, out=out)
     if backend == "triton":
         from fastlm.kernels import cross_entropy as kernels
         return kernels.cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index,
@@ -147,7 +201,7 @@ def rows_bwd(backend: str, dloss, logits, target, weight, lse, coef, ignore_inde
 def _cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                    label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
     check_targets_in_range("cross_entropy", target, logits.shape[1], ignore_index)
-    backend = pick_backend("cross_entropy", logits, weight)
+    backend = pick_backend("cross_entropy", logits, weight, target=target)
     return rows_fwd(backend, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
 
 
@@ -161,7 +215,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
 def _cross_entropy_bwd(dloss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
                        coef: Tensor, ignore_index: int, label_smoothing: float, softcap: float,
                        backend: str) -> Tensor:
-    chosen = pick_backend("cross_entropy", logits, weight, backend)
+    chosen = pick_backend("cross_entropy", logits, weight, backend, target=target)
     return rows_bwd(chosen, dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing, softcap)
 
 
