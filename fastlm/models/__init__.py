@@ -1,5 +1,6 @@
 """Transformer language models assembled from fastlm's modules and ops (issue 7)."""
 
+from .bert import BertConfig, BertForMaskedLM, mask_tokens
 from .gpt import GPT, GPTConfig, sample
 
-__all__ = ["GPT", "GPTConfig", "sample"]
+__all__ = ["BertConfig", "BertForMaskedLM", "GPT", "GPTConfig", "mask_tokens", "sample"]
