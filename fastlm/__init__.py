@@ -52,6 +52,7 @@ from .ops.ffn import feed_forward, linear  # noqa: E402
 from .ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
 from . import nn, ops  # noqa: E402
+from .patching import patch, unpatch  # noqa: E402
 
 __all__ = [
     "BackendUnavailableError",
@@ -68,8 +69,10 @@ __all__ = [
     "linear",
     "linear_cross_entropy",
     "nn",
+    "patch",
     "rms_norm",
     "scaled_dot_product_attention",
     "set_backend",
+    "unpatch",
     "use_backend",
 ]
