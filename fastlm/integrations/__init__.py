@@ -1,0 +1,1 @@
+"""Patching models people already have: plain PyTorch (fastlm.patch) and Hugging Face transformers."""

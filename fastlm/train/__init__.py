@@ -1,0 +1,1 @@
+"""Training, evaluation and generation: data, tokenizers, the loop, checkpoints (the `fastlm train/eval/generate` commands)."""
