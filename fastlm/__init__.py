@@ -51,6 +51,7 @@ from .ops.cross_entropy import cross_entropy  # noqa: E402
 from .ops.ffn import feed_forward, linear  # noqa: E402
 from .ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
+from .ops.rotary import rotary, rotary_cos_sin  # noqa: E402
 from . import nn, ops  # noqa: E402
 from .patching import patch, unpatch  # noqa: E402
 
@@ -71,6 +72,8 @@ __all__ = [
     "nn",
     "patch",
     "rms_norm",
+    "rotary",
+    "rotary_cos_sin",
     "scaled_dot_product_attention",
     "set_backend",
     "unpatch",

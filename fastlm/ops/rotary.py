@@ -1,0 +1,175 @@
+"""Rotary position embedding (RoPE): checks, the custom op, autograd, dispatch.
+
+    fastlm::rotary(x, cos, sin, position_ids?, interleaved, conjugate, backend?) -> out
+
+One op serves both directions: the gradient of a rotation is the rotation back, so the
+backward calls the same op with ``conjugate`` flipped (sin negated), on the backend that
+was requested at the forward (autograd may run the backward on another thread, where
+``use_backend`` would not be seen). The forward passes backend=None: resolved when the op
+runs, not when it is traced. Being linear in x, the op is its own double backward.
+
+Gradients flow to x only: cos and sin are tables of fixed angles, and no gradient is
+propagated to them even when they require one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backend import get_backend, resolve
+from ..reference import rotary as ref
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 1024  # wider heads run on the reference (a tile per head must fit in registers)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _check_args(x, cos, sin, position_ids, interleaved) -> None:
+    fn = "fastlm.rotary"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: x must be a Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be 4-D (batch, seqlen, heads, head_dim), got shape {list(x.shape)}")
+    B, S, _, D = x.shape
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype not in (torch.float32, x.dtype):
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype}; with x of dtype {x.dtype} it must be "
+                            f"torch.float32 or {x.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{fn}: {name} must be 2-D (max_seqlen, rotary_dim / 2), got shape {list(t.shape)}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"{fn}: sin has shape {list(sin.shape)} but cos has {list(cos.shape)}; they must match")
+    s_max, r_half = cos.shape
+    if r_half == 0 or 2 * r_half > D:
+        raise ValueError(f"{fn}: cos has {r_half} columns, so the rotary dim is {2 * r_half}; it must be "
+                         f"between 2 and head_dim = {D} (cos and sin are (max_seqlen, rotary_dim / 2))")
+    if position_ids is None:
+        if S > s_max:
+            raise ValueError(f"{fn}: x has seqlen {S} but cos and sin have only {s_max} rows (positions); "
+                             f"make longer tables or pass position_ids")
+    else:
+        if not isinstance(position_ids, Tensor):
+            raise TypeError(f"{fn}: position_ids must be a Tensor or None, got {type(position_ids).__name__}")
+        if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+            raise TypeError(f"{fn}: position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+        if position_ids.device != x.device:
+            raise ValueError(f"{fn}: position_ids is on {position_ids.device} but x is on {x.device}")
+        shape = tuple(position_ids.shape)
+        if shape not in ((S,), (B, S), (1, S)):
+            raise ValueError(f"{fn}: position_ids must have shape (batch, seqlen) = {[B, S]} or (seqlen,) = "
+                             f"{[S]}, got {list(shape)}")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"{fn}: interleaved must be a bool, got {type(interleaved).__name__}")
+
+
+def _check_positions(position_ids: Optional[Tensor], s_max: int) -> None:
+    """Positions must index the tables. Checked where it costs no device sync (CPU tensors);
+    on a GPU the kernel gives NaN for the rotated features of an out-of-range token."""
+    if position_ids is None or position_ids.device.type != "cpu" or position_ids.numel() == 0:
+        return
+    lo, hi = int(position_ids.min()), int(position_ids.max())
+    if lo < 0 or hi >= s_max:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"fastlm.rotary: position_ids holds {bad}, outside the tables: cos and sin have "
+                         f"{s_max} rows, so positions must be in [0, {s_max})")
+
+
+def _triton_unsupported(x: Tensor, cos: Tensor, sin: Tensor) -> Optional[str]:
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"x has dtype {x.dtype}; the kernel takes float32, float16 and bfloat16"
+    if x.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {x.shape[-1]} > {MAX_HEAD_DIM}"
+    return None
+
+
+def _pick(x: Tensor, cos: Tensor, sin: Tensor, requested: Optional[str] = None) -> str:
+    return resolve("rotary", x.device.type, {
+        "triton": _triton_unsupported(x, cos, sin),
+        "cuda": "there is no CUDA C++ rotary kernel (the Triton kernel is memory-bound already)",
+    }, requested)
+
+
+# ----------------------------------------------------------------------------- the custom op
+
+@torch.library.custom_op("fastlm::rotary", mutates_args=())
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor], interleaved: bool,
+            conjugate: bool, backend: Optional[str]) -> Tensor:
+    _check_positions(position_ids, cos.shape[0])
+    chosen = _pick(x, cos, sin, backend)
+    if chosen == "triton":
+        from fastlm.kernels import rotary as kernels
+        return kernels.rotary_fwd(x, cos, sin, position_ids, interleaved, conjugate)
+    return ref.rotary(x, cos, sin, position_ids, interleaved, conjugate).contiguous()
+
+
+@_rotary.register_fake
+def _(x, cos, sin, position_ids, interleaved, conjugate, backend):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, cos, sin, position_ids, interleaved, conjugate, backend = inputs
+    ctx.save_for_backward(cos, sin, position_ids)
+    ctx.interleaved, ctx.conjugate = interleaved, conjugate
+    ctx.backend = backend if backend is not None else get_backend()
+
+
+def _backward(ctx, dy):
+    cos, sin, position_ids = ctx.saved_tensors
+    dx = _rotary(dy, cos, sin, position_ids, ctx.interleaved, not ctx.conjugate, ctx.backend)
+    return dx, None, None, None, None, None, None
+
+
+_rotary.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] = None,
+           interleaved: bool = False) -> Tensor:
+    """Rotary position embedding of x (batch, seqlen, heads, head_dim), any strides (a view
+    of a packed qkv tensor is read in place). Returns a new contiguous tensor shaped like x.
+
+    cos, sin: (max_seqlen, rotary_dim / 2), float32 or x's dtype (see :func:`rotary_cos_sin`).
+    The first rotary_dim features of each head rotate, the rest pass through unchanged.
+    position_ids: None (positions 0..seqlen-1) or an integer tensor (batch, seqlen) or
+    (seqlen,) of rows of cos/sin, e.g. offsets when decoding with a KV cache. A position
+    outside [0, max_seqlen) raises a ValueError on CPU tensors; on CUDA tensors it is not
+    checked (that would cost a host sync per call): the Triton kernel gives NaN for the
+    rotated features of that token (the reference, e.g. for float64, fails in torch's
+    indexing with a device-side assert).
+    interleaved=False pairs features (i, i + rotary_dim / 2) (GPT-NeoX, Llama: "rotate_half");
+    True pairs (2i, 2i + 1) (GPT-J).
+
+    The gradient flows to x only; cos and sin get none, even when they require grad.
+    """
+    _check_args(x, cos, sin, position_ids, interleaved)
+    return _rotary(x, cos, sin, position_ids, interleaved, False, None)
+
+
+def rotary_cos_sin(seqlen: int, rotary_dim: int, base: float = 10000.0, device=None,
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """The cos and sin tables for :func:`rotary`, each (seqlen, rotary_dim / 2):
+    angle(p, j) = p * base ** (-2j / rotary_dim). Computed in float64 on the CPU (the same
+    bits on every device), then cast to ``dtype`` and moved to ``device``."""
+    fn = "fastlm.rotary_cos_sin"
+    if not isinstance(seqlen, int) or isinstance(seqlen, bool) or seqlen < 0:
+        raise ValueError(f"{fn}: seqlen must be an int >= 0, got {seqlen!r}")
+    if not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool) or rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"{fn}: rotary_dim must be a positive even int, got {rotary_dim!r}")
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 0 or base == float("inf"):
+        raise ValueError(f"{fn}: base must be a finite number > 0, got {base!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{fn}: dtype must be a floating-point torch.dtype, got {dtype!r}")
+    cos, sin = ref.cos_sin(seqlen, rotary_dim, float(base))
+    return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
