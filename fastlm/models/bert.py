@@ -35,6 +35,7 @@ class BertConfig:
     d_model: int = 768
     d_hidden: int = 3072
     activation: str = "gelu"
+    head_activation: str = "gelu"  # the MLM head's dense layer (Hugging Face: hidden_act, like the MLP)
     norm_eps: float = 1e-12
     dropout: float = 0.1
     pad_token_id: int = 0
@@ -50,6 +51,9 @@ class BertConfig:
         if self.activation not in ("relu", "gelu", "gelu_tanh", "swiglu", "geglu"):
             raise ValueError(f"BertConfig: activation {self.activation!r} is not one of relu, gelu, gelu_tanh, "
                              f"swiglu, geglu")
+        if self.head_activation not in ("relu", "gelu", "gelu_tanh"):
+            raise ValueError(f"BertConfig: head_activation {self.head_activation!r} is not one of relu, gelu, "
+                             f"gelu_tanh")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"BertConfig: dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -100,7 +104,7 @@ class BertForMaskedLM(torch.nn.Module):
         self.token_type_embeddings = torch.nn.Embedding(c.type_vocab_size, c.d_model)
         self.embed_norm = fnn.LayerNorm(c.d_model, eps=c.norm_eps)
         self.layers = torch.nn.ModuleList(EncoderLayer(c) for _ in range(c.n_layer))
-        self.head_dense = fnn.Linear(c.d_model, c.d_model, activation="gelu")
+        self.head_dense = fnn.Linear(c.d_model, c.d_model, activation=c.head_activation)
         self.head_norm = fnn.LayerNorm(c.d_model, eps=c.norm_eps)
         self.head_bias = torch.nn.Parameter(torch.zeros(c.vocab_size))
         self.apply(self._init)
@@ -115,6 +119,15 @@ class BertForMaskedLM(torch.nn.Module):
             if m.padding_idx is not None:
                 with torch.no_grad():
                     m.weight[m.padding_idx].zero_()
+
+    @classmethod
+    def from_transformers(cls, hf_model: torch.nn.Module) -> "BertForMaskedLM":
+        """A BertForMaskedLM with the config and weights of a Hugging Face BertForMaskedLM, on its
+        device and dtype. Configs fastlm cannot reproduce (relative positions, a decoder,
+        untied decoder weights, ...) raise ValueError naming the field. See
+        fastlm.integrations.transformers.bert_from_transformers."""
+        from ..integrations.transformers import bert_from_transformers
+        return bert_from_transformers(cls, hf_model)
 
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                token_type_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

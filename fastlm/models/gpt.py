@@ -195,6 +195,15 @@ class GPT(torch.nn.Module):
         elif isinstance(m, torch.nn.Embedding):
             torch.nn.init.normal_(m.weight, 0.0, self.config.init_std)
 
+    @classmethod
+    def from_transformers(cls, hf_model: torch.nn.Module) -> "GPT":
+        """A GPT with the config and weights of a Hugging Face GPT2LMHeadModel (or GPT2Model),
+        on its device and dtype. Configs fastlm cannot reproduce (scale_attn_by_inverse_layer_idx,
+        cross-attention, ...) raise ValueError naming the field. See
+        fastlm.integrations.transformers.gpt_from_transformers."""
+        from ..integrations.transformers import gpt_from_transformers
+        return gpt_from_transformers(cls, hf_model)
+
     @property
     def head_weight(self) -> Tensor:
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
