@@ -202,7 +202,7 @@ def _warn_once(key: str, message: str) -> None:
 
 def _additive_bias(position_bias: Tensor, mask: Optional[Tensor], causal: bool, L: int, S: int) -> Tensor:
     """T5's relative position bias with the mask folded in, as one additive mask."""
-    low = torch.finfo(position_bias.dtype).min
+    low = torch.finfo(position_bias.dtype).min / 4  # HF's finfo.min would overflow once scaled by log2(e)
     if mask is None:
         if not causal:
             return position_bias

@@ -1,0 +1,314 @@
+"""Hugging Face transformers and fastlm: GPT/BertForMaskedLM.from_transformers against the HF
+models they are built from, and fastlm.integrations.transformers.apply/revert on small randomly
+initialised HF models (GPT-2, BERT, Llama with GQA, T5), compared with the unpatched model:
+logits, loss and parameter gradients by the project's tolerance rule (a float64 copy of the HF
+model is the reference, the float32 HF model the yardstick), on the reference backend and, at
+tiny sizes, on the Triton kernels under the interpreter. No downloads: models come from configs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+import fastlm  # noqa: E402
+from fastlm.integrations import transformers as ft  # noqa: E402
+from fastlm.models import GPT, BertForMaskedLM  # noqa: E402
+from fastlm.testing import assert_close, summation_floor  # noqa: E402
+
+from .conftest import DEVICE  # noqa: E402
+
+V = 101
+
+
+# ----------------------------------------------------------------------------- small random HF models
+
+def liven(model: torch.nn.Module) -> torch.nn.Module:
+    """HF's init (std 0.02, zero biases, unit norms) leaves a tiny model nearly linear: give
+    every parameter a real effect (fresh draws, so each test sees new weights)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+            elif "embed" in name or name.endswith("wte.weight") or name.endswith("wpe.weight") \
+                    or "shared" in name or "relative_attention_bias" in name:
+                p.normal_(0.0, 1.0)
+            else:
+                fan_in = p.shape[0] if type(model).__name__.startswith("GPT2") and p.shape[0] != V else p.shape[1]
+                p.normal_(0.0, fan_in ** -0.5)
+    return model.to(DEVICE).eval()
+
+
+def gpt2(small: bool = False, **overrides):
+    d, h = (32, 2) if small else (64, 4)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=h, n_embd=d, vocab_size=V, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0, **overrides)
+    return liven(transformers.GPT2LMHeadModel(cfg))
+
+
+def bert(small: bool = False, **overrides):
+    d, h = (32, 2) if small else (64, 4)
+    cfg = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=h, hidden_size=d, intermediate_size=2 * d,
+                                  vocab_size=V, max_position_embeddings=64, **overrides)
+    return liven(transformers.BertForMaskedLM(cfg))
+
+
+def llama(small: bool = False, **overrides):
+    d, h = (32, 2) if small else (64, 4)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=h, num_key_value_heads=h // 2,
+                                   hidden_size=d, intermediate_size=2 * d, vocab_size=V, max_position_embeddings=64,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0, **overrides)
+    return liven(transformers.LlamaForCausalLM(cfg))
+
+
+def t5(small: bool = False):
+    d, h = (32, 2) if small else (64, 4)
+    cfg = transformers.T5Config(num_layers=2, num_decoder_layers=2, num_heads=h, d_model=d, d_kv=d // h, d_ff=2 * d,
+                                vocab_size=V, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                                relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    return liven(transformers.T5ForConditionalGeneration(cfg))
+
+
+MAKERS = {"gpt2": gpt2, "bert": bert, "llama": llama, "t5": t5}
+
+
+def batch(B: int = 3, L: int = 11, lengths=(11, 6, 1)):
+    """Token ids, a right-padded attention mask (0 = padding) and labels (-100 at padding)."""
+    ids = torch.randint(2, V, (B, L), device=DEVICE)
+    mask = (torch.arange(L, device=DEVICE)[None, :] < torch.tensor(lengths[:B], device=DEVICE)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def run(model, kind: str, ids, mask, labels, decoder=None):
+    """(logits, loss) of an HF model, the logits zeroed where the position is padding."""
+    if kind == "t5":
+        out = model(input_ids=ids, attention_mask=mask, labels=decoder)
+        return out.logits, out.loss
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    return out.logits * mask[..., None], out.loss
+
+
+def grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def close(out, ref64, eager, name, terms):
+    assert_close(out, ref64, eager, name, atol=summation_floor(ref64, torch.float32, terms))
+
+
+# ----------------------------------------------------------------------------- GPT.from_transformers
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("variant", ["tied", "untied", "body", "gelu"])
+def test_gpt_from_transformers_matches_hf(backend, variant):
+    small = backend == "triton"
+    overrides = {"tie_word_embeddings": False} if variant == "untied" else {}
+    if variant == "gelu":
+        overrides["activation_function"] = "gelu"
+    hf = gpt2(small, **overrides)
+    source = hf.transformer if variant == "body" else hf
+    model = GPT.from_transformers(source)
+    assert model.config.tie_embeddings == (variant != "untied")
+    assert model.config.activation == ("gelu" if variant == "gelu" else "gelu_tanh")
+    ids = torch.randint(0, V, (2, 13), device=DEVICE)
+    labels = ids.clone()
+    labels[0, 4] = -100
+    with fastlm.use_backend(backend):
+        out = model(ids, labels=labels, return_logits=True)
+    ref = copy.deepcopy(hf).double()(ids, labels=labels)
+    eager = hf(ids, labels=labels)
+    terms = hf.config.n_embd * 4 * hf.config.n_layer
+    close(out["logits"], ref.logits, eager.logits, "logits", terms)
+    close(out["loss"], ref.loss, eager.loss, "loss", terms)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpt_greedy_generation_equals_hf_generate(backend):
+    hf = gpt2(small=backend == "triton")
+    model = GPT.from_transformers(hf)
+    prompt = torch.randint(0, V, (2, 5), device=DEVICE)
+    expected = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with fastlm.use_backend(backend):
+        got = model.generate(prompt, 8, temperature=0)
+    assert torch.equal(got, expected)
+
+
+def test_from_transformers_keeps_dtype_and_device():
+    hf = gpt2().double()
+    model = GPT.from_transformers(hf)
+    assert {p.dtype for p in model.parameters()} == {torch.float64} and next(model.parameters()).device == DEVICE
+    ids = torch.randint(0, V, (2, 7), device=DEVICE)
+    # (fastlm.feed_forward's float64 path rounds like float32 today, hence not a float64 tolerance)
+    torch.testing.assert_close(model(ids)["logits"], hf(ids).logits, rtol=1e-5, atol=1e-5)
+    hb = bert().double()
+    mb = BertForMaskedLM.from_transformers(hb)
+    assert {p.dtype for p in mb.parameters()} == {torch.float64}
+    torch.testing.assert_close(mb(ids)["logits"], hb(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- BertForMaskedLM.from_transformers
+
+@pytest.mark.parametrize("backend, act", [("torch", "gelu"), ("torch", "gelu_new"), ("triton", "gelu")])
+def test_bert_from_transformers_matches_hf_on_padded_batches(backend, act):
+    hf = bert(small=backend == "triton", hidden_act=act)
+    model = BertForMaskedLM.from_transformers(hf)
+    assert model.config.activation == model.config.head_activation == ft._ACTIVATIONS[act]
+    ids, mask, _ = batch()
+    types = (torch.arange(ids.shape[1], device=DEVICE) >= 4).long().expand_as(ids) * mask
+    labels = torch.full_like(ids, -100)
+    pick = (torch.rand(ids.shape, device=DEVICE) < 0.4) & (mask == 1)
+    pick[0, 0] = True
+    labels[pick] = ids[pick]
+    with fastlm.use_backend(backend):
+        out = model(ids, mask, types, labels=labels, return_logits=True)
+    ref = copy.deepcopy(hf).double()(ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    eager = hf(ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    real = mask[..., None]  # padding: fastlm gives zeros, HF whatever its padded rows compute
+    terms = hf.config.hidden_size * 4 * hf.config.num_hidden_layers
+    close(out["logits"] * real, ref.logits * real, eager.logits * real, "logits", terms)
+    close(out["loss"], ref.loss, eager.loss, "loss", terms)
+
+
+def test_unsupported_configs_name_the_field():
+    for overrides, field in [({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+                             ({"scale_attn_weights": False}, "scale_attn_weights"),
+                             ({"activation_function": "silu"}, "activation_function"),
+                             ({"attn_pdrop": 0.0}, "attn_pdrop")]:
+        with pytest.raises(ValueError, match=field):
+            GPT.from_transformers(gpt2(**overrides))
+    for overrides, field in [({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+                             ({"is_decoder": True}, "is_decoder"), ({"hidden_act": "tanh"}, "hidden_act"),
+                             ({"tie_word_embeddings": False}, "tie_word_embeddings")]:
+        with pytest.raises(ValueError, match=field):
+            BertForMaskedLM.from_transformers(bert(**overrides))
+    with pytest.raises(TypeError, match="BertForMaskedLM"):
+        BertForMaskedLM.from_transformers(bert().bert)  # no MLM head
+    with pytest.raises(TypeError, match="GPT-2"):
+        GPT.from_transformers(llama())
+    with pytest.raises(TypeError, match="GPT-2"):
+        GPT.from_transformers(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- apply / revert
+
+def inputs(kind: str):
+    ids, mask, labels = batch()
+    decoder = torch.randint(2, V, (3, 5), device=DEVICE) if kind == "t5" else None
+    if decoder is not None:
+        decoder[1, 3:] = -100  # padded targets
+    return ids, mask, labels, decoder
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls that reach fastlm's attention from the registered function."""
+    calls = {"n": 0}
+    for name in ("flash_attn_func", "scaled_dot_product_attention"):
+        real = getattr(ft, name)
+
+        def counted(*args, _real=real, **kwargs):
+            calls["n"] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ft, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_apply_matches_the_unpatched_model_and_revert_restores_it(kind, backend, spy):
+    original = MAKERS[kind](small=backend == "triton")
+    ids, mask, labels, decoder = inputs(kind)
+    ref64 = copy.deepcopy(original).double()
+    logits64, loss64 = run(ref64, kind, ids, mask, labels, decoder)
+    g64 = grads(ref64, loss64)
+    logits32, loss32 = run(original, kind, ids, mask, labels, decoder)
+    g32 = grads(original, loss32)
+    classes = {name: type(m) for name, m in original.named_modules()}
+    impl = original.config._attn_implementation
+
+    patched = original  # in place: apply changes this very model
+    handle = ft.apply(patched)
+    assert ("", "attention: sdpa") in handle.replaced
+    norm_names = {"gpt2": "LayerNorm", "bert": "LayerNorm", "llama": "LlamaRMSNorm", "t5": "T5LayerNorm"}[kind]
+    swapped = [n for n, what in handle if what == norm_names]
+    assert swapped and all(type(patched.get_submodule(n)) is not classes[n] for n in swapped)
+    assert any("loss" in what or "forward" in what for _, what in handle)
+    assert patched.config._attn_implementation == "fastlm"
+    with fastlm.use_backend(backend):
+        logits, loss = run(patched, kind, ids, mask, labels, decoder)
+        g = grads(patched, loss)
+    assert spy["n"] > 0
+    H = patched.config.hidden_size if kind != "t5" else patched.config.d_model
+    terms = H * 4 * 2
+    close(logits, logits64, logits32, "logits", terms)
+    close(loss, loss64, loss32, "loss", terms)
+    names = [n for n, p in patched.named_parameters() if p.requires_grad]
+    for name, a, r, e in zip(names, g, g64, g32):
+        if r is None:
+            assert a is None or not a.any(), name
+            continue
+        close(a, r, e, f"grad of {name}", terms * ids.numel())
+
+    restored = ft.revert(patched)
+    assert sorted(restored) == sorted(handle.replaced)
+    assert {name: type(m) for name, m in patched.named_modules()} == classes
+    assert patched.config._attn_implementation == impl
+    assert "_loss_function" not in patched.__dict__ and "forward" not in patched.__dict__
+    calls = spy["n"]
+    back_logits, back_loss = run(patched, kind, ids, mask, labels, decoder)
+    assert spy["n"] == calls  # fastlm's attention is no longer called
+    assert torch.equal(back_logits, logits32) and torch.equal(back_loss, loss32)
+
+
+def test_apply_is_scoped_to_the_given_model():
+    a = gpt2()
+    b = transformers.GPT2LMHeadModel(a.config).to(DEVICE).eval()  # built from the same config object
+    b.load_state_dict(a.state_dict())
+    ids, mask, labels = batch()
+    before = b(ids, attention_mask=mask).logits
+    handle = ft.apply(a)
+    assert a.config._attn_implementation == "fastlm" and b.config._attn_implementation == "sdpa"
+    assert type(b.transformer.ln_f) is torch.nn.LayerNorm and "_loss_function" not in b.__dict__
+    assert torch.equal(b(ids, attention_mask=mask).logits, before)
+    a.config.use_cache = False  # a change made while patched survives revert
+    handle.revert()
+    assert a.config is b.config and a.config.use_cache is False
+    a.config.use_cache = True
+
+
+def test_apply_twice_non_hf_and_revert_errors_are_clear():
+    with pytest.raises(TypeError, match="fastlm.patch"):
+        ft.apply(torch.nn.Sequential(torch.nn.LayerNorm(4)))
+    with pytest.raises(TypeError, match="Module"):
+        ft.apply("a model")
+    model = llama()
+    with pytest.raises(ValueError, match="not patched"):
+        ft.revert(model)
+    handle = ft.apply(model)
+    with pytest.raises(RuntimeError, match="already patched"):
+        ft.apply(model)
+    handle.revert()
+    with pytest.raises(RuntimeError, match="already reverted"):
+        handle.revert()
+    again = ft.apply(model, norms=False, loss=False)  # after revert, apply works again; parts can be chosen
+    assert [what for _, what in again] == ["attention: sdpa"]
+    ft.revert(model)
+    assert "fastlm" in transformers.AttentionInterface._global_mapping  # registering is additive and stays
+
+
+def test_patched_generation_with_left_padding_equals_unpatched():
+    model = llama()
+    ids, mask, _ = batch(B=2, L=7, lengths=(7, 4))
+    ids, mask = ids.flip(1), mask.flip(1)  # left padding, as for generation
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    ft.apply(model)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    ft.revert(model)
+    assert torch.equal(got, expected)
