@@ -8,7 +8,7 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlm's CUDA C++ kernels (raw device pointers and a stream; see csrc/kernels.h)";
-  m.attr("ABI") = 1;  // bumped when an entry point's arguments change; fastlm/ops/_cuda.py checks it
+  m.attr("ABI") = 2;  // bumped when an entry point's arguments change; fastlm/ops/_cuda.py checks it
   m.def("norm_fwd", &fastlm::norm_fwd, "layer norm / RMSNorm forward (csrc/norm.cu)", py::arg("dtype"),
         py::arg("x"), py::arg("res"), py::arg("sum"), py::arg("y"), py::arg("w"), py::arg("b"), py::arg("mean"),
         py::arg("rstd"), py::arg("m"), py::arg("n"), py::arg("stride_xm"), py::arg("stride_rm"), py::arg("eps"),
@@ -28,4 +28,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dx"), py::arg("rows"), py::arg("classes"), py::arg("stride_xr"), py::arg("stride_t"),
         py::arg("stride_dl"), py::arg("stride_dxr"), py::arg("ignore_index"), py::arg("smoothing"),
         py::arg("softcap"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("attention_fwd", &fastlm::attention_fwd, "flash attention forward (csrc/attention.cu)", py::arg("dtype"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("B"), py::arg("L"),
+        py::arg("S"), py::arg("H"), py::arg("HK"), py::arg("D"), py::arg("sqb"), py::arg("sqm"), py::arg("sqh"),
+        py::arg("skb"), py::arg("skn"), py::arg("skh"), py::arg("svb"), py::arg("svn"), py::arg("svh"),
+        py::arg("scale"), py::arg("bottom_right"), py::arg("window_left"), py::arg("window_right"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("attention_bwd", &fastlm::attention_bwd, "flash attention backward (csrc/attention.cu)", py::arg("dtype"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dout"), py::arg("lse"), py::arg("delta"),
+        py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("B"), py::arg("L"), py::arg("S"), py::arg("H"),
+        py::arg("HK"), py::arg("D"), py::arg("sqb"), py::arg("sqm"), py::arg("sqh"), py::arg("skb"), py::arg("skn"),
+        py::arg("skh"), py::arg("svb"), py::arg("svn"), py::arg("svh"), py::arg("sob"), py::arg("som"),
+        py::arg("soh"), py::arg("sdob"), py::arg("sdom"), py::arg("sdoh"), py::arg("scale"),
+        py::arg("bottom_right"), py::arg("window_left"), py::arg("window_right"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -43,4 +43,30 @@ void cross_entropy_bwd(int dtype, std::uintptr_t x, std::uintptr_t target, std::
                        std::int64_t stride_dxr, std::int64_t ignore_index, double smoothing, double softcap,
                        std::uintptr_t stream);
 
+// Flash attention (csrc/attention.cu), float16 / bfloat16, head dims 64 and 128 (D of q, k and
+// v alike). q (B, L, H, D), k and v (B, S, HK, D) with the given batch / row / head strides and
+// unit stride on D (addresses and strides multiples of 16 bytes); H a multiple of HK. The
+// visibility rule: query i sees key j when i + shift - window_left <= j <= i + shift +
+// window_right (a side < 0: unbounded; causal is window_right = 0), shift = S - L when
+// bottom_right, else 0. Writes out (B, L, H, D) contiguous and lse float32 (B, H, L)
+// contiguous (+inf on rows that see no key, whose output is 0).
+void attention_fwd(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+                   std::uintptr_t lse, std::int64_t B, std::int64_t L, std::int64_t S, std::int64_t H,
+                   std::int64_t HK, std::int64_t D, std::int64_t sqb, std::int64_t sqm, std::int64_t sqh,
+                   std::int64_t skb, std::int64_t skn, std::int64_t skh, std::int64_t svb, std::int64_t svn,
+                   std::int64_t svh, double scale, bool bottom_right, std::int64_t window_left,
+                   std::int64_t window_right, std::uintptr_t stream);
+
+// Its backward: dq (B, L, H, D), dk and dv (B, S, HK, D), all contiguous, from out and dout
+// (strides as given) and lse; delta is float32 (B, H, L) contiguous scratch (rowsum(dout * out)).
+// Deterministic: no atomics.
+void attention_bwd(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+                   std::uintptr_t dout, std::uintptr_t lse, std::uintptr_t delta, std::uintptr_t dq,
+                   std::uintptr_t dk, std::uintptr_t dv, std::int64_t B, std::int64_t L, std::int64_t S,
+                   std::int64_t H, std::int64_t HK, std::int64_t D, std::int64_t sqb, std::int64_t sqm,
+                   std::int64_t sqh, std::int64_t skb, std::int64_t skn, std::int64_t skh, std::int64_t svb,
+                   std::int64_t svn, std::int64_t svh, std::int64_t sob, std::int64_t som, std::int64_t soh,
+                   std::int64_t sdob, std::int64_t sdom, std::int64_t sdoh, double scale, bool bottom_right,
+                   std::int64_t window_left, std::int64_t window_right, std::uintptr_t stream);
+
 }  // namespace fastlm

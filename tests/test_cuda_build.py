@@ -14,7 +14,7 @@ import pytest
 from fastlm import cuda_build
 from fastlm.ops import _cuda
 
-ENTRY_POINTS = ["norm_fwd", "norm_bwd", "cross_entropy_fwd", "cross_entropy_bwd"]
+ENTRY_POINTS = ["norm_fwd", "norm_bwd", "cross_entropy_fwd", "cross_entropy_bwd", "attention_fwd", "attention_bwd"]
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,34 @@ def test_command_line(tmp_path):
                            "--build-dir", str(tmp_path / "b"), "--arch", "80"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "o" / cuda_build.module_name()).exists()
+
+
+def test_attention_is_part_of_the_build(tmp_path):
+    flags = cuda_build.write_ninja(tmp_path, tmp_path / "x.so", ("80",)).read_text()
+    assert "attention.cu" in flags
+
+
+def test_attention_options_the_cuda_kernels_lack_are_named():
+    """What the "cuda" backend of attention refuses, and the reason it gives (checked on CPU
+    tensors: the reason depends only on the call; running it is the GPU runbook's part)."""
+    import torch
+
+    from fastlm.ops import attention as ops
+
+    def reason(dtype=torch.bfloat16, D=64, Dv=None, mask=None, cu=None, seqused=None, softcap=0.0, dropout_p=0.0):
+        q = torch.empty(1, 4, 2, D, dtype=dtype)
+        v = torch.empty(1, 4, 2, Dv or D, dtype=dtype)
+        return ops._cuda_unsupported(q, q, v, mask, cu, seqused, softcap, dropout_p)
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for D in (64, 128):
+            assert reason(dtype, D) is None
+    assert "float32" in reason(torch.float32)
+    assert "head dim 80" in reason(D=80)
+    assert "value head dim" in reason(Dv=128)
+    assert "mask" in reason(mask=torch.ones(4, 4, dtype=torch.bool))
+    assert "variable-length" in reason(cu=torch.tensor([0, 4], dtype=torch.int32))
+    assert "KV-cache" in reason(seqused=torch.tensor([4], dtype=torch.int32))
+    assert "softcap" in reason(softcap=1.0)
+    assert "dropout" in reason(dropout_p=0.1)
+    assert "Triton backend" in reason(dropout_p=0.1)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-ABI = 1  # must equal fastlm._C.ABI (csrc/bindings.cpp)
+ABI = 2  # must equal fastlm._C.ABI (csrc/bindings.cpp)
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 

@@ -1,0 +1,656 @@
+// Flash attention, forward and backward (FlashAttention-2's loop order), on tensor cores.
+//
+// The contract and formulas of kernels/attention.py (the Triton twin) for the dense case:
+// q (B, L, H, D), k and v (B, S, Hk, D) with any batch, row and head strides and a unit
+// stride on D; H a multiple of Hk (grouped-query attention: query head h reads key head
+// h / (H / Hk)); the softmax scale; the causal / sliding-window rule
+//     i + shift - window_left <= j <= i + shift + window_right   (a side of -1: unbounded)
+// with shift = S - L when aligned bottom-right (FlashAttention), 0 when top-left (SDPA);
+// causal is window_right = 0. A query that sees no key gets out = 0 and lse = +inf, so the
+// backward's exp(s - lse) is 0 there. Dropout, masks, soft-capping, packed sequences and
+// KV-cache lengths stay with the Triton backend (fastlm/ops/attention.py says so).
+//
+// Design: correctness over speed, since this was written without a GPU to run it on.
+//  * One CTA of 4 warps owns a tile of 64 rows (queries in the forward and dQ, keys in
+//    dK/dV); each warp owns 16 of those rows and does all the arithmetic of its rows, so
+//    the CTA synchronises only around loading the shared tiles of the other operand.
+//  * Tiles are staged in shared memory (padded rows: 16 bytes more than D elements).
+//  * Every matrix product goes through the tensor cores with nvcuda::wmma m16n16k16
+//    (bf16 / fp16 inputs, float32 accumulators). The fragments' register layouts are opaque
+//    and nothing here relies on them: fragments are only loaded from shared memory
+//    (load_matrix_sync), multiplied (mma_sync) and stored back (store_matrix_sync). Score
+//    tiles are stored to shared memory as float32 and the softmax is done there by plain
+//    threads (two lanes per row), then the probabilities are stored in the input type for
+//    the next product. Semantics relied on (CUDA C++ Programming Guide, "Warp Matrix
+//    Functions"): load/store_matrix_sync take a 256-bit aligned pointer and a leading
+//    dimension `ldm` in elements, a multiple of 8 for 16-bit types and of 4 for float;
+//    a row_major matrix_a/b element (r, c) is at p[r * ldm + c], a col_major one at
+//    p[c * ldm + r]; accumulators load and store with mem_row_major the same way; all 32
+//    lanes call each function with the same arguments. (These are PTX's wmma.load /
+//    wmma.mma / wmma.store .m16n16k16 with .bf16 or .f16 inputs and .f32 accumulators,
+//    PTX ISA "Warp Level Matrix Multiply-Accumulate Instructions", sm_80 for bf16.)
+//    Every shared-memory tile row and region below is sized so that each fragment pointer
+//    is a multiple of 32 bytes (static_asserts check the strides).
+//  * Forward: the output accumulator of the 64 x D tile lives in shared memory as float32:
+//    per key tile the warp's lanes rescale their rows by alpha = exp2(m_old - m_new), then
+//    the warp loads the accumulator into fragments, adds P V and stores it back. The
+//    online softmax is in base 2 (scores times scale * log2(e)).
+//  * Backward, deterministic (no atomics): a pre-pass delta = rowsum(dO * O) (one warp per
+//    row); a kernel per 64-key tile producing dK and dV (accumulated in fragments over the
+//    query heads of its group and the query tiles that see it); a kernel per 64-query
+//    tile producing dQ (accumulated in fragments over the key tiles it sees).
+//  * Global loads are 16 bytes (8 elements) at a time: pointers and the batch, row and head
+//    strides must be multiples of 16 bytes (the host checks; the op copies otherwise).
+//    Offsets are int64. Tiles need > 48 KiB of shared memory: opted in per launch.
+#include <mma.h>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace fastlm {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kRows = 64;     // rows of a CTA's own tile (queries or keys)
+constexpr int kCols = 64;     // rows of the other operand's tile walked in the loop
+constexpr int kWarps = 4;     // each warp owns 16 of the kRows rows
+constexpr int kThreads = 32 * kWarps;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr const char* kHeadDims = "64, 128";  // the head dims instantiated (dispatch_dim)
+
+static_assert(kRows == 16 * kWarps, "one warp per 16 rows");
+static_assert(kCols == 64, "the softmax lanes below take 32 columns each (two lanes per row)");
+
+// Shared-memory geometry for head dim D (all in elements; region sizes in bytes).
+template <int D>
+struct Geometry {
+  static_assert(D % 16 == 0, "head dim must be a multiple of 16 (wmma k-steps)");
+  static constexpr int LDT = D + 8;      // 16-bit tiles of q, k, v, dO: row stride
+  static constexpr int LDS = kCols + 4;  // float score tiles: row stride
+  static constexpr int LDP = kCols + 8;  // 16-bit probability tiles: row stride
+  static constexpr int LDO = D + 4;      // float accumulators / output staging: row stride
+  static constexpr int kTile = kRows * LDT * 2;      // one 64 x D tile of 16-bit values
+  static constexpr int kScores = kRows * LDS * 4;    // one 64 x 64 float tile
+  static constexpr int kProbs = kRows * LDP * 2;     // one 64 x 64 16-bit tile
+  static constexpr int kAcc = kRows * LDO * 4;       // one 64 x D float tile
+  static constexpr int kVec = kRows * 4;             // 64 floats
+  // ldm multiples of 8 (16-bit) / 4 (float), and every 16-row step a multiple of 32 bytes.
+  static_assert(LDT % 8 == 0 && LDP % 8 == 0 && LDS % 4 == 0 && LDO % 4 == 0, "wmma ldm");
+  static_assert((16 * LDT * 2) % 32 == 0 && (16 * LDP * 2) % 32 == 0, "wmma 16-bit row steps");
+  static_assert((16 * LDS * 4) % 32 == 0 && (16 * LDO * 4) % 32 == 0, "wmma float row steps");
+  static_assert(kTile % 128 == 0 && kScores % 128 == 0 && kProbs % 128 == 0 && kAcc % 128 == 0,
+                "regions keep 128-byte alignment");
+  // Forward: Q, K, V tiles, scores, probabilities, output accumulator.
+  static constexpr int kFwd = 3 * kTile + kScores + kProbs + kAcc;
+  // dQ: Q, dO, K, V tiles, scores, dP, dS, lse and delta of the 64 queries.
+  static constexpr int kBwdDq = 4 * kTile + 2 * kScores + kProbs + 2 * kVec;
+  // dK/dV: K, V, Q, dO tiles, scores, dP, P, dS, lse and delta of the 64 queries.
+  static constexpr int kBwdDkdv = 4 * kTile + 2 * kScores + 2 * kProbs + 2 * kVec;
+  // The backward kernels stage their results (64 x D floats) over the start of their region.
+  static_assert(kAcc <= kBwdDq && kAcc <= kBwdDkdv, "staging fits");
+};
+
+struct Args {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* o;     // the forward's output (backward)
+  const void* dout;  // backward
+  void* out;         // forward: (B, L, H, D) contiguous
+  float* lse;        // (B, H, L) contiguous
+  float* delta;      // (B, H, L) contiguous (backward)
+  void* dq;          // (B, L, H, D) contiguous
+  void* dk;          // (B, S, Hk, D) contiguous
+  void* dv;          // (B, S, Hk, D) contiguous
+  std::int64_t B, L, S, H, HK, group;
+  std::int64_t sqb, sqm, sqh, skb, skn, skh, svb, svn, svh;  // input strides (batch, row, head)
+  std::int64_t sob, som, soh, sdob, sdom, sdoh;              // o and dout strides (backward)
+  float scale;                                                // softmax scale
+  std::int64_t shift, window_left, window_right;              // the visibility rule
+};
+
+// Whether query i sees key j (both within their sequence).
+__device__ __forceinline__ bool visible(const Args& a, std::int64_t i, std::int64_t j) {
+  if (i >= a.L || j >= a.S) return false;
+  if (a.window_left >= 0 && j < i + a.shift - a.window_left) return false;
+  if (a.window_right >= 0 && j > i + a.shift + a.window_right) return false;
+  return true;
+}
+
+// Keys [lo, hi) that queries [m_first, m_last] may see; lo a multiple of kCols.
+__device__ __forceinline__ void key_range(const Args& a, std::int64_t m_first, std::int64_t m_last, std::int64_t& lo,
+                                          std::int64_t& hi) {
+  lo = 0;
+  hi = a.S;
+  if (a.window_right >= 0) hi = min(hi, m_last + a.shift + a.window_right + 1);
+  if (a.window_left >= 0) lo = max(std::int64_t{0}, m_first + a.shift - a.window_left) / kCols * kCols;
+}
+
+// Queries [lo, hi) that may see keys [n_first, n_last]; lo a multiple of kCols.
+__device__ __forceinline__ void query_range(const Args& a, std::int64_t n_first, std::int64_t n_last, std::int64_t& lo,
+                                            std::int64_t& hi) {
+  lo = 0;
+  hi = a.L;
+  if (a.window_right >= 0) lo = max(std::int64_t{0}, n_first - a.shift - a.window_right) / kCols * kCols;
+  if (a.window_left >= 0) hi = min(hi, n_last - a.shift + a.window_left + 1);
+}
+
+// Copy `rows` x D elements (row stride `stride` in global memory, unit column stride) into
+// a shared tile of kRows rows with row stride LDT; rows at or past `valid` become zeros.
+// 16 bytes per access: src and stride must be 16-byte aligned (the host checks).
+template <typename T, int D, int LDT>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, std::int64_t stride, std::int64_t valid) {
+  constexpr int kChunks = D / 8;
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (r < valid) v = *reinterpret_cast<const uint4*>(src + r * stride + col);
+    *reinterpret_cast<uint4*>(dst + r * LDT + col) = v;
+  }
+}
+
+// Write one lane's share of a row: columns [half * 8 + 16 * t, ... + 8) of D, from a float
+// row in shared memory times `mul`, converted to T, 16 bytes at a time.
+template <typename T, int D>
+__device__ __forceinline__ void store_row_half(T* dst, const float* row, float mul, int half) {
+  for (int c = half * 8; c < D; c += 16) {
+    alignas(16) T vals[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) vals[e] = from_float<T>(row[c + e] * mul);
+    *reinterpret_cast<uint4*>(dst + c) = *reinterpret_cast<const uint4*>(vals);
+  }
+}
+
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+template <typename T>
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+template <typename T, typename Layout>
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Layout>;
+
+// One warp: C (16 x NCOLS, float, row-major at c with stride ldc) = A Bt^T, where A is
+// 16 x K (row-major at a, stride lda) and Bt is NCOLS x K (row-major at bt, stride ldb):
+// Bt^T is read as a col_major matrix_b (element (k, n) at bt[n * ldb + k]).
+template <typename T, int K, int NCOLS>
+__device__ __forceinline__ void warp_gemm_abt(float* c, int ldc, const T* a, int lda, const T* bt, int ldb) {
+  FragC acc[NCOLS / 16];
+#pragma unroll
+  for (int n = 0; n < NCOLS / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    FragA<T> fa;
+    wmma::load_matrix_sync(fa, a + kk * 16, lda);
+#pragma unroll
+    for (int n = 0; n < NCOLS / 16; ++n) {
+      FragB<T, wmma::col_major> fb;
+      wmma::load_matrix_sync(fb, bt + n * 16 * ldb + kk * 16, ldb);
+      wmma::mma_sync(acc[n], fa, fb, acc[n]);
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < NCOLS / 16; ++n) wmma::store_matrix_sync(c + n * 16, acc[n], ldc, wmma::mem_row_major);
+}
+
+// One warp: acc[0 .. NT) (16 x 16 NT) += A B, A 16 x K (row-major at a, stride lda), B K x 16 NT
+// (row-major at b, stride ldb).
+template <typename T, int K, int NT>
+__device__ __forceinline__ void warp_gemm_ab_acc(FragC* acc, const T* a, int lda, const T* b, int ldb) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    FragA<T> fa;
+    wmma::load_matrix_sync(fa, a + kk * 16, lda);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      FragB<T, wmma::row_major> fb;
+      wmma::load_matrix_sync(fb, b + kk * 16 * ldb + n * 16, ldb);
+      wmma::mma_sync(acc[n], fa, fb, acc[n]);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- forward
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Args a, const std::int64_t m_tiles) {
+  using G = Geometry<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = reinterpret_cast<T*>(smem + G::kTile);
+  T* sV = reinterpret_cast<T*>(smem + 2 * G::kTile);
+  float* sS = reinterpret_cast<float*>(smem + 3 * G::kTile);
+  T* sP = reinterpret_cast<T*>(smem + 3 * G::kTile + G::kScores);
+  float* sO = reinterpret_cast<float*>(smem + 3 * G::kTile + G::kScores + G::kProbs);
+
+  const std::int64_t tile = blockIdx.x % m_tiles, bh = blockIdx.x / m_tiles;
+  const std::int64_t b = bh / a.H, h = bh % a.H, hk = h / a.group;
+  const std::int64_t m0 = tile * kRows;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* q = static_cast<const T*>(a.q) + b * a.sqb + h * a.sqh + m0 * a.sqm;
+  const T* k = static_cast<const T*>(a.k) + b * a.skb + hk * a.skh;
+  const T* v = static_cast<const T*>(a.v) + b * a.svb + hk * a.svh;
+
+  load_tile<T, D, G::LDT>(sQ, q, a.sqm, a.L - m0);
+  for (int c = threadIdx.x; c < kRows * G::LDO; c += kThreads) sO[c] = 0.0f;
+
+  // This lane's row of the warp's 16 and its half of the columns (interleaved: col = 2t + half).
+  const int r = lane >> 1, half = lane & 1;
+  const std::int64_t i = m0 + warp * 16 + r;
+  float* sSw = sS + warp * 16 * G::LDS;
+  T* sPw = sP + warp * 16 * G::LDP;
+  float* sOw = sO + warp * 16 * G::LDO;
+  const float c_scale = a.scale * kLog2e;
+  float m_run = -INFINITY, l_run = 0.0f;
+
+  std::int64_t lo, hi;
+  key_range(a, m0, min(m0 + kRows, a.L) - 1, lo, hi);
+  __syncthreads();  // sQ and sO ready (also when the loop below does not run)
+  for (std::int64_t n0 = lo; n0 < hi; n0 += kCols) {
+    load_tile<T, D, G::LDT>(sK, k + n0 * a.skn, a.skn, a.S - n0);
+    load_tile<T, D, G::LDT>(sV, v + n0 * a.svn, a.svn, a.S - n0);
+    __syncthreads();
+
+    // S = Q K^T for the warp's 16 queries.
+    warp_gemm_abt<T, D, kCols>(sSw, G::LDS, sQ + warp * 16 * G::LDT, G::LDT, sK, G::LDT);
+    __syncwarp();
+
+    // Online softmax of row r: two lanes per row, 32 columns each.
+    float s[kCols / 2];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int t = 0; t < kCols / 2; ++t) {
+      const int col = 2 * t + half;
+      float x = sSw[r * G::LDS + col] * c_scale;
+      if (!visible(a, i, n0 + col)) x = -INFINITY;
+      s[t] = x;
+      mx = fmaxf(mx, x);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    const float m_new = fmaxf(m_run, mx);
+    // A row that has seen nothing yet has max -inf: subtract 0 instead, so every
+    // exponential of -inf is a clean 0 (never inf - inf).
+    const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
+    const float alpha = exp2f(m_run - m_safe);
+    float sum = 0.0f;
+#pragma unroll
+    for (int t = 0; t < kCols / 2; ++t) {
+      const float p = exp2f(s[t] - m_safe);
+      sum += p;
+      sPw[r * G::LDP + 2 * t + half] = from_float<T>(p);
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    l_run = l_run * alpha + sum;
+    m_run = m_new;
+    for (int c = half; c < D; c += 2) sOw[r * G::LDO + c] *= alpha;
+    __syncwarp();
+
+    // O += P V for the warp's 16 rows (the accumulator goes through shared memory).
+    FragA<T> fp[kCols / 16];
+#pragma unroll
+    for (int kk = 0; kk < kCols / 16; ++kk) wmma::load_matrix_sync(fp[kk], sPw + kk * 16, G::LDP);
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      FragC acc;
+      wmma::load_matrix_sync(acc, sOw + n * 16, G::LDO, wmma::mem_row_major);
+#pragma unroll
+      for (int kk = 0; kk < kCols / 16; ++kk) {
+        FragB<T, wmma::row_major> fv;
+        wmma::load_matrix_sync(fv, sV + kk * 16 * G::LDT + n * 16, G::LDT);
+        wmma::mma_sync(acc, fp[kk], fv, acc);
+      }
+      wmma::store_matrix_sync(sOw + n * 16, acc, G::LDO, wmma::mem_row_major);
+    }
+    __syncthreads();  // K and V are overwritten next; sO rows are read below
+  }
+  __syncwarp();
+
+  if (i < a.L) {
+    const bool seen = l_run > 0.0f;
+    T* out = static_cast<T*>(a.out) + ((b * a.L + i) * a.H + h) * D;
+    store_row_half<T, D>(out, sOw + r * G::LDO, seen ? 1.0f / l_run : 0.0f, half);
+    if (half == 0) a.lse[(b * a.H + h) * a.L + i] = seen ? (m_run + log2f(l_run)) * kLn2 : INFINITY;
+  }
+}
+
+// ----------------------------------------------------------------------------- backward
+
+// delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d] in float32: one warp per row.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Args a) {
+  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= a.B * a.L * a.H) return;
+  const std::int64_t h = row % a.H, i = (row / a.H) % a.L, b = row / (a.H * a.L);
+  const T* o = static_cast<const T*>(a.o) + b * a.sob + i * a.som + h * a.soh;
+  const T* d = static_cast<const T*>(a.dout) + b * a.sdob + i * a.sdom + h * a.sdoh;
+  float acc = 0.0f;
+  for (int c = lane; c < D; c += 32) acc += to_float(o[c]) * to_float(d[c]);
+  acc = warp_sum(acc);
+  if (lane == 0) a.delta[(b * a.H + h) * a.L + i] = acc;
+}
+
+// The lse (in base 2) and delta of queries m0 .. m0 + 63 of head (b, h) into shared memory;
+// rows past L get lse +inf (so their probabilities are 0) and delta 0.
+__device__ __forceinline__ void load_row_stats(const Args& a, std::int64_t b, std::int64_t h, std::int64_t m0,
+                                               float* sLse, float* sDelta) {
+  for (int t = threadIdx.x; t < kRows; t += kThreads) {
+    const std::int64_t i = m0 + t;
+    const bool ok = i < a.L;
+    sLse[t] = ok ? a.lse[(b * a.H + h) * a.L + i] * kLog2e : INFINITY;
+    sDelta[t] = ok ? a.delta[(b * a.H + h) * a.L + i] : 0.0f;
+  }
+}
+
+// dQ of 64 queries of head (b, h): dQ = scale * sum over key tiles of dS K, with
+// dS = P * (dP - delta), P = exp2(S * scale * log2e - lse * log2e), dP = dO V^T.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const Args a, const std::int64_t m_tiles) {
+  using G = Geometry<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sDO = reinterpret_cast<T*>(smem + G::kTile);
+  T* sK = reinterpret_cast<T*>(smem + 2 * G::kTile);
+  T* sV = reinterpret_cast<T*>(smem + 3 * G::kTile);
+  float* sS = reinterpret_cast<float*>(smem + 4 * G::kTile);
+  float* sDP = reinterpret_cast<float*>(smem + 4 * G::kTile + G::kScores);
+  T* sDS = reinterpret_cast<T*>(smem + 4 * G::kTile + 2 * G::kScores);
+  float* sLse = reinterpret_cast<float*>(smem + 4 * G::kTile + 2 * G::kScores + G::kProbs);
+  float* sDelta = sLse + kRows;
+
+  const std::int64_t tile = blockIdx.x % m_tiles, bh = blockIdx.x / m_tiles;
+  const std::int64_t b = bh / a.H, h = bh % a.H, hk = h / a.group;
+  const std::int64_t m0 = tile * kRows;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* q = static_cast<const T*>(a.q) + b * a.sqb + h * a.sqh + m0 * a.sqm;
+  const T* dout = static_cast<const T*>(a.dout) + b * a.sdob + h * a.sdoh + m0 * a.sdom;
+  const T* k = static_cast<const T*>(a.k) + b * a.skb + hk * a.skh;
+  const T* v = static_cast<const T*>(a.v) + b * a.svb + hk * a.svh;
+
+  load_tile<T, D, G::LDT>(sQ, q, a.sqm, a.L - m0);
+  load_tile<T, D, G::LDT>(sDO, dout, a.sdom, a.L - m0);
+  load_row_stats(a, b, h, m0, sLse, sDelta);
+
+  const int r = lane >> 1, half = lane & 1;
+  const std::int64_t i = m0 + warp * 16 + r;
+  float* sSw = sS + warp * 16 * G::LDS;
+  float* sDPw = sDP + warp * 16 * G::LDS;
+  T* sDSw = sDS + warp * 16 * G::LDP;
+  const float c_scale = a.scale * kLog2e;
+
+  FragC dq[D / 16];
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(dq[n], 0.0f);
+
+  std::int64_t lo, hi;
+  key_range(a, m0, min(m0 + kRows, a.L) - 1, lo, hi);
+  __syncthreads();  // sQ, sDO, sLse, sDelta ready
+  for (std::int64_t n0 = lo; n0 < hi; n0 += kCols) {
+    load_tile<T, D, G::LDT>(sK, k + n0 * a.skn, a.skn, a.S - n0);
+    load_tile<T, D, G::LDT>(sV, v + n0 * a.svn, a.svn, a.S - n0);
+    __syncthreads();
+
+    warp_gemm_abt<T, D, kCols>(sSw, G::LDS, sQ + warp * 16 * G::LDT, G::LDT, sK, G::LDT);    // S = Q K^T
+    warp_gemm_abt<T, D, kCols>(sDPw, G::LDS, sDO + warp * 16 * G::LDT, G::LDT, sV, G::LDT);  // dP = dO V^T
+    __syncwarp();
+    const float lse2 = sLse[warp * 16 + r], delta = sDelta[warp * 16 + r];
+#pragma unroll 8
+    for (int t = 0; t < kCols / 2; ++t) {
+      const int col = 2 * t + half;
+      float ds = 0.0f;
+      if (visible(a, i, n0 + col)) {
+        const float p = exp2f(sSw[r * G::LDS + col] * c_scale - lse2);
+        ds = p * (sDPw[r * G::LDS + col] - delta);
+      }
+      sDSw[r * G::LDP + col] = from_float<T>(ds);
+    }
+    __syncwarp();
+    warp_gemm_ab_acc<T, kCols, D / 16>(dq, sDSw, G::LDP, sK, G::LDT);  // dQ += dS K
+    __syncthreads();  // K and V are overwritten next
+  }
+
+  // Stage the warp's 16 x D result as float over the start of shared memory, then write.
+  __syncthreads();
+  float* stage = reinterpret_cast<float*>(smem) + warp * 16 * G::LDO;
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) wmma::store_matrix_sync(stage + n * 16, dq[n], G::LDO, wmma::mem_row_major);
+  __syncwarp();
+  if (i < a.L) {
+    T* dst = static_cast<T*>(a.dq) + ((b * a.L + i) * a.H + h) * D;
+    store_row_half<T, D>(dst, stage + r * G::LDO, a.scale, half);
+  }
+}
+
+// dK, dV of 64 keys of head (b, hk), over the query heads of its group and the query tiles
+// that see it: dV = sum P^T dO, dK = scale * sum dS^T Q, with the transposed scores
+// S^T = K Q^T and dP^T = V dO^T computed directly (the warp's rows are keys).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Args a, const std::int64_t n_tiles) {
+  using G = Geometry<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = reinterpret_cast<T*>(smem + G::kTile);
+  T* sQ = reinterpret_cast<T*>(smem + 2 * G::kTile);
+  T* sDO = reinterpret_cast<T*>(smem + 3 * G::kTile);
+  float* sS = reinterpret_cast<float*>(smem + 4 * G::kTile);
+  float* sDP = reinterpret_cast<float*>(smem + 4 * G::kTile + G::kScores);
+  T* sP = reinterpret_cast<T*>(smem + 4 * G::kTile + 2 * G::kScores);
+  T* sDS = reinterpret_cast<T*>(smem + 4 * G::kTile + 2 * G::kScores + G::kProbs);
+  float* sLse = reinterpret_cast<float*>(smem + 4 * G::kTile + 2 * G::kScores + 2 * G::kProbs);
+  float* sDelta = sLse + kRows;
+
+  const std::int64_t tile = blockIdx.x % n_tiles, bhk = blockIdx.x / n_tiles;
+  const std::int64_t b = bhk / a.HK, hk = bhk % a.HK;
+  const std::int64_t n0 = tile * kRows;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* k = static_cast<const T*>(a.k) + b * a.skb + hk * a.skh + n0 * a.skn;
+  const T* v = static_cast<const T*>(a.v) + b * a.svb + hk * a.svh + n0 * a.svn;
+  load_tile<T, D, G::LDT>(sK, k, a.skn, a.S - n0);
+  load_tile<T, D, G::LDT>(sV, v, a.svn, a.S - n0);
+
+  const int r = lane >> 1, half = lane & 1;
+  const std::int64_t j = n0 + warp * 16 + r;  // this lane's key
+  float* sSw = sS + warp * 16 * G::LDS;
+  float* sDPw = sDP + warp * 16 * G::LDS;
+  T* sPw = sP + warp * 16 * G::LDP;
+  T* sDSw = sDS + warp * 16 * G::LDP;
+  const float c_scale = a.scale * kLog2e;
+
+  FragC dk[D / 16], dv[D / 16];
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) {
+    wmma::fill_fragment(dk[n], 0.0f);
+    wmma::fill_fragment(dv[n], 0.0f);
+  }
+
+  std::int64_t lo, hi;
+  query_range(a, n0, min(n0 + kRows, a.S) - 1, lo, hi);
+  for (std::int64_t g = 0; g < a.group; ++g) {
+    const std::int64_t h = hk * a.group + g;
+    const T* q = static_cast<const T*>(a.q) + b * a.sqb + h * a.sqh;
+    const T* dout = static_cast<const T*>(a.dout) + b * a.sdob + h * a.sdoh;
+    for (std::int64_t m0 = lo; m0 < hi; m0 += kCols) {
+      __syncthreads();  // the previous tiles of Q, dO, lse, delta are no longer read
+      load_tile<T, D, G::LDT>(sQ, q + m0 * a.sqm, a.sqm, a.L - m0);
+      load_tile<T, D, G::LDT>(sDO, dout + m0 * a.sdom, a.sdom, a.L - m0);
+      load_row_stats(a, b, h, m0, sLse, sDelta);
+      __syncthreads();
+
+      warp_gemm_abt<T, D, kCols>(sSw, G::LDS, sK + warp * 16 * G::LDT, G::LDT, sQ, G::LDT);    // S^T = K Q^T
+      warp_gemm_abt<T, D, kCols>(sDPw, G::LDS, sV + warp * 16 * G::LDT, G::LDT, sDO, G::LDT);  // dP^T = V dO^T
+      __syncwarp();
+#pragma unroll 8
+      for (int t = 0; t < kCols / 2; ++t) {
+        const int col = 2 * t + half;  // query m0 + col
+        float p = 0.0f, ds = 0.0f;
+        if (visible(a, m0 + col, j)) {
+          p = exp2f(sSw[r * G::LDS + col] * c_scale - sLse[col]);
+          ds = p * (sDPw[r * G::LDS + col] - sDelta[col]);
+        }
+        sPw[r * G::LDP + col] = from_float<T>(p);
+        sDSw[r * G::LDP + col] = from_float<T>(ds);
+      }
+      __syncwarp();
+      warp_gemm_ab_acc<T, kCols, D / 16>(dv, sPw, G::LDP, sDO, G::LDT);  // dV += P^T dO
+      warp_gemm_ab_acc<T, kCols, D / 16>(dk, sDSw, G::LDP, sQ, G::LDT);  // dK += dS^T Q
+    }
+  }
+
+  __syncthreads();  // everyone is done with the tiles: stage results over them
+  float* stage = reinterpret_cast<float*>(smem) + warp * 16 * G::LDO;
+  const std::int64_t row = ((b * a.S + j) * a.HK + hk) * D;
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) wmma::store_matrix_sync(stage + n * 16, dv[n], G::LDO, wmma::mem_row_major);
+  __syncwarp();
+  if (j < a.S) store_row_half<T, D>(static_cast<T*>(a.dv) + row, stage + r * G::LDO, 1.0f, half);
+  __syncwarp();
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) wmma::store_matrix_sync(stage + n * 16, dk[n], G::LDO, wmma::mem_row_major);
+  __syncwarp();
+  if (j < a.S) store_row_half<T, D>(static_cast<T*>(a.dk) + row, stage + r * G::LDO, a.scale, half);
+}
+
+// ----------------------------------------------------------------------------- launchers
+
+std::int64_t cdiv(std::int64_t x, std::int64_t y) { return (x + y - 1) / y; }
+
+template <typename Kernel>
+void launch(Kernel kernel, std::int64_t blocks, int smem_bytes, cudaStream_t stream, const char* what, const Args& a,
+            std::int64_t tiles) {
+  if (blocks <= 0) return;
+  if (blocks > 0x7fffffff) throw std::invalid_argument(std::string("fastlm ") + what + ": too many blocks");
+  cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastlm CUDA kernel ") + what + ": cannot get " + std::to_string(smem_bytes) +
+                             " bytes of shared memory: " + cudaGetErrorString(err));
+  }
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(a, tiles);
+  check_launch(what);
+}
+
+template <typename T, int D>
+void run_fwd(const Args& a, cudaStream_t stream) {
+  const std::int64_t tiles = cdiv(a.L, kRows);
+  launch(attn_fwd_kernel<T, D>, tiles * a.B * a.H, Geometry<D>::kFwd, stream, "attention_fwd", a, tiles);
+}
+
+template <typename T, int D>
+void run_bwd(const Args& a, cudaStream_t stream) {
+  const std::int64_t rows = a.B * a.L * a.H;
+  if (rows > 0) {
+    if (cdiv(rows, kWarps) > 0x7fffffff) throw std::invalid_argument("fastlm attention_bwd: too many rows");
+    attn_bwd_delta_kernel<T, D><<<static_cast<unsigned>(cdiv(rows, kWarps)), kThreads, 0, stream>>>(a);
+    check_launch("attention_bwd (delta)");
+  }
+  const std::int64_t n_tiles = cdiv(a.S, kRows);
+  launch(attn_bwd_dkdv_kernel<T, D>, n_tiles * a.B * a.HK, Geometry<D>::kBwdDkdv, stream, "attention_bwd (dk, dv)", a,
+         n_tiles);
+  const std::int64_t m_tiles = cdiv(a.L, kRows);
+  launch(attn_bwd_dq_kernel<T, D>, m_tiles * a.B * a.H, Geometry<D>::kBwdDq, stream, "attention_bwd (dq)", a,
+         m_tiles);
+}
+
+template <typename T, bool Bwd>
+void dispatch_dim(std::int64_t D, const Args& a, cudaStream_t stream, const char* what) {
+  switch (D) {
+    case 64: return Bwd ? run_bwd<T, 64>(a, stream) : run_fwd<T, 64>(a, stream);
+    case 128: return Bwd ? run_bwd<T, 128>(a, stream) : run_fwd<T, 128>(a, stream);
+    default:
+      throw std::invalid_argument(std::string("fastlm ") + what + ": head dim " + std::to_string(D) +
+                                  " is not built (built: " + kHeadDims + ")");
+  }
+}
+
+// Dispatch on element type and head dim.
+template <bool Bwd>
+void dispatch(int dtype, std::int64_t D, const Args& a, cudaStream_t stream, const char* what) {
+  switch (dtype) {
+    case kFloat16: return dispatch_dim<__half, Bwd>(D, a, stream, what);
+    case kBFloat16: return dispatch_dim<__nv_bfloat16, Bwd>(D, a, stream, what);
+    default:
+      throw std::invalid_argument(std::string("fastlm ") + what + ": dtype code " + std::to_string(dtype) +
+                                  " (the attention kernels take float16 and bfloat16)");
+  }
+}
+
+void check_operand(const char* what, const char* name, std::uintptr_t p, std::int64_t sb, std::int64_t sm,
+                   std::int64_t sh) {
+  // 2-byte elements: 16-byte accesses need addresses and strides that are multiples of 8 elements.
+  if (p % 16 != 0 || sb % 8 != 0 || sm % 8 != 0 || sh % 8 != 0) {
+    throw std::invalid_argument(std::string("fastlm ") + what + ": " + name +
+                                " must be 16-byte aligned with batch, row and head strides that are multiples "
+                                "of 8 elements (got address " + std::to_string(p) + ", strides " +
+                                std::to_string(sb) + ", " + std::to_string(sm) + ", " + std::to_string(sh) + ")");
+  }
+}
+
+Args make_args(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::int64_t B, std::int64_t L, std::int64_t S,
+               std::int64_t H, std::int64_t HK, std::int64_t D, std::int64_t sqb, std::int64_t sqm, std::int64_t sqh,
+               std::int64_t skb, std::int64_t skn, std::int64_t skh, std::int64_t svb, std::int64_t svn,
+               std::int64_t svh, double scale, bool bottom_right, std::int64_t window_left, std::int64_t window_right,
+               const char* what) {
+  if (B < 0 || L < 0 || S < 0 || H <= 0 || HK <= 0 || H % HK != 0 || D <= 0) {
+    throw std::invalid_argument(std::string("fastlm ") + what + ": bad sizes (B " + std::to_string(B) + ", L " +
+                                std::to_string(L) + ", S " + std::to_string(S) + ", H " + std::to_string(H) +
+                                ", Hk " + std::to_string(HK) + ", D " + std::to_string(D) + ")");
+  }
+  check_operand(what, "q", q, sqb, sqm, sqh);
+  check_operand(what, "k", k, skb, skn, skh);
+  check_operand(what, "v", v, svb, svn, svh);
+  Args a{};
+  a.q = reinterpret_cast<const void*>(q);
+  a.k = reinterpret_cast<const void*>(k);
+  a.v = reinterpret_cast<const void*>(v);
+  a.B = B, a.L = L, a.S = S, a.H = H, a.HK = HK, a.group = H / HK;
+  a.sqb = sqb, a.sqm = sqm, a.sqh = sqh, a.skb = skb, a.skn = skn, a.skh = skh, a.svb = svb, a.svn = svn, a.svh = svh;
+  a.scale = static_cast<float>(scale);
+  a.shift = bottom_right ? S - L : 0;
+  a.window_left = window_left < 0 ? -1 : window_left;
+  a.window_right = window_right < 0 ? -1 : window_right;
+  return a;
+}
+
+}  // namespace
+
+void attention_fwd(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+                   std::uintptr_t lse, std::int64_t B, std::int64_t L, std::int64_t S, std::int64_t H,
+                   std::int64_t HK, std::int64_t D, std::int64_t sqb, std::int64_t sqm, std::int64_t sqh,
+                   std::int64_t skb, std::int64_t skn, std::int64_t skh, std::int64_t svb, std::int64_t svn,
+                   std::int64_t svh, double scale, bool bottom_right, std::int64_t window_left,
+                   std::int64_t window_right, std::uintptr_t stream) {
+  Args a = make_args(q, k, v, B, L, S, H, HK, D, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, scale, bottom_right,
+                     window_left, window_right, "attention_fwd");
+  check_operand("attention_fwd", "out", out, 0, 0, 0);
+  a.out = reinterpret_cast<void*>(out);
+  a.lse = reinterpret_cast<float*>(lse);
+  if (B == 0 || L == 0) return;
+  dispatch<false>(dtype, D, a, reinterpret_cast<cudaStream_t>(stream), "attention_fwd");
+}
+
+void attention_bwd(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+                   std::uintptr_t dout, std::uintptr_t lse, std::uintptr_t delta, std::uintptr_t dq,
+                   std::uintptr_t dk, std::uintptr_t dv, std::int64_t B, std::int64_t L, std::int64_t S,
+                   std::int64_t H, std::int64_t HK, std::int64_t D, std::int64_t sqb, std::int64_t sqm,
+                   std::int64_t sqh, std::int64_t skb, std::int64_t skn, std::int64_t skh, std::int64_t svb,
+                   std::int64_t svn, std::int64_t svh, std::int64_t sob, std::int64_t som, std::int64_t soh,
+                   std::int64_t sdob, std::int64_t sdom, std::int64_t sdoh, double scale, bool bottom_right,
+                   std::int64_t window_left, std::int64_t window_right, std::uintptr_t stream) {
+  Args a = make_args(q, k, v, B, L, S, H, HK, D, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, scale, bottom_right,
+                     window_left, window_right, "attention_bwd");
+  check_operand("attention_bwd", "dout", dout, sdob, sdom, sdoh);
+  check_operand("attention_bwd", "dq", dq, 0, 0, 0);
+  check_operand("attention_bwd", "dk", dk, 0, 0, 0);
+  check_operand("attention_bwd", "dv", dv, 0, 0, 0);
+  a.o = reinterpret_cast<const void*>(out);
+  a.dout = reinterpret_cast<const void*>(dout);
+  a.lse = reinterpret_cast<float*>(lse);
+  a.delta = reinterpret_cast<float*>(delta);
+  a.dq = reinterpret_cast<void*>(dq);
+  a.dk = reinterpret_cast<void*>(dk);
+  a.dv = reinterpret_cast<void*>(dv);
+  a.sob = sob, a.som = som, a.soh = soh, a.sdob = sdob, a.sdom = sdom, a.sdoh = sdoh;
+  if (B == 0 || (L == 0 && S == 0)) return;
+  dispatch<true>(dtype, D, a, reinterpret_cast<cudaStream_t>(stream), "attention_bwd");
+}
+
+}  // namespace fastlm
