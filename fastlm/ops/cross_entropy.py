@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..backend import get_backend, resolve
 from ..reference import cross_entropy as ref
+from ._autocast import no_autocast
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("none", "mean", "sum")
@@ -198,6 +199,7 @@ def rows_bwd(backend: str, dloss, logits, target, weight, lse, coef, ignore_inde
 
 
 @torch.library.custom_op("fastlm::cross_entropy", mutates_args=())
+@no_autocast
 def _cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                    label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
     check_targets_in_range("cross_entropy", target, logits.shape[1], ignore_index)
@@ -212,6 +214,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
 
 
 @torch.library.custom_op("fastlm::cross_entropy_bwd", mutates_args=())
+@no_autocast
 def _cross_entropy_bwd(dloss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
                        coef: Tensor, ignore_index: int, label_smoothing: float, softcap: float,
                        backend: str) -> Tensor:

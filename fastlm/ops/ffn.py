@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..backend import get_backend, resolve
+from ._autocast import autocast_inputs, no_autocast
 from ..reference import ffn as ref
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -96,6 +97,7 @@ def _ref_dpre(dh, pre, activation):
 # ----------------------------------------------------------------------------- custom ops: linear
 
 @torch.library.custom_op("fastlm::linear", mutates_args=())
+@no_autocast
 def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], activation: str, save: bool) -> tuple[Tensor, Tensor]:
     if _pick("linear", x) == "triton":
         from fastlm.kernels import matmul as kernels
@@ -113,6 +115,7 @@ def _(x, w, b, activation, save):
 
 
 @torch.library.custom_op("fastlm::linear_bwd", mutates_args=())
+@no_autocast
 def _linear_bwd(dy: Tensor, x: Tensor, w: Tensor, saved: Tensor, activation: str, has_bias: bool,
                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if _pick("linear", x, backend) == "triton":
@@ -155,6 +158,7 @@ _linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 # ----------------------------------------------------------------------------- custom ops: feed_forward
 
 @torch.library.custom_op("fastlm::feed_forward", mutates_args=())
+@no_autocast
 def _feed_forward(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
                   activation: str, save: bool) -> tuple[Tensor, Tensor, Tensor]:
     if _pick("feed_forward", x) == "triton":
@@ -184,6 +188,7 @@ def _(x, w_in, b_in, w_out, b_out, activation, save):
 
 
 @torch.library.custom_op("fastlm::feed_forward_bwd", mutates_args=())
+@no_autocast
 def _feed_forward_bwd(dy: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, h: Tensor,
                       pre: Tensor, activation: str, has_b_out: bool,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -280,6 +285,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     stores it, bias (N,); activation None, "relu", "gelu" (erf), "gelu_tanh" or "silu".
     With activation None this is torch.nn.functional.linear."""
     fn = "linear"
+    input, weight, bias = autocast_inputs(input, weight, bias)
     _check_tensor(fn, "input", input)
     _check_tensor(fn, "weight", weight, input)
     _check_tensor(fn, "bias", bias, input, optional=True)
@@ -306,6 +312,7 @@ def feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Ten
     recompute=True saves no hidden activation for the backward and recomputes it from input.
     """
     fn = "feed_forward"
+    input, w_in, b_in, w_out, b_out = autocast_inputs(input, w_in, b_in, w_out, b_out)
     _check_tensor(fn, "input", input)
     for name, t, optional in (("w_in", w_in, False), ("b_in", b_in, True), ("w_out", w_out, False),
                               ("b_out", b_out, True)):

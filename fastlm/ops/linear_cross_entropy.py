@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..backend import get_backend
+from ._autocast import autocast_inputs, no_autocast
 from .cross_entropy import check_loss_options, check_targets_in_range, mean_divisor, pick_backend, rows_bwd, rows_fwd
 
 _REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
@@ -61,6 +62,7 @@ def _accumulate_grads(d: Tensor, x_chunk: Tensor, weight: Tensor, dx_chunk: Tens
 
 
 @torch.library.custom_op("fastlm::linear_cross_entropy", mutates_args=())
+@no_autocast
 def _linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
                           label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
                           reduction: int, compute_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -110,6 +112,7 @@ def _(x, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, c
 
 
 @torch.library.custom_op("fastlm::linear_cross_entropy_bwd", mutates_args=())
+@no_autocast
 def _linear_cross_entropy_bwd(dloss: Tensor, x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                               ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
                               chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -212,6 +215,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     Gradients flow to input, weight and bias; dweight accumulates across chunks in the
     weight's dtype.
     """
+    input, weight, bias = autocast_inputs(input, weight, bias)
     _check_args(input, weight, target, bias)
     label_smoothing, z_loss, softcap = check_loss_options("linear_cross_entropy", ignore_index, reduction,
                                                           label_smoothing, z_loss, softcap)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..backend import get_backend, resolve
 from ..reference import norm as ref
+from ._autocast import no_autocast, promote_residual
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ShapeArg = Union[int, Sequence[int], torch.Size]
@@ -152,6 +153,7 @@ def _cuda_norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms):
 # ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("fastlm::norm", mutates_args=())
+@no_autocast
 def _norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
           normalized_ndim: int, eps: float, rms: bool, keep_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fn = ("add_" if residual is not None else "") + ("rms_norm" if rms else "layer_norm")
@@ -175,6 +177,7 @@ def _(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum):
 
 
 @torch.library.custom_op("fastlm::norm_bwd", mutates_args=())
+@no_autocast
 def _norm_bwd(dy: Tensor, dsum: Optional[Tensor], x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
               mean: Tensor, rstd: Tensor, normalized_ndim: int, eps: float, rms: bool,
               backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -242,6 +245,7 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _run(fn, input, residual, normalized_shape, weight, bias, eps, rms, return_residual):
+    input, residual = promote_residual(input, residual)
     shape = _check_args(fn, input, residual, normalized_shape, weight, bias, eps)
     keep_sum = residual is not None and (return_residual or _needs_grad(input, residual, weight, bias))
     y, s, _, _ = _norm(input, residual, weight, bias, len(shape), float(eps), rms, keep_sum)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..backend import get_backend, resolve
 from ..reference import rotary as ref
+from ._autocast import no_autocast
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 1024  # wider heads run on the reference (a tile per head must fit in registers)
@@ -102,6 +103,7 @@ def _pick(x: Tensor, cos: Tensor, sin: Tensor, requested: Optional[str] = None) 
 # ----------------------------------------------------------------------------- the custom op
 
 @torch.library.custom_op("fastlm::rotary", mutates_args=())
+@no_autocast
 def _rotary(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor], interleaved: bool,
             conjugate: bool, backend: Optional[str]) -> Tensor:
     _check_positions(position_ids, cos.shape[0])
