@@ -6,6 +6,7 @@
     python -m fastlm.bench lce  [--rows N ...] [--widths VOCAB ...]   linear_cross_entropy (H from the defaults)
     python -m fastlm.bench attention [--rows SEQLEN ...] [--widths HEAD_DIM ...]   flash attention
     python -m fastlm.bench ffn  [--rows TOKENS ...] [--widths D_MODEL ...]   feed_forward (gelu_tanh, swiglu)
+    python -m fastlm.bench models [--rows BATCH ...] [--widths SEQLEN ...]   GPT-2 training steps (tokens/s, MFU)
     python -m fastlm.bench all  ...
 
 Each suite writes <out>/<suite>.json (device, versions, date, measured ceilings, every
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 
 # Suite name -> module under fastlm.bench with run(config, harness) and the names it accepts.
 SUITES = {"norm": "fastlm.bench.norm", "ce": "fastlm.bench.ce", "lce": "fastlm.bench.lce",
-          "attention": "fastlm.bench.attention", "ffn": "fastlm.bench.ffn"}
+          "attention": "fastlm.bench.attention", "ffn": "fastlm.bench.ffn", "models": "fastlm.bench.models"}
 
 _DEFAULT_REPS = {("cuda", False): 100, ("cuda", True): 10, ("cpu", False): 10, ("cpu", True): 3}
 
@@ -60,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="include torch.compile (auto: on CUDA only; on CPU each compile takes tens of seconds)")
     p.add_argument("--impls", nargs="+", metavar="IMPL",
                    help="only these implementations (fastlm-triton, fastlm-cuda, fastlm-torch, torch-eager, "
-                        "torch-compile, liger; attention: sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math, flash-attn; ffn: matmuls)")
+                        "torch-compile, liger; attention: sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math, flash-attn; ffn: matmuls; "
+                        "models: hf-gpt2, hf-gpt2-fastlm)")
     p.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (norm: layer_norm, rms_norm, "
                                                           "add_layer_norm, add_rms_norm; ce: cross_entropy; "
-                                                          "lce: linear_cross_entropy)")
+                                                          "lce: linear_cross_entropy; models: gpt2-124m, gpt2-350m)")
     p.add_argument("--modes", nargs="+", choices=["fwd", "bwd", "fwd+bwd"], help="only these modes")
     return p
 

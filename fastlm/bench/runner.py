@@ -39,7 +39,7 @@ MiB = 1 << 20
 TABLE_COLUMNS = (
     ("op", "op"), ("mode", "mode"), ("impl", "impl"), ("rows", "rows"), ("hidden", "hidden"), ("width", "width"),
     ("dtype", "dtype"), ("ms", "median ms"), ("gbps", "GB/s"), ("frac_copy_bw", "of copy BW"),
-    ("tflops", "TFLOP/s"), ("frac_matmul", "of matmul peak"), ("vs_matmuls", "vs bare matmuls"),
+    ("tokens_per_s", "tokens/s"), ("tflops", "TFLOP/s"), ("frac_matmul", "of matmul peak"), ("vs_matmuls", "vs bare matmuls"),
     ("peak_mib", "peak MiB"), ("speedup_vs_eager", "vs eager"), ("speedup_vs_compile", "vs compile"),
 )
 
