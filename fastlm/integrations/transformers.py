@@ -302,20 +302,28 @@ def _rms_out_dtype_t5(x: Tensor, w: Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, torch.float32), w.dtype)
 
 
-def _rms_forward(out_dtype: Callable[[Tensor, Tensor], torch.dtype]):
+def _rms_forward(eps_attr: str, offset: bool, out_dtype: Callable[[Tensor, Tensor], torch.dtype]):
     def forward(self, hidden_states: Tensor) -> Tensor:
         w = self.weight
-        weight = w if w.dtype in (hidden_states.dtype, torch.float32) else w.to(hidden_states.dtype)
-        y = rms_norm(hidden_states, (w.shape[-1],), weight, self.variance_epsilon)
+        if offset:  # Gemma: normed * (1 + weight), in float32
+            weight = 1.0 + w.float()
+        else:
+            weight = w if w.dtype in (hidden_states.dtype, torch.float32) else w.to(hidden_states.dtype)
+        y = rms_norm(hidden_states, (w.shape[-1],), weight, getattr(self, eps_attr))
         dtype = out_dtype(hidden_states, w)
         return y if y.dtype == dtype else y.to(dtype)
     return forward
 
 
-# Hugging Face RMS norms by the source of their forward: any class whose forward is written
-# exactly as LlamaRMSNorm's (many models copy it) or T5LayerNorm's computes the same formula.
-_RMS_KINDS = {"LlamaRMSNorm": ("transformers.models.llama.modeling_llama", _rms_out_dtype_llama),
-              "T5LayerNorm": ("transformers.models.t5.modeling_t5", _rms_out_dtype_t5)}
+# Hugging Face RMS norms recognised by the source of their forward (and _norm, where they
+# have one): a class written exactly as one of these (many models copy them) computes the
+# same formula. name: (module, eps attribute, weight is 1 + w, output dtype rule).
+_RMS_KINDS = {
+    "LlamaRMSNorm": ("transformers.models.llama.modeling_llama", "variance_epsilon", False, _rms_out_dtype_llama),
+    "T5LayerNorm": ("transformers.models.t5.modeling_t5", "variance_epsilon", False, _rms_out_dtype_t5),
+    "GemmaRMSNorm": ("transformers.models.gemma.modeling_gemma", "eps", True, lambda x, w: x.dtype),
+    "Gemma2RMSNorm": ("transformers.models.gemma2.modeling_gemma2", "eps", True, lambda x, w: x.dtype),
+}
 _swap_classes: dict[type, Optional[type]] = {}
 
 
@@ -324,6 +332,10 @@ def _normalised_source(fn) -> Optional[str]:
         return inspect.getsource(fn).strip()
     except (OSError, TypeError):
         return None
+
+
+def _signature(cls: type) -> tuple:
+    return tuple(_normalised_source(getattr(cls, m)) if hasattr(cls, m) else None for m in ("forward", "_norm"))
 
 
 def _fastlm_class_for(cls: type) -> Optional[type]:
@@ -337,12 +349,15 @@ def _fastlm_class_for(cls: type) -> Optional[type]:
         target = fnn.RMSNorm
     elif "forward" in cls.__dict__ and cls.__module__.startswith("transformers."):
         import importlib
-        src = _normalised_source(cls.forward)
-        for name, (module_name, out_dtype) in _RMS_KINDS.items():
-            reference = getattr(importlib.import_module(module_name), name)
-            if src is not None and src == _normalised_source(reference.forward):
+        signature = _signature(cls)
+        for name, (module_name, eps_attr, offset, out_dtype) in _RMS_KINDS.items():
+            try:
+                reference = getattr(importlib.import_module(module_name), name)
+            except (ImportError, AttributeError):  # another transformers version
+                continue
+            if signature[0] is not None and signature == _signature(reference):
                 target = type("Fastlm" + cls.__name__, (cls,),
-                              {"forward": _rms_forward(out_dtype), "__module__": __name__,
+                              {"forward": _rms_forward(eps_attr, offset, out_dtype), "__module__": __name__,
                                "__doc__": f"{cls.__name__} with its forward on fastlm.rms_norm."})
                 break
     _swap_classes[cls] = target
