@@ -6,11 +6,14 @@
     python -m fastlm.bench lce  [--rows N ...] [--widths VOCAB ...]   linear_cross_entropy (H from the defaults)
     python -m fastlm.bench attention [--rows SEQLEN ...] [--widths HEAD_DIM ...]   flash attention
     python -m fastlm.bench ffn  [--rows TOKENS ...] [--widths D_MODEL ...]   feed_forward (gelu_tanh, swiglu)
-    python -m fastlm.bench models [--rows BATCH ...] [--widths SEQLEN ...]   GPT-2 training steps (tokens/s, MFU)
+    python -m fastlm.bench rope [--rows BATCH ...] [--widths SEQLEN ...]     rotary
+    python -m fastlm.bench model [--rows BATCH ...] [--widths SEQLEN ...]   GPT-2 training steps (tokens/s, MFU)
     python -m fastlm.bench all  ...
 
 Each suite writes <out>/<suite>.json (device, versions, date, measured ceilings, every
-row) and <out>/<suite>.md (the table, also printed). The device ceilings are measured
+row), <out>/<suite>.md (the table, also printed) and <out>/<suite>.png (speedup over eager
+and fraction of the device's ceiling per case). ``--compare OLD.json`` (or a folder of
+them) prints what got faster or slower since that run. The device ceilings are measured
 once per run and shared by its suites. See fastlm/bench/runner.py for how times are taken.
 
 Importing this package touches no device and does not import triton.
@@ -27,7 +30,7 @@ from typing import Optional, Sequence
 
 # Suite name -> module under fastlm.bench with run(config, harness) and the names it accepts.
 SUITES = {"norm": "fastlm.bench.norm", "ce": "fastlm.bench.ce", "lce": "fastlm.bench.lce",
-          "attention": "fastlm.bench.attention", "ffn": "fastlm.bench.ffn", "models": "fastlm.bench.models"}
+          "attention": "fastlm.bench.attention", "ffn": "fastlm.bench.ffn", "model": "fastlm.bench.model", "rope": "fastlm.bench.rope"}
 
 _DEFAULT_REPS = {("cuda", False): 100, ("cuda", True): 10, ("cpu", False): 10, ("cpu", True): 3}
 
@@ -62,11 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", nargs="+", metavar="IMPL",
                    help="only these implementations (fastlm-triton, fastlm-cuda, fastlm-torch, torch-eager, "
                         "torch-compile, liger; attention: sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math, flash-attn; ffn: matmuls; "
-                        "models: hf-gpt2, hf-gpt2-fastlm)")
+                        "model: hf-gpt2, hf-gpt2-fastlm)")
     p.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (norm: layer_norm, rms_norm, "
                                                           "add_layer_norm, add_rms_norm; ce: cross_entropy; "
-                                                          "lce: linear_cross_entropy; models: gpt2-124m, gpt2-350m)")
+                                                          "lce: linear_cross_entropy; model: gpt2-124m, gpt2-350m)")
     p.add_argument("--modes", nargs="+", choices=["fwd", "bwd", "fwd+bwd"], help="only these modes")
+    p.add_argument("--compare", type=Path, metavar="OLD",
+                   help="an earlier run's <suite>.json (or its folder): print what got faster or slower")
     return p
 
 
@@ -76,6 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
+    from . import report as report_mod
     from . import runner
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -123,5 +129,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         json_path, md_path, report = runner.write_results(args.out, suite, env, config, ceilings,
                                                           harness.rows, harness.notes)
         print(report)
-        print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+        png = report_mod.plot(suite, harness.rows, args.out / f"{suite}.png",
+                              title=f"{suite} on {env['device']}, {env['date'][:10]}")
+        print(f"wrote {json_path}, {md_path}" + (f" and {png}" if png else " (no plot: matplotlib missing)"),
+              file=sys.stderr)
+        if args.compare is not None:
+            old = report_mod.load_compare(args.compare, suite)
+            if old is None:
+                print(f"--compare: {args.compare} holds no results for the {suite} suite", file=sys.stderr)
+            else:
+                table, faster, slower = report_mod.compare(old, harness.rows)
+                print(f"\n{suite} against {args.compare} ({old['environment'].get('device')}, "
+                      f"{old['environment'].get('date', '?')[:10]}): {faster} faster, {slower} slower (> 5%)\n")
+                print(table)
     return status

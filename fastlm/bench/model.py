@@ -1,4 +1,4 @@
-"""The "models" benchmark suite: whole training steps of GPT-2, fastlm against plain PyTorch.
+"""The "model" benchmark suite: whole training steps of GPT-2, fastlm against plain PyTorch.
 
 A step is what a training loop does: zero the gradients, forward with labels to the loss,
 backward, one AdamW step (torch's fused AdamW on CUDA). Weights are float32; on CUDA the
@@ -306,7 +306,7 @@ def run(config: Config, harness: Harness) -> None:
             models[impl] = None  # free its weights and optimizer state before the next one
             if config.on_cuda:
                 torch.cuda.empty_cache()
-            print(f"models: {label} {impl}: {ms:.1f} ms/step", file=sys.stderr)
+            print(f"model: {label} {impl}: {ms:.1f} ms/step", file=sys.stderr)
         base = {r["impl"]: r["ms"] for r in rows}
         for r in rows:
             r["speedup_vs_eager"] = base[EAGER] / r["ms"] if EAGER in base else None
