@@ -328,12 +328,76 @@ def test_apply_twice_non_hf_and_revert_errors_are_clear():
     assert "fastlm" in transformers.AttentionInterface._global_mapping  # registering is additive and stays
 
 
-def test_patched_generation_with_left_padding_equals_unpatched():
-    model = llama()
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_patched_generation_with_left_padding_equals_unpatched(kind, spy):
+    """Cached decoding: one query against the cache, the padding mask, and (Mistral) a sliding
+    window that the generated positions move past."""
+    model = MAKERS[kind]()
     ids, mask, _ = batch(B=2, L=7, lengths=(7, 4))
     ids, mask = ids.flip(1), mask.flip(1)  # left padding, as for generation
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     ft.apply(model)
     got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     ft.revert(model)
+    assert spy["n"] >= 6 * model.config.num_hidden_layers
     assert torch.equal(got, expected)
+
+
+def test_no_grad_t5_runs_every_attention_on_fastlm(spy):
+    model = t5()
+    ids, mask, _, decoder = inputs("t5")
+    ft.apply(model)
+    with torch.no_grad():  # the relative bias needs no gradient: no layer falls back to transformers' SDPA
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder.clamp(min=0))
+    assert spy["n"] == 3 * model.config.num_layers  # encoder self, decoder self and cross per layer
+    ft.revert(model)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_training_mode_with_dropout_runs(kind):
+    model = MAKERS[kind](**({"resid_pdrop": 0.0, "embd_pdrop": 0.0} if kind == "gpt2" else {"attention_dropout": 0.3}))
+    model.train()
+    ids, mask, labels, _ = inputs(kind)
+    ft.apply(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    g = grads(model, out.loss)
+    assert torch.isfinite(out.loss) and all(x is None or torch.isfinite(x).all() for x in g)
+    model.eval()
+    a = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, model(input_ids=ids, attention_mask=mask).logits)  # eval: no dropout, deterministic
+    ft.revert(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_bf16_on_gpu_patched_error_within_twice_hf_error(kind):
+    """On a GPU (auto backend: the Triton kernels) in bfloat16: the patched model's error
+    against the float64 model is at most about the unpatched bfloat16 model's."""
+    hf = MAKERS[kind]()
+    ids, mask, labels, _ = inputs(kind)
+    ref, _ = run(copy.deepcopy(hf).double(), kind, ids, mask, labels)
+    model = hf.to(torch.bfloat16)
+    eager, _ = run(model, kind, ids, mask, labels)
+    ft.apply(model)
+    got, loss = run(model, kind, ids, mask, labels)
+    assert torch.isfinite(loss)
+    assert_close(got, ref, eager, "bf16 logits")
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_from_transformers():
+    hf = gpt2()
+    ids = torch.randint(0, V, (2, 13), device=DEVICE)
+    ref = copy.deepcopy(hf).double()(ids).logits
+    hf = hf.to(torch.bfloat16)
+    model = GPT.from_transformers(hf)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert_close(model(ids)["logits"], ref, hf(ids).logits, "bf16 logits")
+
+
+def test_importing_fastlm_does_not_import_transformers():
+    import subprocess
+    import sys
+    code = ("import sys, fastlm, fastlm.models, fastlm.integrations.transformers; "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
