@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="include torch.compile (auto: on CUDA only; on CPU each compile takes tens of seconds)")
     p.add_argument("--impls", nargs="+", metavar="IMPL",
                    help="only these implementations (fastlm-triton, fastlm-cuda, fastlm-torch, torch-eager, "
-                        "torch-compile, liger; attention: sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math, flash-attn; ffn: matmuls; "
+                        "torch-compile, liger; attention: sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math, flash-attn, xformers; ffn: matmuls; "
                         "model: hf-gpt2, hf-gpt2-fastlm)")
     p.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (norm: layer_norm, rms_norm, "
                                                           "add_layer_norm, add_rms_norm; ce: cross_entropy; "

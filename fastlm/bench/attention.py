@@ -10,6 +10,7 @@ Implementations (each where it can run):
     sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math
                                  torch's scaled_dot_product_attention pinned to one backend
     flash-attn                   flash_attn.flash_attn_func, when flash_attn is installed
+    xformers                     xformers.ops.memory_efficient_attention, when xformers is installed
 
 Shapes (GPU): bf16, batch x seqlen = 16384 tokens, seqlen 512 to 16384, d_model 2048 so
 heads = 2048 / head_dim, head dim 64 and 128, causal and not: FlashAttention's benchmark.
@@ -48,6 +49,17 @@ def attention_flops(mode: str, batch: int, heads: int, seqlen_q: int, seqlen_k: 
     the backward's five matmuls are 2.5x the forward."""
     fwd = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim / (2 if causal else 1)
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+
+
+def _xformers() -> Optional[Callable]:
+    try:
+        from xformers.ops import LowerTriangularMask, memory_efficient_attention
+    except Exception:  # not installed, or built for another torch
+        return None
+
+    def attend(q, k, v, causal: bool):
+        return memory_efficient_attention(q, k, v, attn_bias=LowerTriangularMask() if causal else None)
+    return attend
 
 
 def _flash_attn() -> Optional[Callable]:
@@ -97,6 +109,11 @@ def implementations(config: Config, harness: Harness) -> list[str]:
             chosen.append("flash-attn")
         else:
             harness.note("flash-attn left out: flash_attn is not installed (or not on CUDA)")
+    if config.wants("impl", "xformers"):
+        if _xformers() is not None and config.on_cuda:
+            chosen.append("xformers")
+        else:
+            harness.note("xformers left out: xformers is not installed (or not on CUDA)")
     return chosen
 
 
@@ -136,6 +153,9 @@ def _forward(name: str, causal: bool, compiled: dict) -> Callable:
                                                      is_causal=causal)
             return out.transpose(1, 2)
         return sdpa
+    if name == "xformers":
+        xf = _xformers()
+        return lambda q, k, v: xf(q, k, v, causal)  # (B, L, H, D), causal top-left: L == S here
     flash = _flash_attn()
     return lambda q, k, v: flash(q, k, v, causal=causal)
 
