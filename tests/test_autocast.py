@@ -153,3 +153,20 @@ def test_fused_residual_add_promotes_to_the_float32_stream(backend, dtype):
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     gx, gres, gw = torch.autograd.grad((y * h).sum(), [x, res, w])
     assert gx.dtype == dtype and gres.dtype == gw.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_kvcache_casts_to_the_cache_dtype(backend):
+    B, S_max, H, D = 2, 16, 2, 32
+    k_cache = torch.randn(B, S_max, H, D, device=DEVICE)
+    v_cache = torch.randn(B, S_max, H, D, device=DEVICE)
+    q, k, v = (torch.randn(B, 1, H, D, device=DEVICE).to(torch.float16) for _ in range(3))
+    lengths = torch.tensor([3, 9], device=DEVICE, dtype=torch.int32)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    with fastlm.use_backend(backend):
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            out = fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths)
+        expected = fastlm.flash_attn_with_kvcache(q.float(), kc, vc, k.float(), v.float(), cache_seqlens=lengths)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)

@@ -45,6 +45,15 @@ def autocast_inputs(*args: Any) -> tuple:
                  for a in args)
 
 
+def autocast_to(like: Any, *args: Any) -> tuple:
+    """For ops that write into tensors the caller owns (the KV cache): under autocast, cast
+    the floating inputs to ``like``'s dtype instead of the autocast dtype."""
+    if not isinstance(like, torch.Tensor) or like.device.type not in ("cuda", "cpu") \
+            or not torch.is_autocast_enabled(like.device.type) or like.dtype not in _CASTABLE:
+        return args
+    return tuple(a.to(like.dtype) if isinstance(a, torch.Tensor) and a.dtype in _CASTABLE else a for a in args)
+
+
 def promote_residual(input: Any, residual: Any) -> tuple:
     """The fused residual add under autocast: a low-precision sublayer output added to a
     float32 residual stream is computed in float32 (what ``input + residual`` gives in eager
