@@ -1,0 +1,333 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast, DDP/FSDP2,
+periodic validation and checkpoints, exact resume.
+
+One step: every micro-batch of every rank is built first (so the number of labelled tokens
+in the global batch is known), then each micro-batch's loss is weighted by its share of
+those tokens. The gradient is therefore the gradient of the mean loss over all labelled
+tokens of the global batch, whatever the split into processes and micro-batches: a run on 2
+processes matches a run on 1 with the same global batch, and MLM's varying number of masked
+tokens per row is weighted right.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import random
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import ConfigError, RESUME_MUTABLE, TrainOptions, default_run_dir, model_classes, model_config
+from .data import TokenStream, WindowSampler, batch_positions, eval_window_indices, load_corpus, tokenize, windows
+from .distributed import (Env, all_reduce_sum, barrier, broadcast_object, checkpoint_activations, full_model_state,
+                          full_optimizer_state, load_optimizer_state, setup, teardown, wrap)
+from .evaluate import autocast, build_model, describe, evaluate, evaluate_ngram, generate_text
+from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_losses, truncate_after
+from .objectives import make_batch
+from .tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+
+
+def lr_factor(step: int, warmup: int, steps: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to min_ratio at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def resume_options(path: str, given: dict) -> tuple[TrainOptions, dict, ckpt_io.Checkpoint]:
+    """The saved run's options, with the few a resumed run may change taken from `given`."""
+    ck = ckpt_io.open_checkpoint(path)
+    meta = ck.meta
+    try:
+        saved = dict(meta["options"])
+        model_values = dict(meta["model_values"])
+    except KeyError as e:
+        raise ckpt_io.CheckpointError(f"{ck.path(ckpt_io.MANIFEST)}: incomplete manifest ({e})") from e
+    for name, value in given.items():
+        if name in RESUME_MUTABLE:
+            saved[name] = value
+        elif name in saved and saved[name] != value:
+            raise ConfigError(f"--resume continues the saved run: --{name.replace('_', '-')} cannot change "
+                              f"(saved {saved[name]!r}, given {value!r})")
+        elif name not in saved and model_values.get(name) != value:
+            raise ConfigError(f"--resume continues the saved run: model option --{name.replace('_', '-')} cannot "
+                              f"change")
+    parent = os.path.dirname(os.path.abspath(ck.directory))
+    saved["out"] = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+    options = TrainOptions(**saved)
+    if options.steps < meta["step"]:
+        raise ConfigError(f"--steps {options.steps} is before the checkpoint's step {meta['step']}")
+    return options, model_values, ck
+
+
+def train(options: TrainOptions, model_values: dict, resume: Optional[ckpt_io.Checkpoint] = None,
+          log=print) -> dict:
+    env = setup(options.device)
+    try:
+        if options.backend != "auto":
+            from ..backend import use_backend
+            with use_backend(options.backend):
+                return _train(env, options, model_values, resume, log)
+        return _train(env, options, model_values, resume, log)
+    finally:
+        teardown()
+
+
+def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
+    say = log if env.main else (lambda *a, **k: None)
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    seed_everything(o.seed)
+    run_dir = broadcast_object(o.out or default_run_dir(o.model), env)
+    o.out = run_dir
+    if env.main:
+        os.makedirs(run_dir, exist_ok=True)
+        if resume is not None:
+            truncate_after(os.path.join(run_dir, "metrics.jsonl"), resume.meta["step"])
+    say(f"run directory: {run_dir}")
+
+    corpus = load_corpus(o.data, o.val_fraction)
+    say(f"data: {corpus.description}; split {corpus.split_note}")
+    if resume is not None:
+        tok = load_tokenizer(resume.meta["tokenizer"], resume.directory)
+    elif o.tokenizer == "bpe":
+        path = os.path.join(run_dir, BPETokenizer.FILE)
+        if env.main:
+            say(f"training a BPE tokenizer ({o.bpe_vocab_size} ids) on the training split...")
+            BPETokenizer.train((text for _, text in corpus.train), o.bpe_vocab_size).tok.save(path)
+        barrier(env)
+        tok = BPETokenizer.load(run_dir)
+    else:
+        tok = ByteTokenizer()
+    train_stream, val_stream = tokenize(corpus.train, tok), tokenize(corpus.val, tok)
+    say(f"tokens: {len(train_stream):,} train / {len(val_stream):,} validation ({tok.kind} tokenizer, "
+        f"{tok.vocab_size} ids)")
+    sampler = WindowSampler(len(train_stream), o.seq_len, o.seed)
+    eval_window_indices(len(val_stream), o.seq_len, o.eval_tokens)  # fails now, not at the first evaluation
+
+    if o.model == "ngram":
+        return _fit_ngram(env, o, tok, train_stream, val_stream, run_dir, say)
+
+    config = model_config(o, model_values, tok)
+    model = build_model(o.model, config)
+    if resume is not None:
+        resume.load_weights(model)
+    raw = model.to(env.device)
+    n_params = sum(p.numel() for p in raw.parameters())
+    say(f"model: {o.model} ({o.preset}), {n_params / 1e6:.2f}M parameters, on {env.device} x {env.world}"
+        + (" (FSDP2)" if o.fsdp else " (DDP)" if env.distributed else ""))
+    fpt = flops_per_token(raw, o.model, config, o.seq_len)
+    if o.activation_checkpointing:
+        checkpoint_activations(raw)
+    wrapped = wrap(raw, env, o.fsdp, o.amp)
+    decay = [p for p in wrapped.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in wrapped.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=(o.beta1, o.beta2),
+                                  fused=env.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup=o.warmup, steps=o.steps, min_ratio=o.min_lr_ratio))
+    step = 0
+    if resume is not None:
+        load_optimizer_state(wrapped, optimizer, resume.load_torch("optimizer.pt"), o.fsdp)
+        state = resume.load_torch("state.pt")
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        set_rng_state(state["rng"])
+        say(f"resumed from {resume.directory} at step {step}")
+    forward = torch.compile(wrapped) if o.compile else wrapped
+
+    B, A, W, L = o.batch_size, o.grad_accum, env.world, o.seq_len
+    tokens_per_step = B * A * W * L
+    peak = peak_tflops(env.device, o.peak_tflops)
+    metrics = MetricsLog(run_dir, env.main)
+    stop_at = min(o.steps, step + o.stop_after) if o.stop_after else o.steps
+    from tqdm import tqdm
+    bar = tqdm(total=o.steps, initial=step, desc=f"train {o.model}", dynamic_ncols=True,
+               disable=not (env.main and o.progress), file=sys.stderr)
+    out = lambda msg: bar.write(msg) if (env.main and o.progress) else say(msg)  # noqa: E731
+    started, last_time, last_step, val = time.perf_counter(), time.perf_counter(), step, None
+    ddp = env.distributed and not o.fsdp
+
+    while step < stop_at:
+        raw.train()
+        batches, counts = [], []
+        for m in range(A):
+            pos = batch_positions(step, m, env.rank, W, B, A)
+            rows = windows(train_stream.tokens, sampler.window_indices(pos, B), L)
+            batch, n = make_batch(o.model, rows, np.arange(pos, pos + B), tok, o)
+            batches.append(batch)
+            counts.append(n)
+        total = all_reduce_sum(torch.tensor(float(sum(counts)), device=env.device), env)
+        loss_sum = torch.zeros((), device=env.device)
+        for m, batch in enumerate(batches):
+            last = m == A - 1
+            batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+            sync = contextlib.nullcontext()
+            if ddp and not last:
+                sync = wrapped.no_sync()
+            elif o.fsdp:
+                wrapped.set_requires_gradient_sync(last)
+            with sync:
+                with autocast(env.device, o.amp):
+                    loss = forward(**batch)["loss"].float() * (counts[m] / total)
+                (loss * W).backward()  # DDP and FSDP average over processes; the weights already do
+            loss_sum += loss.detach()
+        grad_norm = None
+        if o.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), o.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % o.log_every == 0 or step == stop_at:
+            loss_value = float(all_reduce_sum(loss_sum, env))
+            now = time.perf_counter()
+            rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
+            record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "tokens": step * tokens_per_step,
+                      "tokens_per_s": rate, "time_s": now - started}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                            else grad_norm)
+            postfix = {"loss": f"{loss_value:.4f}", "tok/s": f"{rate:,.0f}"}
+            if peak:
+                record["mfu"] = rate * fpt / W / (peak * 1e12)
+                postfix["mfu"] = f"{record['mfu']:.1%}"
+            metrics.write(record)
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(step - bar.n)
+            last_time, last_step = now, step
+        if step % o.eval_every == 0 or step == o.steps:
+            val = evaluate(wrapped, o.model, val_stream, tok, o, env.device, o.eval_tokens, rank=env.rank, world=W)
+            metrics.write({"kind": "val", "step": step, **{"val_" + k: v for k, v in val.items()}})
+            out(f"step {step}: validation {describe(val)}")
+            if env.main:
+                plot_losses(run_dir)
+            last_time = time.perf_counter()
+        if step % o.save_every == 0 or step == stop_at:
+            path = save_checkpoint(env, run_dir, step, step * B * A * W, wrapped, raw, optimizer, scheduler, o,
+                                   model_values, config, tok)
+            if path:
+                out(f"step {step}: checkpoint {path}")
+            last_time = time.perf_counter()
+    bar.close()
+
+    summary = {"run_dir": run_dir, "step": step, "time_s": time.perf_counter() - started, "val": val}
+    if step < o.steps:
+        say(f"stopped at step {step} of {o.steps}; continue with: fastlm train --resume {run_dir}")
+        return summary
+    sample_model = raw
+    if o.fsdp:  # sample from an unsharded copy
+        state = full_model_state(wrapped, raw, True)
+        if env.main:
+            sample_model = build_model(o.model, config)
+            sample_model.load_state_dict(state)
+            sample_model.to(env.device)
+    if env.main:
+        if val is not None:
+            say(f"validation: {describe(val)}")
+        sample = generate_text(sample_model, o.model, tok, o.prompt, o.sample_tokens, o.temperature, o.top_k,
+                               o.top_p, seed=o.seed, device=env.device)
+        summary["sample"] = sample
+        metrics.write({"kind": "sample", "step": step, "prompt": o.prompt, "text": sample})
+        say(f"sample (prompt {o.prompt!r}, temperature {o.temperature}, top-k {o.top_k}, top-p {o.top_p}):\n"
+            f"{sample}\n")
+        say(f"done in {summary['time_s']:.0f} s; run directory: {run_dir}")
+    return summary
+
+
+def save_checkpoint(env, run_dir, step, position, wrapped, raw, optimizer, scheduler, o, model_values, config,
+                    tok) -> Optional[str]:
+    model_state = full_model_state(wrapped, raw, o.fsdp)  # collectives first, on every rank
+    optim_state = full_optimizer_state(wrapped, optimizer, o.fsdp)
+    path = None
+    if env.main:
+        from safetensors.torch import save_file, save_model
+        state = {"step": step, "position": position, "scheduler": scheduler.state_dict(), "rng": rng_state()}
+
+        def write_model(p):
+            if o.fsdp:
+                save_file({k: v.contiguous() for k, v in model_state.items()}, p)
+            else:
+                save_model(raw, p)
+
+        writers = {"model.safetensors": write_model,
+                   "optimizer.pt": lambda p: torch.save(optim_state, p),
+                   "state.pt": lambda p: torch.save(state, p)}
+        meta = _meta(o, model_values, tok, config, env)
+        if tok.kind == "bpe":
+            writers[BPETokenizer.FILE] = lambda p: tok.tok.save(p)
+        path = ckpt_io.save(run_dir, step, writers, meta, keep=o.keep)
+    barrier(env)
+    return path
+
+
+def _meta(o, model_values, tok, config, env) -> dict:
+    from .. import __version__
+    info = {"kind": "byte", "n_sentinels": len(tok.sentinel_ids)} if tok.kind == "byte" else \
+        {"kind": "bpe", "file": BPETokenizer.FILE}
+    return {"model": o.model, "model_config": config.to_dict() if config is not None else None,
+            "model_values": model_values, "options": o.to_dict(), "tokenizer": info, "world_size": env.world,
+            "optimizer_format": "fsdp-full" if o.fsdp else "torch", "fastlm_version": __version__,
+            "torch_version": torch.__version__}
+
+
+def _fit_ngram(env, o, tok, train_stream: TokenStream, val_stream: TokenStream, run_dir, say) -> dict:
+    model_cls, _ = model_classes("ngram")
+    started = time.perf_counter()
+    lm = model_cls(o.ngram_order, tok.vocab_size)
+    if env.main:
+        say(f"fitting a {o.ngram_order}-gram Kneser-Ney model on {len(train_stream):,} tokens...")
+    tokens = train_stream.tokens.astype(np.int64)
+    ends = np.flatnonzero(tokens == tok.eos_id) + 1  # documents (each ending with its eos): no n-gram crosses one
+    lm.fit_documents([d for d in np.split(tokens, ends) if len(d)])
+    val = evaluate_ngram(lm, val_stream, o, o.eval_tokens)
+    summary = {"run_dir": run_dir, "step": 0, "val": val, "time_s": time.perf_counter() - started}
+    if env.main:
+        metrics = MetricsLog(run_dir)
+        metrics.write({"kind": "val", "step": 0, **{"val_" + k: v for k, v in val.items()}})
+        path = ckpt_io.save(run_dir, 0, {"ngram": lambda p: (os.makedirs(p, exist_ok=True), lm.save(p))}, _meta(o, {}, tok, None, env), keep=o.keep)
+        say(f"checkpoint {path}")
+        say(f"validation: {describe(val)}")
+        sample = generate_text(lm, "ngram", tok, o.prompt, o.sample_tokens, o.temperature, o.top_k, o.top_p,
+                               seed=o.seed)
+        summary["sample"] = sample
+        say(f"sample (prompt {o.prompt!r}):\n{sample}\n")
+        say(f"done in {summary['time_s']:.0f} s; run directory: {run_dir}")
+    return summary
+
+
+__all__ = ["lr_factor", "resume_options", "save_checkpoint", "train"]
