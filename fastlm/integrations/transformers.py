@@ -401,13 +401,21 @@ def _forward_uses_loss_function(model) -> bool:
     return src is not None and "self.loss_function" in src
 
 
+# Models whose forward builds torch's CrossEntropyLoss itself, checked to take exactly the
+# plain loss below (others may add terms, e.g. router losses, and keep their own loss).
+_INLINE_LOSS = {"BertForMaskedLM": "transformers.models.bert.modeling_bert",
+                "T5ForConditionalGeneration": "transformers.models.t5.modeling_t5"}
+
+
 def _inline_loss_forward(model, original: Callable) -> Optional[Callable]:
-    """For masked-LM and seq2seq models that build torch's CrossEntropyLoss inside forward
-    (BERT, T5): a wrapper that runs forward without labels and takes the same loss (mean over
-    labels != -100, no shift) with fastlm.cross_entropy. None for other models."""
-    seq2seq = model.loss_type == "ForConditionalGeneration" and hasattr(model, "_shift_right")
-    if model.loss_type != "ForMaskedLM" and not seq2seq:
+    """For BertForMaskedLM and T5ForConditionalGeneration, which build torch's CrossEntropyLoss
+    inside forward: a wrapper that runs forward without labels and takes the same loss (mean
+    over labels != -100, no shift; T5's decoder inputs shifted right from the labels first, as
+    its forward does) with fastlm.cross_entropy. None for other models."""
+    cls = type(model)
+    if _INLINE_LOSS.get(cls.__name__) != cls.__module__:
         return None
+    seq2seq = hasattr(model, "_shift_right")
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
