@@ -286,3 +286,35 @@ def test_argument_errors():
         model.prob([1], 10)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate([1], -2)
+
+
+@pytest.mark.parametrize("pack", [True, False])  # packed key+position sort, and the argsort path
+def test_unique_inverse_matches_numpy(rng, pack, monkeypatch):
+    import fastlm.train.ngram as ngram
+    from fastlm.train.ngram import _unique_inverse
+    base = 7
+    if not pack:
+        monkeypatch.setattr(ngram, "_PACK_BITS", 0)
+    n = 500
+    prev = rng.integers(0, 30, size=n)
+    last = rng.integers(0, 7, size=n)
+    valid = rng.random(n) > 0.2
+    uniq, idx, counts = _unique_inverse(prev, last, base, valid)
+    want, inverse, want_counts = np.unique((prev * base + last)[valid], return_inverse=True, return_counts=True)
+    assert np.array_equal(uniq, want) and np.array_equal(counts, want_counts)
+    assert np.array_equal(idx[valid], inverse) and (idx[~valid] == -1).all() and idx.dtype == np.int32
+
+
+def test_argsort_path_gives_the_same_model(rng, monkeypatch):
+    """Keys that do not pack with their positions into 63 bits (large vocabularies, long
+    corpora) take the argsort path; force it and compare the whole model."""
+    import fastlm.train.ngram as ngram
+    docs = zipf_docs(rng, 40, [700, 90, 5])
+    packed = KneserNeyLM(4, 40).fit_documents(docs)
+    monkeypatch.setattr(ngram, "_PACK_BITS", 0)
+    sorted_ = KneserNeyLM(4, 40).fit_documents(docs)
+    assert sorted_.num_ngrams() == packed.num_ngrams() and sorted_.discounts == packed.discounts
+    for n in range(2, 5):
+        assert np.array_equal(sorted_._keys[n], packed._keys[n]) and np.array_equal(sorted_._counts[n],
+                                                                                  packed._counts[n])
+    assert np.array_equal(sorted_.token_log_probs(docs[1]), packed.token_log_probs(docs[1]))

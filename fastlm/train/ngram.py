@@ -98,31 +98,45 @@ def modified_kn_discounts(counts: np.ndarray) -> tuple[float, float, float]:
     return out[0], out[1], out[2]
 
 
+_PACK_BITS = 63  # key and position share one int64 when they fit in this many bits
+
+
 def _unique_inverse(prev: np.ndarray, last: np.ndarray, base: int, valid: np.ndarray):
     """The distinct keys prev * base + last over the valid positions (sorted), each position's
-    index among them (int32, -1 where not valid), and how often each occurs. np.unique's
-    work, written out to hold int32 indices and free its temporaries early (memory, not
-    time, is what bounds the corpus size)."""
+    index among them (int32, -1 where not valid), and how often each occurs: np.unique's
+    work, written out to hold int32 indices and free temporaries early (memory bounds the
+    corpus size). When key and position fit in 63 bits together, they are packed into one
+    int64 and sorted in place, several times faster than argsort and a gather."""
+    n = len(prev)
     keys = prev.astype(np.int64)
     keys *= base
     keys += last
-    keys[~valid] = np.iinfo(np.int64).max  # one sentinel group, sorted last, dropped below
-    perm = np.argsort(keys)
-    keys = keys[perm]
-    first = np.empty(len(keys), dtype=bool)
+    sentinel = int(keys.max(initial=0)) + 1  # invalid positions: one group, sorted last, dropped below
+    keys[~valid] = sentinel
+    pos_bits = max(n - 1, 1).bit_length()
+    if sentinel.bit_length() + pos_bits <= _PACK_BITS:
+        keys <<= pos_bits
+        keys |= np.arange(n, dtype=np.int64)
+        keys.sort()
+        perm = (keys & ((1 << pos_bits) - 1)).astype(np.int32)
+        keys >>= pos_bits
+    else:
+        perm = np.argsort(keys)
+        keys = keys[perm]
+    first = np.empty(n, dtype=bool)
     first[:1] = True
     np.not_equal(keys[1:], keys[:-1], out=first[1:])
     uniq = keys[first]
     starts = np.flatnonzero(first)
-    counts = np.diff(np.append(starts, len(keys)))
-    del keys
+    counts = np.diff(np.append(starts, n))
+    del keys, starts
     group = np.cumsum(first, dtype=np.int32)
     group -= 1
     del first
-    idx = np.empty(len(perm), dtype=np.int32)
+    idx = np.empty(n, dtype=np.int32)
     idx[perm] = group
     del perm, group
-    if len(uniq) and not valid.all():  # the sentinel group
+    if len(uniq) and uniq[-1] == sentinel:
         uniq, counts = uniq[:-1], counts[:-1]
         idx[~valid] = -1
     return uniq, idx, counts
@@ -169,7 +183,7 @@ class KneserNeyLM:
     def fit_documents(self, documents: Iterable) -> "KneserNeyLM":
         """Fit on a list of documents (each a 1-D sequence of ids); n-grams do not cross
         document boundaries, and each document starts after a BOS. Returns self."""
-        docs = [_as_ids(d, self.vocab_size, f"document {i}") for i, d in enumerate(documents)]
+        docs = [_as_ids(d, self.vocab_size, f"document {i}").astype(np.int32) for i, d in enumerate(documents)]
         N, V, B, bos = self.order, self.vocab_size, self._base, self.bos_id
         flat = np.empty(sum(len(d) + 1 for d in docs), dtype=np.int32)
         at = 0
