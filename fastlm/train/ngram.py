@@ -116,9 +116,13 @@ def _unique_inverse(prev: np.ndarray, last: np.ndarray, base: int, valid: np.nda
     pos_bits = max(n - 1, 1).bit_length()
     if sentinel.bit_length() + pos_bits <= _PACK_BITS:
         keys <<= pos_bits
-        keys |= np.arange(n, dtype=np.int64)
+        step = 1 << 22  # in slices: no full-length temporaries
+        for s in range(0, n, step):
+            keys[s:s + step] |= np.arange(s, min(s + step, n), dtype=np.int64)
         keys.sort()
-        perm = (keys & ((1 << pos_bits) - 1)).astype(np.int32)
+        perm = np.empty(n, dtype=np.int32)
+        for s in range(0, n, step):
+            perm[s:s + step] = keys[s:s + step] & ((1 << pos_bits) - 1)
         keys >>= pos_bits
     else:
         perm = np.argsort(keys)
@@ -191,10 +195,12 @@ class KneserNeyLM:
             flat[at] = bos
             flat[at + 1:at + 1 + len(d)] = d
             at += len(d) + 1
+        num_documents = len(docs)
+        del docs
         M = len(flat)
         if M > 2**31 - 2:
             raise ValueError(f"KneserNeyLM: {M} tokens is more than this implementation indexes (2^31 - 2)")
-        self.num_tokens, self.num_documents = M - len(docs), len(docs)
+        self.num_tokens, self.num_documents = M - num_documents, num_documents
         is_bos = flat == bos
 
         # Order 1: the index of a 1-gram is its token id (BOS = V included, for the contexts).
