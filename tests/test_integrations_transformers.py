@@ -122,6 +122,7 @@ def grads(model, loss):
 
 
 def close(out, ref64, eager, name, terms):
+    assert torch.isfinite(ref64).all(), f"{name}: the float64 reference is not finite"  # (the rule skips such elements)
     assert_close(out, ref64, eager, name, atol=summation_floor(ref64, torch.float32, terms))
 
 
@@ -222,7 +223,10 @@ def test_unsupported_configs_name_the_field():
 
 def inputs(kind: str):
     ids, mask, labels = batch()
-    if kind not in ("bert", "t5"):  # causal: right padding hides itself; pad one row on the left
+    if kind == "gemma2":  # HF's eager Gemma 2 in float64 gives NaN on padded rows (masks add up to -inf)
+        mask.fill_(1)  # the reference must be finite; the sliding layers still pass a mask with softcap
+        labels = ids.clone()
+    elif kind not in ("bert", "t5"):  # causal: right padding hides itself; pad one row on the left
         mask[1], labels[1] = mask[1].flip(0), labels[1].flip(0)
     decoder = torch.randint(2, V, (3, 5), device=DEVICE) if kind == "t5" else None
     if decoder is not None:
