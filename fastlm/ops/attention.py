@@ -66,11 +66,83 @@ def _triton_unsupported(q: Tensor, v: Tensor, mask: Optional[Tensor]) -> Optiona
     return None
 
 
-def _pick(q: Tensor, v: Tensor, mask: Optional[Tensor], requested: Optional[str] = None) -> str:
+_CUDA_HEAD_DIMS = (64, 128)  # those csrc/attention.cu is built for
+
+
+def _cuda_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                      seqused_k: Optional[Tensor], softcap: float, dropout_p: float) -> Optional[str]:
+    """Why csrc/attention.cu cannot run this call (None if it can): it covers the dense case
+    with causal / sliding windows; the other options are the Triton backend's."""
+    triton = "; the Triton backend (fastlm.use_backend(\"triton\")) runs it"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"inputs have dtype {q.dtype}; the CUDA C++ attention kernels take float16 and bfloat16" + triton
+    if v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} differs from q's {q.shape[-1]}" + triton
+    if q.shape[-1] not in _CUDA_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} is not one the CUDA C++ kernels are built for {_CUDA_HEAD_DIMS}" + triton
+    for what, used in (("an attention mask (attn_mask)", mask is not None),
+                       ("packed variable-length sequences (cu_seqlens)", cu_seqlens_q is not None),
+                       ("KV-cache lengths (cache_seqlens)", seqused_k is not None),
+                       ("softcap", softcap > 0), ("dropout", dropout_p > 0)):
+        if used:
+            return f"the CUDA C++ attention kernels do not support {what}" + triton
+    return None
+
+
+def _pick(q: Tensor, v: Tensor, mask: Optional[Tensor], requested: Optional[str] = None,
+          cuda_why_not: Optional[str] = None) -> str:
     return resolve("attention", q.device.type, {
         "triton": _triton_unsupported(q, v, mask),
-        "cuda": "the CUDA C++ attention kernels are not written yet",
+        "cuda": cuda_why_not,
     }, requested)
+
+
+def _cuda_ready(t: Tensor) -> Tensor:
+    """t as the CUDA kernels take it: unit stride on the head dim, the address and the other
+    strides multiples of 16 bytes (they load 8 elements at a time). A view where it already
+    is (views of a packed qkv tensor are), else a contiguous copy."""
+    es = t.element_size()
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        (st * es) % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
+
+
+def _cuda_attention_fwd(q, k, v, scale, bottom_right, window_left, window_right):
+    from fastlm.kernels.launch import empty
+
+    from . import _cuda
+    q, k, v = _cuda_ready(q), _cuda_ready(k), _cuda_ready(v)
+    B, L, H, D = q.shape
+    S, HK = k.shape[1], k.shape[2]
+    out = empty((B, L, H, D), q.dtype, q.device)
+    lse = empty((B, H, L), torch.float32, q.device)
+    _cuda.load().attention_fwd(_cuda.dtype_code(q.dtype), _cuda.addr(q), _cuda.addr(k), _cuda.addr(v), _cuda.addr(out),
+                               _cuda.addr(lse), B, L, S, H, HK, D, *q.stride()[:3], *k.stride()[:3],
+                               *v.stride()[:3], float(scale), bool(bottom_right), int(window_left),
+                               int(window_right), _cuda.stream(q))
+    return out, lse
+
+
+def _cuda_attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right):
+    from fastlm.kernels.launch import empty
+
+    from . import _cuda
+    q, k, v, out, dout = (_cuda_ready(t) for t in (q, k, v, out, dout))
+    B, L, H, D = q.shape
+    S, HK = k.shape[1], k.shape[2]
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.float().contiguous()
+    delta = empty((B, H, L), torch.float32, q.device)
+    _cuda.load().attention_bwd(_cuda.dtype_code(q.dtype), _cuda.addr(q), _cuda.addr(k), _cuda.addr(v), _cuda.addr(out),
+                               _cuda.addr(dout), _cuda.addr(lse), _cuda.addr(delta), _cuda.addr(dq), _cuda.addr(dk),
+                               _cuda.addr(dv), B, L, S, H, HK, D, *q.stride()[:3], *k.stride()[:3],
+                               *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3], float(scale),
+                               bool(bottom_right), int(window_left), int(window_right), _cuda.stream(q))
+    return dq, dk, dv
 
 
 def _problem_dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -93,7 +165,10 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqle
                cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], seed: Optional[Tensor], scale: float,
                bottom_right: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
                max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
-    backend = _pick(q, v, mask)
+    backend = _pick(q, v, mask, cuda_why_not=_cuda_unsupported(q, k, v, mask, cu_seqlens_q, seqused_k, softcap,
+                                                                dropout_p))
+    if backend == "cuda":
+        return _cuda_attention_fwd(q, k, v, scale, bottom_right, window_left, window_right)
     if backend == "triton":
         from fastlm.kernels import attention as kernels
         return kernels.attention_fwd(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask,
@@ -122,7 +197,9 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    scale: float, bottom_right: bool, window_left: int, window_right: int, softcap: float,
                    dropout_p: float, max_seqlen_q: int, max_seqlen_k: int,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    chosen = _pick(q, v, mask, backend)
+    chosen = _pick(q, v, mask, backend, _cuda_unsupported(q, k, v, mask, cu_seqlens_q, None, softcap, dropout_p))
+    if chosen == "cuda":
+        return _cuda_attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right)
     if chosen == "triton":
         from fastlm.kernels import attention as kernels
         return kernels.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right,
