@@ -332,19 +332,22 @@ def test_apply_twice_non_hf_and_revert_errors_are_clear():
     assert "fastlm" in transformers.AttentionInterface._global_mapping  # registering is additive and stays
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_patched_generation_with_left_padding_equals_unpatched(kind, spy):
-    """Cached decoding: one query against the cache, the padding mask, and (Mistral) a sliding
-    window that the generated positions move past."""
+@pytest.mark.parametrize("kind, cache", [("llama", "dynamic"), ("mistral", "dynamic"), ("llama", "static"),
+                                         ("t5", "static")])
+def test_patched_generation_with_left_padding_equals_unpatched(kind, cache, spy):
+    """Cached decoding: one query against the cache, the padding mask, (Mistral) a sliding
+    window that the generated positions move past, and prefill into a static cache."""
     model = MAKERS[kind]()
     ids, mask, _ = batch(B=2, L=7, lengths=(7, 4))
-    ids, mask = ids.flip(1), mask.flip(1)  # left padding, as for generation
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    if kind != "t5":
+        ids, mask = ids.flip(1), mask.flip(1)  # left padding, as for generation
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation=cache)
+    expected = model.generate(ids, **kw)
     ft.apply(model)
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    got = model.generate(ids, **kw)
     ft.revert(model)
     assert spy["n"] >= 6 * model.config.num_hidden_layers
-    assert torch.equal(got, expected)
+    assert torch.equal(got, expected) and got.shape[1] >= 6
 
 
 def test_no_grad_t5_runs_every_attention_on_fastlm(spy):

@@ -181,7 +181,8 @@ def bert_from_transformers(cls, hf_model: torch.nn.Module):
             p + "qkv.bias": torch.cat([a.self.query.bias, a.self.key.bias, a.self.value.bias]),
             p + "proj.weight": a.output.dense.weight, p + "proj.bias": a.output.dense.bias,
             p + "norm1.weight": a.output.LayerNorm.weight, p + "norm1.bias": a.output.LayerNorm.bias,
-            p + "mlp.fc_in.weight": layer.intermediate.dense.weight, p + "mlp.fc_in.bias": layer.intermediate.dense.bias,
+            p + "mlp.fc_in.weight": layer.intermediate.dense.weight,
+            p + "mlp.fc_in.bias": layer.intermediate.dense.bias,
             p + "mlp.fc_out.weight": layer.output.dense.weight, p + "mlp.fc_out.bias": layer.output.dense.bias,
             p + "norm2.weight": layer.output.LayerNorm.weight, p + "norm2.bias": layer.output.LayerNorm.bias,
         })
@@ -242,6 +243,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
             mask = mask.bool()[:, None, None, :]
         if mask.shape[-1] > S:
             mask = mask[..., :S]
+    if bool(is_causal) and L > 1 and mask is None and S > L:
+        # keys past L are seen by no query top-left (prefill into an empty static cache): crop, as HF does
+        key, value, S = key[:, :, :L], value[:, :, :L], L
+        position_bias = position_bias[..., :L] if position_bias is not None else None
     if position_bias is not None:
         if position_bias.requires_grad and torch.is_grad_enabled():
             _warn_once("bias", "fastlm attention gives no gradient to T5's relative position bias: attention "
@@ -256,8 +261,6 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     H, Hk = query.shape[1], key.shape[1]
     if mask is None:
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, L, H, D) views
-        if causal and S > L:  # the keys past L are never seen top-left (an empty static cache): crop, as HF does
-            k, v = k[:, :L], v[:, :L]
         out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=scaling, causal=causal, softcap=softcap)
         return out, None
     if softcap:
