@@ -176,3 +176,13 @@ def test_num_parameters_and_to_dict():
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"LSTMConfig: {field}"):
         LSTMConfig(**{**TINY, field: value})
+
+
+def test_dropout_only_in_training():
+    model = LSTMLM(LSTMConfig(**TINY, dropout=0.5))
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7))
+    model.eval()
+    torch.testing.assert_close(model(ids)["logits"].double(), plain_logits(model, ids), rtol=1e-5, atol=1e-5)
+    model.train()
+    a, b = model(ids)["logits"], model(ids)["logits"]
+    assert not torch.allclose(a, b)  # a fresh mask each call

@@ -365,7 +365,7 @@ class KneserNeyLM:
         """(total negative log-likelihood in nats, number of tokens scored): every token, each
         given its preceding order - 1 tokens (bos as in token_log_probs)."""
         lp = self.token_log_probs(token_ids, bos=bos)
-        return float(-lp.sum()), int(len(lp))
+        return float(-lp.sum()) + 0.0, int(len(lp))  # + 0.0: no -0.0 for an empty sequence
 
     def nll_documents(self, documents: Iterable, bos: bool = True) -> tuple[float, int]:
         """nll summed over documents, each scored from its own start."""
