@@ -408,3 +408,14 @@ def test_importing_fastlm_does_not_import_transformers():
     code = ("import sys, fastlm, fastlm.models, fastlm.integrations.transformers; "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_patched_model_traces_without_graph_breaks():
+    """fastlm's attention function, norms and loss are custom ops and plain code: torch.compile
+    sees the whole patched forward (with the loss) as one graph."""
+    model = llama()
+    ids, mask, labels, _ = inputs("llama")
+    ft.apply(model)
+    explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=labels)
+    ft.revert(model)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
