@@ -10,8 +10,8 @@ Two directions:
 * ``apply(model)`` runs an existing HF model on fastlm's ops, in place and undoably:
   attention through fastlm (registered as ``"fastlm"`` in transformers' attention registry,
   and the model's attention implementation set to it), norms swapped by class
-  (torch.nn.LayerNorm / RMSNorm, and the HF RMS norms that compute LlamaRMSNorm's or
-  T5LayerNorm's formula), and the loss through fastlm.cross_entropy (the model instance's
+  (torch.nn.LayerNorm / RMSNorm, and the HF RMS norms written as LlamaRMSNorm, T5LayerNorm or
+  Gemma's RMSNorm), and the loss through fastlm.cross_entropy (the model instance's
   ``loss_function``, or, for models that build ``CrossEntropyLoss`` inside ``forward`` such
   as BERT's and T5's, a per-instance wrapper of ``forward``). It returns a handle listing
   what it replaced; ``handle.revert()`` or ``revert(model)`` restores everything.
@@ -543,8 +543,9 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True, lo
         model's attention implementation is set to it. The model gets private copies of its
         config objects first, so models sharing a config with it keep theirs.
     norms: torch.nn.LayerNorm / RMSNorm become fastlm.nn's (class swap, as fastlm.patch), and
-        HF RMS norms computing LlamaRMSNorm's or T5LayerNorm's formula (weight only, no mean
-        subtraction) a subclass whose forward runs fastlm.rms_norm. Parameters are untouched.
+        HF RMS norms written as LlamaRMSNorm, T5LayerNorm (weight only, no mean subtraction) or
+        Gemma's (1 + weight) a subclass whose forward runs fastlm.rms_norm. Parameters are
+        untouched.
     loss: the instance's ``loss_function`` becomes fastlm's (causal or masked LM), or, for
         models computing torch's CrossEntropyLoss inside forward (BERT, T5), forward is wrapped
         on the instance. Nothing of torch or transformers is rebound.
