@@ -58,7 +58,7 @@ constexpr int kWarps = 4;     // each warp owns 16 of the kRows rows
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr const char* kHeadDims = "64, 128";  // the head dims instantiated (dispatch_dim)
+constexpr const char* kHeadDims = "32, 64, 96, 128";  // the head dims instantiated (dispatch_dim)
 
 static_assert(kRows == 16 * kWarps, "one warp per 16 rows");
 static_assert(kCols == 64, "the softmax lanes below take 32 columns each (two lanes per row)");
@@ -553,7 +553,9 @@ void run_bwd(const Args& a, cudaStream_t stream) {
 template <typename T, bool Bwd>
 void dispatch_dim(std::int64_t D, const Args& a, cudaStream_t stream, const char* what) {
   switch (D) {
+    case 32: return Bwd ? run_bwd<T, 32>(a, stream) : run_fwd<T, 32>(a, stream);
     case 64: return Bwd ? run_bwd<T, 64>(a, stream) : run_fwd<T, 64>(a, stream);
+    case 96: return Bwd ? run_bwd<T, 96>(a, stream) : run_fwd<T, 96>(a, stream);
     case 128: return Bwd ? run_bwd<T, 128>(a, stream) : run_fwd<T, 128>(a, stream);
     default:
       throw std::invalid_argument(std::string("fastlm ") + what + ": head dim " + std::to_string(D) +

@@ -43,8 +43,8 @@ void cross_entropy_bwd(int dtype, std::uintptr_t x, std::uintptr_t target, std::
                        std::int64_t stride_dxr, std::int64_t ignore_index, double smoothing, double softcap,
                        std::uintptr_t stream);
 
-// Flash attention (csrc/attention.cu), float16 / bfloat16, head dims 64 and 128 (D of q, k and
-// v alike). q (B, L, H, D), k and v (B, S, HK, D) with the given batch / row / head strides and
+// Flash attention (csrc/attention.cu), float16 / bfloat16, head dims 32, 64, 96 and 128 (D of q,
+// k and v alike). q (B, L, H, D), k and v (B, S, HK, D) with the given batch / row / head strides and
 // unit stride on D (addresses and strides multiples of 16 bytes); H a multiple of HK. The
 // visibility rule: query i sees key j when i + shift - window_left <= j <= i + shift +
 // window_right (a side < 0: unbounded; causal is window_right = 0), shift = S - L when

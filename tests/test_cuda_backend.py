@@ -150,6 +150,15 @@ def test_attention_sliding_windows(dtype, window, L, S):
 
 
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("D", [32, 96])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L,S", [(65, 65), (129, 63), (63, 129)])
+def test_attention_other_head_dims(dtype, D, causal, L, S):
+    inputs = attn_tests.qkv(2, L, S, 4, 2, D, dtype=dtype)
+    attn_tests.check("cuda", _flash(causal=causal), attn_tests._oracle_flash({"causal": causal}), inputs)
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
 @pytest.mark.parametrize("D", [64, 128])
 def test_attention_views_of_packed_qkv(dtype, D):
     B, L, H = 2, 129, 3

@@ -82,7 +82,7 @@ def test_attention_options_the_cuda_kernels_lack_are_named():
         return ops._cuda_unsupported(q, q, v, mask, cu, seqused, softcap, dropout_p)
 
     for dtype in (torch.float16, torch.bfloat16):
-        for D in (64, 128):
+        for D in (32, 64, 96, 128):
             assert reason(dtype, D) is None
     assert "float32" in reason(torch.float32)
     assert "head dim 80" in reason(D=80)

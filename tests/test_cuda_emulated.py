@@ -61,6 +61,8 @@ CASES = [
     (1, 65, 1, 1, 1, 64, torch.float16, {}),
     (1, 130, 130, 1, 1, 64, torch.float16, {"window_size": (5, 3)}),
     (1, 100, 77, 2, 1, 128, torch.bfloat16, {"causal": True, "softmax_scale": 0.37}),
+    (1, 70, 65, 2, 1, 32, torch.float16, {"causal": True}),
+    (1, 65, 70, 1, 1, 96, torch.bfloat16, {"causal": True}),
 ]
 
 
