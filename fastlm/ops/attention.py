@@ -66,7 +66,7 @@ def _triton_unsupported(q: Tensor, v: Tensor, mask: Optional[Tensor]) -> Optiona
     return None
 
 
-_CUDA_HEAD_DIMS = (64, 128)  # those csrc/attention.cu is built for
+_CUDA_HEAD_DIMS = (32, 64, 96, 128)  # those csrc/attention.cu is built for
 
 
 def _cuda_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
