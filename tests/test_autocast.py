@@ -170,3 +170,29 @@ def test_kvcache_casts_to_the_cache_dtype(backend):
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+
+
+def test_generation_under_autocast_keeps_its_cache_in_the_autocast_dtype(monkeypatch):
+    from fastlm.models import EncoderDecoder, EncoderDecoderConfig, GPT, GPTConfig
+    from fastlm.models import encdec, gpt as gpt_module
+
+    seen = []
+    real = gpt_module.flash_attn_with_kvcache
+
+    def spy(q, k_cache, *args, **kwargs):
+        seen.append(k_cache.dtype)
+        return real(q, k_cache, *args, **kwargs)
+    monkeypatch.setattr(gpt_module, "flash_attn_with_kvcache", spy)
+    monkeypatch.setattr(encdec, "flash_attn_with_kvcache", spy, raising=False)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=50, max_seq_len=24, n_layer=2, n_head=2, d_model=32)).to(DEVICE).eval()
+    prompt = torch.randint(0, 50, (2, 5), device=DEVICE)
+    with fastlm.use_backend("torch"), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = gpt.generate(prompt, 6, temperature=0)
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
+    ed = EncoderDecoder(EncoderDecoderConfig(vocab_size=50, max_seq_len=24, n_encoder_layer=1, n_decoder_layer=1,
+                                             n_head=2, d_model=32, d_hidden=64, dropout=0.0))
+    with fastlm.use_backend("torch"), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = ed.to(DEVICE).eval().generate(prompt, 4)
+    assert out.shape[0] == 2 and out.dtype == torch.long
+    assert seen and set(seen) == {torch.bfloat16}

@@ -168,12 +168,11 @@ def test_from_transformers_keeps_dtype_and_device():
     model = GPT.from_transformers(hf)
     assert {p.dtype for p in model.parameters()} == {torch.float64} and next(model.parameters()).device == DEVICE
     ids = torch.randint(0, V, (2, 7), device=DEVICE)
-    # (fastlm.feed_forward's float64 path rounds like float32 today, hence not a float64 tolerance)
-    torch.testing.assert_close(model(ids)["logits"], hf(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(ids)["logits"], hf(ids).logits, rtol=1e-9, atol=1e-9)
     hb = bert().double()
     mb = BertForMaskedLM.from_transformers(hb)
     assert {p.dtype for p in mb.parameters()} == {torch.float64}
-    torch.testing.assert_close(mb(ids)["logits"], hb(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mb(ids)["logits"], hb(ids).logits, rtol=1e-9, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- BertForMaskedLM.from_transformers

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import nn as fnn
 from ..ops.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from ..ops.linear_cross_entropy import linear_cross_entropy
-from .gpt import sample, sinusoidal_table
+from .gpt import cache_dtype, sample, sinusoidal_table
 
 
 @dataclass
@@ -276,7 +276,7 @@ class EncoderDecoder(torch.nn.Module):
         B = src_ids.shape[0]
         enc = self.encode(src_ids, src_mask)
         memories = [layer.memory(enc[0]) for layer in self.decoder]
-        dtype = self.embed.weight.dtype
+        dtype = cache_dtype(self.embed.weight)
         shape = (B, max_new_tokens + 1, c.kv_heads, c.head_dim)
         caches = [(torch.zeros(shape, device=src_ids.device, dtype=dtype),
                    torch.zeros(shape, device=src_ids.device, dtype=dtype)) for _ in self.decoder]

@@ -282,7 +282,7 @@ class GPT(torch.nn.Module):
         total = L + max_new_tokens
         if total > self.config.max_seq_len:
             raise ValueError(f"GPT.generate: {total} positions exceed max_seq_len {self.config.max_seq_len}")
-        cache = KVCache(self.config, B, total, input_ids.device, self.wte.weight.dtype)
+        cache = KVCache(self.config, B, total, input_ids.device, cache_dtype(self.wte.weight))
         tokens = input_ids
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         step_input = input_ids
@@ -303,6 +303,15 @@ class GPT(torch.nn.Module):
         """The same loss as forward's, from logits (for checking the fused path)."""
         return cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                              ignore_index=ignore_index)
+
+
+def cache_dtype(weight: Tensor) -> torch.dtype:
+    """The KV cache's dtype: the autocast dtype inside an autocast region (the attention
+    computes in the cache's dtype), else the weights'."""
+    if weight.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(weight.device.type) \
+            and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
 
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,

@@ -68,6 +68,11 @@ def _saves_preact(activation: str) -> bool:
 
 # ----------------------------------------------------------------------------- reference path
 
+def _up(t: Tensor) -> Tensor:
+    """The compute type of the reference: float32 for 16-bit tensors, float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _ref_linear_bwd(dy, x, w, saved, activation, has_bias):
     dz = dy if activation == "none" else dy * ref.act_grad(saved, activation).to(dy.dtype)
     db = dz.sum(0) if has_bias else None
@@ -79,19 +84,19 @@ def _ref_ffn_fwd(x, w_in, b_in, w_out, b_out, activation):
     pre = torch.nn.functional.linear(x, w_in, b_in)
     if activation in GATED:
         g, u = pre.chunk(2, dim=-1)
-        h = (ref.act(g.float(), GATED[activation]) * u.float()).to(x.dtype)
+        h = (ref.act(_up(g), GATED[activation]) * _up(u)).to(x.dtype)
     else:
-        h = ref.act(pre.float(), activation).to(x.dtype)
+        h = ref.act(_up(pre), activation).to(x.dtype)
     return torch.nn.functional.linear(h, w_out, b_out), h, pre
 
 
 def _ref_dpre(dh, pre, activation):
     if activation in GATED:
-        g, u = pre.float().chunk(2, dim=-1)
+        g, u = _up(pre).chunk(2, dim=-1)
         a = GATED[activation]
-        dhf = dh.float()
+        dhf = _up(dh)
         return torch.cat([dhf * u * ref.act_grad(g, a), dhf * ref.act(g, a)], dim=-1).to(dh.dtype)
-    return (dh.float() * ref.act_grad(pre.float(), activation)).to(dh.dtype)
+    return (_up(dh) * ref.act_grad(_up(pre), activation)).to(dh.dtype)
 
 
 # ----------------------------------------------------------------------------- custom ops: linear
@@ -104,7 +109,7 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], activation: str, save: bo
         y, z = kernels.linear_fwd(x, w, b, _act_name(activation), save_preact=save and _saves_preact(activation))
         return y, (z if z is not None else _empty(x))
     z = torch.nn.functional.linear(x, w, b)
-    y = z if activation == "none" else ref.act(z.float(), activation).to(x.dtype)
+    y = z if activation == "none" else ref.act(_up(z), activation).to(x.dtype)
     return y, (z if save and _saves_preact(activation) else _empty(x))
 
 
@@ -217,8 +222,8 @@ def _feed_forward_bwd(dy: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[Tensor
             pre = h  # relu: the derivative is read off the output
         dpre = _ref_dpre(dy @ w_out, pre, activation)
         dw_out, dx, dw_in = dy.t() @ h, dpre @ w_in, dpre.t() @ x
-        db_in = dpre.float().sum(0)
-        db_out = dy.float().sum(0) if has_b_out else None
+        db_in = _up(dpre).sum(0)
+        db_out = _up(dy).sum(0) if has_b_out else None
     db_in = db_in.to(w_in.dtype) if b_in is not None else _empty(x)
     db_out = db_out.to(w_out.dtype) if has_b_out else _empty(x)
     return dx, dw_in, db_in, dw_out, db_out
