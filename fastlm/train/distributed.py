@@ -116,7 +116,12 @@ def wrap(model: torch.nn.Module, env: Env, fsdp: bool, amp: bool) -> torch.nn.Mo
     if fsdp:
         if not env.distributed:
             raise SystemExit("--fsdp needs several processes: torchrun --nproc_per_node N -m fastlm train --fsdp ...")
+        import warnings
+
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # FSDP2 warns that a sharded module returns a view (the attention and MLP outputs);
+        # the models only add such outputs out of place (into the fused residual norms).
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         kwargs = {}
         if amp and env.device.type == "cuda":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -83,6 +83,7 @@ def resume_options(path: str, given: dict) -> tuple[TrainOptions, dict, ckpt_io.
         elif name not in saved and model_values.get(name) != value:
             raise ConfigError(f"--resume continues the saved run: model option --{name.replace('_', '-')} cannot "
                               f"change")
+    saved["stop_after"] = given.get("stop_after", 0)  # a stop belongs to one invocation
     parent = os.path.dirname(os.path.abspath(ck.directory))
     saved["out"] = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
     options = TrainOptions(**saved)
