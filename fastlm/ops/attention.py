@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..backend import get_backend, resolve
 from ..reference import attention as ref
+from ._autocast import autocast_inputs, autocast_to, no_autocast
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -161,6 +162,7 @@ def _keep(backend, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout
 # ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("fastlm::attention", mutates_args=())
+@no_autocast
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], seed: Optional[Tensor], scale: float,
                bottom_right: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
@@ -192,6 +194,7 @@ def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seqused_k, seed, scale, bottom_
 
 
 @torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+@no_autocast
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor],
                    scale: float, bottom_right: bool, window_left: int, window_right: int, softcap: float,
@@ -315,6 +318,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     single query attends to the whole cache. Returns out (B, L, H, Dv), and with return_lse
     also the logsumexp (B, H, L) in float32 (+inf on rows that see no key)."""
     fn = "flash_attn_func"
+    q, k, v = autocast_inputs(q, k, v)
     _check_qkv(fn, q, k, v)
     dropout_p = _check_dropout(fn, "dropout_p", dropout_p)
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
@@ -342,6 +346,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     lengths (as in FlashAttention, they are trusted: a smaller value than the true longest
     length leaves rows past it unwritten). The lse is (H, total_q)."""
     fn = "flash_attn_varlen_func"
+    q, k, v = autocast_inputs(q, k, v)
     _check_qkv(fn, q, k, v, packed=True)
     cu_q = _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, q)
     cu_k = _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, q)
@@ -370,6 +375,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     q attends to the first cache_seqlens + L_new keys, causal aligned bottom-right. No
     gradient flows through this function (it is for inference)."""
     fn = "flash_attn_with_kvcache"
+    q, k, v = autocast_to(k_cache, q, k, v)  # under autocast the caches' dtype is the compute dtype
     _check_qkv(fn, q, k_cache, v_cache)
     B, S_max = k_cache.shape[0], k_cache.shape[1]
     if (k is None) != (v is None):
@@ -420,6 +426,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     attn_mask is boolean (True takes part) or additive, broadcastable to (..., H, L, S).
     A query that sees no key gives 0 (torch may give NaN). attn_mask gets no gradient."""
     fn = "scaled_dot_product_attention"
+    query, key, value = autocast_inputs(query, key, value)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
