@@ -47,6 +47,8 @@ def evaluate(model, kind: str, stream: TokenStream, tokenizer: Tokenizer, option
     takes every world-th window. Bits per byte for the causal objectives."""
     L = options.seq_len
     index = eval_window_indices(len(stream), L, max_tokens)
+    if world > 1 and len(index) >= world:  # equal shares: FSDP's forwards are collectives
+        index = index[:len(index) - len(index) % world]
     mine = index[rank::world]
     B = batch_size or options.batch_size
     was_training = model.training

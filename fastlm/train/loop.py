@@ -232,7 +232,7 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
             bar.update(step - bar.n)
             last_time, last_step = now, step
         if step % o.eval_every == 0 or step == o.steps:
-            val = evaluate(wrapped, o.model, val_stream, tok, o, env.device, o.eval_tokens, rank=env.rank, world=W)
+            val = evaluate(raw if ddp else wrapped, o.model, val_stream, tok, o, env.device, o.eval_tokens, rank=env.rank, world=W)
             metrics.write({"kind": "val", "step": step, **{"val_" + k: v for k, v in val.items()}})
             out(f"step {step}: validation {describe(val)}")
             if env.main:
