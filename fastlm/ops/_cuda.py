@@ -9,6 +9,7 @@ the op files, exactly as for the Triton backend.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -35,6 +36,12 @@ def addr(t: Optional[torch.Tensor]) -> int:
 
 def dtype_code(dtype: torch.dtype) -> int:
     return _CODES[dtype]
+
+
+def device_of(t: torch.Tensor):
+    """The kernels launch on the CUDA runtime's current device: make it t's for the call
+    (a no-op for CPU tensors, which only the CPU emulator in tests/cuda_emulator passes)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def stream(t: torch.Tensor) -> int:

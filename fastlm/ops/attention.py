@@ -117,10 +117,11 @@ def _cuda_attention_fwd(q, k, v, scale, bottom_right, window_left, window_right)
     S, HK = k.shape[1], k.shape[2]
     out = empty((B, L, H, D), q.dtype, q.device)
     lse = empty((B, H, L), torch.float32, q.device)
-    _cuda.load().attention_fwd(_cuda.dtype_code(q.dtype), _cuda.addr(q), _cuda.addr(k), _cuda.addr(v), _cuda.addr(out),
-                               _cuda.addr(lse), B, L, S, H, HK, D, *q.stride()[:3], *k.stride()[:3],
-                               *v.stride()[:3], float(scale), bool(bottom_right), int(window_left),
-                               int(window_right), _cuda.stream(q))
+    with _cuda.device_of(q):  # launch on the tensor's device, not the current one
+        _cuda.load().attention_fwd(_cuda.dtype_code(q.dtype), _cuda.addr(q), _cuda.addr(k), _cuda.addr(v), _cuda.addr(out),
+                                   _cuda.addr(lse), B, L, S, H, HK, D, *q.stride()[:3], *k.stride()[:3],
+                                   *v.stride()[:3], float(scale), bool(bottom_right), int(window_left),
+                                   int(window_right), _cuda.stream(q))
     return out, lse
 
 
@@ -138,11 +139,12 @@ def _cuda_attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_lef
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.float().contiguous()
     delta = empty((B, H, L), torch.float32, q.device)
-    _cuda.load().attention_bwd(_cuda.dtype_code(q.dtype), _cuda.addr(q), _cuda.addr(k), _cuda.addr(v), _cuda.addr(out),
-                               _cuda.addr(dout), _cuda.addr(lse), _cuda.addr(delta), _cuda.addr(dq), _cuda.addr(dk),
-                               _cuda.addr(dv), B, L, S, H, HK, D, *q.stride()[:3], *k.stride()[:3],
-                               *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3], float(scale),
-                               bool(bottom_right), int(window_left), int(window_right), _cuda.stream(q))
+    with _cuda.device_of(q):  # launch on the tensor's device, not the current one
+        _cuda.load().attention_bwd(_cuda.dtype_code(q.dtype), _cuda.addr(q), _cuda.addr(k), _cuda.addr(v), _cuda.addr(out),
+                                   _cuda.addr(dout), _cuda.addr(lse), _cuda.addr(delta), _cuda.addr(dq), _cuda.addr(dk),
+                                   _cuda.addr(dv), B, L, S, H, HK, D, *q.stride()[:3], *k.stride()[:3],
+                                   *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3], float(scale),
+                                   bool(bottom_right), int(window_left), int(window_right), _cuda.stream(q))
     return dq, dk, dv
 
 

@@ -143,10 +143,11 @@ def _cuda_rows_fwd(logits, target, ignore_index, label_smoothing, z_loss, softca
     logits, target = _cuda_ready(logits, target)
     rows, classes = logits.shape
     loss, lse, coef = (empty((rows,), torch.float32, logits.device) for _ in range(3))
-    _cuda.load().cross_entropy_fwd(_cuda.dtype_code(logits.dtype), _cuda.addr(logits), _cuda.addr(target),
-                                   _cuda.addr(loss), _cuda.addr(lse), _cuda.addr(coef), rows, classes,
-                                   logits.stride(0), target.stride(0), ignore_index, float(label_smoothing),
-                                   float(z_loss), float(softcap), _cuda.stream(logits))
+    with _cuda.device_of(logits):  # launch on the tensor's device, not the current one
+        _cuda.load().cross_entropy_fwd(_cuda.dtype_code(logits.dtype), _cuda.addr(logits), _cuda.addr(target),
+                                       _cuda.addr(loss), _cuda.addr(lse), _cuda.addr(coef), rows, classes,
+                                       logits.stride(0), target.stride(0), ignore_index, float(label_smoothing),
+                                       float(z_loss), float(softcap), _cuda.stream(logits))
     return loss, lse, coef
 
 
@@ -161,10 +162,11 @@ def _cuda_rows_bwd(dloss, logits, target, lse, coef, ignore_index, label_smoothi
     else:
         dx = out
     dloss = dloss.float()
-    _cuda.load().cross_entropy_bwd(_cuda.dtype_code(src.dtype), _cuda.addr(src), _cuda.addr(target), _cuda.addr(lse),
-                                   _cuda.addr(coef), _cuda.addr(dloss), _cuda.addr(dx), rows, classes, src.stride(0),
-                                   target.stride(0), dloss.stride(0), dx.stride(0), ignore_index,
-                                   float(label_smoothing), float(softcap), _cuda.stream(src))
+    with _cuda.device_of(src):  # launch on the tensor's device, not the current one
+        _cuda.load().cross_entropy_bwd(_cuda.dtype_code(src.dtype), _cuda.addr(src), _cuda.addr(target), _cuda.addr(lse),
+                                       _cuda.addr(coef), _cuda.addr(dloss), _cuda.addr(dx), rows, classes, src.stride(0),
+                                       target.stride(0), dloss.stride(0), dx.stride(0), ignore_index,
+                                       float(label_smoothing), float(softcap), _cuda.stream(src))
     if out is not None and dx is not out:
         return out.copy_(dx)
     return dx

@@ -121,10 +121,11 @@ def _cuda_norm_fwd(x, residual, weight, bias, normalized_ndim, eps, rms, keep_su
     rstd = empty((m,), torch.float32, x.device)
     w = weight.reshape(-1).float().contiguous() if weight is not None else None
     b = bias.reshape(-1).float().contiguous() if bias is not None else None
-    _cuda.load().norm_fwd(_cuda.dtype_code(x.dtype), _cuda.addr(x2), _cuda.addr(r2), _cuda.addr(s if store_sum else None),
-                          _cuda.addr(y), _cuda.addr(w), _cuda.addr(b), _cuda.addr(mean if not rms else None),
-                          _cuda.addr(rstd), m, n, x2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps),
-                          rms, _cuda.stream(x))
+    with _cuda.device_of(x2):  # launch on the tensor's device, not the current one
+        _cuda.load().norm_fwd(_cuda.dtype_code(x.dtype), _cuda.addr(x2), _cuda.addr(r2), _cuda.addr(s if store_sum else None),
+                              _cuda.addr(y), _cuda.addr(w), _cuda.addr(b), _cuda.addr(mean if not rms else None),
+                              _cuda.addr(rstd), m, n, x2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps),
+                              rms, _cuda.stream(x))
     return y, s, mean, rstd
 
 
@@ -141,10 +142,11 @@ def _cuda_norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms):
     dw_part = empty((programs, n), torch.float32, x.device) if weight is not None else None
     db_part = empty((programs, n), torch.float32, x.device) if bias is not None else None
     w = weight.reshape(-1).float().contiguous() if weight is not None else None
-    _cuda.load().norm_bwd(_cuda.dtype_code(x.dtype), _cuda.addr(x2), _cuda.addr(w),
-                          _cuda.addr(mean if not rms else None), _cuda.addr(rstd), _cuda.addr(dy2), _cuda.addr(ds2),
-                          _cuda.addr(dx), _cuda.addr(dw_part), _cuda.addr(db_part), m, n, x2.stride(0), dy2.stride(0),
-                          ds2.stride(0) if ds2 is not None else 0, rms, programs, _cuda.stream(x))
+    with _cuda.device_of(x2):  # launch on the tensor's device, not the current one
+        _cuda.load().norm_bwd(_cuda.dtype_code(x.dtype), _cuda.addr(x2), _cuda.addr(w),
+                              _cuda.addr(mean if not rms else None), _cuda.addr(rstd), _cuda.addr(dy2), _cuda.addr(ds2),
+                              _cuda.addr(dx), _cuda.addr(dw_part), _cuda.addr(db_part), m, n, x2.stride(0), dy2.stride(0),
+                              ds2.stride(0) if ds2 is not None else 0, rms, programs, _cuda.stream(x))
     dw = dw_part.sum(0).reshape(weight.shape).to(weight.dtype) if weight is not None else None
     db = db_part.sum(0).reshape(bias.shape).to(bias.dtype) if bias is not None else None
     return dx, dw, db
