@@ -122,3 +122,18 @@ def test_python_dash_m_fastlm_train_help():
     out = subprocess.run([sys.executable, "-m", "fastlm", "train", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "--resume" in out.stdout and "--n-encoder-layer" in out.stdout
+
+
+def test_activation_checkpointing_and_accumulation_keep_the_losses(corpus, tmp_path):
+    def run(name, *extra, batch="8", dropout="0.1"):
+        args = train_args("gpt", corpus, str(tmp_path / name), 3, *extra, "--dropout", dropout)
+        args[args.index("--batch-size") + 1] = batch
+        assert train_main(args) == 0
+        return [loss for _, loss in losses(str(tmp_path / name))]
+
+    plain = run("plain")
+    assert run("ckpt", "--activation-checkpointing") == plain  # recomputation replays the same dropout masks
+    whole = run("whole", dropout="0")
+    halves = run("halves", "--grad-accum", "2", batch="4", dropout="0")
+    assert len(whole) == 3 and whole != plain
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(halves, whole)), (halves, whole)
