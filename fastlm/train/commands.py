@@ -32,7 +32,7 @@ HELP = {
     "stop_after": "stop after this many steps of this invocation, with a checkpoint (resume later)",
     "peak_tflops": "the device's peak for MFU (default: a table of A100/H100/H200 bf16 dense peaks)",
     "eval_tokens": "tokens per validation (evenly spaced windows; 0: the whole split)",
-    "threads": "torch CPU threads (0: torch's choice)",
+    "threads": "torch CPU threads (0: all cores but one, at least one: OpenMP threads stall when a core is taken)",
 }
 
 

@@ -35,8 +35,8 @@ MODELS = {  # kind -> (module, model class, config class); ngram is not a torch 
 PRESETS: dict[str, dict[str, dict]] = {
     "gpt": {
         "tiny": {"model": dict(n_layer=4, n_head=4, d_model=128),
-                 "train": dict(seq_len=128, batch_size=16, steps=1000, lr=2e-3, warmup=50, eval_every=250,
-                               eval_tokens=1 << 16, save_every=500)},
+                 "train": dict(seq_len=128, batch_size=16, steps=800, lr=2e-3, warmup=50, eval_every=200,
+                               eval_tokens=1 << 16, save_every=400)},
         "mini": {"model": dict(n_layer=6, n_head=6, d_model=384),
                  "train": dict(seq_len=256, batch_size=32, steps=5000, lr=1e-3, warmup=200)},
         "124M": {"model": dict(n_layer=12, n_head=12, d_model=768),
@@ -51,8 +51,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     "bert": {
         "tiny": {"model": dict(n_layer=4, n_head=4, d_model=128, d_hidden=512, dropout=0.0),
-                 "train": dict(seq_len=128, batch_size=16, steps=1000, lr=2e-3, warmup=50, eval_every=250,
-                               eval_tokens=1 << 16, save_every=500)},
+                 "train": dict(seq_len=128, batch_size=16, steps=800, lr=2e-3, warmup=50, eval_every=200,
+                               eval_tokens=1 << 16, save_every=400)},
         "mini": {"model": dict(n_layer=6, n_head=6, d_model=384, d_hidden=1536),
                  "train": dict(seq_len=256, batch_size=32, steps=5000, lr=1e-3, warmup=200)},
         "base": {"model": dict(n_layer=12, n_head=12, d_model=768, d_hidden=3072),
@@ -63,8 +63,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     "encdec": {
         "tiny": {"model": dict(n_encoder_layer=2, n_decoder_layer=2, n_head=4, d_model=128, d_hidden=512,
                                dropout=0.0),
-                 "train": dict(seq_len=128, batch_size=16, steps=1000, lr=2e-3, warmup=50, eval_every=250,
-                               eval_tokens=1 << 16, save_every=500)},
+                 "train": dict(seq_len=128, batch_size=16, steps=800, lr=2e-3, warmup=50, eval_every=200,
+                               eval_tokens=1 << 16, save_every=400)},
         "mini": {"model": dict(n_encoder_layer=4, n_decoder_layer=4, n_head=6, d_model=384, d_hidden=1536),
                  "train": dict(seq_len=256, batch_size=32, steps=5000, lr=1e-3, warmup=200)},
         "base": {"model": dict(n_encoder_layer=6, n_decoder_layer=6, n_head=8, d_model=512, d_hidden=2048),
@@ -74,8 +74,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     "lstm": {  # fields are filtered by what LSTMConfig has
         "tiny": {"model": dict(n_layer=2, d_model=256, d_hidden=256),
-                 "train": dict(seq_len=128, batch_size=16, steps=1000, lr=2e-3, warmup=50, eval_every=250,
-                               eval_tokens=1 << 16, save_every=500)},
+                 "train": dict(seq_len=128, batch_size=16, steps=800, lr=2e-3, warmup=50, eval_every=200,
+                               eval_tokens=1 << 16, save_every=400)},
         "mini": {"model": dict(n_layer=2, d_model=512, d_hidden=512),
                  "train": dict(seq_len=256, batch_size=32, steps=5000, lr=1e-3, warmup=200)},
     },
@@ -121,7 +121,7 @@ class TrainOptions:
     backend: str = "auto"
     compile: bool = False
     fsdp: bool = False
-    threads: int = 0  # torch CPU threads (0: torch's choice)
+    threads: int = 0  # torch CPU threads (0: all cores but one, at least one)
     # bookkeeping
     out: Optional[str] = None  # run directory; default ./runs/<model>-<timestamp>
     eval_every: int = 500
