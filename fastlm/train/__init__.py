@@ -1,1 +1,2 @@
-"""Training, evaluation and generation: data, tokenizers, the loop, checkpoints (the `fastlm train/eval/generate` commands)."""
+"""Training, evaluation and generation (the `fastlm train / eval / generate` commands): data,
+tokenizers, objectives, the loop, checkpoints. docs/TRAINING.md describes them."""

@@ -237,7 +237,8 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
             bar.update(step - bar.n)
             last_time, last_step = now, step
         if step % o.eval_every == 0 or step == o.steps:
-            val = evaluate(raw if ddp else wrapped, o.model, val_stream, tok, o, env.device, o.eval_tokens, rank=env.rank, world=W)
+            val = evaluate(raw if ddp else wrapped, o.model, val_stream, tok, o, env.device, o.eval_tokens,
+                           rank=env.rank, world=W)
             metrics.write({"kind": "val", "step": step, **{"val_" + k: v for k, v in val.items()}})
             out(f"step {step}: validation {describe(val)}")
             if env.main:
@@ -325,7 +326,8 @@ def _fit_ngram(env, o, tok, train_stream: TokenStream, val_stream: TokenStream, 
     if env.main:
         metrics = MetricsLog(run_dir)
         metrics.write({"kind": "val", "step": 0, **{"val_" + k: v for k, v in val.items()}})
-        path = ckpt_io.save(run_dir, 0, {"ngram": lambda p: (os.makedirs(p, exist_ok=True), lm.save(p))}, _meta(o, {}, tok, None, env), keep=o.keep)
+        writers = {"ngram": lambda p: (os.makedirs(p, exist_ok=True), lm.save(p))}
+        path = ckpt_io.save(run_dir, 0, writers, _meta(o, {}, tok, None, env), keep=o.keep)
         say(f"checkpoint {path}")
         say(f"validation: {describe(val)}")
         sample = generate_text(lm, "ngram", tok, o.prompt, o.sample_tokens, o.temperature, o.top_k, o.top_p,
