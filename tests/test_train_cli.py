@@ -67,6 +67,8 @@ def test_bpe_tokenizer_is_saved_beside_the_checkpoint(corpus, tmp_path, capsys):
     assert eval_main([run, "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["bits_per_byte"] > 0 and result["tokens"] > 0
+    assert train_main(["--resume", run, "--steps", "3", "--no-progress"]) == 0  # the saved tokenizer comes back
+    assert ck.open_checkpoint(run).meta["step"] == 3
 
 
 def test_config_file_and_command_line_combine(corpus, tmp_path):

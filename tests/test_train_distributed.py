@@ -53,19 +53,19 @@ def test_two_processes_match_one(model, fsdp, corpus, tmp_path):
     one_args = train_args(model, corpus, one, 5, *common)
     one_args[one_args.index("--batch-size") + 1] = "8"
     assert train_main(one_args) == 0
-    two_args = train_args(model, corpus, two, 5, *common, *(["--fsdp"] if fsdp else []))
+    two_args = train_args(model, corpus, two, 5, *common, "--stop-after", "3", *(["--fsdp"] if fsdp else []))
     two_args[two_args.index("--batch-size") + 1] = "2"
     two_args += ["--grad-accum", "2"]  # 2 processes x 2 micro-batches x 2 rows = 8
     stdout = _torchrun(two_args)
     assert "x 2" in stdout and ("FSDP2" in stdout) == fsdp
+    # only rank 0 wrote: one metrics line per step, one checkpoint
+    assert ck.open_checkpoint(two).meta["world_size"] == 2 and len(losses(two)) == 3
+    more = ["--resume", two, "--no-progress", "--threads", "1"]
+    if fsdp:  # a sharded run resumes sharded (its optimizer state is saved by parameter name)
+        _torchrun(more)
+    else:  # a DDP checkpoint is a plain one: it continues in one process with the same global batch
+        assert train_main(more) == 2  # 2 x 2 x 1 = 4 windows per step, not 8: refused
+        assert train_main(more + ["--grad-accum", "4"]) == 0
     first, second = losses(one), losses(two)
     assert len(first) == 5 and first[-1][1] < first[0][1]
     _close(second, first)
-    # only rank 0 wrote: one metrics line per step, one checkpoint; it loads in one process
-    assert ck.open_checkpoint(two).meta["world_size"] == 2
-    more = ["--resume", two, "--steps", "6", "--no-progress", "--threads", "1"]
-    if fsdp:  # a sharded run resumes sharded (its optimizer state is saved by parameter name)
-        _torchrun(more)
-    else:  # a DDP checkpoint is a plain one: it continues in one process
-        assert train_main(more) == 0
-    assert len(losses(two)) == 6

@@ -255,6 +255,8 @@ def build(cli: dict, file_path: Optional[str] = None) -> tuple[TrainOptions, dic
                                   f"options: {', '.join(sorted(model_fields)) or 'none'})")
             raise ConfigError(f"unknown option {name!r}" + (f" in {file_path}" if file_path else ""))
     values["model"], values["preset"] = kind, preset
+    if values.get("data"):  # eval and resume find the text from anywhere (the split uses paths inside it)
+        values["data"] = [os.path.abspath(p) for p in values["data"]]
     options = TrainOptions(**values)
     check(options, model_values)
     return options, model_values

@@ -77,6 +77,8 @@ def resume_options(path: str, given: dict) -> tuple[TrainOptions, dict, ckpt_io.
     for name, value in given.items():
         if name in RESUME_MUTABLE:
             saved[name] = value
+        elif name in ("batch_size", "grad_accum"):
+            pass  # checked below: the global batch must stay
         elif name in saved and saved[name] != value:
             raise ConfigError(f"--resume continues the saved run: --{name.replace('_', '-')} cannot change "
                               f"(saved {saved[name]!r}, given {value!r})")
@@ -84,6 +86,19 @@ def resume_options(path: str, given: dict) -> tuple[TrainOptions, dict, ckpt_io.
             raise ConfigError(f"--resume continues the saved run: model option --{name.replace('_', '-')} cannot "
                               f"change")
     saved["stop_after"] = given.get("stop_after", 0)  # a stop belongs to one invocation
+    # Another number of processes is fine if the global batch stays (the data position is
+    # step x global batch): --batch-size and --grad-accum may change to keep it.
+    for name in ("batch_size", "grad_accum"):
+        if name in given:
+            saved[name] = given[name]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    before = meta["options"]["batch_size"] * meta["options"]["grad_accum"] * meta.get("world_size", 1)
+    now = saved["batch_size"] * saved["grad_accum"] * world
+    if now != before:
+        raise ConfigError(f"--resume needs the same global batch: the run had {before} windows per step "
+                          f"(batch {meta['options']['batch_size']} x accumulation {meta['options']['grad_accum']} x "
+                          f"{meta.get('world_size', 1)} processes), this would be {now}; set --batch-size / "
+                          f"--grad-accum to keep {before}")
     parent = os.path.dirname(os.path.abspath(ck.directory))
     saved["out"] = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
     options = TrainOptions(**saved)
@@ -155,7 +170,7 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
         + (" (FSDP2)" if o.fsdp else " (DDP)" if env.distributed else ""))
     fpt = flops_per_token(raw, o.model, config, o.seq_len)
     if o.activation_checkpointing:
-        checkpoint_activations(raw)
+        say(f"activation checkpointing: {checkpoint_activations(raw)} blocks recomputed in the backward")
     wrapped = wrap(raw, env, o.fsdp, o.amp)
     decay = [p for p in wrapped.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in wrapped.parameters() if p.requires_grad and p.dim() < 2]
