@@ -45,7 +45,20 @@ def _add_field(parser, name: str, annotation, help_text: str = "") -> None:
         parser.add_argument(flag, nargs="?", const="true", metavar="BOOL", default=argparse.SUPPRESS,
                             help=help_text)
     else:
-        parser.add_argument(flag, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper(), help=help_text)
+        metavar = "N" if "int" in ann else "X" if "float" in ann else name.split("_")[-1].upper()
+        parser.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+
+
+def _kinds_with(name: str) -> list[str]:
+    from .config import MODELS, ConfigError, config_fields
+    kinds = []
+    for kind in MODELS:
+        try:
+            if name in config_fields(kind):
+                kinds.append(kind)
+        except ConfigError:
+            pass
+    return kinds
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -69,7 +82,9 @@ def train_parser() -> argparse.ArgumentParser:
     own = {f.name for f in dataclasses.fields(TrainOptions)}
     for name, f in sorted(all_model_fields().items()):
         if name not in own:
-            _add_field(model, name, f.type)
+            fixed = name in ("vocab_size", "pad_token_id", "mask_token_id", "bos_token_id", "eos_token_id")
+            _add_field(model, name, f.type,  # the tokenizer's: accepted only to say so clearly
+                       argparse.SUPPRESS if fixed else "model option of: " + ", ".join(_kinds_with(name)))
     return p
 
 
