@@ -139,3 +139,16 @@ def test_activation_checkpointing_and_accumulation_keep_the_losses(corpus, tmp_p
     halves = run("halves", "--grad-accum", "2", batch="4", dropout="0")
     assert len(whole) == 3 and whole != plain
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(halves, whole)), (halves, whole)
+
+
+def test_ngram_and_gpt_are_scored_on_the_same_tokens(corpus, tmp_path, capsys):
+    """The comparison table is fair only if every model is scored on the same tokens: the
+    n-gram scores each window's tokens after the first, as the causal models predict them."""
+    tokens = {}
+    for model in ("gpt", "ngram"):
+        run = str(tmp_path / model)
+        assert train_main(train_args(model, corpus, run, 2)) == 0
+        capsys.readouterr()
+        assert eval_main([run, "--json", "--max-tokens", "1024"]) == 0
+        tokens[model] = json.loads(capsys.readouterr().out)["tokens"]
+    assert tokens["ngram"] == tokens["gpt"] > 0

@@ -69,11 +69,14 @@ def evaluate(model, kind: str, stream: TokenStream, tokenizer: Tokenizer, option
 
 
 def evaluate_ngram(lm, stream: TokenStream, options: TrainOptions, max_tokens: int) -> dict:
+    """The same tokens as the neural models score: each window's tokens after its first, each
+    given what precedes it inside the window (the first token has no context there, and the
+    causal models do not predict it either)."""
     total, count = 0.0, 0
     for i in eval_window_indices(len(stream), options.seq_len, max_tokens):
-        nats, n = lm.nll(windows(stream.tokens, np.array([i]), options.seq_len)[0], bos=False)
-        total += float(nats)
-        count += int(n)
+        lp = lm.token_log_probs(windows(stream.tokens, np.array([i]), options.seq_len)[0], bos=False)[1:]
+        total += float(-lp.sum())
+        count += int(len(lp))
     return _result("ngram", total, count, stream)
 
 
@@ -101,7 +104,7 @@ def generate_text(model, kind: str, tokenizer: Tokenizer, prompt: str, max_new_t
     ids = tokenizer.encode(prompt, specials=True)
     if kind == "ngram":
         g = _generator("cpu", seed)
-        context = [tokenizer.eos_id] + ids
+        context = ids  # generate() puts the document-start marker (BOS) before it, as in training
         out = [int(t) for t in model.generate(context, max_new_tokens, temperature=temperature, top_k=top_k,
                                               top_p=top_p, generator=g, eos_token_id=tokenizer.eos_id)]
         new = out[len(context):] if out[:len(context)] == context else out
