@@ -45,11 +45,13 @@ def test_section_lists_gpu_runs_newest_first_with_device_and_date(tmp_path):
     assert "benchmarks/results/h100-a/rope.json" in section
     assert "fastlm-triton" in section and "fastlm-torch" not in section  # CPU runs are not quoted
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n\n{report.BEGIN}\nstale figure 999 TFLOP/s\n{report.END}\n\nafter\n")
+    readme.write_text(f"intro\n\n{report.BEGIN}\nstale figure 999 TFLOP/s\n{report.END}\n\nafter\n"
+                      f"{report.LM_BEGIN}\n{report.LM_END}\n")
     assert report.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
     assert report.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "stale" not in text and text.startswith("intro") and text.endswith("after\n")
+    assert "stale" not in text and text.startswith("intro") and "\n\nafter\n" in text
+    assert "No comparison is committed yet" in text
     assert report.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
 
 
@@ -81,3 +83,19 @@ def test_bench_main_plots_and_compares(tmp_path, capsys):
     assert main(["rope", "--quick", "--out", str(second), "--compare", str(first)]) == 0
     out = capsys.readouterr().out
     assert "rope against" in out and "| rotary fwd 1x64 h32 | torch-eager |" in out
+
+
+def test_lm_comparison_section_takes_the_newest_comparison(tmp_path):
+    results = tmp_path / "benchmarks" / "results"
+    row = {"model": "gpt", "preset": "tiny", "parameters": 850000, "train_seconds": 200.0, "loss": 1.8,
+           "perplexity": 6.05, "bits_per_byte": 2.6, "tokens": 65000}
+    for name, date, ppl in (("old", "2026-11-01T00:00:00+00:00", 99.0), ("new", "2026-11-25T00:00:00+00:00", 6.05)):
+        (results / name).mkdir(parents=True)
+        doc = {"suite": "lm-comparison", "rows": [dict(row, perplexity=ppl)],
+               "environment": {"device": "AMD EPYC", "device_type": "cpu", "cpu_count": 2, "date": date,
+                               "torch": "2.13.0"}}
+        (results / name / "comparison.json").write_text(json.dumps(doc))
+    section = report.lm_section(results)
+    assert section.startswith(report.LM_BEGIN) and section.endswith(report.LM_END)
+    assert "2026-11-25" in section and "| Transformer (GPT) | tiny | 0.85M | 200 s | 1.800 | 6.05 | 2.600 |" in section
+    assert "99.00" not in section and "benchmarks/results/new/comparison.json" in section
