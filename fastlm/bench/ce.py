@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .runner import COMPILE, EAGER, Config, Harness, dtype_name
+from .runner import COMPILE, EAGER, Config, Harness, dtype_name, relative_check, standard_implementations
 
 IGNORE_FRACTION = 0.05
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -51,30 +51,7 @@ def _liger(kind: str) -> Optional[Callable]:
 
 
 def implementations(config: Config, harness: Harness, kind: str) -> list[str]:
-    import fastlm
-
-    chosen = []
-    available = fastlm.available_backends()
-    for backend in ("triton", "cuda"):
-        name = f"fastlm-{backend}"
-        if not config.wants("impl", name):
-            continue
-        if not config.on_cuda:
-            if backend == "triton":
-                harness.note("fastlm-triton left out: on CPU the Triton kernels run only under the interpreter")
-            continue
-        if available[backend].available:
-            chosen.append(name)
-        else:
-            harness.note(f"{name} left out: {available[backend].reason}")
-    for name in ("fastlm-torch", EAGER):
-        if config.wants("impl", name):
-            chosen.append(name)
-    if config.wants("impl", COMPILE):
-        if config.compile:
-            chosen.append(COMPILE)
-        else:
-            harness.note("torch-compile left out: off for this run (--compile on to force it)")
+    chosen = standard_implementations(config, harness)
     if config.wants("impl", "liger"):
         if _liger(kind) is not None and config.on_cuda:
             chosen.append("liger")
@@ -104,18 +81,7 @@ def _call(mode: str, forward: Callable[[], torch.Tensor], params: list[torch.Ten
 
 
 def _check(dtype: torch.dtype) -> Callable[[str, Any, Any], Optional[str]]:
-    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-4)
-
-    def check(name: str, out: Any, ref: Any) -> Optional[str]:
-        for a, b in zip(out, ref):
-            a, b = a.detach().float(), b.detach().float()
-            if not torch.isfinite(a).all():
-                return "returned NaN or inf"
-            rel = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-            if rel > tol:
-                return f"differs from torch-eager: max |diff| / max |eager| = {rel:.2e}"
-        return None
-    return check
+    return relative_check(dtype, {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2})
 
 
 def ce_bytes(mode: str, rows: int, vocab: int, dtype: torch.dtype) -> int:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import _call
-from .runner import COMPILE, EAGER, Config, Harness, dtype_name
+from .runner import COMPILE, EAGER, Config, Harness, dtype_name, relative_check, standard_implementations
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 ACTIVATIONS = ("gelu_tanh", "swiglu")
@@ -59,30 +59,7 @@ def eager_block(x, w_in, b_in, w_out, b_out, activation: str):
 
 
 def implementations(config: Config, harness: Harness) -> list[str]:
-    import fastlm
-
-    chosen = []
-    available = fastlm.available_backends()
-    for backend in ("triton", "cuda"):
-        name = f"fastlm-{backend}"
-        if not config.wants("impl", name):
-            continue
-        if not config.on_cuda:
-            if backend == "triton":
-                harness.note("fastlm-triton left out: on CPU the Triton kernels run only under the interpreter")
-            continue
-        if available[backend].available:
-            chosen.append(name)
-        else:
-            harness.note(f"{name} left out: {available[backend].reason}")
-    for name in ("fastlm-torch", EAGER):
-        if config.wants("impl", name):
-            chosen.append(name)
-    if config.wants("impl", COMPILE):
-        if config.compile:
-            chosen.append(COMPILE)
-        else:
-            harness.note("torch-compile left out: off for this run (--compile on to force it)")
+    chosen = standard_implementations(config, harness)
     if config.wants("impl", "matmuls"):
         chosen.append("matmuls")
     return chosen
@@ -109,20 +86,7 @@ def _forward(name: str, activation: str, compiled: dict) -> Callable:
 
 
 def _check(dtype: torch.dtype) -> Callable[[str, Any, Any], Optional[str]]:
-    tol = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-3)
-
-    def check(name: str, out: Any, ref: Any) -> Optional[str]:
-        if name == "matmuls":
-            return None  # a different computation: timed, not compared
-        for a, b in zip(out, ref):
-            a, b = a.detach().float(), b.detach().float()
-            if not torch.isfinite(a).all():
-                return "returned NaN or inf"
-            rel = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-            if rel > tol:
-                return f"differs from torch-eager: max |diff| / max |eager| = {rel:.2e}"
-        return None
-    return check
+    return relative_check(dtype, {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}, skip=("matmuls",))
 
 
 def shapes(config: Config) -> list[tuple[int, int]]:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .runner import COMPILE, EAGER, MiB, Config, Harness, dtype_name
+from .runner import COMPILE, EAGER, Config, Harness, MiB, dtype_name, standard_implementations
 
 # name -> (n_layer, d_model, n_head); GPT-2's vocabulary padded to a multiple of 64 as nanoGPT does.
 GPU_MODELS = {"gpt2-124m": (12, 768, 12), "gpt2-350m": (24, 1024, 16)}
@@ -98,28 +98,12 @@ def model_flops_per_token(n_params_no_pos: int, n_layer: int, d_model: int, seql
 # ----------------------------------------------------------------------------- what runs
 
 def implementations(config: Config, harness: Harness) -> list[str]:
-    import fastlm
-
-    chosen = []
-    if config.wants("impl", "fastlm-triton"):
-        if not config.on_cuda:
-            harness.note("fastlm-triton left out: on CPU the Triton kernels run only under the interpreter")
-        elif fastlm.available_backends()["triton"].available:
-            chosen.append("fastlm-triton")
-        else:
-            harness.note(f"fastlm-triton left out: {fastlm.available_backends()['triton'].reason}")
-    if config.impls and "fastlm-cuda" in config.impls:
-        harness.note("fastlm-cuda left out: the CUDA C++ backend has no matmul (linear, feed_forward) kernels, "
-                     "so a whole model cannot run on it alone")
-    if (not config.on_cuda and config.wants("impl", "fastlm-torch")) or (config.impls and "fastlm-torch" in config.impls):
-        chosen.append("fastlm-torch")
-    if config.wants("impl", EAGER):
-        chosen.append(EAGER)
-    if config.wants("impl", COMPILE):
-        if config.compile:
-            chosen.append(COMPILE)
-        else:
-            harness.note("torch-compile left out: off for this run (--compile on to force it)")
+    chosen = standard_implementations(config, harness, backends=("triton",), missing={
+        "cuda": "the CUDA C++ backend has no matmul (linear, feed_forward) kernels, so a whole model cannot run on "
+                "it alone"})
+    # The reference backend on a GPU is only asked for by name: a model of it is slow to no purpose.
+    if config.on_cuda and "fastlm-torch" in chosen and not (config.impls and "fastlm-torch" in config.impls):
+        chosen.remove("fastlm-torch")
     for name in (HF, HF_FASTLM):
         if not config.wants("impl", name):
             continue

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .runner import COMPILE, EAGER, Config, Harness, dtype_name
+from .runner import COMPILE, EAGER, Config, Harness, dtype_name, standard_implementations
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -104,33 +104,7 @@ def fastlm_forward(op: str, width: int, backend: str) -> Forward:
 
 def implementations(config: Config, harness: Harness) -> list[str]:
     """The implementations this run compares, in table order; notes why others are left out."""
-    import fastlm
-
-    chosen = []
-    available = fastlm.available_backends()
-    for backend in ("triton", "cuda"):
-        name = f"fastlm-{backend}"
-        if not config.wants("impl", name):
-            continue
-        if not config.on_cuda:
-            if backend == "triton":
-                harness.note("fastlm-triton left out: on CPU the Triton kernels run only under the "
-                             "interpreter, which is far too slow to time")
-            continue
-        if available[backend].available:
-            chosen.append(name)
-        else:
-            harness.note(f"{name} left out: {available[backend].reason}")
-    for name in ("fastlm-torch", EAGER):
-        if config.wants("impl", name):
-            chosen.append(name)
-    if config.wants("impl", COMPILE):
-        if config.compile:
-            chosen.append(COMPILE)
-        else:
-            harness.note("torch-compile left out: off for this run (on by default on CUDA; "
-                         "--compile on to force it)")
-    return chosen
+    return standard_implementations(config, harness)
 
 
 def _forward_for(name: str, op: str, width: int, compiled: dict[str, Forward]) -> Forward:

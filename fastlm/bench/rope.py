@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .attention import _call
-from .runner import COMPILE, EAGER, Config, Harness, dtype_name
+from .runner import COMPILE, EAGER, Config, Harness, dtype_name, relative_check, standard_implementations
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 # (batch, seqlen, heads, head dim): Llama-7B's q at 4k and 16k tokens, GPT-2-sized heads.
@@ -41,27 +41,8 @@ def eager_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def implementations(config: Config, harness: Harness) -> list[str]:
-    import fastlm
-
-    chosen = []
-    if config.wants("impl", "fastlm-triton"):
-        if not config.on_cuda:
-            harness.note("fastlm-triton left out: on CPU the Triton kernels run only under the interpreter")
-        elif fastlm.available_backends()["triton"].available:
-            chosen.append("fastlm-triton")
-        else:
-            harness.note(f"fastlm-triton left out: {fastlm.available_backends()['triton'].reason}")
-    if config.impls and "fastlm-cuda" in config.impls:
-        harness.note("fastlm-cuda left out: there is no CUDA C++ rotary kernel")
-    for name in ("fastlm-torch", EAGER):
-        if config.wants("impl", name):
-            chosen.append(name)
-    if config.wants("impl", COMPILE):
-        if config.compile:
-            chosen.append(COMPILE)
-        else:
-            harness.note("torch-compile left out: off for this run (--compile on to force it)")
-    return chosen
+    return standard_implementations(config, harness, backends=("triton",),
+                                    missing={"cuda": "there is no CUDA C++ rotary kernel"})
 
 
 def _forward(name: str, compiled: dict) -> Callable:
@@ -81,18 +62,7 @@ def _forward(name: str, compiled: dict) -> Callable:
 
 
 def _check(dtype: torch.dtype) -> Callable[[str, Any, Any], Optional[str]]:
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-5)
-
-    def check(name: str, out: Any, ref: Any) -> Optional[str]:
-        for a, b in zip(out, ref):
-            a, b = a.detach().float(), b.detach().float()
-            if not torch.isfinite(a).all():
-                return "returned NaN or inf"
-            rel = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-            if rel > tol:
-                return f"differs from torch-eager: max |diff| / max |eager| = {rel:.2e}"
-        return None
-    return check
+    return relative_check(dtype, {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2})
 
 
 def shapes(config: Config) -> list[tuple[int, int, int, int]]:

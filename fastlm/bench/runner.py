@@ -279,6 +279,66 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+# ----------------------------------------------------------------------------- shared by the suites
+
+def standard_implementations(config: "Config", harness: "Harness", backends: tuple = ("triton", "cuda"),
+                             missing: Optional[dict[str, str]] = None) -> list[str]:
+    """fastlm's kernels (each backend in ``backends`` that can run here: CUDA only, the Triton
+    interpreter is not timed), fastlm's reference, torch eager and torch.compile, in table
+    order; a note for each one left out. ``missing``: backends fastlm has no kernel for in this
+    suite, with the reason, noted when asked for by --impls."""
+    import fastlm
+
+    chosen = []
+    available = fastlm.available_backends()
+    for backend in backends:
+        name = f"fastlm-{backend}"
+        if not config.wants("impl", name):
+            continue
+        if not config.on_cuda:
+            if backend == "triton":
+                harness.note("fastlm-triton left out: on CPU the Triton kernels run only under the interpreter, "
+                             "which is far too slow to time")
+            continue
+        if available[backend].available:
+            chosen.append(name)
+        else:
+            harness.note(f"{name} left out: {available[backend].reason}")
+    for backend, reason in (missing or {}).items():
+        if config.impls and f"fastlm-{backend}" in config.impls:
+            harness.note(f"fastlm-{backend} left out: {reason}")
+    for name in ("fastlm-torch", EAGER):
+        if config.wants("impl", name):
+            chosen.append(name)
+    if config.wants("impl", COMPILE):
+        if config.compile:
+            chosen.append(COMPILE)
+        else:
+            harness.note("torch-compile left out: off for this run (on by default on CUDA; --compile on to force it)")
+    return chosen
+
+
+def relative_check(dtype: torch.dtype, tolerances: dict, skip: tuple = ()) -> Callable[[str, Any, Any], Optional[str]]:
+    """``check(impl, out, eager_out)`` for Harness.run_case: a note when an implementation gives
+    NaN/inf or differs from torch eager by more than ``tolerances[dtype]`` in max |diff| over
+    max |eager| (a sanity check of what is timed, not the accuracy tests). ``skip``: impls
+    that compute something else on purpose."""
+    tol = tolerances.get(dtype, tolerances[torch.float32])
+
+    def check(name: str, out: Any, ref: Any) -> Optional[str]:
+        if name in skip:
+            return None
+        for a, b in zip(out, ref):
+            a, b = a.detach().float(), b.detach().float()
+            if not torch.isfinite(a).all():
+                return "returned NaN or inf"
+            rel = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+            if rel > tol:
+                return f"differs from torch-eager: max |diff| / max |eager| = {rel:.2e}"
+        return None
+    return check
+
+
 # ----------------------------------------------------------------------------- harness
 
 class Harness:
