@@ -12,6 +12,7 @@
 # the repository is not installed but put on PYTHONPATH, and pytest runs without
 # pytest-benchmark. Environment knobs:
 #   GPU_CHECK_STEPS="versions build tests bench"   the steps to run, in order
+#   BENCH_SUITES="attention ffn"                   the suites to run (default: all)
 #   BENCH_ARGS="--quick"                           extra arguments for fastlm.bench
 #   PYTEST_ARGS="-x -k 'norm and not slow'"        extra arguments for pytest (shell-quoted)
 # Exit status: 0 when every step recorded in OUT_DIR passed, 1 otherwise.
@@ -120,7 +121,8 @@ step_tests() {
 step_bench() {
     local -a extra=()
     eval "extra=(${BENCH_ARGS:-})"
-    "$PY" -m fastlm.bench all --out "$OUT_DIR/bench" "${extra[@]}"
+    # shellcheck disable=SC2086
+    "$PY" -m fastlm.bench ${BENCH_SUITES:-all} --out "$OUT_DIR/bench" "${extra[@]}"
 }
 
 for step in $STEPS; do
@@ -150,7 +152,7 @@ status=0
     fi
     if [ -d "$OUT_DIR/bench" ]; then
         echo
-        echo "bench results: $(cd "$OUT_DIR" && ls bench/*.json bench/*.md 2>/dev/null | tr '\n' ' ')"
+        echo "bench results: $(cd "$OUT_DIR" && ls bench/*.json bench/*.md bench/*.png 2>/dev/null | tr '\n' ' ')"
     fi
 } >"$OUT_DIR/summary.txt"
 echo

@@ -8,7 +8,7 @@
     python -m fastlm.bench ffn  [--rows TOKENS ...] [--widths D_MODEL ...]   feed_forward (gelu_tanh, swiglu)
     python -m fastlm.bench rope [--rows BATCH ...] [--widths SEQLEN ...]     rotary
     python -m fastlm.bench model [--rows BATCH ...] [--widths SEQLEN ...]   GPT-2 training steps (tokens/s, MFU)
-    python -m fastlm.bench all  ...
+    python -m fastlm.bench all  ...                           every suite (or name several: ffn attention)
 
 Each suite writes <out>/<suite>.json (device, versions, date, measured ceilings, every
 row), <out>/<suite>.md (the table, also printed) and <out>/<suite>.png (speedup over eager
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastlm bench",
         description="Time fastlm's ops against PyTorch eager and torch.compile; write JSON and markdown.")
-    p.add_argument("suite", choices=sorted(SUITES) + ["all"], help='the suite to run; "all" runs every suite')
+    p.add_argument("suite", nargs="+", choices=sorted(SUITES) + ["all"],
+                   help='the suites to run, in order; "all" runs every suite')
     p.add_argument("--out", type=Path, default=Path("bench-out"),
                    help="folder for <suite>.json and <suite>.md (default: ./bench-out)")
     p.add_argument("--quick", action="store_true",
@@ -112,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.3g} TFLOP/s", file=sys.stderr)
 
     status = 0
-    for suite in (sorted(SUITES) if args.suite == "all" else [args.suite]):
+    suites = sorted(SUITES) if "all" in args.suite else list(dict.fromkeys(args.suite))
+    for suite in suites:
         harness = runner.Harness(config, ceilings)
         if env["env"].get("FASTLM_POISON") == "1":
             harness.note("FASTLM_POISON=1 was set: every kernel output is filled with NaN first, "
