@@ -17,6 +17,12 @@ of its group (GQA) and the query blocks that see it; dQ with one program per (bl
 queries, batch, query head), looping over key blocks as the forward does. Probabilities are
 recomputed from q, k and the saved lse.
 
+An additive mask that needs a gradient (T5's relative position bias, ALiBi-like learned
+biases): its gradient is dS itself, the gradient of the final scores before the soft-cap's
+chain rule. The dQ kernel, which visits every (query block, key block) tile of a head exactly
+once, stores its dS tiles into a float32 (B, H, L, S) buffer (the constexpr BIAS_GRAD; without
+it nothing changes); the caller sums that over the dimensions the mask was broadcast along.
+
 Dropout draws tl.rand(seed, offset) from the position (batch, head, query, key): the backward
 regenerates exactly the forward's mask, and ``dropout_mask`` exposes it for tests.
 
@@ -316,17 +322,18 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, M, CU_Q, CU_K, SEED,
+    Q, K, V, DO, LSE, DELTA, DQ, M, CU_Q, CU_K, SEED, DS,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
     stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_sb, stride_sh, stride_sm,
     H, GROUP, L, S, D, DV, scale, softcap, window_left, window_right, dropout_p,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -376,6 +383,10 @@ def _attn_bwd_dq_kernel(
             keep = _keep(seed, b, h, offs_m, offs_n, H, L, S, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:  # dense (B, L, H, D) only: masks never come with packed sequences
+            s_ptr = DS + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+            tl.store(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_n[None, :], ds,
+                     mask=row_ok[:, None] & (offs_n[None, :] < len_k))
         if SOFTCAP:
             ds = ds * (1.0 - th * th)
         if IEEE:
@@ -492,14 +503,23 @@ def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, w
 
 def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, window_left: int, window_right: int,
                   softcap: float, mask, dropout_p: float, seed, cu_seqlens_q=None, cu_seqlens_k=None,
-                  max_seqlen_q: int = 0, max_seqlen_k: int = 0):
-    """Returns (dq, dk, dv), each laid out like its input."""
+                  max_seqlen_q: int = 0, max_seqlen_k: int = 0, bias_grad: bool = False):
+    """Returns (dq, dk, dv), each laid out like its input; with bias_grad (a dense call with an
+    additive mask) also dS, float32 (B, H, L, S): the mask's gradient before the broadcast sum."""
     p = Problem(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k)
+    if bias_grad and (p.varlen or mask is None or mask.dtype == torch.bool):
+        raise ValueError("attention_bwd: bias_grad needs a dense call with an additive (float) mask")
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
+    ds = None
+    if bias_grad:
+        ds = empty((p.B, p.H, p.L, p.S), torch.float32, q.device)
+        if window_left >= 0 or window_right >= 0:
+            ds.zero_()  # tiles outside the window are never visited, hence never written
     if p.B == 0 or q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        grads = (dq.zero_(), dk.zero_(), dv.zero_())
+        return grads + (ds.zero_(),) if bias_grad else grads
     mask_t, mask_kind, mask_strides = _mask_args(mask, p)
     bm, bn, warps, stages = _blocks(p, q.device, q.dtype)
     block_d, block_dv = max(16, next_power_of_2(p.D)), max(16, next_power_of_2(p.DV))
@@ -523,14 +543,14 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
         num_warps=warps, num_stages=stages, **flags,
     )
     _attn_bwd_dq_kernel[(triton.cdiv(p.L, bm), p.B * p.H)](
-        q, k, v, dout, lse, delta, dq, *common,
+        q, k, v, dout, lse, delta, dq, *common, ds if bias_grad else dummy,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(dout), *p.strides(dq),
-        *p.lse_strides(lse), *mask_strides,
+        *p.lse_strides(lse), *mask_strides, *(ds.stride()[:3] if bias_grad else (0, 0, 0)),
         p.H, p.group, p.L, p.S, p.D, p.DV, scale, softcap, window_left, window_right, dropout_p,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BIAS_GRAD=bias_grad, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=warps, num_stages=stages, **flags,
     )
-    return dq, dk, dv
+    return (dq, dk, dv, ds) if bias_grad else (dq, dk, dv)
 
 
 def dropout_mask(seed, B: int, H: int, L: int, S: int, dropout_p: float, device) -> torch.Tensor:
@@ -547,7 +567,7 @@ def gpu_compile_variants():
     and warps ``_blocks`` picks on a GPU, for a plain call and one with every feature on."""
     pointer = {"Q": "dt", "K": "dt", "V": "dt", "O": "dt", "DO": "dt", "DQ": "dt", "DK": "dt", "DV_": "dt",
                "LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "SEQUSED_K": "*i32",
-               "SEED": "*i64", "KEEP": "*i8"}
+               "SEED": "*i64", "KEEP": "*i8", "DS": "*fp32"}
     floats = {"scale", "softcap", "dropout_p"}
 
     def signature(kernel, dt, mask_kind):
@@ -577,8 +597,12 @@ def gpu_compile_variants():
         variants.append((_attn_fwd_kernel, signature(_attn_fwd_kernel, dt, const["MASK"]), const, opts))
         const = dict(flags, BLOCK_M=bm // 2, BLOCK_N=bn, **tiles)
         variants.append((_attn_bwd_dkdv_kernel, signature(_attn_bwd_dkdv_kernel, dt, const["MASK"]), const, opts))
-        const = dict(flags, BLOCK_M=bm, BLOCK_N=bn, **tiles)
+        const = dict(flags, BIAS_GRAD=False, BLOCK_M=bm, BLOCK_N=bn, **tiles)
         variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, const["MASK"]), const, opts))
+        # The additive mask's gradient (dense, as SDPA gives it; dropout and softcap on).
+        const = dict(flags, VARLEN=False, BOTTOM_RIGHT=False, HAS_LEFT=False, HAS_RIGHT=False, MASK=2,
+                     DROPOUT=True, SOFTCAP=True, BIAS_GRAD=True, BLOCK_M=bm, BLOCK_N=bn, **tiles)
+        variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, 2), const, opts))
     variants.append((_attn_bwd_delta_kernel, signature(_attn_bwd_delta_kernel, "bf16", 0),
                      dict(VARLEN=True, BLOCK_M=128, BLOCK_DV=128), {"num_warps": 4}))
     variants.append((_dropout_mask_kernel, signature(_dropout_mask_kernel, "bf16", 0),

@@ -532,7 +532,7 @@ def test_opcheck(backend):
         dout = torch.randn_like(out)
         torch.library.opcheck(attn_ops._attention_bwd, (dout, q.detach(), k.detach(), v.detach(), out.detach(),
                                                         lse.detach(), None, None, None, None, 0.25, True, -1, 0,
-                                                        0.0, 0.0, 0, 0, backend))
+                                                        0.0, 0.0, 0, 0, backend, False))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,12 +4,18 @@
                       bottom_right, window_left, window_right, softcap, dropout_p,
                       max_seqlen_q, max_seqlen_k) -> (out, lse)
     fastlm::attention_bwd(dout, q, k, v, out, lse, mask?, cu_seqlens_q?, cu_seqlens_k?, seed?, ...,
-                          backend) -> (dq, dk, dv)
+                          backend, mask_grad) -> (dq, dk, dv, dmask)
 
 One op pair serves every interface: q (B, L, H, D), k and v (B, S, Hk, D) with any strides
 (SDPA's (B, H, L, E) is a transposed view of it, so nothing is copied), or packed
 (total, H, D) with cu_seqlens; causal is window_right = 0, aligned top-left (SDPA) or
 bottom-right (FlashAttention). The forward saves only its output and the logsumexp.
+
+A float mask may need a gradient (T5's relative position bias): it is an additive bias on the
+scores, so its gradient is the backward's dS, which the backend returns unreduced (B, H, L, S)
+in float32; the backward op sums it to the mask's own (broadcastable) shape and casts it to
+the mask's dtype. Without mask_grad the backward op returns an empty dmask and the kernels
+store nothing more than before.
 
 Dropout: a seed is drawn from torch's default generator per call (so torch.manual_seed
 makes it reproducible) and passed as a tensor (no host sync); the Triton kernels draw their
@@ -200,26 +206,35 @@ def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seqused_k, seed, scale, bottom_
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor],
                    scale: float, bottom_right: bool, window_left: int, window_right: int, softcap: float,
-                   dropout_p: float, max_seqlen_q: int, max_seqlen_k: int,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                   dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, backend: str,
+                   mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if mask_grad and (mask is None or not mask.is_floating_point() or cu_seqlens_q is not None):
+        raise ValueError("fastlm::attention_bwd: mask_grad needs a float mask on a dense batch")
     chosen = _pick(q, v, mask, backend, _cuda_unsupported(q, k, v, mask, cu_seqlens_q, None, softcap, dropout_p))
     if chosen == "cuda":
-        return _cuda_attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right)
+        return _cuda_attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right) + \
+            (q.new_empty(0),)
     if chosen == "triton":
         from fastlm.kernels import attention as kernels
-        return kernels.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right,
-                                     softcap, mask, dropout_p, seed.to(q.device) if seed is not None else None,
-                                     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    keep = _keep(chosen, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
-    dq, dk, dv = ref.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right, softcap,
-                                   mask, keep, dropout_p, cu_seqlens_q, cu_seqlens_k)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+        grads = kernels.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right,
+                                      softcap, mask, dropout_p, seed.to(q.device) if seed is not None else None,
+                                      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask_grad)
+    else:
+        keep = _keep(chosen, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
+        grads = ref.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right, softcap,
+                                  mask, keep, dropout_p, cu_seqlens_q, cu_seqlens_k, mask_grad)
+        grads = tuple(g.contiguous() for g in grads[:3]) + grads[3:]
+    if not mask_grad:
+        return grads + (q.new_empty(0),)
+    # dS summed over the dimensions the mask is broadcast along, in float32, then cast.
+    return grads[:3] + (grads[3].sum_to_size(mask.shape).to(mask.dtype),)
 
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed, scale, bottom_right, window_left,
-      window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+      window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, backend, mask_grad):
+    dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
@@ -233,8 +248,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, seed, *ctx.options, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None
+    mask_grad = bool(ctx.needs_input_grad[3])  # only a float mask can require grad
+    dq, dk, dv, dmask = _attention_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, seed, *ctx.options, ctx.backend,
+                                       mask_grad)
+    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None, None, None, None, None, None, \
+        None, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
@@ -426,7 +444,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """torch.nn.functional.scaled_dot_product_attention on fastlm's kernels: query (..., H, L, E),
     key (..., Hk, S, E), value (..., Hk, S, Ev). is_causal is aligned top-left, as torch's;
     attn_mask is boolean (True takes part) or additive, broadcastable to (..., H, L, S).
-    A query that sees no key gives 0 (torch may give NaN). attn_mask gets no gradient."""
+    A query that sees no key gives 0 (torch may give NaN). A float attn_mask that requires grad
+    gets one, as in torch (an additive bias: T5's relative positions, ALiBi-like learned slopes);
+    a query that sees no key gives it 0."""
     fn = "scaled_dot_product_attention"
     query, key, value = autocast_inputs(query, key, value)
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -478,8 +498,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             raise TypeError(f"fastlm.{fn}: attn_mask must be boolean or floating point, got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ValueError(f"fastlm.{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
-        if attn_mask.requires_grad:
-            raise ValueError(f"fastlm.{fn}: attn_mask requires grad; fastlm gives no gradient to the mask")
         try:
             full = torch.broadcast_shapes(attn_mask.shape, query.shape[:-1] + (S,))
         except RuntimeError:
@@ -487,10 +505,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if full != query.shape[:-1] + (S,):
             raise ValueError(f"fastlm.{fn}: attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
                              f"{list(query.shape[:-1] + (S,))}")
-        m = attn_mask.expand(query.shape[:-1] + (S,))
-        mask = m.reshape((-1,) + m.shape[-3:]) if m.dim() > 4 else m
-        while mask.dim() < 4:
+        # Kept in its broadcastable shape (leading 1s added), not expanded: the kernels
+        # broadcast it by stride 0, and its gradient is summed to this shape in float32.
+        mask = attn_mask
+        while mask.dim() < max(query.dim(), 4):
             mask = mask[None]
+        if mask.dim() > 4:  # (N..., H, L, S) -> (B, H, L, S), B the product of the batch dims
+            lead = mask.shape[:-3]
+            if any(n != 1 for n in lead):
+                mask = mask.expand(query.shape[:-3] + mask.shape[-3:])
+            mask = mask.reshape((-1,) + mask.shape[-3:])
     out, _ = _attention(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), mask, None, None, None,
                         _seed_for(dropout_p), scale, False, -1, 0 if is_causal else -1, 0.0, dropout_p, 0, 0)
     out = out.transpose(1, 2)  # (B, H, L, Ev)

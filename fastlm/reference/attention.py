@@ -18,6 +18,10 @@ boolean mask (True takes part) or an additive float mask, broadcast to (B, H, L,
 
 A query that sees no key gets out = 0 and lse = +inf (so the backward's exp(s - lse) is 0
 and its gradients are zero): torch's SDPA may give NaN there.
+
+An additive mask is a bias on the final scores (after scaling and soft-capping), so its
+gradient is dS = p * (dp - delta) itself, before the soft-cap's chain rule: zero wherever
+p is (masked positions, rows that see no key).
 """
 
 from __future__ import annotations
@@ -85,8 +89,10 @@ def attention_dense(q, k, v, scale: float, bottom_right: bool, window_left: int,
 
 def attention_dense_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, window_left: int,
                         window_right: int, softcap: float, mask: Optional[Tensor], keep: Optional[Tensor],
-                        dropout_p: float):
-    """Gradients (dq, dk, dv) of attention_dense, by the explicit formula (no autograd)."""
+                        dropout_p: float, bias_grad: bool = False):
+    """Gradients (dq, dk, dv) of attention_dense, by the explicit formula (no autograd); with
+    bias_grad also d(mask) = dS, (B, H, L, S) in float32/64 (the caller sums it over the
+    mask's broadcast dimensions)."""
     dt = _compute_dtype(q)
     B, L, H, D = q.shape
     S, Hk = k.shape[1], k.shape[2]
@@ -104,7 +110,8 @@ def attention_dense_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: boo
     else:
         pd = p
     dv = torch.einsum("bhls,blhd->bshd", pd, do)
-    ds = p * (dp - delta[..., None])
+    ds = p * (dp - delta[..., None])  # d(loss)/d(final scores): the additive mask's gradient
+    dbias = ds
     if th is not None:
         ds = ds * (1 - th.square())
     dq = torch.einsum("bhls,bshd->blhd", ds, kk) * scale
@@ -112,6 +119,8 @@ def attention_dense_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: boo
     if group > 1:
         dk = dk.reshape(B, S, Hk, group, -1).sum(3)
         dv = dv.reshape(B, S, Hk, group, -1).sum(3)
+    if bias_grad:
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -170,11 +179,14 @@ def attention(q, k, v, scale: float, bottom_right: bool = False, window_left: in
 def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool = False, window_left: int = -1,
                   window_right: int = -1, softcap: float = 0.0, mask: Optional[Tensor] = None,
                   keep: Optional[Tensor] = None, dropout_p: float = 0.0, cu_seqlens_q: Optional[Tensor] = None,
-                  cu_seqlens_k: Optional[Tensor] = None):
-    """Gradients (dq, dk, dv) of ``attention`` (dense or packed; no gradient through a KV cache)."""
+                  cu_seqlens_k: Optional[Tensor] = None, bias_grad: bool = False):
+    """Gradients (dq, dk, dv) of ``attention`` (dense or packed; no gradient through a KV cache);
+    with bias_grad (dense only) also dS (B, H, L, S), the additive mask's unreduced gradient."""
     if cu_seqlens_q is None:
         return attention_dense_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right,
-                                   softcap, mask, keep, dropout_p)
+                                   softcap, mask, keep, dropout_p, bias_grad)
+    if bias_grad:
+        raise ValueError("attention_bwd: a mask gradient is for dense batches, not packed ones")
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for b, rq, rk in _sequences(cu_seqlens_q, cu_seqlens_k, None, 0, 0, 0):
         g = attention_dense_bwd(dout[None, rq], q[None, rq], k[None, rk], v[None, rk], out[None, rq],
