@@ -234,7 +234,8 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 def _(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed, scale, bottom_right, window_left,
       window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, backend, mask_grad):
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    # Every backend returns contiguous gradients, whatever the strides of q, k and v.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def _setup_context(ctx, inputs, output):
