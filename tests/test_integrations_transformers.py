@@ -273,6 +273,8 @@ def test_apply_matches_the_unpatched_model_and_revert_restores_it(kind, backend,
         logits, loss = run(patched, kind, ids, mask, labels, decoder)
         g = grads(patched, loss)
     assert spy["n"] > 0 and spy["loss"] > 0  # fastlm's attention and loss ran
+    if kind == "t5":  # with gradients on, every layer too: encoder self, decoder self and cross per layer
+        assert spy["n"] == 3 * patched.config.num_layers
     H = patched.config.hidden_size if kind != "t5" else patched.config.d_model
     terms = H * 4 * 2
     close(logits, logits64, logits32, "logits", terms)
@@ -283,6 +285,9 @@ def test_apply_matches_the_unpatched_model_and_revert_restores_it(kind, backend,
             assert a is None or not a.any(), name
             continue
         close(a, r, e, f"grad of {name}", terms * ids.numel())
+    if kind == "t5":  # the relative attention bias's gradient reaches it through fastlm's attention mask
+        biases = [a for n, a in zip(names, g) if "relative_attention_bias" in n]
+        assert len(biases) == 2 and all(a is not None and a.abs().sum() > 0 for a in biases)
 
     restored = ft.revert(patched)
     assert sorted(restored) == sorted(handle.replaced)
@@ -349,13 +354,22 @@ def test_patched_generation_with_left_padding_equals_unpatched(kind, cache, spy)
     assert torch.equal(got, expected) and got.shape[1] >= 6
 
 
-def test_no_grad_t5_runs_every_attention_on_fastlm(spy):
+@pytest.mark.parametrize("grad", [False, True])
+def test_t5_runs_every_attention_on_fastlm(spy, grad, recwarn):
+    """With or without gradients (the relative bias's included), no layer leaves fastlm's
+    attention, and nothing warns."""
     model = t5()
     ids, mask, _, decoder = inputs("t5")
     ft.apply(model)
-    with torch.no_grad():  # the relative bias needs no gradient: no layer falls back to transformers' SDPA
-        model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder.clamp(min=0))
+    with torch.set_grad_enabled(grad):
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder.clamp(min=0))
     assert spy["n"] == 3 * model.config.num_layers  # encoder self, decoder self and cross per layer
+    if grad:
+        out.logits.square().mean().backward()
+        for name, p in model.named_parameters():
+            if "relative_attention_bias" in name:
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert not [w for w in recwarn if "fastlm" in str(w.message)]
     ft.revert(model)
 
 

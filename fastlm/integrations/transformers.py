@@ -224,9 +224,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     None where a causal or full pattern suffices, else a boolean (B, 1, L, S) mask (True
     attends) with padding and sliding windows folded in; additive float masks are accepted
     too. ``softcap`` (Gemma 2) is applied to the scores. T5's ``position_bias`` is added to the
-    scores; when it needs a gradient (training T5's relative bias) the call runs transformers'
-    SDPA path instead, since fastlm's attention gives no gradient to additive masks (warned
-    once). Returns (out (B, L, H, D), None): attention weights are never formed.
+    scores as an additive mask, and gets its gradient through it when it needs one (training
+    T5's relative attention bias). Returns (out (B, L, H, D), None): attention weights are
+    never formed.
     """
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("fastlm attention: attention sinks (s_aux) are not supported")
@@ -248,14 +248,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         key, value, S = key[:, :, :L], value[:, :, :L], L
         position_bias = position_bias[..., :L] if position_bias is not None else None
     if position_bias is not None:
-        if position_bias.requires_grad and torch.is_grad_enabled():
-            _warn_once("bias", "fastlm attention gives no gradient to T5's relative position bias: attention "
-                               "layers whose bias needs one run transformers' SDPA path")
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, is_causal=is_causal, position_bias=position_bias,
-                                          **{k: v for k, v in kwargs.items() if k != "position_bias"})
-        mask = _additive_bias(position_bias.detach(), mask, bool(is_causal) and L > 1, L, S)
+        mask = _additive_bias(position_bias, mask, bool(is_causal) and L > 1, L, S)
         is_causal = False
     causal = bool(is_causal) and L > 1 and mask is None
     H, Hk = query.shape[1], key.shape[1]
