@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import nn as fnn
 from ..ops.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from ..ops.linear_cross_entropy import linear_cross_entropy
-from .gpt import cache_dtype, sample, sinusoidal_table
+from .gpt import cache_dtype, decode, sinusoidal_table
 
 
 @dataclass
@@ -281,13 +281,7 @@ class EncoderDecoder(torch.nn.Module):
         caches = [(torch.zeros(shape, device=src_ids.device, dtype=dtype),
                    torch.zeros(shape, device=src_ids.device, dtype=dtype)) for _ in self.decoder]
         tokens = torch.full((B, 1), c.bos_token_id, dtype=torch.long, device=src_ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=src_ids.device)
-        for step in range(max_new_tokens):
-            y = self.decode(tokens[:, -1:], enc, caches, step, memories)[:, -1]
-            nxt = sample(F.linear(y, self.embed.weight).float(), temperature, top_k, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-            done |= nxt == eos
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            if bool(done.all()):
-                break
-        return tokens
+
+        def next_logits(step_input: Tensor, step: int) -> Tensor:
+            return F.linear(self.decode(step_input, enc, caches, step, memories)[:, -1], self.embed.weight)
+        return decode(next_logits, tokens, tokens, max_new_tokens, temperature, top_k, top_p, eos, generator)

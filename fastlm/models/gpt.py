@@ -283,26 +283,36 @@ class GPT(torch.nn.Module):
         if total > self.config.max_seq_len:
             raise ValueError(f"GPT.generate: {total} positions exceed max_seq_len {self.config.max_seq_len}")
         cache = KVCache(self.config, B, total, input_ids.device, cache_dtype(self.wte.weight))
-        tokens = input_ids
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        step_input = input_ids
-        for _ in range(max_new_tokens):
-            h = self.hidden_states(step_input, cache)[:, -1]
-            logits = F.linear(h, self.head_weight).float()
-            nxt = sample(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            step_input = nxt[:, None]
-            if eos_token_id is not None and bool(done.all()):
-                break
-        return tokens
+
+        def next_logits(step_input: Tensor, step: int) -> Tensor:
+            return F.linear(self.hidden_states(step_input, cache)[:, -1], self.head_weight)
+        return decode(next_logits, input_ids, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                      generator)
 
     def loss_of_logits(self, logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
         """The same loss as forward's, from logits (for checking the fused path)."""
         return cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                              ignore_index=ignore_index)
+
+
+def decode(next_logits, tokens: Tensor, step_input: Tensor, max_new_tokens: int, temperature: float,
+           top_k: Optional[int], top_p: Optional[float], eos_token_id: Optional[int],
+           generator: Optional[torch.Generator]) -> Tensor:
+    """The sampling loop every model's generate shares. ``next_logits(step_input, step)`` gives
+    the (B, V) logits of the next token (the model keeps its own cache or state); each step
+    appends one sampled token per row to ``tokens`` and feeds it back. Rows that produced
+    eos_token_id keep producing it; the loop stops early once every row has."""
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for step in range(max_new_tokens):
+        nxt = sample(next_logits(step_input, step).float(), temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done |= nxt == eos_token_id
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        step_input = nxt[:, None]
+        if eos_token_id is not None and bool(done.all()):
+            break
+    return tokens
 
 
 def cache_dtype(weight: Tensor) -> torch.dtype:

@@ -4,7 +4,7 @@ torch.nn.Embedding -> torch.nn.LSTM (batch_first, n_layer layers) -> [projection
 with the interface of fastlm.models.GPT, so the same training, evaluation and generation
 code runs it: forward(input_ids, labels) -> {"loss", "logits"} with the labels shifted
 inside and the loss through fastlm.linear_cross_entropy (the logits are formed only when
-asked for), generate(...) sampling through fastlm.models.gpt.sample, num_parameters().
+asked for), generate(...) through the sampling loop of fastlm.models.gpt.decode, num_parameters().
 
 The state (h, c) of every layer is the generation cache: the prompt runs once, then each
 new token costs one step of the recurrence, whatever the length so far.
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..ops.cross_entropy import cross_entropy
 from ..ops.linear_cross_entropy import linear_cross_entropy
-from .gpt import sample
+from .gpt import decode
 
 
 @dataclass
@@ -175,19 +175,11 @@ class LSTMLM(torch.nn.Module):
         if max_new_tokens == 0:
             self.hidden_states(input_ids)  # argument checks only
             return tokens
-        B = input_ids.shape[0]
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         state: Optional[State] = None
-        step_input = input_ids
-        for _ in range(max_new_tokens):
+
+        def next_logits(step_input: Tensor, step: int) -> Tensor:
+            nonlocal state
             h, state = self.hidden_states(step_input, state)
-            logits = F.linear(h[:, -1], self.head_weight).float()
-            nxt = sample(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            step_input = nxt[:, None]
-            if eos_token_id is not None and bool(done.all()):
-                break
-        return tokens
+            return F.linear(h[:, -1], self.head_weight)
+        return decode(next_logits, tokens, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                      generator)
