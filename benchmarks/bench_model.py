@@ -27,7 +27,7 @@ def bench(request):
 @pytest.mark.parametrize("impl", ["fastlm-torch", runner.EAGER])
 def test_training_step(bench, impl):
     config = runner.Config(device=torch.device("cpu"), dtype=torch.float32)
-    models, _ = model_bench._models("gpt-tiny", 32, config, [impl])
+    models = model_bench._models("gpt-tiny", 32, config, [impl])
     ids = torch.randint(0, model_bench.CPU_VOCAB, (2, 32))
     step = model_bench._step_fn(impl, models[impl], ids, config)
     first = step()

@@ -120,13 +120,6 @@ def _hf_problem(name: str) -> Optional[str]:
         import transformers  # noqa: F401
     except Exception as exc:  # not installed, or broken against this torch
         return f"transformers is not importable ({type(exc).__name__}: {exc})"
-    if name == HF_FASTLM:
-        try:
-            from fastlm.integrations import transformers as integration
-        except Exception as exc:
-            return f"fastlm.integrations.transformers is not importable ({type(exc).__name__}: {exc})"
-        if not hasattr(integration, "apply"):
-            return "fastlm.integrations.transformers has no apply()"
     return None
 
 
@@ -142,27 +135,24 @@ def shapes(config: Config) -> list[tuple[str, int, int]]:
     return base[:1] if config.quick else base
 
 
-def _models(name: str, seqlen: int, config: Config, impls: list[str]) -> tuple[dict[str, torch.nn.Module], bool]:
-    """One model per implementation, and whether the Hugging Face ones share the others'
-    weights (they do when GPT.from_transformers converts them)."""
+def _models(name: str, seqlen: int, config: Config, impls: list[str]) -> dict[str, torch.nn.Module]:
+    """One model per implementation, all with the same weights (the Hugging Face model's,
+    converted by GPT.from_transformers, when transformers is installed)."""
     from fastlm.models import GPT, GPTConfig
 
     n_layer, d_model, n_head = (GPU_MODELS if config.on_cuda else CPU_MODELS)[name]
     vocab = GPU_VOCAB if config.on_cuda else CPU_VOCAB
     torch.manual_seed(0)
-    hf = None
-    if any(i in (HF, HF_FASTLM) for i in impls) or hasattr(GPT, "from_transformers"):
-        try:
-            import transformers
-            hf_config = transformers.GPT2Config(vocab_size=vocab, n_positions=seqlen, n_embd=d_model,
-                                                n_layer=n_layer, n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                                attn_pdrop=0.0)
-            hf = transformers.GPT2LMHeadModel(hf_config)
-            hf.config._attn_implementation = "sdpa"
-        except Exception:
-            hf = None
-    shared = hf is not None and hasattr(GPT, "from_transformers")
-    if shared:
+    # With transformers, every model starts from the Hugging Face model's weights.
+    if _hf_problem(HF) is None:
+        import transformers
+        hf_config = transformers.GPT2Config(vocab_size=vocab, n_positions=seqlen, n_embd=d_model, n_layer=n_layer,
+                                            n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        hf = transformers.GPT2LMHeadModel(hf_config)
+        hf.config._attn_implementation = "sdpa"
+    else:
+        hf = None
+    if hf is not None:
         gpt = GPT.from_transformers(hf)
     else:
         gpt = GPT(GPTConfig(vocab_size=vocab, max_seq_len=seqlen, n_layer=n_layer, n_head=n_head, d_model=d_model))
@@ -181,7 +171,7 @@ def _models(name: str, seqlen: int, config: Config, impls: list[str]) -> tuple[d
             m = copy.deepcopy(hf)
             integration.apply(m)
             models[impl] = m
-    return {k: m.to(config.device).train() for k, m in models.items()}, shared
+    return {k: m.to(config.device).train() for k, m in models.items()}
 
 
 def _step_fn(impl: str, model: torch.nn.Module, ids: torch.Tensor, config: Config) -> Callable[[], torch.Tensor]:
@@ -253,7 +243,7 @@ def run(config: Config, harness: Harness) -> None:
     for name, batch, seqlen in shapes(config):
         if COMPILE in impls:
             torch._dynamo.reset()
-        models, shared = _models(name, seqlen, config, impls)
+        models = _models(name, seqlen, config, impls)
         n_layer, d_model, _ = (GPU_MODELS if config.on_cuda else CPU_MODELS)[name]
         vocab = GPU_VOCAB if config.on_cuda else CPU_VOCAB
         ref_model = next(iter(models.values()))
@@ -296,17 +286,11 @@ def run(config: Config, harness: Harness) -> None:
             r["speedup_vs_eager"] = base[EAGER] / r["ms"] if EAGER in base else None
             r["speedup_vs_compile"] = base[COMPILE] / r["ms"] if COMPILE in base else None
         # The same weights and batch: after the same warm-up steps the losses agree.
-        # Without GPT.from_transformers the Hugging Face models have weights of their own:
-        # they are compared with each other only.
         for impl, value in losses.items():
             if not math.isfinite(value):
                 harness.note(f"{label}: {impl} gave a non-finite loss")
-                continue
-            other = HF if (impl == HF_FASTLM and not shared) else EAGER
-            if impl == other or other not in losses or (impl == HF and not shared):
-                continue
-            if abs(value - losses[other]) > tol * abs(losses[other]):
-                harness.note(f"{label}: {impl}'s loss after warm-up {value:.5f} differs from {other}'s "
-                             f"{losses[other]:.5f}")
+            elif impl != EAGER and EAGER in losses and abs(value - losses[EAGER]) > tol * abs(losses[EAGER]):
+                harness.note(f"{label}: {impl}'s loss after warm-up {value:.5f} differs from {EAGER}'s "
+                             f"{losses[EAGER]:.5f}")
         harness.rows.extend(rows)
         del models
