@@ -7,6 +7,8 @@
 // Forward: one block per row; each thread keeps an online softmax (running max, rescaled
 // sum of exponentials) and the plain sum of logits (for smoothing) over its strided share of
 // the vocabulary, then the block combines them. One read of the row, any vocabulary size.
+// Infinite logits give torch's results (fastlm/reference/cross_entropy.py): a -inf logit adds
+// nothing to the sum, and a thread that saw only -inf adds nothing to the block's.
 // Backward: one block per row, one read of the logits and one write of the gradient (in
 // place over the logits when dx == x: each element is read before the same thread writes it).
 #include "common.cuh"
@@ -35,9 +37,11 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
   for (std::int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
     const float v = softcapped(to_float(x_row[c]), softcap);
     if (v > m) {
-      s = s * __expf(m - v) + 1.0f;
+      s = s * __expf(m - v) + 1.0f;  // (s is 0 while m is -inf: 0 * 0)
       m = v;
-    } else {
+    } else if (v != -INFINITY) {
+      // A -inf logit adds nothing; skipped, it never forms exp(-inf - -inf) = NaN in a
+      // thread whose every element so far was -inf. (NaN still passes, and poisons the row.)
       s += __expf(v - m);
     }
     sum_x += v;

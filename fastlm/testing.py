@@ -4,8 +4,10 @@ A kernel's output is compared with a float64 reference computed from the same in
 It passes when its worst error is at most ``mult`` times the worst error of PyTorch's own
 eager path in the same dtype, plus a floor: twice the rounding of the reference to that
 dtype (the rule FlashAttention's tests use). NaN or inf never passes where the reference
-is finite. A failure says where: the index of the worst element, both values, and
-whether a NaN appeared.
+is finite. A result that is zero in exact arithmetic (terms that cancel) is judged by its
+terms instead (``cancellation_floor``): no multiple of a lucky eager error bounds it. A
+failure says where: the index of the worst element, both values, and whether a NaN
+appeared.
 """
 
 from __future__ import annotations
@@ -48,6 +50,28 @@ def summation_floor(ref64: Tensor, dtype: torch.dtype, terms: int) -> float:
     finite = ref64[torch.isfinite(ref64)]
     peak = finite.abs().max().item() if finite.numel() else 0.0
     return torch.finfo(dtype).eps * math.sqrt(max(terms, 1)) * peak
+
+
+def cancellation_floor(terms64: Tensor, eager_terms: Tensor | None, dtype: torch.dtype, dim=0,
+                       mult: float = 2.0) -> float:
+    """Floor for a result that is a sum whose terms cancel: zero (or far below its terms) in
+    exact arithmetic. The gradient of attention's key bias is one (softmax ignores a constant
+    added to a query's scores, so the per-token terms of the bias gradient add up to 0); so is
+    a softmax gradient summed along its row. Such a result's own magnitude, and the eager
+    path's error on it (a sum of errors of random sign, small by luck as often as not), say
+    nothing about what its error may be: the errors of the terms, which do not cancel. The
+    floor applies the rule to the terms (reduced over ``dim``): ``mult`` times the eager
+    path's summed errors on them, plus the rounding of the sum itself, eps * sum |terms|;
+    the worst element of the result. ``terms64``: the terms in float64; ``eager_terms``:
+    the same terms as torch's eager path in the tested dtype computed them (or None)."""
+    if terms64.numel() == 0 or not dtype.is_floating_point:
+        return 0.0
+    t = terms64.detach().double()
+    floor = torch.finfo(dtype).eps * t.abs().sum(dim)
+    if eager_terms is not None:
+        floor = floor + mult * (eager_terms.detach().double() - t).abs().sum(dim)
+    floor = floor[torch.isfinite(floor)]
+    return floor.max().item() if floor.numel() else 0.0
 
 
 def compare(out: Tensor, ref64: Tensor, eager: Tensor | None, name: str = "output",

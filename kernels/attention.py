@@ -11,7 +11,8 @@ causal pass costs half; inside a block, positions past a sequence's end, outside
 or masked out score -inf. A row that sees no key at all ends with sum 0: its output is 0
 and its lse +inf, so the backward's exp2(s - lse) is 0 there and no NaN can appear.
 
-Backward, deterministic and without atomics, in three kernels: delta = rowsum(dO * O);
+Backward, deterministic and without atomics (but for a broadcast mask's gradient, below), in
+three kernels: delta = rowsum(dO * O);
 dK, dV with one program per (block of keys, batch, key head), looping over the query heads
 of its group (GQA) and the query blocks that see it; dQ with one program per (block of
 queries, batch, query head), looping over key blocks as the forward does. Probabilities are
@@ -20,25 +21,37 @@ recomputed from q, k and the saved lse.
 An additive mask that needs a gradient (T5's relative position bias, ALiBi-like learned
 biases): its gradient is dS itself, the gradient of the final scores before the soft-cap's
 chain rule. The dQ kernel, which visits every (query block, key block) tile of a head exactly
-once, stores its dS tiles into a float32 (B, H, L, S) buffer (the constexpr BIAS_GRAD; without
-it nothing changes); the caller sums that over the dimensions the mask was broadcast along.
+once, adds its dS tiles into a float32 buffer of the mask's own shape (the constexpr BIAS_GRAD;
+without it nothing changes): stored where the mask is full-size, added with atomics where it
+is broadcast (over batch, heads, queries: the sum over the broadcast dims happens in the
+kernel, first over the tile's rows for a mask broadcast along queries). The atomics make that
+one gradient not bit-deterministic; everything else in the backward is.
 
 Dropout draws tl.rand(seed, offset) from the position (batch, head, query, key): the backward
 regenerates exactly the forward's mask, and ``dropout_mask`` exposes it for tests.
 
 Layouts: q (B, L, H, D), k and v (B, S, Hk, D), any strides; packed sequences (varlen) are
 (total, H, D) with cu_seqlens, and the KV cache passes the used length per batch.
+
+Launches: every grid is one axis of (batch x head, block) pairs, decoded by ``_tile``: CUDA
+allows 2^31 - 1 programs on axis 0 but 65535 on axes 1 and 2, which B * H passes in varlen
+batches of short sequences and large decode batches. Index data is clamped where it is read
+(``_seq_bounds``): the op checks cu_seqlens and the cache lengths on CPU tensors, but on a
+GPU that would cost a host sync per call, so a bad value must not reach memory outside q,
+k, v or the outputs. Lengths and the strides sized by them are not specialised
+(``do_not_specialize``): a new sequence length reuses the compiled kernels.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import empty, next_power_of_2
+from .launch import empty, gpu_tiles, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -50,19 +63,35 @@ def _tanh(x):
 
 
 @triton.jit
-def _seq_bounds(b, CU_Q, CU_K, SEQUSED_K, L, S, VARLEN: tl.constexpr, SEQUSED: tl.constexpr):
-    """(first row of the sequence in q, its query length, first row in k, its key length)."""
+def _tile(extent, H, BLOCK: tl.constexpr):
+    """(block, batch, head) of this program. Axis 0 enumerates every (batch x head, block)
+    pair, blocks of one head next to each other: CUDA caps axes 1 and 2 at 65535, which
+    B * H passes in varlen batches of short sequences and large decode batches."""
+    pid = tl.program_id(0)
+    n_blocks = (extent + BLOCK - 1) // BLOCK
+    bh = pid // n_blocks
+    return pid % n_blocks, bh // H, bh % H
+
+
+@triton.jit
+def _seq_bounds(b, CU_Q, CU_K, SEQUSED_K, L, S, TOTAL_Q, TOTAL_K, VARLEN: tl.constexpr, SEQUSED: tl.constexpr):
+    """(first row of the sequence in q, its query length, first row in k, its key length).
+
+    Clamped, so no offset or length can address memory past q, k or the cache: a start in
+    [0, total rows], an end in [start, total rows], a length at most the longest length (L,
+    S: max_seqlen or the cache's length), a used cache length in [0, S]. The op checks these
+    on CPU tensors and raises; on a GPU checking would cost a host sync on every call."""
     q_start = b * 0
     k_start = b * 0
     len_q = L
     len_k = S
     if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        len_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        len_k = tl.load(CU_K + b + 1) - k_start
+        q_start = tl.minimum(tl.maximum(tl.load(CU_Q + b), 0), TOTAL_Q)
+        len_q = tl.minimum(tl.minimum(tl.maximum(tl.load(CU_Q + b + 1), q_start), TOTAL_Q) - q_start, L)
+        k_start = tl.minimum(tl.maximum(tl.load(CU_K + b), 0), TOTAL_K)
+        len_k = tl.minimum(tl.minimum(tl.maximum(tl.load(CU_K + b + 1), k_start), TOTAL_K) - k_start, S)
     if SEQUSED:
-        len_k = tl.load(SEQUSED_K + b)
+        len_k = tl.minimum(tl.maximum(tl.load(SEQUSED_K + b), 0), S)
     return q_start.to(tl.int64), len_q, k_start.to(tl.int64), len_k
 
 
@@ -121,7 +150,12 @@ def _key_range(m_lo, m_hi, len_k, shift, window_left, window_right,
     return lo, hi
 
 
-@triton.jit
+# Lengths change from call to call (and the lse's strides with them): not specialised, so a
+# new length reuses the compiled kernel (Triton specialises ints equal to 1 or divisible by 16).
+_VARYING = ["L", "S", "TOTAL_Q", "TOTAL_K", "stride_lb", "stride_lh"]
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, M, CU_Q, CU_K, SEQUSED_K, SEED,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -129,17 +163,14 @@ def _attn_fwd_kernel(
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
-    H, GROUP, L, S, D, DV, scale, softcap, window_left, window_right, dropout_p,
+    H, GROUP, L, S, TOTAL_Q, TOTAL_K, D, DV, scale, softcap, window_left, window_right, dropout_p,
     VARLEN: tl.constexpr, SEQUSED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start, len_q, k_start, len_k = _seq_bounds(b, CU_Q, CU_K, SEQUSED_K, L, S, VARLEN, SEQUSED)
+    pid_m, b, h = _tile(L, H, BLOCK_M)
+    q_start, len_q, k_start, len_k = _seq_bounds(b, CU_Q, CU_K, SEQUSED_K, L, S, TOTAL_Q, TOTAL_K, VARLEN, SEQUSED)
     m0 = pid_m * BLOCK_M
     if m0 >= len_q:
         return
@@ -196,26 +227,18 @@ def _attn_fwd_kernel(
              mask=offs_m < len_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "TOTAL_Q", "stride_lb", "stride_lh"])
 def _attn_bwd_delta_kernel(
     O, DO, DELTA, CU_Q,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_lb, stride_lh,
-    H, L, DV,
+    H, L, TOTAL_Q, DV,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta = rowsum(dO * O): sum_j p_ij dp_ij of every query row, in float32."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start = b * 0
-    len_q = L
-    if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        len_q = tl.load(CU_Q + b + 1) - q_start
-    q_start = q_start.to(tl.int64)
+    pid_m, b, h = _tile(L, H, BLOCK_M)
+    q_start, len_q, _, _ = _seq_bounds(b, CU_Q, CU_Q, CU_Q, L, L, TOTAL_Q, TOTAL_Q, VARLEN, False)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < len_q) & (offs_dv[None, :] < DV)
@@ -228,7 +251,7 @@ def _attn_bwd_delta_kernel(
              tl.sum(o * do, axis=1), mask=offs_m < len_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV_, M, CU_Q, CU_K, SEED,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -238,17 +261,14 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
     stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
-    H, HK, GROUP, L, S, D, DV, scale, softcap, window_left, window_right, dropout_p,
+    H, HK, GROUP, L, S, TOTAL_Q, TOTAL_K, D, DV, scale, softcap, window_left, window_right, dropout_p,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // HK
-    hk = bhk % HK
-    q_start, len_q, k_start, len_k = _seq_bounds(b, CU_Q, CU_K, CU_K, L, S, VARLEN, False)
+    pid_n, b, hk = _tile(S, HK, BLOCK_N)
+    q_start, len_q, k_start, len_k = _seq_bounds(b, CU_Q, CU_K, CU_K, L, S, TOTAL_Q, TOTAL_K, VARLEN, False)
     n0 = pid_n * BLOCK_N
     if n0 >= len_k:
         return
@@ -321,6 +341,29 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _bias_grad(G, ds, offs_m, offs_n, row_ok, col_ok, stride_gm, stride_gn,
+               MODE: tl.constexpr, SUM_M: tl.constexpr, SUM_N: tl.constexpr):
+    """Adds a (BLOCK_M, BLOCK_N) tile of dS into the mask's gradient G (this batch's and
+    head's corner; stride 0 along a broadcast dim). Broadcast along queries (SUM_M: a (B, 1,
+    1, S) padding bias) or keys (SUM_N), the tile is summed over that axis first, so one
+    atomic per column (row) instead of one per element. MODE 1: plain stores (a full-size
+    mask, one writer per element); 2: atomics."""
+    g = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
+    if SUM_M and SUM_N:
+        tl.atomic_add(G, tl.sum(tl.sum(g, axis=1), axis=0), sem="relaxed")
+    elif SUM_M:
+        tl.atomic_add(G + offs_n.to(tl.int64) * stride_gn, tl.sum(g, axis=0), mask=col_ok, sem="relaxed")
+    elif SUM_N:
+        tl.atomic_add(G + offs_m.to(tl.int64) * stride_gm, tl.sum(g, axis=1), mask=row_ok, sem="relaxed")
+    else:
+        ptrs = G + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :].to(tl.int64) * stride_gn
+        if MODE == 2:
+            tl.atomic_add(ptrs, g, mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")
+        else:
+            tl.store(ptrs, g, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, M, CU_Q, CU_K, SEED, DS,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -329,18 +372,23 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
     stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_sb, stride_sh, stride_sm,
-    H, GROUP, L, S, D, DV, scale, softcap, window_left, window_right, dropout_p,
+    stride_sb, stride_sh, stride_sm, stride_sn,
+    H, GROUP, L, S, TOTAL_Q, TOTAL_K, D, DV, scale, softcap, window_left, window_right, dropout_p,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, BIAS_SUM_M: tl.constexpr, BIAS_SUM_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start, len_q, k_start, len_k = _seq_bounds(b, CU_Q, CU_K, CU_K, L, S, VARLEN, False)
+    """dQ of a block of queries of one (batch, head); with BIAS_GRAD also the additive mask's
+    gradient dS, accumulated into DS, a float32 buffer of the mask's own shape (strides 0
+    along the dims the mask is broadcast over), see _bias_grad. BIAS_GRAD 1 stores (a
+    full-size mask: every element has one writer, deterministic); 2 adds with atomics (a
+    mask broadcast over batch, heads, queries or keys: several programs, or several tiles of
+    one program, add into one element, in an order that varies from run to run, so the
+    result is not bit-deterministic)."""
+    pid_m, b, h = _tile(L, H, BLOCK_M)
+    q_start, len_q, k_start, len_k = _seq_bounds(b, CU_Q, CU_K, CU_K, L, S, TOTAL_Q, TOTAL_K, VARLEN, False)
     m0 = pid_m * BLOCK_M
     if m0 >= len_q:
         return
@@ -383,10 +431,9 @@ def _attn_bwd_dq_kernel(
             keep = _keep(seed, b, h, offs_m, offs_n, H, L, S, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        if BIAS_GRAD:  # dense (B, L, H, D) only: masks never come with packed sequences
-            s_ptr = DS + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
-            tl.store(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_n[None, :], ds,
-                     mask=row_ok[:, None] & (offs_n[None, :] < len_k))
+        if BIAS_GRAD != 0:  # dense (B, L, H, D) only: masks never come with packed sequences
+            _bias_grad(DS + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh, ds, offs_m, offs_n,
+                       row_ok, offs_n < len_k, stride_sm, stride_sn, BIAS_GRAD, BIAS_SUM_M, BIAS_SUM_N)
         if SOFTCAP:
             ds = ds * (1.0 - th * th)
         if IEEE:
@@ -398,12 +445,17 @@ def _attn_bwd_dq_kernel(
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "S"])
 def _dropout_mask_kernel(KEEP, SEED, H, L, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The kernels' dropout mask, written out as (B, H, L, S) booleans (for tests)."""
-    bh = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Axis 0 only (CUDA caps axes 1 and 2 at 65535): key blocks fastest, then query blocks.
+    pid = tl.program_id(0)
+    n_blocks = (S + BLOCK_N - 1) // BLOCK_N
+    pid_m = pid // n_blocks
+    m_blocks = (L + BLOCK_M - 1) // BLOCK_M
+    bh = pid_m // m_blocks
+    offs_m = (pid_m % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _keep(tl.load(SEED), bh // H, bh % H, offs_m, offs_n, H, L, S, dropout_p)
     ptrs = KEEP + bh.to(tl.int64) * L * S + offs_m[:, None].to(tl.int64) * S + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
@@ -421,9 +473,11 @@ class Problem:
             self.L, self.S = max_seqlen_q, max_seqlen_k
             self.H, self.D = q.shape[1], q.shape[2]
             self.HK, self.DV = k.shape[1], v.shape[2]
+            self.total_q, self.total_k = q.shape[0], k.shape[0]  # the rows the kernels clamp cu_seqlens to
         else:
             self.B, self.L, self.H, self.D = q.shape
             self.S, self.HK, self.DV = k.shape[1], k.shape[2], v.shape[3]
+            self.total_q, self.total_k = self.L, self.S
         self.group = self.H // self.HK
         self.cu_q, self.cu_k, self.seqused_k = cu_seqlens_q, cu_seqlens_k, seqused_k
 
@@ -442,11 +496,21 @@ class Problem:
         return empty(shape, torch.float32, q.device)
 
 
-def _blocks(p: Problem, device, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tiles under the interpreter (the same
-    code, faster there, and block edges are hit by small tests)."""
-    if device.type != "cuda":
+def _blocks(p: Problem, device, dtype, ieee=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); the dK/dV kernel takes BLOCK_M // 2 on a
+    GPU. Small tiles under the interpreter (the same code, faster there, and block edges are
+    hit by small tests). ieee: float32 dots in IEEE float32 (None: as torch's setting says)."""
+    if not gpu_tiles(device):
         return 16, 16, 1, 1
+    if _ieee(dtype) if ieee is None else ieee:
+        # IEEE float32 dots run on CUDA cores (FMA), each thread holding whole rows of both
+        # operands: the tensor-core tiles below spill 1.5-25 KB of stack per thread there.
+        # These keep the forward and both backward kernels in registers on sm_80 and sm_90
+        # with every feature on (tests/test_attention_fp32.py compiles them); past head dim
+        # 128, 16 warps and no software pipelining (its next tiles sit in registers too).
+        if max(p.D, p.DV) > 128:
+            return 32, 16, 16, 1
+        return 32, 16, 8, 2
     big_d = max(p.D, p.DV) > 128 or dtype == torch.float32
     if big_d:
         return 64, 32, 4, 2
@@ -464,10 +528,53 @@ def _mask_args(mask, p: Problem):
     return m, kind, tuple(m.stride())
 
 
+def _bias_grad_args(mask, p: Problem, windowed: bool):
+    """The additive mask's gradient buffer for the dQ kernel: float32 in the mask's own shape
+    (leading 1s added), never the dense (B, H, L, S) (17 GB at B=8, H=32, L=S=4096). Returns
+    (buffer, its strides broadcast to (B, H, L, S), the kernel's BIAS_* flags)."""
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    grad = empty(shape, torch.float32, mask.device)
+    strides = grad.expand(p.B, p.H, p.L, p.S).stride()  # 0 exactly along the broadcast dims
+    sum_m, sum_n = strides[2] == 0, strides[3] == 0
+    shared = sum_m or sum_n or strides[0] == 0 or strides[1] == 0  # several writers per element
+    if shared or windowed:
+        grad.zero_()  # atomics add into it; tiles outside a window are never visited
+    return grad, strides, dict(BIAS_GRAD=2 if shared else 1, BIAS_SUM_M=sum_m, BIAS_SUM_N=sum_n)
+
+
 def _common_flags(p: Problem, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, dtype):
     return dict(VARLEN=p.varlen, BOTTOM_RIGHT=bottom_right, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                SOFTCAP=softcap > 0, MASK=mask_kind, DROPOUT=dropout_p > 0,
-                IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+                SOFTCAP=softcap > 0, MASK=mask_kind, DROPOUT=dropout_p > 0, IEEE=_ieee(dtype))
+
+
+def tf32_allowed() -> bool:
+    """Whether float32 dots may round their inputs to TF32: torch's float32 matmul setting,
+    which cuBLAS and SDPA follow (torch.backends.cuda.matmul.allow_tf32 = True, or
+    torch.set_float32_matmul_precision("high" / "medium"), or the newer
+    torch.backends.cuda.matmul.fp32_precision = "tf32"). Read at every call, as torch does."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return torch.get_float32_matmul_precision() != "highest" or bool(matmul.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses the legacy getters once fp32_precision was set
+        precision = getattr(matmul, "fp32_precision", "none")
+        if precision == "none":
+            precision = getattr(torch.backends, "fp32_precision", "none")
+        return precision == "tf32"
+
+
+def _ieee(dtype) -> bool:
+    """float32 dots in IEEE float32 (FMA on CUDA cores) unless torch allows TF32."""
+    return dtype == torch.float32 and not tf32_allowed()
+
+
+def _grid(blocks: int, heads: int) -> tuple[int]:
+    """A 1-D grid of blocks x (batch x head) programs (the kernels decode it with ``_tile``):
+    CUDA allows 2^31 - 1 programs on axis 0 but only 65535 on axes 1 and 2."""
+    programs = blocks * heads
+    if programs > 2 ** 31 - 1:
+        raise ValueError(f"attention: {blocks} blocks x {heads} (batch x head) pairs = {programs} programs, "
+                         f"more than a CUDA grid holds (2^31 - 1); split the batch")
+    return (programs,)
 
 
 def _dummy(device):
@@ -486,14 +593,13 @@ def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, w
     mask_t, mask_kind, mask_strides = _mask_args(mask, p)
     bm, bn, warps, stages = _blocks(p, q.device, q.dtype)
     dummy = _dummy(q.device)
-    grid = (triton.cdiv(p.L, bm), p.B * p.H)
-    _attn_fwd_kernel[grid](
+    _attn_fwd_kernel[_grid(triton.cdiv(p.L, bm), p.B * p.H)](
         q, k, v, out, lse, mask_t if mask_t is not None else dummy,
         cu_seqlens_q if p.varlen else dummy, cu_seqlens_k if p.varlen else dummy,
         seqused_k if seqused_k is not None else dummy, seed if seed is not None else dummy,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out), *p.lse_strides(lse), *mask_strides,
-        p.H, p.group, p.L, p.S, p.D, p.DV, scale, softcap, window_left, window_right, dropout_p,
-        SEQUSED=seqused_k is not None,
+        p.H, p.group, p.L, p.S, p.total_q, p.total_k, p.D, p.DV, scale, softcap, window_left, window_right,
+        dropout_p, SEQUSED=seqused_k is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, next_power_of_2(p.D)), BLOCK_DV=max(16, next_power_of_2(p.DV)),
         num_warps=warps, num_stages=stages,
         **_common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype),
@@ -505,18 +611,17 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
                   softcap: float, mask, dropout_p: float, seed, cu_seqlens_q=None, cu_seqlens_k=None,
                   max_seqlen_q: int = 0, max_seqlen_k: int = 0, bias_grad: bool = False):
     """Returns (dq, dk, dv), each laid out like its input; with bias_grad (a dense call with an
-    additive mask) also dS, float32 (B, H, L, S): the mask's gradient before the broadcast sum."""
+    additive mask) also the mask's gradient in float32, in the mask's own shape (made 4-D with
+    leading 1s): the kernel sums dS over the dims the mask is broadcast along."""
     p = Problem(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k)
     if bias_grad and (p.varlen or mask is None or mask.dtype == torch.bool):
         raise ValueError("attention_bwd: bias_grad needs a dense call with an additive (float) mask")
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
-    ds = None
+    ds, ds_strides, ds_flags = None, (0, 0, 0, 0), dict(BIAS_GRAD=0, BIAS_SUM_M=False, BIAS_SUM_N=False)
     if bias_grad:
-        ds = empty((p.B, p.H, p.L, p.S), torch.float32, q.device)
-        if window_left >= 0 or window_right >= 0:
-            ds.zero_()  # tiles outside the window are never visited, hence never written
+        ds, ds_strides, ds_flags = _bias_grad_args(mask, p, window_left >= 0 or window_right >= 0)
     if p.B == 0 or q.numel() == 0 or k.numel() == 0:
         grads = (dq.zero_(), dk.zero_(), dv.zero_())
         return grads + (ds.zero_(),) if bias_grad else grads
@@ -527,27 +632,28 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
     cu_q = cu_seqlens_q if p.varlen else dummy
     cu_k = cu_seqlens_k if p.varlen else dummy
     delta = empty(lse.shape, torch.float32, q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(p.L, bm), p.B * p.H)](
-        out, dout, delta, cu_q, *p.strides(out), *p.strides(dout), *p.lse_strides(lse), p.H, p.L, p.DV,
-        VARLEN=p.varlen, BLOCK_M=bm, BLOCK_DV=block_dv, num_warps=4 if q.device.type == "cuda" else 1,
+    _attn_bwd_delta_kernel[_grid(triton.cdiv(p.L, bm), p.B * p.H)](
+        out, dout, delta, cu_q, *p.strides(out), *p.strides(dout), *p.lse_strides(lse), p.H, p.L, p.total_q, p.DV,
+        VARLEN=p.varlen, BLOCK_M=bm, BLOCK_DV=block_dv, num_warps=4 if gpu_tiles(q.device) else 1,
     )
     flags = _common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype)
     common = (mask_t if mask_t is not None else dummy, cu_q, cu_k, seed if seed is not None else dummy)
     # dK, dV: blocks of keys own their rows, so no two programs write the same element.
-    _attn_bwd_dkdv_kernel[(triton.cdiv(p.S, bn), p.B * p.HK)](
+    _attn_bwd_dkdv_kernel[_grid(triton.cdiv(p.S, bn), p.B * p.HK)](
         q, k, v, dout, lse, delta, dk, dv, *common,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(dout), *p.strides(dk), *p.strides(dv),
         *p.lse_strides(lse), *mask_strides,
-        p.H, p.HK, p.group, p.L, p.S, p.D, p.DV, scale, softcap, window_left, window_right, dropout_p,
-        BLOCK_M=bm // 2 if q.device.type == "cuda" else bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        p.H, p.HK, p.group, p.L, p.S, p.total_q, p.total_k, p.D, p.DV, scale, softcap, window_left, window_right,
+        dropout_p,
+        BLOCK_M=bm // 2 if gpu_tiles(q.device) else bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=warps, num_stages=stages, **flags,
     )
-    _attn_bwd_dq_kernel[(triton.cdiv(p.L, bm), p.B * p.H)](
+    _attn_bwd_dq_kernel[_grid(triton.cdiv(p.L, bm), p.B * p.H)](
         q, k, v, dout, lse, delta, dq, *common, ds if bias_grad else dummy,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(dout), *p.strides(dq),
-        *p.lse_strides(lse), *mask_strides, *(ds.stride()[:3] if bias_grad else (0, 0, 0)),
-        p.H, p.group, p.L, p.S, p.D, p.DV, scale, softcap, window_left, window_right, dropout_p,
-        BIAS_GRAD=bias_grad, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        *p.lse_strides(lse), *mask_strides, *ds_strides,
+        p.H, p.group, p.L, p.S, p.total_q, p.total_k, p.D, p.DV, scale, softcap, window_left, window_right,
+        dropout_p, **ds_flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=warps, num_stages=stages, **flags,
     )
     return (dq, dk, dv, ds) if bias_grad else (dq, dk, dv)
@@ -556,15 +662,18 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
 def dropout_mask(seed, B: int, H: int, L: int, S: int, dropout_p: float, device) -> torch.Tensor:
     """The (B, H, L, S) boolean mask of kept positions that the kernels draw for ``seed``."""
     keep = torch.empty((B, H, L, S), dtype=torch.int8, device=device)
-    bm = bn = 16 if device.type != "cuda" else 64
-    _dropout_mask_kernel[(triton.cdiv(L, bm), triton.cdiv(S, bn), B * H)](
+    bm = bn = 64 if gpu_tiles(device) else 16
+    if keep.numel() == 0:
+        return keep.bool()
+    _dropout_mask_kernel[_grid(triton.cdiv(L, bm) * triton.cdiv(S, bn), B * H)](
         keep, seed, H, L, S, dropout_p, BLOCK_M=bm, BLOCK_N=bn)
     return keep.bool()
 
 
 def gpu_compile_variants():
     """(kernel, signature, constexprs, options) for kernels/compile_check.py: the tile shapes
-    and warps ``_blocks`` picks on a GPU, for a plain call and one with every feature on."""
+    and warps ``_blocks`` picks on a GPU (it is asked here), for a plain call and one with
+    every feature on. The IEEE float32 variants must not spill (tests/test_attention_fp32.py)."""
     pointer = {"Q": "dt", "K": "dt", "V": "dt", "O": "dt", "DO": "dt", "DQ": "dt", "DK": "dt", "DV_": "dt",
                "LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "SEQUSED_K": "*i32",
                "SEED": "*i64", "KEEP": "*i8", "DS": "*fp32"}
@@ -585,24 +694,36 @@ def gpu_compile_variants():
         return sig
 
     variants = []
-    cases = [("bf16", 64, False), ("bf16", 128, False), ("bf16", 128, True), ("fp16", 256, True), ("fp32", 128, True)]
-    for dt, d, full in cases:
-        big = d > 128 or dt == "fp32"
-        bm, bn, warps, stages = (64, 32, 4, 2) if big else (128, 64, 8, 3)
+    gpu = torch.device("cuda")  # a name only: nothing touches a device
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    # (dtype, head dim, every feature on, IEEE float32 dots, the mask-gradient variants).
+    # float32 twice: IEEE (torch's default) and TF32 (allowed by torch's matmul setting).
+    cases = [("bf16", 64, False, False, ()), ("bf16", 128, False, False, ()),
+             ("bf16", 128, True, False, ((2, True, False), (1, False, False), (2, True, True))),
+             ("fp16", 256, True, False, ((2, True, False),)),
+             ("fp32", 64, False, True, ()), ("fp32", 128, True, True, ((2, True, False), (1, False, False))),
+             ("fp32", 256, True, True, ()), ("fp32", 128, True, False, ((2, True, False),))]
+    for dt, d, full, ieee, bias_modes in cases:
+        # Exactly what the launchers pick on a GPU: _blocks, and half of BLOCK_M for dK/dV.
+        bm, bn, warps, stages = _blocks(SimpleNamespace(D=d, DV=d), gpu, dtypes[dt], ieee=ieee)
         flags = dict(VARLEN=full, BOTTOM_RIGHT=full, HAS_LEFT=full, HAS_RIGHT=True, SOFTCAP=full, MASK=2 if full else 0,
-                     DROPOUT=full, IEEE=dt == "fp32")
+                     DROPOUT=full, IEEE=ieee)
         tiles = dict(BLOCK_D=d, BLOCK_DV=d)
         opts = {"num_warps": warps, "num_stages": stages}
         const = dict(flags, SEQUSED=full, BLOCK_M=bm, BLOCK_N=bn, **tiles)
         variants.append((_attn_fwd_kernel, signature(_attn_fwd_kernel, dt, const["MASK"]), const, opts))
         const = dict(flags, BLOCK_M=bm // 2, BLOCK_N=bn, **tiles)
         variants.append((_attn_bwd_dkdv_kernel, signature(_attn_bwd_dkdv_kernel, dt, const["MASK"]), const, opts))
-        const = dict(flags, BIAS_GRAD=False, BLOCK_M=bm, BLOCK_N=bn, **tiles)
+        const = dict(flags, BIAS_GRAD=0, BIAS_SUM_M=False, BIAS_SUM_N=False, BLOCK_M=bm, BLOCK_N=bn, **tiles)
         variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, const["MASK"]), const, opts))
-        # The additive mask's gradient (dense, as SDPA gives it; dropout and softcap on).
-        const = dict(flags, VARLEN=False, BOTTOM_RIGHT=False, HAS_LEFT=False, HAS_RIGHT=False, MASK=2,
-                     DROPOUT=True, SOFTCAP=True, BIAS_GRAD=True, BLOCK_M=bm, BLOCK_N=bn, **tiles)
-        variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, 2), const, opts))
+        # The additive mask's gradient (dense, as SDPA gives it; dropout and softcap on):
+        # (mode, summed over queries, summed over keys), e.g. (2, True, False) for a (B, 1, 1, S)
+        # padding bias, (1, False, False) for a full-size one.
+        for mode, sum_m, sum_n in bias_modes:
+            const = dict(flags, VARLEN=False, BOTTOM_RIGHT=False, HAS_LEFT=False, HAS_RIGHT=False, MASK=2,
+                         DROPOUT=True, SOFTCAP=True, BIAS_GRAD=mode, BIAS_SUM_M=sum_m, BIAS_SUM_N=sum_n,
+                         BLOCK_M=bm, BLOCK_N=bn, **tiles)
+            variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, 2), const, opts))
     variants.append((_attn_bwd_delta_kernel, signature(_attn_bwd_delta_kernel, "bf16", 0),
                      dict(VARLEN=True, BLOCK_M=128, BLOCK_DV=128), {"num_warps": 4}))
     variants.append((_dropout_mask_kernel, signature(_dropout_mask_kernel, "bf16", 0),

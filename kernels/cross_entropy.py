@@ -11,6 +11,13 @@ the same program.
 
 A class index outside [0, C) that is not ignore_index is never used as an address: its row's
 loss and gradient are NaN (the op layer raises on CPU before any kernel runs).
+
+Infinite logits (a vocabulary masked with -inf) follow torch, as the reference documents: the
+running max stays -inf while every logit seen so far is -inf, so the online softmax subtracts
+0 instead (never exp(-inf - -inf)); the inf/NaN that remain (label smoothing or probability
+targets over -inf logits: inf, or 0 * -inf = NaN) are exactly torch's. Class offsets are
+int64 (c * stride_xc passes 2^31 for a transposed (N, C) view of a large N before row
+offsets do).
 """
 
 from __future__ import annotations
@@ -52,13 +59,17 @@ def _cross_entropy_fwd_kernel(
     for start in range(0, C, BLOCK_C):
         c = start + cols
         mask = c < C
-        x = tl.load(x_row + c * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        c64 = c.to(tl.int64)
+        x = tl.load(x_row + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, _softcapped(x, softcap, SOFTCAP), -float("inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        # While every logit seen is -inf the max is -inf: subtract 0 then, so each exp(-inf)
+        # is a clean 0 (exp(-inf - -inf) would be NaN).
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
         m = m_new
         if SOFT:
-            t = tl.load(T + row * stride_tr + c * stride_tc, mask=mask, other=0.0).to(tl.float32)
+            t = tl.load(T + row * stride_tr + c64 * stride_tc, mask=mask, other=0.0).to(tl.float32)
             q = t * (1.0 - smoothing) + smoothing / C
             if HAS_W:
                 q *= tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
@@ -133,11 +144,12 @@ def _cross_entropy_bwd_kernel(
     for start in range(0, C, BLOCK_C):
         c = start + cols
         mask = c < C
-        x = tl.load(x_row + c * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        c64 = c.to(tl.int64)
+        x = tl.load(x_row + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
         xc = _softcapped(x, softcap, SOFTCAP)
         grad = tl.exp(xc - lse) * coef
         if SOFT:
-            q = tl.load(T + row * stride_tr + c * stride_tc, mask=mask, other=0.0).to(tl.float32)
+            q = tl.load(T + row * stride_tr + c64 * stride_tc, mask=mask, other=0.0).to(tl.float32)
             q = q * (1.0 - smoothing) + smoothing / C
             if HAS_W:
                 q *= tl.load(W + c, mask=mask, other=0.0).to(tl.float32)

@@ -7,6 +7,7 @@ nothing here runs at import time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -44,11 +45,48 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# FASTLM_GPU_TILES=1: kernels on a CPU tensor (the interpreter) launch with the tiles, warps
+# and program counts a GPU gets, instead of the small 16-wide tiles that make small tests
+# cross every block edge. CI runs a subset of the kernel tests so (tests/test_gpu_tiles.py),
+# so the shapes only a GPU would launch (BLOCK_M != BLOCK_N, half-height dK/dV tiles, wide
+# row blocks) execute somewhere without one.
+GPU_TILES_ENV = "FASTLM_GPU_TILES"
+# The SM count assumed where the GPU's choices are made without a GPU (an H100 SXM's).
+NOMINAL_SM_COUNT = 132
+
+
+def gpu_tiles(device) -> bool:
+    """Whether a kernel launched for a tensor on ``device`` takes the GPU's launch settings:
+    always on a CUDA device, and anywhere while FASTLM_GPU_TILES=1 (read at every call).
+    Every tile picker asks this, so "GPU or not" is decided here only."""
+    if torch.device(device).type == "cuda":
+        return True
+    return os.environ.get(GPU_TILES_ENV, "0") == "1"
+
+
+@contextlib.contextmanager
+def use_gpu_tiles(enabled: bool = True):
+    """Sets FASTLM_GPU_TILES for the block (tests); the previous value comes back after.
+    It is process-wide, like the environment it sets: not for concurrent threads."""
+    before = os.environ.get(GPU_TILES_ENV)
+    os.environ[GPU_TILES_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(GPU_TILES_ENV, None)
+        else:
+            os.environ[GPU_TILES_ENV] = before
+
+
 def persistent_programs(device: torch.device, rows: int, per_sm: int = 4) -> int:
     """Programs for a kernel where each program loops over a share of the rows."""
+    device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         target = _sm_count(index) * per_sm
+    elif gpu_tiles(device):
+        target = NOMINAL_SM_COUNT * per_sm
     else:
         target = 4  # the interpreter runs programs one after another; a few exercise the split
     return max(1, min(rows, target))

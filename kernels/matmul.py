@@ -20,7 +20,8 @@ Programs are ordered in groups of GROUP_M row-tiles (the usual swizzle): consecu
 share the same few tiles of A and walk the columns of B, so both stay in L2.
 
 Under the interpreter tiles are 16 x 16 x 16, so small tests hit every block edge; a GPU
-gets tensor-core sized tiles picked per dtype (``_config``). No autotuning: the interpreter
+(or the interpreter with FASTLM_GPU_TILES=1, kernels/launch.py) gets tensor-core sized tiles
+picked per dtype (``_config``). No autotuning: the interpreter
 would pay for it on every test, and CI compiles exactly the fixed variants.
 """
 
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import empty
+from .launch import empty, gpu_tiles
 
 ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 GATED_ACTS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
@@ -56,7 +57,7 @@ def _act(z, ACT: tl.constexpr):
     """The activation of a float32 tile (codes: ACT_CODES). gelu_tanh's (1 + tanh(y)) / 2
     is sigmoid(2y), so it needs no tanh (libdevice's is not in the interpreter)."""
     if ACT == 1:
-        return tl.maximum(z, 0.0)
+        return tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as torch.relu (tl.maximum gives 0)
     elif ACT == 2:
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
@@ -226,9 +227,11 @@ def _gpu_config(dtype: torch.dtype, two: bool, deep: bool = True):
 
 
 def _config(device: torch.device, dtype: torch.dtype, two: bool):
-    if device.type != "cuda":
+    if not gpu_tiles(device):
         # GROUP_M 3: row-tile counts rarely divide by it, so the last, partial group is tested.
         return 16, 16, 16, 3, 1, 1
+    if device.type != "cuda":  # the GPU's tiles under the interpreter (FASTLM_GPU_TILES=1)
+        return _gpu_config(dtype, two)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _gpu_config(dtype, two, _deep_pipeline(index))
 
@@ -384,11 +387,12 @@ def dact(dy: torch.Tensor, z: torch.Tensor, activation):
     dz = empty((M, N), dy.dtype, dy.device)
     if not (M and N):
         return dz, torch.zeros(N, dtype=torch.float32, device=dy.device)
-    bm, bn = (16, 16) if dy.device.type != "cuda" else (32, 128)
+    gpu = gpu_tiles(dy.device)
+    bm, bn = (32, 128) if gpu else (16, 16)
     dbias = empty((triton.cdiv(M, bm), N), torch.float32, dy.device)
     _dact_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         dy, z, dz, dbias, M, N, dy.stride(0), dy.stride(1), z.stride(0), z.stride(1), dz.stride(0), dbias.stride(0),
-        ACT=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if dy.device.type == "cuda" else 1)
+        ACT=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if gpu else 1)
     return dz, dbias.sum(dim=0)
 
 

@@ -32,7 +32,9 @@ _TILE = 4096
 _NUM_WARPS = 4
 
 
-@triton.jit
+# The sequence length (and what follows from it: the block count, position_ids' row stride)
+# changes from call to call: not specialised, so a new length reuses the compiled kernel.
+@triton.jit(do_not_specialize=["S", "n_sblocks", "stride_pb"])
 def _rotary_kernel(
     X, COS, SIN, POS, OUT,
     S, S_max, R_half, D, n_sblocks,

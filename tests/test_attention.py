@@ -368,7 +368,7 @@ def test_dropout_forward_and_backward_use_the_same_mask(backend, causal):
     B, L, S, H, p = 2, 33, 29, 2, 0.25
     inputs = qkv(B, L, S, H, 1, 16)
     torch.manual_seed(11)
-    seed = attn_ops.draw_dropout_seed()
+    seed = attn_ops.draw_dropout_seed(DEVICE)
     keep = attn_ops.dropout_mask(seed, B, H, L, S, p, backend, DEVICE)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.05
 
@@ -389,7 +389,7 @@ def test_varlen_with_dropout_and_gqa(backend):
     v = torch.randn(sum(lk), Hk, D, device=DEVICE)
     cu_q, cu_k = _cu(lq), _cu(lk)
     torch.manual_seed(3)
-    keep = attn_ops.dropout_mask(attn_ops.draw_dropout_seed(), len(lq), H, max(lq), max(lk), p, backend, DEVICE)
+    keep = attn_ops.dropout_mask(attn_ops.draw_dropout_seed(DEVICE), len(lq), H, max(lq), max(lk), p, backend, DEVICE)
 
     def ours(q, k, v):
         torch.manual_seed(3)
@@ -412,7 +412,7 @@ def test_every_option_at_once(backend):
     B, L, S, H, Hk, D, p = 2, 21, 34, 6, 2, 24, 0.15
     options = {"causal": True, "window_size": (9, -1), "softcap": 3.0, "softmax_scale": 0.3}
     torch.manual_seed(8)
-    keep = attn_ops.dropout_mask(attn_ops.draw_dropout_seed(), B, H, L, S, p, backend, DEVICE)
+    keep = attn_ops.dropout_mask(attn_ops.draw_dropout_seed(DEVICE), B, H, L, S, p, backend, DEVICE)
 
     def ours(q, k, v):
         torch.manual_seed(8)
@@ -470,7 +470,7 @@ def test_triton_dropout_mask_is_the_kernels():
     B, L, S, H, p = 1, 20, 20, 1, 0.9
     q, k, v = qkv(B, L, S, H, H, 16)
     torch.manual_seed(3)
-    seed = attn_ops.draw_dropout_seed()
+    seed = attn_ops.draw_dropout_seed(DEVICE)
     keep = attn_ops.dropout_mask(seed, B, H, L, S, p, "triton", DEVICE)
     torch.manual_seed(3)
     with fastlm.use_backend("triton"):

@@ -9,6 +9,8 @@ forgets to write fails here.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,7 +135,7 @@ def test_bias_grad_with_dropout(backend):
     mask the backend reports for the seed the call draws."""
     B, H, L, S, p = 2, 2, 17, 33, 0.25
     torch.manual_seed(7)
-    seed = attn_ops.draw_dropout_seed()
+    seed = attn_ops.draw_dropout_seed(DEVICE)
     keep = attn_ops.dropout_mask(seed, B, H, L, S, p, backend, DEVICE)
 
     def ours(q, k, v, bias):
@@ -252,6 +254,110 @@ def test_bias_grad_torch_compile_fullgraph(backend):
     torch.testing.assert_close(got, expected)
     for a, b in zip(g_got, g_expected):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- reduced inside the kernel
+
+def _windowed(scale, window, cap=0.0):
+    """The custom op with a window (and softcap), SDPA layout; the oracle adds -inf outside the
+    window to the bias (constant there, so the bias's gradient is 0 on those positions)."""
+    left, right = window
+
+    def ours(q, k, v, bias):
+        out, _ = torch.ops.fastlm.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, None,
+                                            None, None, None, scale, False, left, right, cap, 0.0, 0, 0)
+        return out.transpose(1, 2)
+
+    def ref(q, k, v, bias):
+        L, S = q.shape[-2], k.shape[-2]
+        ok = torch.ones(L, S, dtype=torch.bool, device=q.device)
+        i, j = torch.arange(L, device=q.device)[:, None], torch.arange(S, device=q.device)[None, :]
+        if left >= 0:
+            ok &= j >= i - left
+        if right >= 0:
+            ok &= j <= i + right
+        return oracle(q, k, v, bias + torch.where(ok, 0.0, float("-inf")).to(bias.dtype), scale=scale, softcap=cap)
+
+    return ours, ref
+
+
+# Broadcast over the named dims of (B, H, L, S) = (2, 3, 17, 33): 17 and 33 cross the interpreter's
+# 16 x 16 tiles, so several query blocks and batches/heads add into one element.
+BROADCAST = {"B": (1, 3, 17, 33), "H": (2, 1, 17, 33), "L": (2, 3, 1, 33), "BH": (1, 1, 17, 33),
+             "BHL": (1, 1, 1, 33), "S": (2, 3, 17, 1), "BS": (1, 3, 17, 1), "none": (2, 3, 17, 33)}
+
+
+@pytest.mark.parametrize("dims", list(BROADCAST))
+def test_bias_grad_buffer_has_the_masks_shape(monkeypatch, dims):
+    """The Triton backward allocates the bias's gradient in the bias's own shape, never a dense
+    (B, H, L, S) float32 buffer (17 GB at B=8, H=32, L=S=4096): the kernel reduces over the
+    broadcast dims itself. Every allocation the launcher makes is recorded."""
+    from fastlm.kernels import attention as kern
+
+    B, H, L, S, E = 2, 3, 17, 33, 16
+    shapes = []
+    real = kern.empty
+
+    def spy(shape, dtype, device):
+        shapes.append((tuple(shape), dtype))
+        return real(shape, dtype, device)
+
+    monkeypatch.setattr(kern, "empty", spy)
+    got = check("triton", sdpa(), torch_sdpa(), inputs(B, H, H, L, S, E, BROADCAST[dims], torch.float32))
+    dense = [s for s in shapes if s[0] == (B, H, L, S)]
+    assert not dense or dims == "none", f"a dense (B, H, L, S) buffer was allocated: {dense}"
+    assert (BROADCAST[dims], torch.float32) in shapes, shapes
+    assert max(math.prod(s) for s, _ in shapes) <= max(B * S * H * E, math.prod(BROADCAST[dims])), shapes
+    assert got[3].shape == BROADCAST[dims]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", [d for d in BROADCAST if d != "none"])
+def test_bias_grad_broadcast_dims(backend, dims):
+    check(backend, sdpa(), torch_sdpa(), inputs(2, 3, 3, 17, 33, 16, BROADCAST[dims], torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 4, 17, 20), (2, 1, 1, 20), (1, 1, 17, 20)], ids=str)
+def test_bias_grad_broadcast_with_gqa(backend, shape):
+    check(backend, sdpa(enable_gqa=True), torch_sdpa(enable_gqa=True), inputs(2, 4, 2, 17, 20, 16, shape,
+                                                                               torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [(-1, 0), (5, 3), (4, -1)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 2, 35, 37), (1, 2, 35, 37), (2, 1, 1, 37)], ids=str)
+def test_bias_grad_windows(backend, window, shape):
+    """Sliding windows skip whole tiles (35 x 37 with 16 x 16 tiles): the bias's gradient is 0
+    on every position no query sees, and the broadcast sums take only the visited ones."""
+    ours, ref = _windowed(0.3, window)
+    got = check(backend, ours, ref, inputs(2, 2, 2, 35, 37, 16, shape, torch.float32))
+    if shape == (2, 2, 35, 37) and window == (5, 3):
+        i, j = torch.arange(35, device=DEVICE)[:, None], torch.arange(37, device=DEVICE)[None, :]
+        outside = (j < i - 5) | (j > i + 3)
+        assert torch.equal(got[3][:, :, outside], torch.zeros_like(got[3][:, :, outside]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 1, 17, 33), (1, 1, 1, 33)], ids=str)
+def test_bias_grad_broadcast_with_softcap(backend, shape):
+    ours, ref = _windowed(0.3, (-1, -1), cap=2.0)
+    check(backend, ours, ref, inputs(2, 2, 2, 17, 33, 16, shape, torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 1, 1, 33), (1, 2, 17, 33)], ids=str)
+def test_bias_grad_broadcast_with_dropout(backend, shape):
+    B, H, L, S, p = 2, 2, 17, 33, 0.25
+    torch.manual_seed(7)
+    keep = attn_ops.dropout_mask(attn_ops.draw_dropout_seed(DEVICE), B, H, L, S, p, backend, DEVICE)
+
+    def ours(q, k, v, bias):
+        torch.manual_seed(7)  # the call draws the same seed
+        return fastlm.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+
+    check(backend, ours, lambda q, k, v, bias: oracle(q, k, v, bias, keep=keep.to(q.dtype), dropout_p=p),
+          inputs(B, H, H, L, S, 16, shape, torch.float32))
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -8,6 +8,9 @@ oracle in the input's dtype (fastlm/testing.py).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,7 +46,7 @@ def oracle(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothi
         z_rows = z
     else:
         counted = tt != ignore_index
-        z_rows = z * counted
+        z_rows = torch.where(counted, z, 0.0)  # (an ignored row of only -inf logits has z = inf)
         safe = torch.where(counted, tt, 0)
         counted_w = (w[safe] if w is not None else torch.ones_like(z)) * counted
     if reduction == "none":
@@ -73,6 +76,7 @@ def check(backend, x, t, weight=None, dloss=None, grad_atol=0.0, **options):
 
     ref, ref_grad = run(lambda v: v.double())
     eager, eager_grad = run(lambda v: v)
+    assert_same_nonfinite(loss, ref, "loss")
     classes = x.shape[0 if x.dim() == 1 else 1]
     # The kernel sums a row in blocks of classes, then torch sums the rows: another order
     # than torch's, so a sum's rounding over those terms is allowed on top of the rule.
@@ -81,6 +85,18 @@ def check(backend, x, t, weight=None, dloss=None, grad_atol=0.0, **options):
     assert_close(grad, ref_grad, eager_grad, "grad of input",
                  atol=summation_floor(ref_grad, grad.dtype, classes) + grad_atol)
     return loss, grad
+
+
+def assert_same_nonfinite(out, ref, name):
+    """Where torch gives inf or NaN (label smoothing over -inf logits, say), fastlm gives the
+    same: NaN exactly where torch has NaN, +inf and -inf exactly where it has them."""
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    for what, kind in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        differ = kind(o) != kind(r)
+        if differ.any():
+            idx = tuple(int(i) for i in differ.nonzero()[0]) if o.dim() else ()
+            raise AssertionError(f"{name}: {what} pattern differs from torch's at {int(differ.sum())} element(s), "
+                                 f"first at index {idx}: fastlm {o[idx].item()}, torch {r[idx].item()}")
 
 
 def logits(n, c, dtype=torch.float32, scale=2.0):
@@ -116,7 +132,7 @@ OPTIONS = [
 
 
 def _ids(options):
-    return "-".join(f"{k}={v}" if k != "weight" else k for k, v in options.items()) or "plain"
+    return "-".join(f"{k}={v}" if k != "weight" or v is not True else k for k, v in options.items()) or "plain"
 
 
 def _split(options, c):
@@ -439,6 +455,233 @@ def test_torch_compile_fullgraph(backend, reduction):
         (g_got,) = torch.autograd.grad(got, [x])
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(g_got, g_expected)
+
+
+# ----------------------------------------------------------------------------- infinite and NaN logits
+#
+# Vocabulary masking with -inf (constrained decoding, subset heads) is ordinary use. Each
+# row below is -inf in another pattern, with the kernels walking the vocabulary in blocks of
+# 16 (MAX_BLOCK_C patched), so that whole blocks are -inf: the first one, a middle one, the
+# last (partial) one, every third class, everything but the target. The float64 oracle is
+# torch's own cross_entropy: where torch's loss is inf or NaN (a -inf target logit, label
+# smoothing or probability targets over -inf logits, a zero class weight times -inf) fastlm
+# gives the same inf/NaN pattern, and its gradient is finite wherever torch's is.
+
+NEG_BLOCK = 16
+NEG_CLASSES = 3 * NEG_BLOCK + 5  # three full blocks and a partial one
+
+
+def _free_class(lo, hi, avoid, ok=lambda c: True):
+    """A random class in [lo, hi) that is not ``avoid`` (ignore_index) and passes ``ok``."""
+    while True:
+        c = int(torch.randint(lo, hi, ()))
+        if c != avoid and ok(c):
+            return c
+
+
+def neg_inf_rows(ignore_index=-100, soft=False):
+    """(logits (R, C), class-index targets (R,), probability targets (R, C)) with -inf in
+    every pattern; only the plain row, row 6, is free of them."""
+    c, b = NEG_CLASSES, NEG_BLOCK
+    x = logits(10, c)
+    t = torch.empty(10, dtype=torch.int64, device=DEVICE)
+    neg = torch.zeros(10, c, dtype=torch.bool, device=DEVICE)
+    neg[0, :b] = True                                          # the first block
+    t[0] = _free_class(b, c, ignore_index)
+    neg[1, b:2 * b] = True                                     # a middle block
+    t[1] = _free_class(0, c, ignore_index, lambda k: not b <= k < 2 * b)
+    neg[2, ::3] = True                                         # every third class
+    t[2] = _free_class(0, c, ignore_index, lambda k: k % 3 != 0)
+    t[3] = _free_class(0, c, ignore_index)                     # all but the target
+    neg[3] = True
+    neg[3, t[3]] = False
+    neg[4, :b] = True                                          # the target itself is -inf
+    t[4] = _free_class(0, b, ignore_index)
+    neg[5, 3 * b:] = True                                      # the last, partial block
+    t[5] = _free_class(0, 3 * b, ignore_index)
+    t[6] = _free_class(0, c, ignore_index)                     # no -inf at all
+    neg[7, b:3 * b] = True                                     # two middle blocks, row ignored
+    t[7] = ignore_index
+    neg[8, 1::2] = True                                        # every other class, row ignored
+    t[8] = ignore_index
+    neg[9, 2 * b:] = True                                      # all blocks after the second
+    t[9] = _free_class(0, 2 * b, ignore_index)
+    x = x.masked_fill(neg, float("-inf"))
+    probs = soft_targets((10, c))
+    # Probability targets: zero mass on some -inf classes (0 * -inf: NaN in torch), mass on others.
+    probs = probs.masked_fill(neg & (torch.rand(10, c, device=DEVICE) < 0.5), 0.0)
+    return x, t, probs
+
+
+def zero_weights(c):
+    """Class weights with zeros, on -inf classes and on targets alike."""
+    w = class_weight(c)
+    w[::4] = 0.0
+    return w
+
+
+NEG_OPTIONS = OPTIONS + [{"weight": "zeros"}, {"weight": "zeros", "label_smoothing": 0.1, "z_loss": 1e-2}]
+
+
+def _neg_split(options, c):
+    options = dict(options)
+    kind = options.pop("weight", False)
+    weight = zero_weights(c) if kind == "zeros" else class_weight(c) if kind else None
+    return weight, options
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("options", NEG_OPTIONS, ids=_ids)
+def test_neg_inf_logits_class_index(monkeypatch, backend, reduction, options):
+    monkeypatch.setattr(ce_kernels, "MAX_BLOCK_C", NEG_BLOCK)
+    weight, options = _neg_split(options, NEG_CLASSES)
+    x, t, _ = neg_inf_rows(options.get("ignore_index", -100))
+    check(backend, x, t, weight, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("options", [o for o in NEG_OPTIONS if "ignore_index" not in o], ids=_ids)
+def test_neg_inf_logits_probability_targets(monkeypatch, backend, reduction, options):
+    monkeypatch.setattr(ce_kernels, "MAX_BLOCK_C", NEG_BLOCK)
+    weight, options = _neg_split(options, NEG_CLASSES)
+    x, _, probs = neg_inf_rows()
+    check(backend, x, probs, weight, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-2}, {"weight": "zeros"},
+                                     {"softcap": 3.0}, {"soft": True}], ids=_ids)
+def test_pos_inf_and_nan_logits(monkeypatch, backend, reduction, options):
+    """+inf or NaN anywhere in a counted row makes torch's loss NaN (and only -inf too); an
+    ignored row counts 0 whatever its logits. Softcap maps +-inf to +-softcap (finite)."""
+    monkeypatch.setattr(ce_kernels, "MAX_BLOCK_C", NEG_BLOCK)
+    options = dict(options)
+    soft = options.pop("soft", False)
+    weight, options = _neg_split(options, NEG_CLASSES)
+    x = logits(7, NEG_CLASSES)
+    x[0, 3] = float("inf")
+    x[1, NEG_BLOCK + 2] = float("nan")
+    x[2] = float("-inf")
+    x[3, 2 * NEG_BLOCK:] = float("inf")
+    x[4, 5] = float("inf")  # ignored
+    x[5, 7] = float("nan")  # ignored
+    t = targets(7, NEG_CLASSES, ignore=0.0)
+    t[4] = t[5] = -100
+    if soft:
+        t = soft_targets((7, NEG_CLASSES))
+    check(backend, x, t, weight, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_issue_example_neg_inf_logits(backend):
+    """The issue's example: -inf in the second half of every row gave NaN (torch: finite)."""
+    x = torch.randn(3, 10, device=DEVICE)
+    x[:, 5:] = float("-inf")
+    t = torch.tensor([0, 1, 2], device=DEVICE)
+    loss, _ = check(backend, x, t)
+    assert torch.isfinite(loss)
+
+
+def test_whole_first_chunk_neg_inf_at_the_real_block_size():
+    """The issue's reproduction at the kernel's own block (8192): 8208 classes, the first
+    8192 -inf, target 8200 (the Triton backend gave NaN; torch is finite)."""
+    c = ce_kernels.MAX_BLOCK_C + 16
+    x = logits(2, c)
+    x[:, :ce_kernels.MAX_BLOCK_C] = float("-inf")
+    t = torch.tensor([ce_kernels.MAX_BLOCK_C + 8, c - 1], device=DEVICE)
+    loss, grad = check("triton", x, t, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+def test_reference_rows_neg_inf_directly():
+    """The reference's own functions (the oracle of every kernel test) against torch."""
+    from fastlm.reference import cross_entropy as ref
+
+    x, t, _ = neg_inf_rows()
+    x = x.double()
+    w = zero_weights(NEG_CLASSES).double()
+    for eps in (0.0, 0.1):
+        loss, lse, coef = ref.cross_entropy_rows(x, t, w, -100, eps, 0.0, 0.0)
+        expected = F.cross_entropy(x, t, w, reduction="none", label_smoothing=eps)
+        assert_same_nonfinite(loss, expected, f"loss (label_smoothing={eps})")
+        finite = torch.isfinite(expected)
+        torch.testing.assert_close(loss[finite], expected[finite])
+        xx = x.clone().requires_grad_(True)
+        dloss = torch.randn(x.shape[0], dtype=torch.float64, device=DEVICE)
+        (expected_grad,) = torch.autograd.grad(F.cross_entropy(xx, t, w, reduction="none", label_smoothing=eps),
+                                               [xx], dloss)
+        grad = ref.cross_entropy_rows_bwd(dloss, x, t, w, lse, coef, -100, eps, 0.0)
+        ok = torch.isfinite(expected_grad)
+        assert torch.isfinite(grad[ok]).all()
+        torch.testing.assert_close(grad[ok], expected_grad[ok])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_and_z_loss_with_neg_inf_logits(backend):
+    """fastlm's extras, as documented in fastlm/reference/cross_entropy.py: softcap maps -inf
+    to -softcap (the cap is applied to every logit, as softcap * tanh(x / softcap) does), so
+    a masked class gets a finite share again; z_loss uses the logsumexp of the finite logits."""
+    x, t, _ = neg_inf_rows()
+    with fastlm.use_backend(backend):
+        capped = fastlm.cross_entropy(x, t, reduction="none", softcap=3.0)
+        by_hand = fastlm.cross_entropy(3.0 * torch.tanh(x / 3.0), t, reduction="none")
+        torch.testing.assert_close(capped, by_hand)
+        assert torch.isfinite(capped).all()
+        plain = fastlm.cross_entropy(x, t, reduction="none")
+        with_z = fastlm.cross_entropy(x, t, reduction="none", z_loss=0.5)
+    lse = torch.logsumexp(x.double(), -1)
+    counted = t != -100
+    assert torch.isfinite(lse[counted]).all()
+    finite = counted & torch.isfinite(plain)  # (not the row whose target is -inf: inf either way)
+    torch.testing.assert_close((with_z - plain)[finite].double(), 0.5 * lse[finite] ** 2, rtol=1e-5, atol=1e-5)
+    assert torch.equal(with_z[~counted], torch.zeros_like(with_z[~counted]))
+
+
+def test_float64_stays_float64():
+    """The reference takes float64 (the auto backend's fallback for it): its per-row results
+    are float64, so the custom op's fake must say so (opcheck), and "mean" must divide by
+    the class weights summed in float64 (a float32 sum was 1.5e-8 off torch)."""
+    x, t = logits(17, 23).double(), targets(17, 23)
+    w = class_weight(23).double()
+    with fastlm.use_backend("torch"):
+        got = fastlm.cross_entropy(x, t, w, label_smoothing=0.1)
+        torch.library.opcheck(ce_ops._cross_entropy, (x.requires_grad_(True), t, w, -100, 0.1, 1e-3, 0.0))
+    torch.testing.assert_close(got, F.cross_entropy(x.detach(), t, w, label_smoothing=0.1), rtol=1e-13, atol=0)
+
+
+_HUGE_CLASS_STRIDE = """
+import sys, torch, fastlm, torch.nn.functional as F
+device = sys.argv[1]
+big = 2 ** 30  # class 2 sits 2^31 elements past class 0: an int32 c * stride_xc wraps negative
+storage = torch.empty(2 * big + 8, dtype=torch.float16, device=device)  # 4 GiB, untouched but 12 elements
+x = storage.as_strided((4, 3), (1, big))
+x.copy_(torch.randn(4, 3))
+t = torch.tensor([2, 0, 2, 1], device=device)
+with fastlm.use_backend("triton"):
+    xl = x.detach().requires_grad_(True)
+    loss = fastlm.cross_entropy(xl, t, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), [xl])
+xd = x.detach().double().requires_grad_(True)
+ref = F.cross_entropy(xd, t, reduction="none")
+(ref_grad,) = torch.autograd.grad(ref.sum(), [xd])
+torch.testing.assert_close(loss.double(), ref, rtol=2e-3, atol=2e-3)
+torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-3, atol=2e-3)
+print("ok")
+"""
+
+
+def test_class_offsets_are_int64():
+    """Logits whose class stride puts a class 2^31 elements past the row start (a view over a
+    4 GiB storage of which 12 elements are touched): with int32 class offsets c * stride_xc
+    wraps negative and the kernel reads far outside the tensor (a segfault under the
+    interpreter, hence the subprocess); with int64 offsets it matches torch."""
+    done = subprocess.run([sys.executable, "-c", _HUGE_CLASS_STRIDE, str(DEVICE)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), \
+        f"exit code {done.returncode}: {done.stderr[-2000:]}"
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -187,6 +187,37 @@ def test_nn_feed_forward(backend, activation):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K,N", [(0, 7), (5, 0), (0, 0)], ids=["in0", "out0", "both0"])
+def test_zero_features_match_torch(backend, K, N):
+    """torch accepts nn.Linear(0, n) (the output is the bias alone) and nn.Linear(k, 0): so
+    does fastlm, forward and backward, plain, with an activation and as nn.Linear."""
+    x, w, b = rnd(2, 3, K), rnd(N, K), rnd(N)
+    for activation in (None, "gelu"):
+        check(backend, lambda x, w, b: fastlm.linear(x, w, b, activation),
+              lambda x, w, b: TORCH_ACT[activation](TF.linear(x, w, b)), [x, w, b], 1)
+    ours = fastlm.nn.Linear(K, N, device=DEVICE)
+    theirs = torch.nn.Linear(K, N, device=DEVICE)
+    theirs.load_state_dict(ours.state_dict())
+    with fastlm.use_backend(backend):
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("D,H", [(0, 5), (4, 0)], ids=["d_model0", "hidden0"])
+def test_feed_forward_zero_width(backend, activation, D, H):
+    """A feed-forward block of d_model 0 (empty output) or hidden 0 (the output is b_out)
+    gives what the two torch linears give, forward and backward."""
+    rows = 2 * H if activation in ref.GATED else H
+    inputs = [rnd(3, D), rnd(rows, D), rnd(rows), rnd(D, H), rnd(D)]
+    check(backend, lambda *t: fastlm.feed_forward(*t, activation=activation), lambda *t: eager_ffn(*t, activation),
+          inputs, 1)
+    m = fastlm.nn.FeedForward(D, H, activation=activation, device=DEVICE)
+    with fastlm.use_backend(backend):
+        assert m(inputs[0]).shape == (3, D)
+
+
 def test_nn_feed_forward_dropout():
     m = fastlm.nn.FeedForward(16, 32, dropout=0.5, device=DEVICE)
     x = rnd(64, 16)

@@ -198,6 +198,31 @@ def test_empty_input(backend, kind):
     assert torch.equal(gw, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("shape", [(0,), (2, 0)], ids=["(0,)", "(2,0)"])
+def test_zero_width_rows_match_torch(backend, kind, shape):
+    """normalized_shape with a 0 is legal in torch (nn.LayerNorm(0) gives an empty output and
+    empty gradients): so it is in fastlm, on every backend, with and without the residual."""
+    x = torch.randn((3,) + shape, device=DEVICE, requires_grad=True)
+    r = torch.randn((3,) + shape, device=DEVICE, requires_grad=True)
+    w = torch.randn(shape, device=DEVICE, requires_grad=True)
+    b = torch.randn(shape, device=DEVICE, requires_grad=True) if kind == "layer" else None
+    for residual in (None, r):
+        with fastlm.use_backend(backend):
+            y = fastlm_norm(kind, x, residual, shape, w, b, None)
+        expected, _ = oracle(kind, x, residual, shape, w, b, _eps(kind, x.dtype, None))
+        assert y.shape == expected.shape == x.shape and y.dtype == x.dtype
+        leaves = [t for t in (x, residual, w, b) if t is not None]
+        got = torch.autograd.grad(y, leaves, torch.randn_like(y))
+        assert all(g.shape == t.shape and g.numel() == 0 for g, t in zip(got, leaves))
+    module = fastlm.nn.LayerNorm(shape, device=DEVICE) if kind == "layer" else fastlm.nn.RMSNorm(shape, device=DEVICE)
+    twin = torch.nn.LayerNorm(shape, device=DEVICE) if kind == "layer" else torch.nn.RMSNorm(shape, device=DEVICE)
+    twin.load_state_dict(module.state_dict())
+    with fastlm.use_backend(backend):
+        assert module(x).shape == twin(x).shape == x.shape
+
+
 # ----------------------------------------------------------------------------- precision mixes
 
 @pytest.mark.parametrize("backend", BACKENDS)

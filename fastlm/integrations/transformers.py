@@ -270,7 +270,7 @@ def _masked_softcap_attention(query, key, value, mask, dropout, scaling, softcap
     B, H, L, D = query.shape
     S = key.shape[2]
     mask = mask.expand(B, H, L, S)
-    seed = ops.draw_dropout_seed() if dropout > 0 else None
+    seed = ops.draw_dropout_seed(query.device) if dropout > 0 else None
     scale = float(scaling) if scaling is not None else D ** -0.5
     out, _ = torch.ops.fastlm.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, None,
                                         None, None, seed, scale, False, -1, -1, softcap, float(dropout), 0, 0)

@@ -173,7 +173,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 mask = _kernel_mask(None, key_padding_mask, True, 0, B, H, L, S, q.dtype, q.device)
             out, weights = _attention_with_weights(q, k, v, mask, dropout_p)
         else:
-            out, _ = _attention(q, k, v, mask, None, None, None, _seed_for(dropout_p), D ** -0.5, False, -1,
+            out, _ = _attention(q, k, v, mask, None, None, None, _seed_for(dropout_p, q.device), D ** -0.5, False, -1,
                                 0 if kernel_causal else -1, 0.0, dropout_p, 0, 0)
             weights = None
         out = out.flatten(-2)  # (B, L, E)

@@ -12,16 +12,21 @@ One op pair serves every interface: q (B, L, H, D), k and v (B, S, Hk, D) with a
 bottom-right (FlashAttention). The forward saves only its output and the logsumexp.
 
 A float mask may need a gradient (T5's relative position bias): it is an additive bias on the
-scores, so its gradient is the backward's dS, which the backend returns unreduced (B, H, L, S)
-in float32; the backward op sums it to the mask's own (broadcastable) shape and casts it to
-the mask's dtype. Without mask_grad the backward op returns an empty dmask and the kernels
-store nothing more than before.
+scores, so its gradient is the backward's dS summed over the dims the mask is broadcast
+along, in float32: the Triton kernel sums in place into a buffer of the mask's shape (never a
+dense (B, H, L, S) one), the reference returns dS unreduced; the backward op sums what is left
+to the mask's own (broadcastable) shape and casts it to the mask's dtype. Without mask_grad
+the backward op returns an empty dmask and the kernels store nothing more than before.
 
-Dropout: a seed is drawn from torch's default generator per call (so torch.manual_seed
-makes it reproducible) and passed as a tensor (no host sync); the Triton kernels draw their
-mask from it with tl.rand, the reference from a torch.Generator seeded with it. The backward
-regenerates the forward's mask from the same seed. ``dropout_mask`` returns the mask a
-backend draws for a seed, so tests can run the reference with it.
+Dropout: each call draws one int64 seed with torch.randint on q's device, so from that
+device's own generator (on a GPU the CUDA generator's Philox offset, as SDPA and flash-attn
+draw theirs): torch.manual_seed / torch.cuda.manual_seed reproduce it, nothing is copied from
+the host per call, and under CUDA-graph capture the draw is part of the graph, so every
+replay draws a new mask. The seed stays a device tensor: the Triton kernels load it and
+draw their mask with tl.rand (no host sync); the reference (the CPU path) reads it to seed a
+torch.Generator. The seed is saved for the backward, which regenerates the forward's mask.
+``dropout_mask`` returns the mask a backend draws for a seed, so tests can run the reference
+with it.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ MAX_HEAD_DIM = 256
 
 # ----------------------------------------------------------------------------- dropout
 
-def draw_dropout_seed() -> Tensor:
-    """A seed for the dropout mask, from torch's default (CPU) generator."""
-    return torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64)
+def draw_dropout_seed(device=None) -> Tensor:
+    """A seed for the dropout mask: a one-element int64 tensor drawn on ``device`` (the CPU if
+    None) by that device's generator, a device-side op (graph-safe on CUDA)."""
+    return torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def _reference_keep(seed: Tensor, B: int, H: int, L: int, S: int, dropout_p: float, device) -> Tensor:
@@ -61,6 +67,19 @@ def dropout_mask(seed: Tensor, B: int, H: int, L: int, S: int, dropout_p: float,
         from fastlm.kernels import attention as kernels
         return kernels.dropout_mask(seed.to(device), B, H, L, S, dropout_p, torch.device(device))
     return _reference_keep(seed, B, H, L, S, dropout_p, device)
+
+
+def _check_seed(fn: str, seed: Optional[Tensor], dropout_p: float, q: Tensor) -> None:
+    """With dropout, the seed is a one-element int64 tensor on q's device: it is never copied
+    there (draw it with draw_dropout_seed(q.device))."""
+    if dropout_p == 0.0:
+        return
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"{fn}: dropout_p > 0 needs seed, a one-element int64 tensor "
+                         f"(draw_dropout_seed(q.device)), got {seed!r}")
+    if seed.device != q.device:
+        raise ValueError(f"{fn}: seed is on {seed.device} but q is on {q.device}; draw it there with "
+                         f"draw_dropout_seed(q.device)")
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -175,6 +194,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqle
                cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], seed: Optional[Tensor], scale: float,
                bottom_right: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
                max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
+    _check_seed("fastlm::attention", seed, dropout_p, q)
     backend = _pick(q, v, mask, cuda_why_not=_cuda_unsupported(q, k, v, mask, cu_seqlens_q, seqused_k, softcap,
                                                                 dropout_p))
     if backend == "cuda":
@@ -182,8 +202,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqle
     if backend == "triton":
         from fastlm.kernels import attention as kernels
         return kernels.attention_fwd(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask,
-                                     dropout_p, seed.to(q.device) if seed is not None else None, cu_seqlens_q,
-                                     cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+                                     dropout_p, seed, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                                     max_seqlen_k)
     keep = _keep(backend, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
     out, lse = ref.attention(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask, keep, dropout_p,
                              cu_seqlens_q, cu_seqlens_k, seqused_k)
@@ -193,6 +213,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqle
 @_attention.register_fake
 def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seqused_k, seed, scale, bottom_right, window_left, window_right,
       softcap, dropout_p, max_seqlen_q, max_seqlen_k):
+    _check_seed("fastlm::attention", seed, dropout_p, q)  # under torch.compile too
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -210,6 +231,7 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if mask_grad and (mask is None or not mask.is_floating_point() or cu_seqlens_q is not None):
         raise ValueError("fastlm::attention_bwd: mask_grad needs a float mask on a dense batch")
+    _check_seed("fastlm::attention_bwd", seed, dropout_p, q)
     chosen = _pick(q, v, mask, backend, _cuda_unsupported(q, k, v, mask, cu_seqlens_q, None, softcap, dropout_p))
     if chosen == "cuda":
         return _cuda_attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right) + \
@@ -217,8 +239,8 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     if chosen == "triton":
         from fastlm.kernels import attention as kernels
         grads = kernels.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right,
-                                      softcap, mask, dropout_p, seed.to(q.device) if seed is not None else None,
-                                      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask_grad)
+                                      softcap, mask, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, mask_grad)
     else:
         keep = _keep(chosen, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
         grads = ref.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right, softcap,
@@ -233,6 +255,7 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed, scale, bottom_right, window_left,
       window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, backend, mask_grad):
+    _check_seed("fastlm::attention_bwd", seed, dropout_p, q)
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
     # Every backend returns contiguous gradients, whatever the strides of q, k and v.
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
@@ -284,6 +307,8 @@ def _check_qkv(fn: str, q, k, v, packed: bool = False):
         raise ValueError(f"fastlm.{fn}: k has batch {k.shape[0]} but q has {q.shape[0]}")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"fastlm.{fn}: k has head dim {k.shape[-1]} but q has {q.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"fastlm.{fn}: q and k must have a head dim > 0, got shape {list(q.shape)}")
     hq, hk = q.shape[-2], k.shape[-2]
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"fastlm.{fn}: q's {hq} heads must be a multiple of k's and v's {hk} heads")
@@ -319,8 +344,9 @@ def _check_softcap(fn: str, softcap) -> float:
     return float(softcap)
 
 
-def _seed_for(dropout_p: float) -> Optional[Tensor]:
-    return draw_dropout_seed() if dropout_p > 0 else None
+def _seed_for(dropout_p: float, device) -> Optional[Tensor]:
+    """The call's dropout seed, drawn on the inputs' device (None without dropout)."""
+    return draw_dropout_seed(device) if dropout_p > 0 else None
 
 
 def _window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
@@ -345,9 +371,12 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
     left, right = _window(bool(causal), _check_window(fn, window_size))
     softcap = _check_softcap(fn, softcap)
-    out, lse = _attention(q, k, v, None, None, None, None, _seed_for(dropout_p), scale, True, left, right, softcap,
-                          dropout_p, 0, 0)
+    out, lse = _attention(q, k, v, None, None, None, None, _seed_for(dropout_p, q.device), scale, True, left, right,
+                          softcap, dropout_p, 0, 0)
     return (out, lse) if return_lse else out
+
+
+_INT32_MIN, _INT32_MAX = -2 ** 31, 2 ** 31 - 1
 
 
 def _check_cu(fn: str, name: str, cu, q: Tensor):
@@ -355,7 +384,36 @@ def _check_cu(fn: str, name: str, cu, q: Tensor):
         raise ValueError(f"fastlm.{fn}: {name} must be a 1-D int32 tensor of B + 1 offsets, got {cu!r}")
     if cu.device != q.device:
         raise ValueError(f"fastlm.{fn}: {name} is on {cu.device} but q is on {q.device}")
+    if cu.dtype == torch.int64:
+        if cu.device.type == "cpu":
+            if bool(((cu < _INT32_MIN) | (cu > _INT32_MAX)).any()):
+                raise ValueError(f"fastlm.{fn}: {name} has offsets outside int32 (the kernels' index type), "
+                                 f"e.g. {int(cu[(cu < _INT32_MIN) | (cu > _INT32_MAX)][0])}")
+        else:  # saturate rather than wrap (no host sync); the kernels clamp to the rows
+            cu = cu.clamp(_INT32_MIN, _INT32_MAX)
     return cu.to(torch.int32)
+
+
+def _check_cu_values(fn: str, name: str, cu: Tensor, rows: int, of: str, max_name: str, max_seqlen: int):
+    """The offsets' contract, checked where it costs no device sync (CPU tensors): from 0 to
+    the rows of ``of``, non-decreasing, no sequence longer than ``max_seqlen``. On CUDA the
+    kernels clamp instead, so a bad offset can never address memory outside q, k or v."""
+    if cu.device.type != "cpu":
+        return
+    if int(cu[0]) != 0:
+        raise ValueError(f"fastlm.{fn}: {name} must start at 0, got {name}[0] = {int(cu[0])}")
+    lengths = cu[1:] - cu[:-1]
+    if bool((lengths < 0).any()):
+        i = int((lengths < 0).nonzero()[0, 0])
+        raise ValueError(f"fastlm.{fn}: {name} must be non-decreasing, got {name}[{i}] = {int(cu[i])} > "
+                         f"{name}[{i + 1}] = {int(cu[i + 1])}")
+    if int(cu[-1]) != rows:
+        raise ValueError(f"fastlm.{fn}: {name} must end at the number of rows of {of} ({rows}), got "
+                         f"{name}[-1] = {int(cu[-1])}")
+    if lengths.numel() and int(lengths.max()) > max_seqlen:
+        i = int(lengths.argmax())
+        raise ValueError(f"fastlm.{fn}: sequence {i} has {int(lengths[i])} rows by {name}, more than "
+                         f"{max_name} = {max_seqlen}")
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -364,8 +422,12 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, return_lse: bool = False):
     """Packed sequences without padding: q (total_q, H, D), k and v (total_k, Hk, D); sequence b
     is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (likewise for k). max_seqlen_q/k bound the
-    lengths (as in FlashAttention, they are trusted: a smaller value than the true longest
-    length leaves rows past it unwritten). The lse is (H, total_q)."""
+    lengths. The offsets must start at 0, never decrease, end at the rows of q (of k), and
+    give no sequence longer than max_seqlen: on CPU tensors a violation raises a ValueError;
+    on CUDA tensors checking would cost a host sync, so (as FlashAttention, which trusts
+    them) nothing is checked, but the kernels clamp every offset to the rows and every
+    length to max_seqlen, so a bad value gives wrong rows (or leaves rows unwritten),
+    never a read or write outside q, k, v or the output. The lse is (H, total_q)."""
     fn = "flash_attn_varlen_func"
     q, k, v = autocast_inputs(q, k, v)
     _check_qkv(fn, q, k, v, packed=True)
@@ -377,13 +439,33 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"fastlm.{fn}: {name} must be an int >= 0, got {m!r}")
+    _check_cu_values(fn, "cu_seqlens_q", cu_q, q.shape[0], "q", "max_seqlen_q", max_seqlen_q)
+    _check_cu_values(fn, "cu_seqlens_k", cu_k, k.shape[0], "k", "max_seqlen_k", max_seqlen_k)
     dropout_p = _check_dropout(fn, "dropout_p", dropout_p)
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
     left, right = _window(bool(causal), _check_window(fn, window_size))
     softcap = _check_softcap(fn, softcap)
-    out, lse = _attention(q, k, v, None, cu_q, cu_k, None, _seed_for(dropout_p), scale, True, left, right, softcap,
-                          dropout_p, max_seqlen_q, max_seqlen_k)
+    out, lse = _attention(q, k, v, None, cu_q, cu_k, None, _seed_for(dropout_p, q.device), scale, True, left, right,
+                          softcap, dropout_p, max_seqlen_q, max_seqlen_k)
     return (out, lse) if return_lse else out
+
+
+def _check_cache_seqlens(fn: str, cache_seqlens, n: int, S_max: int):
+    """0 <= cache_seqlens and cache_seqlens + n <= S_max, for an int and a CPU tensor (no device
+    sync there). On CUDA tensors nothing is checked: the kernel clamps the used length to
+    [0, S_max] and the write of new keys to the cache's rows."""
+    if cache_seqlens is None:
+        return
+    if isinstance(cache_seqlens, Tensor):
+        if cache_seqlens.device.type != "cpu" or cache_seqlens.numel() == 0:
+            return
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    else:
+        lo = hi = cache_seqlens
+    if lo < 0:
+        raise ValueError(f"fastlm.{fn}: cache_seqlens must be >= 0, got {lo}")
+    if hi + n > S_max:
+        raise ValueError(f"fastlm.{fn}: cache_seqlens ({hi}) + {n} new keys exceed the cache length {S_max}")
 
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
@@ -394,7 +476,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     If k and v (B, L_new, Hk, D) are given they are written into the caches in place at each
     batch's cache_seqlens (an int or a (B,) int tensor; None means the caches are full), then
     q attends to the first cache_seqlens + L_new keys, causal aligned bottom-right. No
-    gradient flows through this function (it is for inference)."""
+    gradient flows through this function (it is for inference). 0 <= cache_seqlens and
+    cache_seqlens + L_new <= S_max: an int or a CPU tensor that breaks this raises a
+    ValueError; a CUDA tensor is not checked (that would sync), the write and the kernel clamp
+    to each batch's own cache instead, so a bad length never touches memory outside it."""
     fn = "flash_attn_with_kvcache"
     q, k, v = autocast_to(k_cache, q, k, v)  # under autocast the caches' dtype is the compute dtype
     _check_qkv(fn, q, k_cache, v_cache)
@@ -406,6 +491,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
             raise ValueError(f"fastlm.{fn}: cache_seqlens is needed to know where k and v go")
         seqlens = torch.full((B,), S_max, dtype=torch.int32, device=q.device)
     elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens <= S_max:  # before the int32 tensor it would overflow
+            raise ValueError(f"fastlm.{fn}: cache_seqlens must be >= 0 and at most the cache length {S_max}, got "
+                             f"{cache_seqlens}")
         seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     elif isinstance(cache_seqlens, Tensor) and cache_seqlens.dtype in (torch.int32, torch.int64) \
             and cache_seqlens.shape == (B,):
@@ -419,15 +507,20 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     left, right = _window(bool(causal), _check_window(fn, window_size))
     softcap = _check_softcap(fn, softcap)
     with torch.no_grad():
+        n = 0
         if k is not None:
             _check_qkv(fn, q, k, v)
             if k.shape[0] != B or k.shape[2:] != k_cache.shape[2:] or v.shape[2:] != v_cache.shape[2:]:
                 raise ValueError(f"fastlm.{fn}: k and v must be (B, L_new, Hk, D) like the caches, got "
                                  f"{list(k.shape)} and {list(v.shape)}")
             n = k.shape[1]
-            if q.device.type == "cpu" and bool((seqlens + n > S_max).any()):
-                raise ValueError(f"fastlm.{fn}: cache_seqlens + {n} new keys exceed the cache length {S_max}")
-            rows = (seqlens.long()[:, None] + torch.arange(n, device=q.device)).clamp_(max=S_max - 1)
+            if n > S_max:
+                raise ValueError(f"fastlm.{fn}: {n} new keys do not fit the cache length {S_max}")
+        _check_cache_seqlens(fn, cache_seqlens, n, S_max)
+        if k is not None:
+            # Clamped into each batch's own cache rows: on CUDA the lengths are not checked
+            # (a host sync), and a bad one must not write into another batch's cache.
+            rows = (seqlens.long()[:, None] + torch.arange(n, device=q.device)).clamp_(0, S_max - 1)
             batch = torch.arange(B, device=q.device)[:, None].expand_as(rows)
             k_cache[batch, rows] = k
             v_cache[batch, rows] = v
@@ -469,6 +562,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError(f"fastlm.{fn}: key {list(key.shape)} and value {list(value.shape)} must agree but for E")
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"fastlm.{fn}: key has E = {key.shape[-1]} but query has {query.shape[-1]}")
+    if query.shape[-1] == 0:
+        raise ValueError(f"fastlm.{fn}: query and key must have E > 0 (the head dim), got shape "
+                         f"{list(query.shape)}")
     if query.shape[:-3] != key.shape[:-3]:
         raise ValueError(f"fastlm.{fn}: query and key batch dims differ: {list(query.shape[:-3])} and "
                          f"{list(key.shape[:-3])}")
@@ -517,6 +613,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                 mask = mask.expand(query.shape[:-3] + mask.shape[-3:])
             mask = mask.reshape((-1,) + mask.shape[-3:])
     out, _ = _attention(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), mask, None, None, None,
-                        _seed_for(dropout_p), scale, False, -1, 0 if is_causal else -1, 0.0, dropout_p, 0, 0)
+                        _seed_for(dropout_p, query.device), scale, False, -1, 0 if is_causal else -1, 0.0,
+                        dropout_p, 0, 0)
     out = out.transpose(1, 2)  # (B, H, L, Ev)
     return out.reshape(query.shape[:-1] + (value.shape[-1],))

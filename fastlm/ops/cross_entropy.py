@@ -212,7 +212,8 @@ def _cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ign
 @_cross_entropy.register_fake
 def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
     rows = logits.shape[0]
-    return tuple(logits.new_empty(rows, dtype=torch.float32) for _ in range(3))
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # as the reference
+    return tuple(logits.new_empty(rows, dtype=dtype) for _ in range(3))
 
 
 @torch.library.custom_op("fastlm::cross_entropy_bwd", mutates_args=())
@@ -259,7 +260,8 @@ def mean_divisor(target: Tensor, weight: Optional[Tensor], ignore_index: int, ro
         divisor = counted.sum().float()
     else:
         safe = torch.where(counted, target, 0).clamp(0, weight.shape[0] - 1).long()
-        divisor = (weight.float()[safe] * counted).sum()
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        divisor = (weight.to(acc)[safe] * counted).sum()
     return torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
 
@@ -281,7 +283,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     probabilities (input's shape). z_loss adds z_loss * logsumexp^2 per counted row;
     softcap applies softcap * tanh(x / softcap) to the logits first. Differences from torch,
     on purpose: when every target is ignored, "mean" gives 0 (torch: NaN); a class index
-    out of range raises ValueError on CPU and gives NaN for that row on CUDA.
+    out of range raises ValueError on CPU and gives NaN for that row on CUDA. Infinite and
+    NaN logits (a vocabulary masked with -inf) give torch's result on every backend, its
+    inf/NaN included; softcap maps +-inf to +-softcap (fastlm/reference/cross_entropy.py).
     """
     class_dim, classes = _check_args(input, target, weight)
     if target.is_floating_point() and ignore_index != -100:

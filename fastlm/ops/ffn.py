@@ -24,6 +24,7 @@ in its epilogue. The remaining matmuls (dx, dW) are plain.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -74,7 +75,7 @@ def _up(t: Tensor) -> Tensor:
 
 
 def _ref_linear_bwd(dy, x, w, saved, activation, has_bias):
-    dz = dy if activation == "none" else dy * ref.act_grad(saved, activation).to(dy.dtype)
+    dz = dy if activation == "none" else (_up(dy) * ref.act_grad(_up(saved), activation)).to(dy.dtype)
     db = dz.sum(0) if has_bias else None
     return dz @ w, dz.t() @ x, db
 
@@ -280,7 +281,9 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _flatten(input: Tensor) -> Tensor:
-    return input.reshape(-1, input.shape[-1])  # a view when the leading dims allow it
+    # (tokens, features), a view when the leading dims allow it; the token count is spelled
+    # out, since -1 is ambiguous for zero features (nn.Linear(0, n) is legal: bias-only output)
+    return input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
 
 
 # ----------------------------------------------------------------------------- public functions

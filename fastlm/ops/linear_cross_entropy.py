@@ -7,15 +7,23 @@ wanted, the logits' gradient written over the logits in place by the backward ke
 folded at once into dx (d @ weight), dweight (+= d.T @ x_chunk) and dbias. Peak extra memory
 is one chunk of logits, not N * V.
 
+dweight is a sum of one product per chunk: it is accumulated in ``acc_dtype`` (float32 for
+16-bit weights by default, the name torch 2.13's LinearCrossEntropyOptions gives this choice)
+and cast to the weight's dtype once at the end; a 16-bit running sum would be rounded once
+per chunk. On CUDA the float32 sum of 16-bit products is formed by the GEMM itself
+(addmm with out_dtype=float32, where torch takes a float32 accumulator there); elsewhere
+(CPU BLAS takes no mixed dtypes) the chunk's two factors are up-cast, a chunk-sized copy,
+never a (V, H) one.
+
 With reduction "mean" or "sum" the upstream gradient of the loss is a scalar, so the forward
 computes the gradients for an upstream gradient of 1 while the logits are at hand (three
 matmuls in all, as the unfused path), and the backward only scales them. With "none" the
 upstream gradient is per row and unknown at the forward: the backward recomputes each chunk's
 logits (one matmul more) and scales rows as it goes.
 
-    fastlm::linear_cross_entropy(x, weight, target, bias?, ..., reduction, compute_grads)
+    fastlm::linear_cross_entropy(x, weight, target, bias?, ..., reduction, compute_grads, acc_dtype?)
         -> (loss, dx, dweight, dbias)     (grads empty unless compute_grads)
-    fastlm::linear_cross_entropy_bwd(dloss, x, weight, target, bias?, ..., backend)
+    fastlm::linear_cross_entropy_bwd(dloss, x, weight, target, bias?, ..., backend, acc_dtype?)
         -> (dx, dweight, dbias)
 """
 
@@ -53,32 +61,66 @@ def _logits(x_chunk: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.addmm(bias, x_chunk, weight.t())
 
 
+_ACC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Whether this torch's CUDA addmm sums 16-bit products into a float32 accumulator in place
+# (addmm(acc, a, b, out_dtype=float32, out=acc)); learnt on the first call that tries it.
+_MIXED_ADDMM = {"cuda": None}
+
+
+def _row_dtype(x: Tensor) -> torch.dtype:
+    """Per-row losses and dbias: float32, float64 for float64 inputs (the reference's own)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def resolve_acc_dtype(weight_dtype: torch.dtype, acc_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """dweight's accumulator: float32 for 16-bit weights unless asked otherwise."""
+    if acc_dtype is not None:
+        return acc_dtype
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+def _add_weight_grad(dweight: Tensor, d: Tensor, x_chunk: Tensor) -> None:
+    """dweight += d.T @ x_chunk, summed in dweight's dtype."""
+    if dweight.dtype == d.dtype:
+        dweight.addmm_(d.t(), x_chunk)
+        return
+    if dweight.device.type == "cuda" and dweight.dtype == torch.float32 and _MIXED_ADDMM["cuda"] is not False:
+        try:
+            torch.addmm(dweight, d.t(), x_chunk, out_dtype=torch.float32, out=dweight)
+            _MIXED_ADDMM["cuda"] = True
+            return
+        except (RuntimeError, TypeError):  # an older torch, or one that wants a 16-bit addend
+            _MIXED_ADDMM["cuda"] = False
+    dweight.addmm_(d.t().to(dweight.dtype), x_chunk.to(dweight.dtype))
+
+
 def _accumulate_grads(d: Tensor, x_chunk: Tensor, weight: Tensor, dx_chunk: Tensor, dweight: Tensor,
                       dbias: Optional[Tensor]) -> None:
     torch.mm(d, weight, out=dx_chunk)
-    dweight.addmm_(d.t(), x_chunk)
+    _add_weight_grad(dweight, d, x_chunk)
     if dbias is not None:
-        dbias += d.sum(0, dtype=torch.float32)
+        dbias += d.sum(0, dtype=dbias.dtype)
 
 
 @torch.library.custom_op("fastlm::linear_cross_entropy", mutates_args=())
 @no_autocast
 def _linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
                           label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
-                          reduction: int, compute_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          reduction: int, compute_grads: bool,
+                          acc_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_targets_in_range("linear_cross_entropy", target, weight.shape[0], ignore_index)
     backend = pick_backend("linear_cross_entropy", x, None)
     n = x.shape[0]
-    loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
+    loss_rows = torch.empty(n, dtype=_row_dtype(x), device=x.device)
     empty = x.new_empty(0)
     dx, dweight, dbias = empty, empty.clone(), empty.clone()
     if compute_grads:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        dweight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-        dbias = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if bias is not None else empty
+        dweight = torch.zeros(weight.shape, dtype=resolve_acc_dtype(weight.dtype, acc_dtype), device=x.device)
+        dbias = torch.zeros(weight.shape[0], dtype=_row_dtype(x), device=x.device) if bias is not None else empty
         # Upstream gradient of each row's loss for a loss gradient of 1: 1/divisor for "mean".
-        scale = (1.0 / mean_divisor(target, None, ignore_index, n)) if reduction == 2 else \
-            torch.ones((), device=x.device)
+        scale = (1.0 / mean_divisor(target, None, ignore_index, n).to(_row_dtype(x))) if reduction == 2 else \
+            torch.ones((), dtype=_row_dtype(x), device=x.device)
     for start, end in _chunks(n, chunk_size):
         x_chunk, t_chunk = x[start:end], target[start:end]
         logits = _logits(x_chunk, weight, bias)
@@ -97,13 +139,15 @@ def _linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Optio
             loss_out = loss_out / mean_divisor(target, None, ignore_index, n)
     if bias is not None and compute_grads:
         dbias = dbias.to(bias.dtype)
+    if compute_grads:
+        dweight = dweight.to(weight.dtype)  # the one rounding of the sum
     return loss_out, dx, dweight, dbias
 
 
 @_linear_cross_entropy.register_fake
 def _(x, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size, reduction,
-      compute_grads):
-    loss = x.new_empty(x.shape[0] if reduction == 0 else (), dtype=torch.float32)
+      compute_grads, acc_dtype=None):
+    loss = x.new_empty(x.shape[0] if reduction == 0 else (), dtype=_row_dtype(x))
     if not compute_grads:
         return loss, x.new_empty(0), x.new_empty(0), x.new_empty(0)
     dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
@@ -115,11 +159,12 @@ def _(x, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, c
 @no_autocast
 def _linear_cross_entropy_bwd(dloss: Tensor, x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                               ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
-                              chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                              chunk_size: int, backend: str,
+                              acc_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
     chosen = pick_backend("linear_cross_entropy", x, None, backend)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dweight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    dbias = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if bias is not None else None
+    dweight = torch.zeros(weight.shape, dtype=resolve_acc_dtype(weight.dtype, acc_dtype), device=x.device)
+    dbias = torch.zeros(weight.shape[0], dtype=_row_dtype(x), device=x.device) if bias is not None else None
     for start, end in _chunks(x.shape[0], chunk_size):
         x_chunk, t_chunk = x[start:end], target[start:end]
         logits = _logits(x_chunk, weight, bias)
@@ -127,11 +172,12 @@ def _linear_cross_entropy_bwd(dloss: Tensor, x: Tensor, weight: Tensor, target: 
         d = rows_bwd(chosen, dloss[start:end], logits, t_chunk, None, lse, coef, ignore_index, label_smoothing,
                      softcap, out=logits)
         _accumulate_grads(d, x_chunk, weight, dx[start:end], dweight, dbias)
-    return dx, dweight, (dbias.to(bias.dtype) if bias is not None else x.new_empty(0))
+    return dx, dweight.to(weight.dtype), (dbias.to(bias.dtype) if bias is not None else x.new_empty(0))
 
 
 @_linear_cross_entropy_bwd.register_fake
-def _(dloss, x, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend):
+def _(dloss, x, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend,
+      acc_dtype=None):
     dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format), dbias)
@@ -139,7 +185,7 @@ def _(dloss, x, weight, target, bias, ignore_index, label_smoothing, z_loss, sof
 
 def _setup_context(ctx, inputs, output):
     x, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size, reduction, \
-        compute_grads = inputs
+        compute_grads, acc_dtype = inputs
     _, dx, dweight, dbias = output
     ctx.precomputed = compute_grads
     ctx.has_bias = bias is not None
@@ -150,6 +196,7 @@ def _setup_context(ctx, inputs, output):
         ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
         ctx.reduction = reduction
         ctx.backend = get_backend()
+        ctx.acc_dtype = acc_dtype
 
 
 def _backward(ctx, dloss, _ddx, _ddweight, _ddbias):
@@ -163,9 +210,10 @@ def _backward(ctx, dloss, _ddx, _ddweight, _ddbias):
             if ctx.reduction == 2:
                 dloss = dloss / mean_divisor(target, None, ctx.options[0], x.shape[0])
             dloss = dloss.expand(x.shape[0])
-        dx, dweight, dbias = _linear_cross_entropy_bwd(dloss, x, weight, target, bias, *ctx.options, ctx.backend)
+        dx, dweight, dbias = _linear_cross_entropy_bwd(dloss, x, weight, target, bias, *ctx.options, ctx.backend,
+                                                       ctx.acc_dtype)
         dbias = dbias if ctx.has_bias else None
-    return dx, dweight, None, dbias, None, None, None, None, None, None, None
+    return dx, dweight, None, dbias, None, None, None, None, None, None, None, None
 
 
 _linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
@@ -206,14 +254,17 @@ def _check_args(input, weight, target, bias):
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                          z_loss: float = 0.0, softcap: Optional[float] = None,
-                         chunk_size: Optional[int] = None) -> Tensor:
+                         chunk_size: Optional[int] = None, acc_dtype: Optional[torch.dtype] = None) -> Tensor:
     """cross_entropy(input @ weight.T + bias, target, ...) without materialising the logits.
 
     input (N, H) or (..., H); weight (V, H) as nn.Linear stores it; target (N,) or (...,)
     class indices; bias (V,) or None. Options as fastlm.cross_entropy (no class weights).
     chunk_size: tokens per chunk (default: chunk logits about the size of the input).
-    Gradients flow to input, weight and bias; dweight accumulates across chunks in the
-    weight's dtype.
+    Gradients flow to input, weight and bias. acc_dtype: the dtype dweight accumulates in
+    across chunks (torch 2.13's name for it; float16, bfloat16, float32 or float64), cast
+    to the weight's dtype once at the end; default float32 for 16-bit weights, else the
+    weight's dtype. (A float32 sum holds 4 bytes per weight element while the op runs;
+    acc_dtype=weight.dtype saves that and rounds the sum once per chunk, as before.)
     """
     input, weight, bias = autocast_inputs(input, weight, bias)
     _check_args(input, weight, target, bias)
@@ -222,6 +273,9 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"fastlm.linear_cross_entropy: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if acc_dtype is not None and acc_dtype not in _ACC_DTYPES:
+        raise TypeError(f"fastlm.linear_cross_entropy: acc_dtype must be None or one of "
+                        f"{[str(d) for d in _ACC_DTYPES]}, got {acc_dtype!r}")
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
     chunk = chunk_size or default_chunk_size(x.shape[0], x.shape[1], weight.shape[0])
@@ -229,7 +283,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     wants_grad = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (input, weight, bias))
     loss, _, _, _ = _linear_cross_entropy(x, weight, t, bias, ignore_index, label_smoothing, z_loss, softcap,
-                                          chunk, code, wants_grad and code != 0)
+                                          chunk, code, wants_grad and code != 0,
+                                          resolve_acc_dtype(weight.dtype, acc_dtype))
     if code == 0:
         loss = loss.reshape(target.shape)
     return loss.to(input.dtype)

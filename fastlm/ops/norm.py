@@ -152,6 +152,13 @@ def _cuda_norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms):
     return dx, dw, db
 
 
+def _zero_width(x: Tensor, normalized_ndim: int) -> bool:
+    """Rows of no elements (a 0 in normalized_shape): legal in torch (LayerNorm(0) gives an
+    empty output), and the kernels' (rows, n) view of them is ambiguous, so the reference
+    runs them on every backend."""
+    return math.prod(x.shape[x.dim() - normalized_ndim:]) == 0
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("fastlm::norm", mutates_args=())
@@ -160,6 +167,8 @@ def _norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias:
           normalized_ndim: int, eps: float, rms: bool, keep_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fn = ("add_" if residual is not None else "") + ("rms_norm" if rms else "layer_norm")
     backend = _pick(fn, x, weight, bias)
+    if _zero_width(x, normalized_ndim):
+        backend = "torch"  # nothing to launch: the reference gives the empty result, as torch does
     if backend == "cuda":
         return _cuda_norm_fwd(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum)
     if backend == "triton":
@@ -184,6 +193,8 @@ def _norm_bwd(dy: Tensor, dsum: Optional[Tensor], x: Tensor, weight: Optional[Te
               mean: Tensor, rstd: Tensor, normalized_ndim: int, eps: float, rms: bool,
               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     chosen = _pick("rms_norm" if rms else "layer_norm", x, weight, bias, backend)
+    if _zero_width(x, normalized_ndim):
+        chosen = "torch"
     if chosen == "cuda":
         dx, dw, db = _cuda_norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms)
     elif chosen == "triton":

@@ -9,15 +9,17 @@ the documented pointer alignment and leading dimension). Two textual rewrites ma
 file host C++: the dynamic shared-memory declaration becomes a pointer to the block's buffer
 (filled with 0xff bytes, NaN in every float type, before each block), and each
 ``kernel<<<grid, block, smem, stream>>>(args)`` becomes a call that runs the blocks one after
-another. The host entry points of csrc/kernels.h are exported with C linkage and wrapped for
-ctypes, so ``load()`` returns an object that stands in for ``fastlm._C``.
+another. A static ``__shared__ T name[n];`` becomes ``T* name = emu::static_shared<T>(n);``, a
+slice of a per-block buffer (also 0xff-filled). The host entry points of csrc/kernels.h are
+exported with C linkage and wrapped for ctypes, so ``load()`` returns an object that stands in
+for ``fastlm._C``.
 
 What this checks: indexing, masking, loop bounds, the order of barriers, shared-memory
 layout and bounds (with ``sanitize=True`` AddressSanitizer watches every access), the
 numerics of the algorithm. What it cannot: the hardware (real wmma rounding, register
 pressure, timing, races that the barrier schedule happens to hide). Limits: one-dimensional
-grids and blocks, dynamic shared memory only (norm.cu and cross_entropy.cu use static
-``__shared__`` arrays and are not emulated).
+grids and blocks; static ``__shared__`` arrays declared at the top of a kernel (as
+cross_entropy.cu and norm.cu do), not inside loops.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def host_source(cu_text: str) -> str:
     """The .cu text rewritten as host C++ for the shim (see the module docstring)."""
     src = re.sub(r"extern __shared__ __align__\(\d+\) unsigned char (\w+)\[\];",
                  r"unsigned char* \1 = emu::shared_memory();", cu_text)
+    src = re.sub(r"(?<!extern )__shared__ (?:__align__\(\d+\) )?([\w:]+) (\w+)\[([^\]]+)\];",
+                 r"\1* \2 = emu::static_shared<\1>(\3);", src)
     out, pos = [], 0
     while (i := src.find("<<<", pos)) >= 0:
         j = src.find(">>>", i)

@@ -60,7 +60,10 @@ struct Block {
   std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
   std::vector<float> shfl;
   unsigned char* smem = nullptr;
+  std::vector<unsigned char> static_smem;  // the kernel's static __shared__ arrays
 };
+constexpr std::size_t kStaticSmem = 48 * 1024;  // CUDA's limit for static shared memory per block
+inline thread_local std::size_t tl_static_offset = 0;
 inline thread_local emu_dim3 tl_thread, tl_block, tl_blockdim, tl_griddim;
 inline thread_local Block* tl_blk = nullptr;
 inline cudaError_t last_error = cudaSuccess;
@@ -77,6 +80,23 @@ inline void fail(const std::string& what) {
 #define blockIdx (emu::tl_block)
 #define blockDim (emu::tl_blockdim)
 #define gridDim (emu::tl_griddim)
+
+namespace emu {
+// A static `__shared__ T name[n];` (rewritten by emulate.py into a call of this): every thread
+// of a block runs the kernel's declarations in the same order, so the k-th declaration gets
+// the same slice of the block's buffer in each thread. (A declaration inside a loop would take
+// a new slice per iteration: the kernels declare theirs at the top.)
+template <typename T>
+inline T* static_shared(std::size_t n) {
+  const std::size_t offset = (tl_static_offset + 15) / 16 * 16;
+  tl_static_offset = offset + n * sizeof(T);
+  if (tl_static_offset > kStaticSmem) {
+    fail("static shared memory above 48 KiB");
+    return reinterpret_cast<T*>(tl_blk->static_smem.data());
+  }
+  return reinterpret_cast<T*>(tl_blk->static_smem.data() + offset);
+}
+}  // namespace emu
 
 inline void __syncthreads() { emu::tl_blk->block_bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::tl_blk->warp_bars[threadIdx.x / 32]->arrive_and_wait(); }
@@ -116,6 +136,7 @@ void launch_kernel(void (*kernel)(KArgs...), unsigned grid, unsigned block, int 
     blk.shfl.assign(block, 0.0f);
     blk.smem = static_cast<unsigned char*>(std::aligned_alloc(128, ((smem_bytes + 127) / 128) * 128 + 128));
     std::memset(blk.smem, 0xff, smem_bytes);  // NaN in every type: unwritten shared memory shows
+    blk.static_smem.assign(kStaticSmem, 0xff);
     std::vector<std::thread> ts;
     for (unsigned t = 0; t < block; ++t) {
       ts.emplace_back([&, t] {
@@ -124,6 +145,7 @@ void launch_kernel(void (*kernel)(KArgs...), unsigned grid, unsigned block, int 
         tl_blockdim.x = block;
         tl_griddim.x = grid;
         tl_blk = &blk;
+        tl_static_offset = 0;
         kernel(args...);
       });
     }
