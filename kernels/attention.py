@@ -28,7 +28,9 @@ kernel, first over the tile's rows for a mask broadcast along queries). The atom
 one gradient not bit-deterministic; everything else in the backward is.
 
 Dropout draws tl.rand(seed, offset) from the position (batch, head, query, key): the backward
-regenerates exactly the forward's mask, and ``dropout_mask`` exposes it for tests.
+regenerates exactly the forward's mask, and ``dropout_mask`` exposes it for tests. The seed
+is a one-element int64 tensor on the inputs' device (drawn there by the op, from that
+device's generator) that each kernel loads: no host value, so a CUDA graph replays the draw.
 
 Layouts: q (B, L, H, D), k and v (B, S, Hk, D), any strides; packed sequences (varlen) are
 (total, H, D) with cu_seqlens, and the KV cache passes the used length per batch.
@@ -51,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import empty, gpu_tiles, next_power_of_2
+from .launch import empty, gpu_tiles, next_power_of_2, tf32_allowed
 
 LOG2E = 1.4426950408889634
 
@@ -504,8 +506,8 @@ def _blocks(p: Problem, device, dtype, ieee=None):
         return 16, 16, 1, 1
     if _ieee(dtype) if ieee is None else ieee:
         # IEEE float32 dots run on CUDA cores (FMA), each thread holding whole rows of both
-        # operands: the tensor-core tiles below spill 1.5-25 KB of stack per thread there.
-        # These keep the forward and both backward kernels in registers on sm_80 and sm_90
+        # operands: the tensor-core tiles below spill 8-25 KB of stack per thread there (head
+        # dims 128-256). These keep the forward and both backward kernels in registers on sm_80 and sm_90
         # with every feature on (tests/test_attention_fp32.py compiles them); past head dim
         # 128, 16 warps and no software pipelining (its next tiles sit in registers too).
         if max(p.D, p.DV) > 128:
@@ -545,21 +547,6 @@ def _bias_grad_args(mask, p: Problem, windowed: bool):
 def _common_flags(p: Problem, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, dtype):
     return dict(VARLEN=p.varlen, BOTTOM_RIGHT=bottom_right, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
                 SOFTCAP=softcap > 0, MASK=mask_kind, DROPOUT=dropout_p > 0, IEEE=_ieee(dtype))
-
-
-def tf32_allowed() -> bool:
-    """Whether float32 dots may round their inputs to TF32: torch's float32 matmul setting,
-    which cuBLAS and SDPA follow (torch.backends.cuda.matmul.allow_tf32 = True, or
-    torch.set_float32_matmul_precision("high" / "medium"), or the newer
-    torch.backends.cuda.matmul.fp32_precision = "tf32"). Read at every call, as torch does."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        return torch.get_float32_matmul_precision() != "highest" or bool(matmul.allow_tf32)
-    except RuntimeError:  # torch >= 2.9 refuses the legacy getters once fp32_precision was set
-        precision = getattr(matmul, "fp32_precision", "none")
-        if precision == "none":
-            precision = getattr(torch.backends, "fp32_precision", "none")
-        return precision == "tf32"
 
 
 def _ieee(dtype) -> bool:

@@ -15,9 +15,13 @@ loss and gradient are NaN (the op layer raises on CPU before any kernel runs).
 Infinite logits (a vocabulary masked with -inf) follow torch, as the reference documents: the
 running max stays -inf while every logit seen so far is -inf, so the online softmax subtracts
 0 instead (never exp(-inf - -inf)); the inf/NaN that remain (label smoothing or probability
-targets over -inf logits: inf, or 0 * -inf = NaN) are exactly torch's. Class offsets are
-int64 (c * stride_xc passes 2^31 for a transposed (N, C) view of a large N before row
-offsets do).
+targets over -inf logits: inf, or 0 * -inf = NaN) are exactly torch's.
+
+Row offsets are int64. Class offsets c * stride_xc (and c * stride_tc) pass 2^31 when a
+class stride is large (a transposed (N, C) view with N * C past 2^31): the launcher then sets
+WIDE_C and they are formed in int64. Otherwise they are int32, exactly, which keeps the
+widest variant free of register spills (int64 offsets for the 16 classes each thread holds
+spill 16 bytes on sm_80).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def _cross_entropy_fwd_kernel(
     stride_xr, stride_xc, stride_tr, stride_tc,
     C, ignore_index, smoothing, z_loss, softcap,
     SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xr
@@ -59,8 +63,8 @@ def _cross_entropy_fwd_kernel(
     for start in range(0, C, BLOCK_C):
         c = start + cols
         mask = c < C
-        c64 = c.to(tl.int64)
-        x = tl.load(x_row + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        c_off = c.to(tl.int64) if WIDE_C else c
+        x = tl.load(x_row + c_off * stride_xc, mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, _softcapped(x, softcap, SOFTCAP), -float("inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # While every logit seen is -inf the max is -inf: subtract 0 then, so each exp(-inf)
@@ -69,7 +73,7 @@ def _cross_entropy_fwd_kernel(
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
         m = m_new
         if SOFT:
-            t = tl.load(T + row * stride_tr + c64 * stride_tc, mask=mask, other=0.0).to(tl.float32)
+            t = tl.load(T + row * stride_tr + c_off * stride_tc, mask=mask, other=0.0).to(tl.float32)
             q = t * (1.0 - smoothing) + smoothing / C
             if HAS_W:
                 q *= tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
@@ -121,7 +125,7 @@ def _cross_entropy_bwd_kernel(
     stride_xr, stride_xc, stride_tr, stride_tc, stride_dl, stride_dxr,
     C, ignore_index, smoothing, softcap,
     SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xr
@@ -144,12 +148,12 @@ def _cross_entropy_bwd_kernel(
     for start in range(0, C, BLOCK_C):
         c = start + cols
         mask = c < C
-        c64 = c.to(tl.int64)
-        x = tl.load(x_row + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        c_off = c.to(tl.int64) if WIDE_C else c
+        x = tl.load(x_row + c_off * stride_xc, mask=mask, other=0.0).to(tl.float32)
         xc = _softcapped(x, softcap, SOFTCAP)
         grad = tl.exp(xc - lse) * coef
         if SOFT:
-            q = tl.load(T + row * stride_tr + c64 * stride_tc, mask=mask, other=0.0).to(tl.float32)
+            q = tl.load(T + row * stride_tr + c_off * stride_tc, mask=mask, other=0.0).to(tl.float32)
             q = q * (1.0 - smoothing) + smoothing / C
             if HAS_W:
                 q *= tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
@@ -176,9 +180,17 @@ def _warps(block: int) -> int:
     return int(min(16, max(1, block // 512)))
 
 
-def _flags(target, weight, label_smoothing, softcap):
-    return dict(SOFT=target.is_floating_point(), HAS_W=weight is not None, SMOOTH=label_smoothing > 0,
-                SOFTCAP=softcap > 0)
+def _wide(classes: int, *strides: int) -> bool:
+    """Whether a class offset (C - 1) * stride can leave int32."""
+    return any((classes - 1) * abs(s) >= 2 ** 31 for s in strides)
+
+
+def _flags(logits, target, weight, label_smoothing, softcap):
+    soft = target.is_floating_point()
+    classes = logits.shape[1]
+    wide = _wide(classes, logits.stride(1), target.stride(1) if soft else 0)
+    return dict(SOFT=soft, HAS_W=weight is not None, SMOOTH=label_smoothing > 0, SOFTCAP=softcap > 0,
+                WIDE_C=wide)
 
 
 def cross_entropy_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
@@ -201,7 +213,7 @@ def cross_entropy_fwd(logits, target, weight, ignore_index: int, label_smoothing
         logits, target, w, sum_w, loss, lse, coef,
         logits.stride(0), logits.stride(1), *t_strides,
         classes, ignore_index, label_smoothing, z_loss, softcap,
-        BLOCK_C=block, num_warps=_warps(block), **_flags(target, weight, label_smoothing, softcap),
+        BLOCK_C=block, num_warps=_warps(block), **_flags(logits, target, weight, label_smoothing, softcap),
     )
     return loss, lse, coef
 
@@ -222,7 +234,7 @@ def cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index: in
         logits, target, w, lse, coef, dloss, out,
         logits.stride(0), logits.stride(1), *t_strides, dloss.stride(0), out.stride(0),
         classes, ignore_index, label_smoothing, softcap,
-        BLOCK_C=block, num_warps=_warps(block), **_flags(target, weight, label_smoothing, softcap),
+        BLOCK_C=block, num_warps=_warps(block), **_flags(logits, target, weight, label_smoothing, softcap),
     )
     return out
 
@@ -232,8 +244,9 @@ def gpu_compile_variants():
     variants = []
     for dt in ("fp32", "bf16"):
         for soft in (False, True):
-            for extras in (False, True):
-                flags = dict(SOFT=soft, HAS_W=extras, SMOOTH=extras, SOFTCAP=extras)
+            # (WIDE_C, the rare int64 class offsets, with the light flags: it spills nowhere there.)
+            for extras, wide in ((False, False), (True, False), (False, True)):
+                flags = dict(SOFT=soft, HAS_W=extras, SMOOTH=extras, SOFTCAP=extras, WIDE_C=wide)
                 tgt = f"*{dt}" if soft else "*i64"
                 fwd_sig = {"X": f"*{dt}", "T": tgt, "W": "*fp32", "SumW": "*fp32", "Loss": "*fp32",
                            "Lse": "*fp32", "Coef": "*fp32", "stride_xr": "i64", "stride_xc": "i32",

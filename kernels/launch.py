@@ -104,3 +104,18 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if poison_enabled() and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def tf32_allowed() -> bool:
+    """Whether float32 dots may round their inputs to TF32: torch's float32 matmul setting,
+    which cuBLAS and SDPA follow (torch.backends.cuda.matmul.allow_tf32 = True, or
+    torch.set_float32_matmul_precision("high" / "medium"), or the newer
+    torch.backends.cuda.matmul.fp32_precision = "tf32"). Read at every call, as torch does."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return torch.get_float32_matmul_precision() != "highest" or bool(matmul.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses the legacy getters once fp32_precision was set
+        precision = getattr(matmul, "fp32_precision", "none")
+        if precision == "none":
+            precision = getattr(torch.backends, "fp32_precision", "none")
+        return precision == "tf32"

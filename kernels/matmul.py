@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import empty, gpu_tiles
+from .launch import empty, gpu_tiles, tf32_allowed
 
 ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 GATED_ACTS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
@@ -237,7 +237,8 @@ def _config(device: torch.device, dtype: torch.dtype, two: bool):
 
 
 def _ieee(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    """float32 dots in IEEE float32 unless torch's float32 matmul setting allows TF32."""
+    return dtype == torch.float32 and not tf32_allowed()
 
 
 def _check_2d(name: str, t: torch.Tensor) -> None:

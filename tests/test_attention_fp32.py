@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from fastlm.kernels import attention as kern
 from fastlm.kernels import launch
 
 from .conftest import DEVICE
-from .test_attention import qkv
+from .test_attention import check, naive, qkv
 
 KERNELS = ["_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
 LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "IEEE", "num_warps", "num_stages")
@@ -113,6 +114,20 @@ def test_ieee_flag_follows_torch_float32_matmul_setting(launches, restore_precis
     assert launches and all(kwargs["IEEE"] is False for _, kwargs in launches)
 
 
+
+@pytest.mark.parametrize("setting,ieee", SETTINGS, ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else
+                         str(x))
+def test_matmul_kernels_follow_the_same_setting(restore_precision, setting, ieee):
+    """The feed-forward matmuls read the same switch (kernels.launch.tf32_allowed): reading
+    torch's legacy allow_tf32 raises once fp32_precision has been set."""
+    from fastlm.kernels import matmul
+    _set(setting)
+    assert matmul._ieee(torch.float32) is ieee
+    assert matmul._ieee(torch.float16) is False
+    x, w = torch.randn(17, 16, device=DEVICE), torch.randn(16, 16, device=DEVICE)
+    with fastlm.use_backend("triton"):
+        torch.testing.assert_close(fastlm.linear(x, w), x @ w.t(), rtol=1e-4, atol=1e-4)
+
 def _compiled_variants():
     """gpu_compile_variants() as compile_check sees it (without the interpreter): the launch
     keys of every float32 variant of the three kernels."""
@@ -146,10 +161,21 @@ def test_gpu_tiles_follow_the_setting_and_are_the_compiled_variants(launches, re
     assert not missing, f"launched but never compiled by compile_check: {missing}; compiled: {compiled}"
 
 
+@pytest.mark.parametrize("D", [128, 256])
+def test_ieee_gpu_tiles_give_right_answers(restore_precision, D):
+    """The IEEE tiles (32 x 16, dK/dV 16 x 16) run under the interpreter with the GPU's launch
+    settings: lengths 33 and 17 cross their edges, forward and backward, causal with GQA."""
+    _set(("precision", "highest"))
+    with launch.use_gpu_tiles():
+        assert kern._blocks(SimpleNamespace(D=D, DV=D), DEVICE, torch.float32)[:2] == (32, 16)
+        check("triton", lambda q, k, v: fastlm.flash_attn_func(q, k, v, causal=True),
+              lambda q, k, v: naive(q, k, v, causal=True), qkv(1, 33, 17, 2, 1, D))
+
+
 def test_ieee_float32_variants_do_not_spill_on_sm90():
     """Every IEEE float32 attention variant compile_check knows (head dims 64, 128, 256; forward,
     dK/dV, dQ and the mask gradient) compiles for sm_90 with no stack frame: no spilled
-    register. The tensor-core tiles they used before spilled 8-9 KB per thread there."""
+    register. The tensor-core tiles they used before spilled 8-13 KB per thread there (128, 256)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "fastlm.kernels.compile_check", "--arch", "90",
                           "--only", r"^attention\..*'IEEE': True", "--no-spills", "."],

@@ -669,15 +669,23 @@ ref = F.cross_entropy(xd, t, reduction="none")
 (ref_grad,) = torch.autograd.grad(ref.sum(), [xd])
 torch.testing.assert_close(loss.double(), ref, rtol=2e-3, atol=2e-3)
 torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-3, atol=2e-3)
+# Probability targets laid out the same way: their class offsets c * stride_tc too.
+probs = torch.empty(2 * big + 8, dtype=torch.float16, device=device).as_strided((4, 3), (1, big))
+probs.copy_(torch.softmax(torch.randn(4, 3), -1))
+with fastlm.use_backend("triton"):
+    loss = fastlm.cross_entropy(x, probs, reduction="none")
+ref = F.cross_entropy(x.double(), probs.double(), reduction="none")
+torch.testing.assert_close(loss.double(), ref, rtol=2e-3, atol=2e-3)
 print("ok")
 """
 
 
 def test_class_offsets_are_int64():
     """Logits whose class stride puts a class 2^31 elements past the row start (a view over a
-    4 GiB storage of which 12 elements are touched): with int32 class offsets c * stride_xc
-    wraps negative and the kernel reads far outside the tensor (a segfault under the
-    interpreter, hence the subprocess); with int64 offsets it matches torch."""
+    4 GiB storage of which 12 elements are touched), and probability targets alike: with
+    int32 class offsets c * stride_xc wraps negative and the kernel reads far outside the
+    tensor (a segfault under the interpreter, hence the subprocess); the launcher now sees
+    that (C - 1) * stride leaves int32 and the kernel forms those offsets in int64."""
     done = subprocess.run([sys.executable, "-c", _HUGE_CLASS_STRIDE, str(DEVICE)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), \

@@ -2,6 +2,8 @@
 (tests/cuda_emulator), through the whole op path: fastlm.flash_attn_func and SDPA with the
 "cuda" backend, the custom ops, autograd and the _cuda_* helpers of fastlm/ops/attention.py,
 on CPU tensors, judged against the float64 oracle with tests/test_attention.py's rule.
+csrc/cross_entropy.cu runs the same way through fastlm.cross_entropy (the last section),
+judged by tests/test_cross_entropy.py's rule.
 
 This checks the kernels' logic (tiles, edges, masks, barriers, shared-memory layout and the
 documented wmma rules); the hardware itself is the GPU runbook's part (test_cuda_backend.py).

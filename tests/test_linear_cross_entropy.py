@@ -350,6 +350,20 @@ def test_module():
     torch.testing.assert_close(got, unfused(x, w, b, t, label_smoothing=0.1, z_loss=1e-3), rtol=1e-5, atol=1e-5)
 
 
+
+def test_module_passes_acc_dtype(monkeypatch):
+    import fastlm.ops.linear_cross_entropy as lce
+    seen = []
+    real = lce.resolve_acc_dtype
+    monkeypatch.setattr(lce, "resolve_acc_dtype", lambda w, a: seen.append(a) or real(w, a))
+    x, w, b, t = make(bias=True)
+    w.requires_grad_(True)
+    m = fastlm.nn.LinearCrossEntropyLoss(chunk_size=8, acc_dtype=torch.float64)
+    assert "acc_dtype=torch.float64" in repr(m)
+    with fastlm.use_backend("torch"):
+        m(x, w, t, b).backward()
+    assert seen and set(seen) == {torch.float64}
+
 @pytest.mark.gpu
 def test_gpu_peak_memory_is_bounded_by_the_chunk():
     n, h, v = 8192, 1024, 65536

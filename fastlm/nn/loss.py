@@ -40,7 +40,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     equals CrossEntropyLoss()(input @ weight.T + bias, target) (see fastlm.linear_cross_entropy)."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 z_loss: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None) -> None:
+                 z_loss: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                 acc_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -48,13 +49,15 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.acc_dtype = acc_dtype  # the weight gradient's accumulator (None: float32 for 16-bit weights)
 
     def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
                                     reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                    z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size)
+                                    z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size,
+                                    acc_dtype=self.acc_dtype)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
-                f"chunk_size={self.chunk_size}")
+                f"chunk_size={self.chunk_size}, acc_dtype={self.acc_dtype}")

@@ -117,8 +117,8 @@ def attention_dense_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: boo
     dq = torch.einsum("bhls,bshd->blhd", ds, kk) * scale
     dk = torch.einsum("bhls,blhd->bshd", ds, qd) * scale
     if group > 1:
-        dk = dk.reshape(B, S, Hk, group, -1).sum(3)
-        dv = dv.reshape(B, S, Hk, group, -1).sum(3)
+        dk = dk.reshape(B, S, Hk, group, dk.shape[-1]).sum(3)  # not -1: S may be 0
+        dv = dv.reshape(B, S, Hk, group, dv.shape[-1]).sum(3)
     if bias_grad:
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

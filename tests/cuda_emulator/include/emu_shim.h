@@ -1,4 +1,5 @@
-// A CPU emulation of the slice of CUDA that csrc/attention.cu uses, for testing without a GPU
+// A CPU emulation of the slice of CUDA that csrc/attention.cu and csrc/cross_entropy.cu use, for
+// testing without a GPU
 // (tests/cuda_emulator/emulate.py builds and loads it): every CUDA thread is an OS thread,
 // __syncthreads / __syncwarp are barriers, warp shuffles go through a per-warp buffer, and
 // each wmma fragment holds the whole 16 x 16 tile in every lane (the collective loads and
