@@ -47,7 +47,8 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
     sum_x += v;
   }
   const float row_max = block_max(m, scratch);
-  const float total = block_sum(m == -INFINITY ? 0.0f : s * __expf(m - row_max), scratch);
+  // A thread that saw only -inf has s = 0, or NaN if it also saw a NaN, which must reach the row.
+  const float total = block_sum(m == -INFINITY ? s : s * __expf(m - row_max), scratch);
   const float lse = row_max + logf(total);
   const float all_x = smoothing > 0.0f ? block_sum(sum_x, scratch) : 0.0f;
   if (threadIdx.x != 0) return;

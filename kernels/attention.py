@@ -154,7 +154,9 @@ def _key_range(m_lo, m_hi, len_k, shift, window_left, window_right,
 
 # Lengths change from call to call (and the lse's strides with them): not specialised, so a
 # new length reuses the compiled kernel (Triton specialises ints equal to 1 or divisible by 16).
-_VARYING = ["L", "S", "TOTAL_Q", "TOTAL_K", "stride_lb", "stride_lh"]
+_VARYING = ["L", "S", "TOTAL_Q", "TOTAL_K", "stride_lb", "stride_lh",
+            # a (B, 1, 1, S) or (B, 1, L, S) mask's strides are multiples of S or L * S
+            "stride_mb", "stride_mh", "stride_mm"]
 
 
 @triton.jit(do_not_specialize=_VARYING)
@@ -365,7 +367,7 @@ def _bias_grad(G, ds, offs_m, offs_n, row_ok, col_ok, stride_gm, stride_gn,
             tl.store(ptrs, g, mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=_VARYING)
+@triton.jit(do_not_specialize=_VARYING + ["stride_sb", "stride_sh", "stride_sm"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, M, CU_Q, CU_K, SEED, DS,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -621,7 +623,7 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
     delta = empty(lse.shape, torch.float32, q.device)
     _attn_bwd_delta_kernel[_grid(triton.cdiv(p.L, bm), p.B * p.H)](
         out, dout, delta, cu_q, *p.strides(out), *p.strides(dout), *p.lse_strides(lse), p.H, p.L, p.total_q, p.DV,
-        VARLEN=p.varlen, BLOCK_M=bm, BLOCK_DV=block_dv, num_warps=4 if gpu_tiles(q.device) else 1,
+        VARLEN=p.varlen, BLOCK_M=bm, BLOCK_DV=block_dv, num_warps=8 if gpu_tiles(q.device) else 1,
     )
     flags = _common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype)
     common = (mask_t if mask_t is not None else dummy, cu_q, cu_k, seed if seed is not None else dummy)

@@ -293,3 +293,9 @@ def test_bad_index_data_on_cuda_is_clamped_without_a_host_sync():
     assert any(torch.equal(k_cache[0, 0], k_new[0, i]) for i in (0, 1))
     assert any(torch.equal(k_cache[2, S - 1], k_new[2, i]) for i in (0, 1))
     assert torch.equal(k_cache[1, 7:9], k_new[1])
+    # An int64 length past int32 saturates (2**32 + 3 must not wrap to 3): clamped to the end.
+    k_cache, v_cache = _cache(B, S, H, D), _cache(B, S, H, D)
+    kept = k_cache[:, :S - 2].clone()
+    fastlm.flash_attn_with_kvcache(kq, k_cache, v_cache, k_new, v_new,
+                                   cache_seqlens=_cu([2 ** 32 + 3] * B, torch.int64))
+    assert torch.equal(k_cache[:, :S - 2], kept)

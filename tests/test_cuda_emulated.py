@@ -191,3 +191,16 @@ def test_cross_entropy_issue_example(ce_cuda_on_cpu):
     x[:, 0] = float("-inf")
     loss, grad = ce_tests.check("cuda", x, torch.tensor([1, 5, 513, 699]), reduction="none")
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+def test_cross_entropy_nan_logit_reaches_the_row(ce_cuda_on_cpu):
+    """A NaN logit makes torch's loss NaN. A thread that held only -inf and NaN kept m = -inf
+    and its NaN sum was dropped as if the thread had seen nothing: with one element per
+    thread (C <= the block) any non-target NaN vanished."""
+    from . import test_cross_entropy as ce_tests
+    x = torch.randn(4, 300)
+    x[:, 7] = float("nan")  # one element per thread: that thread's max stays -inf
+    x[1, 7 + _CE_THREADS if 7 + _CE_THREADS < 300 else 8] = float("-inf")
+    x[2, :] = float("-inf")
+    x[2, [3, 7]] = torch.tensor([1.0, float("nan")])
+    ce_tests.check("cuda", x, torch.tensor([1, 2, 3, 299]), reduction="none")

@@ -112,7 +112,13 @@ class Arg:
         return leaf, view(leaf, self.shape, self.layout)
 
 
-def draw_arg(data, gen, name, shape, dtype, layouts=LAYOUTS, specials=("none",), **kw):
+def draw_arg(data, gen, name, shape, dtype, layouts=LAYOUTS, specials=("none",), matmul=False, **kw):
+    """An Arg with a drawn layout and (from ``specials``) non-finite entries. ``matmul``: the
+    op multiplies it in a matmul, so on a CPU no non-finite entries in bfloat16: torch's own
+    bfloat16 CPU matmul gives NaN for an inf product at K = 17 (F.linear of x (15, 17) with
+    x[4, 16] = inf: NaN where float64 gives inf), and the reference backend is that matmul."""
+    if matmul and dtype == torch.bfloat16 and not ON_GPU:
+        specials = ("none",)
     layout = data.draw(st.sampled_from(layouts), label=f"{name} layout")
     special = data.draw(st.sampled_from(specials), label=f"{name} special")
     return Arg(gen, shape, dtype, layout, special, **kw)
@@ -206,7 +212,7 @@ def check_op(backend, args, fastlm_fn, torch_fn, dtype, gen, atol_fn=None, grad=
 
 # ----------------------------------------------------------------------------- norms
 
-NORM_WIDTHS = [1, 2, 15, 16, 17, 113, 1023, 4097]
+NORM_WIDTHS = [0, 1, 2, 15, 16, 17, 113, 1023, 4097]
 ROWS = [1, 2, 3, 17]
 
 
@@ -286,8 +292,8 @@ def test_norms(backend, data):
     s64 = x_arg.make(torch.float64)[1] + (r_arg.make(torch.float64)[1] if residual else 0)
     dims = tuple(range(s64.dim() - len(shape), s64.dim()))
     var = s64.square().mean(dims) if kind == "rms" else s64.var(dims, unbiased=False)
-    w_max = w_arg.base.abs().max().item() if w_arg is not None else 1.0
-    term = dy.double().abs().max().item() * w_max * (var + eps_eff).rsqrt().max().item()
+    w_max = w_arg.base.abs().max().item() if w_arg is not None and width else 1.0
+    term = dy.double().abs().max().item() * w_max * (var + eps_eff).rsqrt().max().item() if dy.numel() else 0.0
     for name, g, g64, gt64, ge in zip(names, got, want, want_t, eager):
         if g64 is None:
             continue
@@ -374,7 +380,7 @@ def test_rotary(backend, data):
 TORCH_ACT = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
              "silu": F.silu}
 TORCH_GATED = {"swiglu": F.silu, "geglu": F.gelu, "reglu": F.relu}
-MATMUL_SIZES = [1, 2, 15, 16, 17, 33]
+MATMUL_SIZES = [0, 1, 2, 15, 16, 17, 33]  # 0: an empty batch, or a zero-width layer (sums of nothing)
 
 
 def _lead(data, tokens):
@@ -390,8 +396,8 @@ def test_linear(backend, data):
     M, K, N = (data.draw(st.sampled_from(MATMUL_SIZES), label=n) for n in ("tokens", "in_features", "out_features"))
     activation = data.draw(st.sampled_from([None, "relu", "gelu", "gelu_tanh", "silu"]), label="activation")
     has_bias = data.draw(st.booleans(), label="bias")
-    args = [draw_arg(data, gen, "input", _lead(data, M) + (K,), dtype, specials=SPECIALS),
-            draw_arg(data, gen, "weight", (N, K), dtype, scale=K ** -0.5),
+    args = [draw_arg(data, gen, "input", _lead(data, M) + (K,), dtype, specials=SPECIALS, matmul=True),
+            draw_arg(data, gen, "weight", (N, K), dtype, scale=max(K, 1) ** -0.5),
             draw_arg(data, gen, "bias", (N,), dtype) if has_bias else None]
     # A sum's rounding scales with its terms, not its result (which may cancel): the floor is
     # eps * sqrt(terms) * the largest sum of |terms| (|act'| <= 1.13 for these activations).
@@ -399,8 +405,8 @@ def test_linear(backend, data):
     xa, wa = (a.make(torch.float64)[1].abs().nan_to_num(0, 0, 0) for a in args[:2])
 
     def grad_atol(name, dy):
-        dya = dy.double().abs().reshape(-1, N) * 1.13
-        mag = dya @ wa if name == "input" else (dya.t() @ xa.reshape(-1, K) if name == "weight" else dya.sum(0))
+        dya = dy.double().abs().reshape(M, N) * 1.13
+        mag = dya @ wa if name == "input" else (dya.t() @ xa.reshape(M, K) if name == "weight" else dya.sum(0))
         return 4 * eps * math.sqrt(max(M, N)) * (mag.max().item() if mag.numel() else 0.0)
 
     check_op(backend, args, lambda x, w, b: fastlm.linear(x, w, b, activation),
@@ -422,10 +428,10 @@ def test_feed_forward(backend, data):
     recompute = data.draw(st.booleans(), label="recompute")
     b_in, b_out = data.draw(st.booleans(), label="b_in"), data.draw(st.booleans(), label="b_out")
     rows = 2 * H if gated else H
-    args = [draw_arg(data, gen, "input", _lead(data, M) + (D,), dtype, specials=SPECIALS),
-            draw_arg(data, gen, "w_in", (rows, D), dtype, scale=D ** -0.5),
+    args = [draw_arg(data, gen, "input", _lead(data, M) + (D,), dtype, specials=SPECIALS, matmul=True),
+            draw_arg(data, gen, "w_in", (rows, D), dtype, scale=max(D, 1) ** -0.5),
             draw_arg(data, gen, "b_in", (rows,), dtype) if b_in else None,
-            draw_arg(data, gen, "w_out", (D, H), dtype, scale=H ** -0.5),
+            draw_arg(data, gen, "w_out", (D, H), dtype, scale=max(H, 1) ** -0.5),
             draw_arg(data, gen, "b_out", (D,), dtype) if b_out else None]
 
     def torch_ffn(x, w_in, b_in, w_out, b_out):
@@ -470,7 +476,11 @@ def _mask_classes(x_arg, class_dim, target, pattern, block):
 
 def torch_cross_entropy(x, t, w, class_dim, ignore_index, reduction, label_smoothing, z_loss, softcap):
     """F.cross_entropy with fastlm's extensions (softcap first, z_loss * lse^2 per counted
-    row) and fastlm's documented difference (mean over no counted row is 0, not NaN)."""
+    row) and fastlm's documented differences: mean over no counted row is 0, not NaN, and an
+    ignored row counts for nothing whatever its logits, gradient included (torch's autograd
+    gives an ignored row holding +inf or NaN a NaN gradient: 0 * NaN in log_softmax's)."""
+    if not t.is_floating_point():
+        x = torch.where((t != ignore_index).unsqueeze(class_dim), x, 0.0)
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     soft = t.is_floating_point()
@@ -579,7 +589,7 @@ def test_linear_cross_entropy(backend, data):
     if ignore_index >= 0 or data.draw(st.booleans(), label="some ignored"):
         target = torch.where(torch.rand(lead, generator=gen) < 0.3, ignore_index, target)
     target = target.to(data.draw(st.sampled_from([torch.int64, torch.int32]), label="target dtype")).to(DEVICE)
-    x_arg = draw_arg(data, gen, "input", lead + (Hd,), dtype, specials=SPECIALS)
+    x_arg = draw_arg(data, gen, "input", lead + (Hd,), dtype, specials=SPECIALS, matmul=True)
     w_arg = draw_arg(data, gen, "weight", (V, Hd), dtype, scale=2 * Hd ** -0.5)
     b_arg = None
     if has_bias:
@@ -768,9 +778,9 @@ def test_scaled_dot_product_attention(backend, data):
     scale = data.draw(st.sampled_from([None, 0.3]), label="scale")
     specials = ["none", "none", "nan", "inf"]
     kv_specials = specials if mask_kind == "none" else ["none"]  # see _KV_SPECIALS
-    args = [draw_arg(data, gen, "query", lead + (H, L, E), dtype, specials=specials),
-            draw_arg(data, gen, "key", lead + (Hk, S, E), dtype, specials=kv_specials),
-            draw_arg(data, gen, "value", lead + (Hk, S, Ev), dtype, specials=kv_specials)]
+    args = [draw_arg(data, gen, "query", lead + (H, L, E), dtype, specials=specials, matmul=True),
+            draw_arg(data, gen, "key", lead + (Hk, S, E), dtype, specials=kv_specials, matmul=True),
+            draw_arg(data, gen, "value", lead + (Hk, S, Ev), dtype, specials=kv_specials, matmul=True)]
     mask = None
     if mask_kind.startswith("bool"):
         shape = (L, S) if mask_kind == "bool (L, S)" else lead + (1, L, S)
@@ -867,9 +877,9 @@ def test_flash_attn_func(backend, data):
     return_lse = data.draw(st.booleans(), label="return_lse")
     specials = ["none", "none", "nan", "inf"]
     kv_specials = specials if not causal and window == (-1, -1) else ["none"]  # see _KV_SPECIALS
-    args = [draw_arg(data, gen, "q", (B, L, H, D), dtype, specials=specials),
-            draw_arg(data, gen, "k", (B, S, Hk, D), dtype, specials=kv_specials),
-            draw_arg(data, gen, "v", (B, S, Hk, D), dtype, specials=kv_specials)]
+    args = [draw_arg(data, gen, "q", (B, L, H, D), dtype, specials=specials, matmul=True),
+            draw_arg(data, gen, "k", (B, S, Hk, D), dtype, specials=kv_specials, matmul=True),
+            draw_arg(data, gen, "v", (B, S, Hk, D), dtype, specials=kv_specials, matmul=True)]
     sc = D ** -0.5 if scale is None else scale
     allowed = _window_allowed(L, S, causal, window)
 
@@ -948,9 +958,9 @@ def test_flash_attn_varlen_func(backend, data):
     cu_k = torch.tensor([0] + lens_k).cumsum(0).to(cu_dtype).to(DEVICE)
     Tq, Tk = sum(lens_q), sum(lens_k)
     masked = causal or window != (-1, -1)
-    args = [draw_arg(data, gen, "q", (Tq, H, D), dtype, specials=["none", "none", "nan", "inf"]),
-            draw_arg(data, gen, "k", (Tk, Hk, D), dtype, specials=["none"] if masked else ["none", "inf"]),
-            draw_arg(data, gen, "v", (Tk, Hk, D), dtype, specials=["none"] if masked else ["none", "nan"])]
+    args = [draw_arg(data, gen, "q", (Tq, H, D), dtype, specials=["none", "none", "nan", "inf"], matmul=True),
+            draw_arg(data, gen, "k", (Tk, Hk, D), dtype, specials=["none"] if masked else ["none", "inf"], matmul=True),
+            draw_arg(data, gen, "v", (Tk, Hk, D), dtype, specials=["none"] if masked else ["none", "nan"], matmul=True)]
     sc = D ** -0.5 if scale is None else scale
 
     def fastlm_varlen(q, k, v):
@@ -997,7 +1007,7 @@ def test_flash_attn_with_kvcache(backend, data):
                                                                        label="cache_seqlens dtype")).to(DEVICE))
     if seq_kind == "None":
         lens = torch.full((B,), S_max)
-    q_arg = draw_arg(data, gen, "q", (B, L, H, D), dtype, specials=["none", "none", "nan", "inf"])
+    q_arg = draw_arg(data, gen, "q", (B, L, H, D), dtype, specials=["none", "none", "nan", "inf"], matmul=True)
     kc_arg = Arg(gen, (B, S_max, Hk, D), dtype)
     vc_arg = Arg(gen, (B, S_max, Hk, D), dtype)
     k_arg = Arg(gen, (B, n_new, Hk, D), dtype) if n_new else None
@@ -1161,3 +1171,22 @@ def test_bad_input_raises_a_clear_error(backend, case):
     with fastlm.use_backend(backend), pytest.raises((ValueError, TypeError)) as info:
         call()
     assert name in str(info.value), f"the error does not name {name!r}: {info.value}"
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_feed_forward_recompute_backward_on_an_empty_batch(activation):
+    """feed_forward(recompute=True) on 0 tokens: the backward takes "h has no elements and x
+    has some" as the sign that h was not saved, so with an empty x it reads the empty
+    placeholders as h and pre and fails (torch: a size mismatch; triton: "matmul_dact: z must
+    have shape [0, 3]"). Found by test_feed_forward; H4's area (fastlm/ops/ffn.py,
+    _feed_forward_bwd's ``recompute``)."""
+    rows = 6 if activation == "swiglu" else 3
+    for backend in BACKENDS:
+        x = torch.randn(0, 4, device=DEVICE, requires_grad=True)
+        w_in = torch.randn(rows, 4, device=DEVICE, requires_grad=True)
+        w_out = torch.randn(4, 3, device=DEVICE, requires_grad=True)
+        with fastlm.use_backend(backend):
+            y = fastlm.feed_forward(x, w_in, None, w_out, None, activation, recompute=True)
+            grads = torch.autograd.grad(y.sum(), [x, w_in, w_out])
+        assert [g.shape for g in grads] == [x.shape, w_in.shape, w_out.shape], backend
+        assert all(bool((g == 0).all()) for g in grads), backend  # sums over no token

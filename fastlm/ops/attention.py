@@ -499,7 +499,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
             and cache_seqlens.shape == (B,):
         if cache_seqlens.device != q.device:
             raise ValueError(f"fastlm.{fn}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
-        seqlens = cache_seqlens.to(torch.int32)
+        # Saturated, not wrapped, into int32 (2**32 + 3 must not become 3): the CPU check below
+        # raises on it; on CUDA the kernel and the cache write clamp it to the cache.
+        seqlens = cache_seqlens.clamp(-2 ** 31, 2 ** 31 - 1).to(torch.int32) \
+            if cache_seqlens.dtype == torch.int64 else cache_seqlens
     else:
         raise ValueError(f"fastlm.{fn}: cache_seqlens must be None, an int or a ({B},) int tensor, "
                          f"got {cache_seqlens!r}")

@@ -254,7 +254,7 @@ _cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 def mean_divisor(target: Tensor, weight: Optional[Tensor], ignore_index: int, rows: int) -> Tensor:
     """torch's divisor for reduction="mean", as a tensor (no host sync), 1 where it would be 0."""
     if target.is_floating_point():
-        return torch.tensor(float(max(rows, 1)), device=target.device)
+        return torch.full((), float(max(rows, 1)), device=target.device)  # no host-to-device copy
     counted = target != ignore_index
     if weight is None:
         divisor = counted.sum().float()
