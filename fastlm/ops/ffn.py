@@ -199,7 +199,7 @@ def _feed_forward_bwd(dy: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[Tensor
                       pre: Tensor, activation: str, has_b_out: bool,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     gated = activation in GATED
-    recompute = h.numel() == 0 and x.numel() != 0
+    recompute = h.dim() == 1  # the 1-D placeholder (_empty): h was not saved; a saved h is 2-D, even with 0 rows
     if _pick("feed_forward", x, backend) == "triton":
         from fastlm.kernels import matmul as kernels
         if recompute:
