@@ -127,6 +127,10 @@ def _scores(q, k, offs_m, offs_n, len_q, len_k, shift, window_left, window_right
         else:
             s = s + mv.to(tl.float32) * 1.4426950408889634
     s = tl.where(ok, s, -float("inf"))
+    if SOFTCAP:
+        # The backward multiplies dS by 1 - th^2; at an invisible position (a padded key: 0 * inf
+        # = NaN with an infinite q) th must not carry a NaN into dQ through p = 0.
+        th = tl.where(ok, th, 0.0)
     return s, th
 
 
@@ -221,9 +225,12 @@ def _attn_fwd_kernel(
             acc += tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    seen = l_i != 0.0  # 0: the row saw no key (lse +inf); NaN (a NaN score) stays NaN in out and lse
+    # l_i = 0: the row saw no key (lse +inf, out 0). A NaN score leaves NaN in out and lse; a
+    # +inf score (l_i NaN from inf - inf) has torch's logsumexp +inf and a NaN output.
+    seen = l_i != 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_om
     tl.store(o_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_dv[None, :] < DV))
