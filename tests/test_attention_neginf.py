@@ -101,4 +101,9 @@ def test_neg_inf_mask_with_large_scores(backend):
     mask = _neg_mask("first-block", (L, S))
     q, k, v = attn_tests._sdpa_inputs(1, 2, 2, L, S, E)
     inputs = [q * 4, k * 4, v]
-    attn_tests.check(backend, _ours(mask), _oracle(mask), inputs)
+    # p = exp(s - lse) carries a relative rounding of about eps * |s|, |s| here in the tens:
+    # the gradients' floor scales with it (seed 1 missed the 2 x eager rule by 2%).
+    scores = (inputs[0].double() @ inputs[1].double().transpose(-1, -2)) * E ** -0.5 + mask.double()
+    s_max = scores[torch.isfinite(scores)].abs().max().item()
+    attn_tests.check(backend, _ours(mask), _oracle(mask), inputs,
+                     grad_rel_floor=4 * torch.finfo(torch.float32).eps * s_max)

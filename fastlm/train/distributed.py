@@ -51,9 +51,17 @@ def setup(device_choice: str = "auto") -> Env:
     return Env(rank, world, local_rank, device)
 
 
-def teardown() -> None:
+def teardown(wait_for_peers: bool = False) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        # After a run that finished, every rank reaches the end before any tears down: a rank
+        # destroying its gloo group while a peer still had work in flight aborted once at exit
+        # ("terminate called without an active exception", SIGABRT, the run itself complete).
+        # Not after an error: a peer may never come to the barrier.
+        try:
+            if wait_for_peers:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier(env: Env) -> None:

@@ -110,14 +110,18 @@ def resume_options(path: str, given: dict) -> tuple[TrainOptions, dict, ckpt_io.
 def train(options: TrainOptions, model_values: dict, resume: Optional[ckpt_io.Checkpoint] = None,
           log=print) -> dict:
     env = setup(options.device)
+    finished = False
     try:
         if options.backend != "auto":
             from ..backend import use_backend
             with use_backend(options.backend):
-                return _train(env, options, model_values, resume, log)
-        return _train(env, options, model_values, resume, log)
+                result = _train(env, options, model_values, resume, log)
+        else:
+            result = _train(env, options, model_values, resume, log)
+        finished = True
+        return result
     finally:
-        teardown()
+        teardown(wait_for_peers=finished)
 
 
 def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
