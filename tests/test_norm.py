@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm.kernels import launch
-from fastlm.testing import assert_close
+from fastlm.testing import assert_close, summation_floor
 
 from .conftest import DEVICE, ON_GPU
 
@@ -88,7 +88,11 @@ def check(kind, backend, x, residual=None, shape=None, weight=None, bias=None, e
         assert torch.equal(s, (x + residual).detach()), "returned residual stream differs from input + residual"
     for (name, t), g, g_ref, g_eager in zip(leaves.items(), grads, g64, ge):
         assert g.dtype == t.dtype and g.shape == t.shape
-        assert_close(g, g_ref, g_eager, f"grad of {name}")
+        # weight and bias gradients are sums over every row, added in another order than
+        # eager's: the summation floor (seed 2 missed 2 x eager by 1% at width 2, 33 rows)
+        rows = x.numel() // max(t.numel(), 1) if name in ("weight", "bias") else 0
+        atol = summation_floor(g_ref, g.dtype, rows) if rows else 0.0
+        assert_close(g, g_ref, g_eager, f"grad of {name}", atol=atol)
     return y, grads
 
 
