@@ -38,15 +38,20 @@ def emulated(tmp_path_factory):
     return emulate.load(emulate.build(tmp_path_factory.mktemp("cuda_emulator"), sanitize=sanitize))
 
 
-@pytest.fixture
-def cuda_on_cpu(emulated, monkeypatch):
-    """Make the "cuda" backend run CPU tensors through the emulated kernels."""
+def _route_cuda_to(lib, monkeypatch):
+    """Make the "cuda" backend run CPU tensors through the emulated library ``lib``."""
     real = backend_mod.unavailable_reason
     monkeypatch.setattr(backend_mod, "unavailable_reason",
                         lambda name, device_type: None if name == "cuda" else real(name, device_type))
-    monkeypatch.setattr(_cuda, "load", lambda: emulated)
+    monkeypatch.setattr(_cuda, "load", lambda: lib)
     monkeypatch.setattr(_cuda, "stream", lambda t: 0)
-    return emulated
+    return lib
+
+
+@pytest.fixture
+def cuda_on_cpu(emulated, monkeypatch):
+    """The "cuda" backend on the emulated attention kernels."""
+    return _route_cuda_to(emulated, monkeypatch)
 
 
 def _flash(**options):
@@ -127,13 +132,8 @@ def emulated_ce(tmp_path_factory):
 
 @pytest.fixture
 def ce_cuda_on_cpu(emulated_ce, monkeypatch):
-    """Make the "cuda" backend run CPU tensors through the emulated cross-entropy kernels."""
-    real = backend_mod.unavailable_reason
-    monkeypatch.setattr(backend_mod, "unavailable_reason",
-                        lambda name, device_type: None if name == "cuda" else real(name, device_type))
-    monkeypatch.setattr(_cuda, "load", lambda: emulated_ce)
-    monkeypatch.setattr(_cuda, "stream", lambda t: 0)
-    return emulated_ce
+    """The "cuda" backend on the emulated cross-entropy kernels."""
+    return _route_cuda_to(emulated_ce, monkeypatch)
 
 
 _CE_THREADS = 512  # kThreads of csrc/cross_entropy.cu: thread i reads classes i, i + 512, ...
