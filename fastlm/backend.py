@@ -158,6 +158,16 @@ def available_backends() -> dict[str, BackendInfo]:
 
 # ----------------------------------------------------------------------------- per-call choice
 
+def native_backend(device_type: str) -> bool:
+    """True when a call on ``device_type`` runs on the "torch" backend whatever the kernels
+    support (requested "torch", or "auto" off CUDA): the cheap first question of every op,
+    which then calls torch's own function where it computes the same thing (issue 17)."""
+    requested = _scoped.get()
+    if requested is None:
+        requested = _process_default if _process_default is not None else _env_default()
+    return requested == "torch" or (requested == "auto" and device_type != "cuda")
+
+
 _warned: set[tuple[str, str]] = set()
 
 

@@ -23,9 +23,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..backend import get_backend, resolve
+from ..backend import get_backend, native_backend, resolve
 from ..reference import norm as ref
 from ._autocast import no_autocast, promote_residual
+from ._eager import EagerTwin, compiling
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ShapeArg = Union[int, Sequence[int], torch.Size]
@@ -161,10 +162,9 @@ def _zero_width(x: Tensor, normalized_ndim: int) -> bool:
 
 # ----------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("fastlm::norm", mutates_args=())
 @no_autocast
-def _norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-          normalized_ndim: int, eps: float, rms: bool, keep_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _norm_body(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+               normalized_ndim: int, eps: float, rms: bool, keep_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fn = ("add_" if residual is not None else "") + ("rms_norm" if rms else "layer_norm")
     backend = _pick(fn, x, weight, bias)
     if _zero_width(x, normalized_ndim):
@@ -179,6 +179,9 @@ def _norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias:
     return y, (s if (residual is not None and keep_sum) else x.new_empty(0)), mean, rstd
 
 
+_norm = torch.library.custom_op("fastlm::norm", mutates_args=())(_norm_body)
+
+
 @_norm.register_fake
 def _(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum):
     rows = math.prod(x.shape[: x.dim() - normalized_ndim])
@@ -187,11 +190,10 @@ def _(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum):
     return torch.empty_like(x), s, mean, x.new_empty(rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastlm::norm_bwd", mutates_args=())
 @no_autocast
-def _norm_bwd(dy: Tensor, dsum: Optional[Tensor], x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-              mean: Tensor, rstd: Tensor, normalized_ndim: int, eps: float, rms: bool,
-              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _norm_bwd_body(dy: Tensor, dsum: Optional[Tensor], x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   mean: Tensor, rstd: Tensor, normalized_ndim: int, eps: float, rms: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     chosen = _pick("rms_norm" if rms else "layer_norm", x, weight, bias, backend)
     if _zero_width(x, normalized_ndim):
         chosen = "torch"
@@ -206,6 +208,9 @@ def _norm_bwd(dy: Tensor, dsum: Optional[Tensor], x: Tensor, weight: Optional[Te
             dx = dx + dsum
     empty = x.new_empty(0)
     return dx, (dw if dw is not None else empty), (db if db is not None else empty.clone())
+
+
+_norm_bwd = torch.library.custom_op("fastlm::norm_bwd", mutates_args=())(_norm_bwd_body)
 
 
 @_norm_bwd.register_fake
@@ -229,18 +234,22 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = get_backend()
 
 
-def _backward(ctx, dy, ds, dmean, drstd):
-    x, residual, weight, bias, mean, rstd = ctx.saved_tensors
-    if ctx.recompute_sum:  # the forward did not store x + residual: form it again
-        x = x + residual
-    dsum = ds if (ctx.has_residual and ds is not None and ds.numel() == x.numel()) else None
-    dx, dw, db = _norm_bwd(dy, dsum, x, weight, bias, mean, rstd, ctx.normalized_ndim, ctx.eps, ctx.rms,
-                           ctx.backend)
-    return (dx, dx if ctx.has_residual else None, dw if weight is not None else None,
-            db if bias is not None else None, None, None, None, None)
+def _backward_with(norm_bwd):
+    def backward(ctx, dy, ds, dmean, drstd):
+        x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+        if ctx.recompute_sum:  # the forward did not store x + residual: form it again
+            x = x + residual
+        dsum = ds if (ctx.has_residual and ds is not None and ds.numel() == x.numel()) else None
+        dx, dw, db = norm_bwd(dy, dsum, x, weight, bias, mean, rstd, ctx.normalized_ndim, ctx.eps, ctx.rms,
+                              ctx.backend)
+        return (dx, dx if ctx.has_residual else None, dw if weight is not None else None,
+                db if bias is not None else None, None, None, None, None)
+    return backward
 
 
-_norm.register_autograd(_backward, setup_context=_setup_context)
+_norm.register_autograd(_backward_with(_norm_bwd), setup_context=_setup_context)
+# Eager calls skip the custom-op dispatch (fastlm/ops/_eager.py); torch.compile sees _norm.
+_norm_eager = EagerTwin(_norm, _norm_body, _setup_context, _backward_with(_norm_bwd_body), name="norm")
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -257,11 +266,39 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _native(input: Tensor, residual: Optional[Tensor], shape: tuple[int, ...], weight: Optional[Tensor],
+            bias: Optional[Tensor], eps: float, rms: bool, return_residual: bool):
+    """The "torch" backend (the CPU path): torch's own layer_norm / rms_norm, which compute
+    what the reference computes (float32 math for 16-bit inputs, the output in the input's
+    dtype) in one native kernel, with torch's autograd. None where torch has no native
+    kernel for the call (RMSNorm with a float32 weight over a 16-bit input, or weight and
+    bias of different dtypes): the reference serves those."""
+    s = input + residual if residual is not None else input
+    dtype = s.dtype
+    if (weight is not None and weight.dtype != dtype) or (bias is not None and bias.dtype != dtype):
+        if dtype == torch.float64:  # float32 parameters widen exactly
+            weight = weight.to(dtype) if weight is not None else None
+            bias = bias.to(dtype) if bias is not None else None
+        elif rms or (weight is not None and bias is not None and weight.dtype != bias.dtype):
+            return None
+    if rms:
+        y = torch.rms_norm(s, shape, weight, eps)
+    else:
+        y = torch.layer_norm(s, shape, weight, bias, eps)
+    return (y, s) if return_residual else y
+
+
 def _run(fn, input, residual, normalized_shape, weight, bias, eps, rms, return_residual):
-    input, residual = promote_residual(input, residual)
+    if residual is not None:
+        input, residual = promote_residual(input, residual)
     shape = _check_args(fn, input, residual, normalized_shape, weight, bias, eps)
+    eps = float(eps)
+    if not compiling() and native_backend(input.device.type):
+        out = _native(input, residual, shape, weight, bias, eps, rms, return_residual)
+        if out is not None:
+            return out
     keep_sum = residual is not None and (return_residual or _needs_grad(input, residual, weight, bias))
-    y, s, _, _ = _norm(input, residual, weight, bias, len(shape), float(eps), rms, keep_sum)
+    y, s, _, _ = _norm_eager(input, residual, weight, bias, len(shape), eps, rms, keep_sum)
     if return_residual:
         return y, s
     return y
