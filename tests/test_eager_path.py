@@ -1,0 +1,172 @@
+"""The thin eager path (issue 17): what an eager call runs, and that it is what the custom op runs.
+
+- On the "torch" backend (the CPU path) an op whose meaning torch has natively calls torch's
+  own function: the result is torch's, bit for bit, gradients included, and no fastlm custom
+  op is dispatched.
+- On a kernel backend an eager call skips the custom-op dispatch (fastlm/ops/_eager.py) but
+  runs the same body and backward as the custom op: the numbers are identical.
+- torch.compile still sees the custom op.
+
+Which ops were dispatched is read with a TorchDispatchMode, so these tests say nothing about
+time: the time is in ``fastlm bench overhead``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastlm
+
+CPU = torch.device("cpu")
+
+
+class _Seen(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched(fn, *args) -> tuple[object, list[str]]:
+    with _Seen() as seen:
+        out = fn(*args)
+    return out, seen.names
+
+
+def fastlm_ops(names: list[str]) -> list[str]:
+    return [n for n in names if n.startswith("fastlm.")]
+
+
+def _grads(out, inputs):
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o.float() * torch.randn(o.shape, generator=torch.Generator().manual_seed(7))).sum() for o in outs)
+    return torch.autograd.grad(loss, [t for t in inputs if t is not None], allow_unused=True)
+
+
+# ----------------------------------------------------------------------------- norms
+
+_NORMS = {
+    "layer_norm": (lambda x, r, w, b: fastlm.layer_norm(x, x.shape[-1:], w, b, 1e-5),
+                   lambda x, r, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-5)),
+    "rms_norm": (lambda x, r, w, b: fastlm.rms_norm(x, x.shape[-1:], w, 1e-6),
+                 lambda x, r, w, b: F.rms_norm(x, x.shape[-1:], w, 1e-6)),
+    "add_layer_norm": (lambda x, r, w, b: fastlm.add_layer_norm(x, r, x.shape[-1:], w, b, 1e-5, return_residual=True),
+                       lambda x, r, w, b: (F.layer_norm(x + r, x.shape[-1:], w, b, 1e-5), x + r)),
+    "add_rms_norm": (lambda x, r, w, b: fastlm.add_rms_norm(x, r, x.shape[-1:], w, None),
+                     lambda x, r, w, b: F.rms_norm(x + r, x.shape[-1:], w, None)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("op", sorted(_NORMS))
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_norm_cpu_path_is_torch_bit_for_bit(op, dtype, backend):
+    ours, theirs = _NORMS[op]
+    x = torch.randn(5, 3, 37, dtype=dtype, device=CPU).requires_grad_(True)
+    r = torch.randn(5, 3, 37, dtype=dtype, device=CPU).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(37, dtype=dtype)).requires_grad_(True)
+    b = (0.1 * torch.randn(37, dtype=dtype)).requires_grad_(True)
+    with fastlm.use_backend(backend):
+        got, names = dispatched(ours, x, r, w, b)
+    assert fastlm_ops(names) == [], f"the CPU path dispatched fastlm's custom ops: {fastlm_ops(names)}"
+    want = theirs(x, r, w, b)
+    for g, e in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        assert torch.equal(g, e)
+    for g, e in zip(_grads(got, (x, r, w, b)), _grads(want, (x, r, w, b))):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_norm_cpu_path_transposed_input():
+    x = torch.randn(24, 9, dtype=torch.float32).t()  # (9, 24), non-contiguous rows
+    w = torch.randn(24)
+    assert torch.equal(fastlm.layer_norm(x, 24, w), F.layer_norm(x, (24,), w))
+    assert torch.equal(fastlm.rms_norm(x, 24, w), F.rms_norm(x, (24,), w))
+
+
+def test_mixed_rms_norm_takes_the_reference_without_torch_warning():
+    """torch's rms_norm has no fused kernel for a float32 weight over a bfloat16 input (it
+    warns and composes); fastlm computes that in float32 with the reference, silently."""
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    w = torch.randn(64, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = fastlm.rms_norm(x, 64, w)
+    want = F.rms_norm(x.double(), (64,), w.double())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_float64_input_float32_weight_native():
+    x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float32, requires_grad=True)
+    y = fastlm.layer_norm(x, 16, w)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, F.layer_norm(x, (16,), w.double()))
+    (gw,) = torch.autograd.grad(y.sum(), [w])
+    assert gw.dtype == torch.float32
+
+
+@pytest.mark.parametrize("op", sorted(_NORMS))
+def test_norm_kernel_path_skips_custom_op_dispatch_and_matches_it(op):
+    """Eager on the triton backend: no fastlm custom op in the dispatch trace, and the same
+    numbers (bit for bit) as the custom op, forward and backward."""
+    from fastlm.ops import norm as norm_ops
+
+    ours, _ = _NORMS[op]
+    x = torch.randn(7, 33, device=CPU).requires_grad_(True)
+    r = torch.randn(7, 33, device=CPU).requires_grad_(True)
+    w = torch.randn(33).requires_grad_(True)
+    b = torch.randn(33).requires_grad_(True)
+    with fastlm.use_backend("triton"):
+        got, names = dispatched(ours, x, r, w, b)
+        assert fastlm_ops(names) == []
+        g_eager = _grads(got, (x, r, w, b))
+        residual = r if op.startswith("add_") else None
+        bias = b if "layer" in op else None
+        eps = 1e-5 if "layer" in op else (1e-6 if op == "rms_norm" else torch.finfo(torch.float32).eps)
+        y, s, _, _ = norm_ops._norm(x, residual, w, bias, 1, eps, "rms" in op, residual is not None)
+        want = (y, s) if op == "add_layer_norm" else y
+        g_op = _grads(want, (x, r, w, b))
+    for g, e in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert torch.equal(g, e)
+    for g, e in zip(g_eager, g_op):
+        if g is None or e is None:
+            assert g is None and e is None
+        else:
+            assert torch.equal(g, e)
+
+
+def test_no_grad_kernel_path_runs_the_body_only():
+    x = torch.randn(3, 20)
+    with fastlm.use_backend("triton"), torch.no_grad():
+        y, names = dispatched(lambda: fastlm.add_rms_norm(x, x, 20, return_residual=True))
+    assert fastlm_ops(names) == []
+    assert not y[0].requires_grad
+
+
+def test_compile_still_sees_the_custom_op():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    x, w = torch.randn(4, 16), torch.randn(16)
+    f = torch.compile(lambda x, w: fastlm.rms_norm(fastlm.layer_norm(x, 16, w), 16, w), backend=backend,
+                      fullgraph=True)
+    torch.testing.assert_close(f(x, w), F.rms_norm(F.layer_norm(x, (16,), w), (16,), w))
+    assert any("fastlm.norm" in g for g in graphs), graphs
