@@ -26,6 +26,8 @@ import os
 import warnings
 from typing import Iterator, NamedTuple
 
+import torch
+
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 
@@ -166,6 +168,18 @@ def native_backend(device_type: str) -> bool:
     if requested is None:
         requested = _process_default if _process_default is not None else _env_default()
     return requested == "torch" or (requested == "auto" and device_type != "cuda")
+
+
+def native_backend_of(tensor) -> bool:
+    """native_backend for ``tensor``'s device, read from ``is_cuda`` (a tensor's ``device``
+    builds a new object every call); False for anything that is not a tensor, so the caller
+    goes on to its argument checks."""
+    requested = _scoped.get()
+    if requested is None:
+        requested = _process_default if _process_default is not None else _env_default()
+    if requested == "torch":
+        return isinstance(tensor, torch.Tensor)
+    return requested == "auto" and isinstance(tensor, torch.Tensor) and not tensor.is_cuda
 
 
 _warned: set[tuple[str, str]] = set()

@@ -170,3 +170,30 @@ def test_compile_still_sees_the_custom_op():
                       fullgraph=True)
     torch.testing.assert_close(f(x, w), F.rms_norm(F.layer_norm(x, (16,), w), (16,), w))
     assert any("fastlm.norm" in g for g in graphs), graphs
+
+
+@pytest.mark.parametrize("wdt,bdt", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                     (torch.float32, torch.float32)])
+def test_layer_norm_parameter_dtype_mix_on_cpu(wdt, bdt):
+    """fastlm takes each parameter in the input's dtype or float32; torch's kernel takes some
+    mixes and refuses others: both kinds give the float32 computation rounded once."""
+    x = torch.randn(5, 48, dtype=torch.bfloat16)
+    w, b = torch.randn(48, dtype=wdt), torch.randn(48, dtype=bdt)
+    y = fastlm.layer_norm(x, 48, w, b)
+    want = F.layer_norm(x.double(), (48,), w.double(), b.double())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), want, rtol=8e-3, atol=2e-2)
+
+
+def test_fast_path_errors_are_fastlms():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        fastlm.layer_norm(x, 7)
+    with pytest.raises(ValueError, match="eps"):
+        fastlm.rms_norm(x, 8, eps=-1e-5)
+    with pytest.raises(TypeError, match="weight"):
+        fastlm.layer_norm(x, 8, torch.ones(8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="residual"):
+        fastlm.add_layer_norm(x, torch.randn(1, 8), 8)  # torch would broadcast it
+    with pytest.raises(TypeError, match="residual"):
+        fastlm.add_rms_norm(x, x.double(), 8)  # torch would promote it

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..backend import get_backend, native_backend, resolve
+from ..backend import get_backend, native_backend, native_backend_of, resolve
 from ..reference import norm as ref
 from ._autocast import no_autocast, promote_residual
 from ._eager import EagerTwin, compiling
@@ -304,15 +304,52 @@ def _run(fn, input, residual, normalized_shape, weight, bias, eps, rms, return_r
     return y
 
 
+# The CPU path of the two plain norms costs one torch call and a few attribute reads: torch's
+# function runs first and fastlm's argument checks run only if it raises, to replace its error
+# with fastlm's (which names the argument) when fastlm's rules are what was broken. Only what
+# torch would accept but fastlm refuses (a negative or NaN eps) is checked before. Calls that
+# torch's function does not serve as fastlm means them (another backend, compiling, a dtype mix)
+# take _run, which checks first.
+
 def layer_norm(input: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """torch.nn.functional.layer_norm, on fastlm's kernels."""
+    if type(eps) is float and 0.0 <= eps < math.inf and not compiling() and native_backend_of(input):
+        try:
+            if type(normalized_shape) is int:
+                normalized_shape = (normalized_shape,)
+            return torch.layer_norm(input, normalized_shape, weight, bias, eps)
+        except Exception:
+            _check_args("layer_norm", input, None, normalized_shape, weight, bias, eps)
+            if not _mixed(input, weight, bias):
+                raise
     return _run("layer_norm", input, None, normalized_shape, weight, bias, eps, False, False)
+
+
+def _native_residual(input, residual) -> bool:
+    """The fused-residual variants' fast CPU path: torch's ``input + residual`` would broadcast or
+    promote where fastlm refuses, so equal dtypes and shapes are checked before it runs."""
+    return (native_backend_of(input) and isinstance(residual, Tensor) and residual.dtype == input.dtype
+            and residual.shape == input.shape)
+
+
+def _mixed(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    return (weight is not None and weight.dtype != input.dtype) or (bias is not None and bias.dtype != input.dtype)
 
 
 def rms_norm(input: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     """torch.nn.functional.rms_norm, on fastlm's kernels (eps None: as torch, see default_rms_eps)."""
+    if (eps is None or (type(eps) is float and 0.0 <= eps < math.inf)) and not compiling() \
+            and native_backend_of(input) and (weight is None or weight.dtype == input.dtype):
+        try:
+            if type(normalized_shape) is int:
+                normalized_shape = (normalized_shape,)
+            return torch.rms_norm(input, normalized_shape, weight, eps)
+        except Exception:
+            _check_args("rms_norm", input, None, normalized_shape, weight, None,
+                        default_rms_eps(input.dtype) if eps is None else eps)
+            raise
     if eps is None and isinstance(input, Tensor) and input.is_floating_point():
         eps = default_rms_eps(input.dtype)
     return _run("rms_norm", input, None, normalized_shape, weight, None, eps, True, False)
@@ -322,6 +359,17 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg,
                    bias: Optional[Tensor] = None, eps: float = 1e-5, return_residual: bool = False):
     """layer_norm(input + residual) in one kernel; with return_residual=True returns
     (normed, input + residual), the pre-norm residual stream."""
+    if type(eps) is float and 0.0 <= eps < math.inf and not compiling() and _native_residual(input, residual):
+        try:
+            if type(normalized_shape) is int:
+                normalized_shape = (normalized_shape,)
+            s = input + residual
+            y = torch.layer_norm(s, normalized_shape, weight, bias, eps)
+            return (y, s) if return_residual else y
+        except Exception:
+            _check_args("add_layer_norm", input, residual, normalized_shape, weight, bias, eps)
+            if not _mixed(input, weight, bias):
+                raise
     if residual is None:
         raise TypeError("fastlm.add_layer_norm: residual must be a Tensor, got None")
     return _run("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, False, return_residual)
@@ -331,6 +379,18 @@ def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg, w
                  eps: Optional[float] = None, return_residual: bool = False):
     """rms_norm(input + residual) in one kernel; with return_residual=True returns
     (normed, input + residual), the pre-norm residual stream."""
+    if (eps is None or (type(eps) is float and 0.0 <= eps < math.inf)) and not compiling() \
+            and _native_residual(input, residual) and (weight is None or weight.dtype == input.dtype):
+        try:
+            if type(normalized_shape) is int:
+                normalized_shape = (normalized_shape,)
+            s = input + residual
+            y = torch.rms_norm(s, normalized_shape, weight, eps)
+            return (y, s) if return_residual else y
+        except Exception:
+            _check_args("add_rms_norm", input, residual, normalized_shape, weight, None,
+                        default_rms_eps(input.dtype) if eps is None else eps)
+            raise
     if residual is None:
         raise TypeError("fastlm.add_rms_norm: residual must be a Tensor, got None")
     if eps is None and isinstance(input, Tensor) and input.is_floating_point():
