@@ -268,6 +268,48 @@ def test_gradcheck_and_gradgradcheck_float64():
         assert torch.autograd.gradgradcheck(fn, (x,))
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
+@pytest.mark.parametrize("pos_kind", [None, "(S,)", "(1,S)", "(B,S)"])
+@pytest.mark.parametrize("D,R", [(16, 16), (40, 24)], ids=["R=D", "R<D"])
+def test_cpu_path_matches_the_twin_and_the_oracles(interleaved, pos_kind, D, R):
+    """The "torch" backend calls the reference formula with torch's autograd (issue 17): its
+    output and gradient equal the oracles in float64 (every pairing, position_ids shape and a
+    partial rotary dim), and the eager twin of the custom op (whose backward is the conjugate
+    rotation) in float32, bit for bit forward."""
+    B, S, H, s_max = 2, 7, 3, 12
+    pos = {None: None, "(S,)": torch.randperm(s_max, device=DEVICE)[:S],
+           "(1,S)": torch.randint(0, s_max, (1, S), device=DEVICE),
+           "(B,S)": torch.randint(0, s_max, (B, S), device=DEVICE)}[pos_kind]
+    for dtype in (torch.float64, torch.float32):
+        cos, sin = tables(s_max, R, dtype)
+        x = make((B, S, H, D), dtype).requires_grad_(True)
+        dy = make((B, S, H, D), dtype)
+        with fastlm.use_backend("torch"):
+            out = fastlm.rotary(x, cos, sin, pos, interleaved)
+            (dx,) = torch.autograd.grad(out, [x], dy)
+            twin = rotary_ops._rotary_eager(x, cos, sin, pos, interleaved, False, None)
+            (dx_twin,) = torch.autograd.grad(twin, [x], dy)
+        assert out.is_contiguous() and out.grad_fn is not None and "eager" not in out.grad_fn.name()
+        assert torch.equal(out, twin)
+        if dtype == torch.float64:
+            x64 = x.detach().requires_grad_(True)
+            expected = oracle(x64, cos, sin, pos, interleaved)
+            (dx64,) = torch.autograd.grad(expected, [x64], dy)
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
+            torch.testing.assert_close(dx, dx64, rtol=0, atol=1e-13)
+        torch.testing.assert_close(dx, dx_twin, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_path_does_not_write_or_alias_its_input():
+    x = make((1, 4, 2, 16))
+    keep = x.clone()
+    cos, sin = tables(4, 16)
+    with fastlm.use_backend("torch"):
+        for interleaved in (False, True):
+            out = fastlm.rotary(x, cos, sin, None, interleaved)
+            assert out.data_ptr() != x.data_ptr() and torch.equal(x, keep)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_gradient_to_the_tables(backend):
     x = make((1, 6, 2, 16)).requires_grad_(True)

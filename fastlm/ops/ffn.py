@@ -20,6 +20,12 @@ activation (for the gated ones it accumulates the gate and up tiles side by side
 only act(gate) * up, so the (tokens, 2 * hidden) product is never formed in a separate
 pass); the backward's dh = dy @ W_out has the activation's derivative and the bias gradient
 in its epilogue. The remaining matmuls (dx, dW) are plain.
+
+Dispatch (issue 17): torch.compile and opcheck see the custom ops; eager calls go through
+their EagerTwins (fastlm/ops/_eager.py: the same bodies without the custom-op dispatch). On
+the "torch" backend (the CPU path) the public functions call torch's own F.linear and
+activations instead, with torch's autograd (recompute=True with a gradient needed excepted:
+the reference op then keeps its no-hidden-activation promise).
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import get_backend, resolve
+from ..backend import get_backend, native_backend, resolve
 from ._autocast import autocast_inputs, no_autocast
+from ._eager import EagerTwin, compiling
 from ..reference import ffn as ref
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -102,9 +109,8 @@ def _ref_dpre(dh, pre, activation):
 
 # ----------------------------------------------------------------------------- custom ops: linear
 
-@torch.library.custom_op("fastlm::linear", mutates_args=())
 @no_autocast
-def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], activation: str, save: bool) -> tuple[Tensor, Tensor]:
+def _linear_body(x: Tensor, w: Tensor, b: Optional[Tensor], activation: str, save: bool) -> tuple[Tensor, Tensor]:
     if _pick("linear", x) == "triton":
         from fastlm.kernels import matmul as kernels
         y, z = kernels.linear_fwd(x, w, b, _act_name(activation), save_preact=save and _saves_preact(activation))
@@ -114,16 +120,18 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], activation: str, save: bo
     return y, (z if save and _saves_preact(activation) else _empty(x))
 
 
+_linear = torch.library.custom_op("fastlm::linear", mutates_args=())(_linear_body)
+
+
 @_linear.register_fake
 def _(x, w, b, activation, save):
     y = x.new_empty(x.shape[0], w.shape[0])
     return y, (torch.empty_like(y) if save and _saves_preact(activation) else _empty(x))
 
 
-@torch.library.custom_op("fastlm::linear_bwd", mutates_args=())
 @no_autocast
-def _linear_bwd(dy: Tensor, x: Tensor, w: Tensor, saved: Tensor, activation: str, has_bias: bool,
-                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_bwd_body(dy: Tensor, x: Tensor, w: Tensor, saved: Tensor, activation: str, has_bias: bool,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if _pick("linear", x, backend) == "triton":
         from fastlm.kernels import matmul as kernels
         if activation == "none":
@@ -136,6 +144,9 @@ def _linear_bwd(dy: Tensor, x: Tensor, w: Tensor, saved: Tensor, activation: str
         dx, dw, db = _ref_linear_bwd(dy, x, w, saved, activation, has_bias)
     db = db.to(w.dtype) if has_bias else _empty(x)
     return dx, dw, db
+
+
+_linear_bwd = torch.library.custom_op("fastlm::linear_bwd", mutates_args=())(_linear_bwd_body)
 
 
 @_linear_bwd.register_fake
@@ -151,22 +162,26 @@ def _linear_setup(ctx, inputs, output):
     ctx.activation, ctx.has_bias, ctx.backend = activation, b is not None, get_backend()
 
 
-def _linear_backward(ctx, dy, _dz):
-    x, w, saved = ctx.saved_tensors
-    dx, dw, db = _linear_bwd(dy, x, w, saved if saved is not None else _empty(x), ctx.activation, ctx.has_bias,
-                             ctx.backend)
-    return dx, dw, (db if ctx.has_bias else None), None, None
+def _linear_backward_with(linear_bwd):
+    def backward(ctx, dy, _dz):
+        x, w, saved = ctx.saved_tensors
+        dx, dw, db = linear_bwd(dy, x, w, saved if saved is not None else _empty(x), ctx.activation, ctx.has_bias,
+                                ctx.backend)
+        return dx, dw, (db if ctx.has_bias else None), None, None
+    return backward
 
 
-_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+_linear.register_autograd(_linear_backward_with(_linear_bwd), setup_context=_linear_setup)
+# Eager calls skip the custom-op dispatch (fastlm/ops/_eager.py); torch.compile sees _linear.
+_linear_eager = EagerTwin(_linear, _linear_body, _linear_setup, _linear_backward_with(_linear_bwd_body),
+                          name="linear")
 
 
 # ----------------------------------------------------------------------------- custom ops: feed_forward
 
-@torch.library.custom_op("fastlm::feed_forward", mutates_args=())
 @no_autocast
-def _feed_forward(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-                  activation: str, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _feed_forward_body(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
+                       activation: str, save: bool) -> tuple[Tensor, Tensor, Tensor]:
     if _pick("feed_forward", x) == "triton":
         from fastlm.kernels import matmul as kernels
         if activation in GATED:
@@ -183,6 +198,9 @@ def _feed_forward(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor
     return y, h, (pre if pre is not None else _empty(x))
 
 
+_feed_forward = torch.library.custom_op("fastlm::feed_forward", mutates_args=())(_feed_forward_body)
+
+
 @_feed_forward.register_fake
 def _(x, w_in, b_in, w_out, b_out, activation, save):
     y = x.new_empty(x.shape[0], w_out.shape[0])
@@ -193,11 +211,10 @@ def _(x, w_in, b_in, w_out, b_out, activation, save):
     return y, h, pre
 
 
-@torch.library.custom_op("fastlm::feed_forward_bwd", mutates_args=())
 @no_autocast
-def _feed_forward_bwd(dy: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, h: Tensor,
-                      pre: Tensor, activation: str, has_b_out: bool,
-                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _feed_forward_bwd_body(dy: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, h: Tensor,
+                           pre: Tensor, activation: str, has_b_out: bool,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     gated = activation in GATED
     recompute = h.dim() == 1  # the 1-D placeholder (_empty): h was not saved; a saved h is 2-D, even with 0 rows
     if _pick("feed_forward", x, backend) == "triton":
@@ -230,6 +247,9 @@ def _feed_forward_bwd(dy: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[Tensor
     return dx, dw_in, db_in, dw_out, db_out
 
 
+_feed_forward_bwd = torch.library.custom_op("fastlm::feed_forward_bwd", mutates_args=())(_feed_forward_bwd_body)
+
+
 @_feed_forward_bwd.register_fake
 def _(dy, x, w_in, b_in, w_out, h, pre, activation, has_b_out, backend):
     db_in = w_in.new_empty(w_in.shape[0]) if b_in is not None else _empty(x)
@@ -244,19 +264,30 @@ def _ffn_setup(ctx, inputs, output):
     ctx.activation, ctx.has_b_out, ctx.backend = activation, b_out is not None, get_backend()
 
 
-def _ffn_backward(ctx, dy, _dh, _dpre):
-    x, w_in, b_in, w_out, h, pre = ctx.saved_tensors
-    dx, dw_in, db_in, dw_out, db_out = _feed_forward_bwd(dy, x, w_in, b_in, w_out, h, pre, ctx.activation,
-                                                         ctx.has_b_out, ctx.backend)
-    return (dx, dw_in, db_in if b_in is not None else None, dw_out, db_out if ctx.has_b_out else None, None, None)
+def _ffn_backward_with(feed_forward_bwd):
+    def backward(ctx, dy, _dh, _dpre):
+        x, w_in, b_in, w_out, h, pre = ctx.saved_tensors
+        dx, dw_in, db_in, dw_out, db_out = feed_forward_bwd(dy, x, w_in, b_in, w_out, h, pre, ctx.activation,
+                                                            ctx.has_b_out, ctx.backend)
+        return (dx, dw_in, db_in if b_in is not None else None, dw_out, db_out if ctx.has_b_out else None, None,
+                None)
+    return backward
 
 
-_feed_forward.register_autograd(_ffn_backward, setup_context=_ffn_setup)
+_feed_forward.register_autograd(_ffn_backward_with(_feed_forward_bwd), setup_context=_ffn_setup)
+_feed_forward_eager = EagerTwin(_feed_forward, _feed_forward_body, _ffn_setup,
+                                _ffn_backward_with(_feed_forward_bwd_body), name="feed_forward")
 
 
 # ----------------------------------------------------------------------------- argument checks
 
-def _check_tensor(fn: str, name: str, t, like: Optional[Tensor] = None, optional: bool = False):
+# Every public call runs these checks, so they are written to cost little (issue 17): input's
+# dtype and device are read once and compared, a parameter's shape is compared as a torch.Size.
+
+def _check_tensor(fn: str, name: str, t, dtype: Optional[torch.dtype] = None, device=None,
+                  optional: bool = False):
+    """t is a floating-point Tensor (or None when optional) of input's ``dtype`` and ``device``
+    (when given)."""
     if t is None and optional:
         return
     if not isinstance(t, Tensor):
@@ -264,16 +295,25 @@ def _check_tensor(fn: str, name: str, t, like: Optional[Tensor] = None, optional
                         f"{type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"fastlm.{fn}: {name} must be floating point, got dtype {t.dtype}")
-    if like is not None:
-        if t.dtype != like.dtype:
-            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but input has {like.dtype}; they must match")
-        if t.device != like.device:
-            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but input is on {like.device}")
+    if dtype is not None:
+        if t.dtype != dtype:
+            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but input has {dtype}; they must match")
+        if t.device != device:
+            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but input is on {device}")
 
 
 def _check_shape(fn: str, name: str, t: Optional[Tensor], shape: tuple, what: str):
-    if t is not None and tuple(t.shape) != shape:
+    if t is not None and t.shape != shape:
         raise ValueError(f"fastlm.{fn}: {name} must be {what} = {list(shape)}, got {list(t.shape)}")
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _autocast_may_apply() -> bool:
+    """Whether autocast_inputs could cast anything: a cheap test for the usual call (no autocast
+    region); while compiling always True (dynamo traces torch.is_autocast_enabled, not this)."""
+    return _any_autocast is None or compiling() or _any_autocast()
 
 
 def _needs_grad(*tensors) -> bool:
@@ -286,17 +326,58 @@ def _flatten(input: Tensor) -> Tensor:
     return input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
 
 
+# ----------------------------------------------------------------------------- the native path
+
+def _gelu_tanh(z: Tensor) -> Tensor:
+    return torch.nn.functional.gelu(z, approximate="tanh")
+
+
+# fastlm's activation names -> torch's own functions, each the formula of ref.act (checked in
+# tests/test_eager_ffn.py): relu max(z, 0); gelu z Phi(z); gelu_tanh the tanh form; silu z sigmoid(z).
+_TORCH_ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "gelu_tanh": _gelu_tanh,
+              "silu": torch.nn.functional.silu}
+_TORCH_GATE = {name: _TORCH_ACT[a] for name, a in GATED.items()}  # the activation of the gate half
+
+
+def _native_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    """The "torch" backend (the CPU path): F.linear then torch's own activation, with torch's
+    autograd; any leading dims, as F.linear takes them."""
+    z = torch.nn.functional.linear(input, weight, bias)
+    return z if activation is None else _TORCH_ACT[activation](z)
+
+
+def _native_feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor,
+                         b_out: Optional[Tensor], activation: str) -> Tensor:
+    """The "torch" backend: F.linear, the activation (gated: act(gate half) * up half, the gate
+    rows first as fastlm defines them), F.linear, with torch's autograd."""
+    z = torch.nn.functional.linear(input, w_in, b_in)
+    gate = _TORCH_GATE.get(activation)
+    if gate is not None:
+        g, u = z.chunk(2, dim=-1)
+        h = gate(g) * u
+    else:
+        h = _TORCH_ACT[activation](z)
+    return torch.nn.functional.linear(h, w_out, b_out)
+
+
 # ----------------------------------------------------------------------------- public functions
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
     """act(input @ weight.T + bias) in one kernel: input (..., K), weight (N, K) as nn.Linear
     stores it, bias (N,); activation None, "relu", "gelu" (erf), "gelu_tanh" or "silu".
-    With activation None this is torch.nn.functional.linear."""
+    With activation None this is torch.nn.functional.linear.
+
+    On the "torch" backend (the CPU path) this is F.linear then torch's own activation
+    (F.gelu, approximate "none" or "tanh"; torch.relu; F.silu), with torch's autograd, which
+    saves what the kernel path saves: input and weight, plus the pre-activation for gelu,
+    gelu_tanh and silu (relu: its output)."""
     fn = "linear"
-    input, weight, bias = autocast_inputs(input, weight, bias)
+    if _autocast_may_apply():
+        input, weight, bias = autocast_inputs(input, weight, bias)
     _check_tensor(fn, "input", input)
-    _check_tensor(fn, "weight", weight, input)
-    _check_tensor(fn, "bias", bias, input, optional=True)
+    dtype, device = input.dtype, input.device
+    _check_tensor(fn, "weight", weight, dtype, device)
+    _check_tensor(fn, "bias", bias, dtype, device, optional=True)
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"fastlm.{fn}: activation must be None or one of {list(ACTIVATIONS)}, got {activation!r}"
                          + (" (the gated ones are feed_forward's)" if activation in GATED else ""))
@@ -304,9 +385,11 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
         raise ValueError(f"fastlm.{fn}: weight must be (out_features, in_features) = (N, {input.shape[-1]}) for "
                          f"input of shape {list(input.shape)}, got {list(weight.shape)}")
     _check_shape(fn, "bias", bias, (weight.shape[0],), "(out_features,)")
+    if not compiling() and native_backend(device.type):
+        return _native_linear(input, weight, bias, activation)
     name = activation or "none"
     save = _needs_grad(input, weight, bias)
-    y, _ = _linear(_flatten(input), weight, bias, name, save)
+    y, _ = _linear_eager(_flatten(input), weight, bias, name, save)
     return y.reshape(input.shape[:-1] + (weight.shape[0],))
 
 
@@ -318,13 +401,26 @@ def feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Ten
     "geglu", "reglu" (2 * hidden, d_model) holding the gate rows then the up rows, so the
     block is (act(x Wg + bg) * (x Wu + bu)) W_out + b_out; w_out (d_model, hidden).
     recompute=True saves no hidden activation for the backward and recomputes it from input.
+
+    On the "torch" backend (the CPU path) the block is torch's own F.linear, activation
+    (gated: act(gate) * up), F.linear, with torch's autograd, which saves for the backward
+    what torch saves for that composition: the pre-activation and h (hidden-width tensors:
+    2 for the plain activations, 1 for relu; for the gated ones the (tokens, 2 * hidden)
+    pre-activation, act(gate) and h, one (tokens, hidden) tensor more than the kernel path,
+    which keeps only the pre-activation and h). In 16-bit dtypes torch's composition rounds
+    act(gate) to the input's dtype before the product (the kernels and the reference round h
+    once). With recompute=True and a gradient needed it runs fastlm's reference op instead,
+    which saves only the inputs.
     """
     fn = "feed_forward"
-    input, w_in, b_in, w_out, b_out = autocast_inputs(input, w_in, b_in, w_out, b_out)
+    if _autocast_may_apply():
+        input, w_in, b_in, w_out, b_out = autocast_inputs(input, w_in, b_in, w_out, b_out)
     _check_tensor(fn, "input", input)
-    for name, t, optional in (("w_in", w_in, False), ("b_in", b_in, True), ("w_out", w_out, False),
-                              ("b_out", b_out, True)):
-        _check_tensor(fn, name, t, input, optional)
+    dtype, device = input.dtype, input.device
+    _check_tensor(fn, "w_in", w_in, dtype, device)
+    _check_tensor(fn, "b_in", b_in, dtype, device, optional=True)
+    _check_tensor(fn, "w_out", w_out, dtype, device)
+    _check_tensor(fn, "b_out", b_out, dtype, device, optional=True)
     if not isinstance(activation, str) or (activation not in ACTIVATIONS and activation not in GATED):
         raise ValueError(f"fastlm.{fn}: activation must be one of {list(ACTIVATIONS) + list(GATED)}, got "
                          f"{activation!r}")
@@ -339,11 +435,16 @@ def feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Ten
         raise ValueError(f"fastlm.{fn}: for {activation!r} w_in stacks the gate and up projections, (2 * hidden, "
                          f"d_model): its {w_in.shape[0]} rows are odd")
     hidden = w_in.shape[0] // 2 if gated else w_in.shape[0]
-    if w_out.dim() != 2 or tuple(w_out.shape) != (w_out.shape[0], hidden) or w_out.shape[0] != d_model:
+    if w_out.dim() != 2 or w_out.shape[1] != hidden or w_out.shape[0] != d_model:
         raise ValueError(f"fastlm.{fn}: w_out must be (d_model, hidden) = {[d_model, hidden]}, got "
                          f"{list(w_out.shape)}")
     _check_shape(fn, "b_in", b_in, (w_in.shape[0],), "(w_in's rows,)")
     _check_shape(fn, "b_out", b_out, (d_model,), "(d_model,)")
-    save = not recompute and _needs_grad(input, w_in, b_in, w_out, b_out)
-    y, _, _ = _feed_forward(_flatten(input), w_in, b_in, w_out, b_out, activation, save)
+    if not compiling() and native_backend(device.type):
+        if not recompute or not _needs_grad(input, w_in, b_in, w_out, b_out):
+            return _native_feed_forward(input, w_in, b_in, w_out, b_out, activation)
+        save = False
+    else:
+        save = not recompute and _needs_grad(input, w_in, b_in, w_out, b_out)
+    y, _, _ = _feed_forward_eager(_flatten(input), w_in, b_in, w_out, b_out, activation, save)
     return y.reshape(input.shape)

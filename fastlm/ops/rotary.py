@@ -10,6 +10,11 @@ runs, not when it is traced. Being linear in x, the op is its own double backwar
 
 Gradients flow to x only: cos and sin are tables of fixed angles, and no gradient is
 propagated to them even when they require one.
+
+Eager calls go through an EagerTwin (fastlm/ops/_eager.py), torch.compile through the custom
+op. On the "torch" backend (the CPU path) torch has no rotary function: the call is the
+reference formula itself (fastlm.reference.rotary, a handful of slices, products and one
+concatenation), differentiated by torch's autograd.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import get_backend, resolve
+from ..backend import get_backend, native_backend, resolve
 from ..reference import rotary as ref
 from ._autocast import no_autocast
+from ._eager import EagerTwin, compiling
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 1024  # wider heads run on the reference (a tile per head must fit in registers)
@@ -102,16 +108,18 @@ def _pick(x: Tensor, cos: Tensor, sin: Tensor, requested: Optional[str] = None) 
 
 # ----------------------------------------------------------------------------- the custom op
 
-@torch.library.custom_op("fastlm::rotary", mutates_args=())
 @no_autocast
-def _rotary(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor], interleaved: bool,
-            conjugate: bool, backend: Optional[str]) -> Tensor:
+def _rotary_body(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor], interleaved: bool,
+                 conjugate: bool, backend: Optional[str]) -> Tensor:
     _check_positions(position_ids, cos.shape[0])
     chosen = _pick(x, cos, sin, backend)
     if chosen == "triton":
         from fastlm.kernels import rotary as kernels
         return kernels.rotary_fwd(x, cos, sin, position_ids, interleaved, conjugate)
     return ref.rotary(x, cos, sin, position_ids, interleaved, conjugate).contiguous()
+
+
+_rotary = torch.library.custom_op("fastlm::rotary", mutates_args=())(_rotary_body)
 
 
 @_rotary.register_fake
@@ -126,13 +134,18 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend if backend is not None else get_backend()
 
 
-def _backward(ctx, dy):
-    cos, sin, position_ids = ctx.saved_tensors
-    dx = _rotary(dy, cos, sin, position_ids, ctx.interleaved, not ctx.conjugate, ctx.backend)
-    return dx, None, None, None, None, None, None
+def _backward_with(rotary_op):
+    def backward(ctx, dy):
+        cos, sin, position_ids = ctx.saved_tensors
+        dx = rotary_op(dy, cos, sin, position_ids, ctx.interleaved, not ctx.conjugate, ctx.backend)
+        return dx, None, None, None, None, None, None
+    return backward
 
 
-_rotary.register_autograd(_backward, setup_context=_setup_context)
+_rotary.register_autograd(_backward_with(_rotary), setup_context=_setup_context)
+# The eager twin's backward calls the twin, so a double backward (the op is linear in x) works too.
+_rotary_eager = EagerTwin(_rotary, _rotary_body, _setup_context, _backward_with(lambda *a: _rotary_eager(*a)),
+                          name="rotary")
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -156,7 +169,14 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] =
     The gradient flows to x only; cos and sin get none, even when they require grad.
     """
     _check_args(x, cos, sin, position_ids, interleaved)
-    return _rotary(x, cos, sin, position_ids, interleaved, False, None)
+    if not compiling() and native_backend(x.device.type):
+        _check_positions(position_ids, cos.shape[0])
+        if cos.requires_grad:
+            cos = cos.detach()
+        if sin.requires_grad:
+            sin = sin.detach()
+        return ref.rotary(x, cos, sin, position_ids, interleaved)
+    return _rotary_eager(x, cos, sin, position_ids, interleaved, False, None)
 
 
 def rotary_cos_sin(seqlen: int, rotary_dim: int, base: float = 10000.0, device=None,

@@ -27,24 +27,37 @@ def cos_sin(seqlen: int, rotary_dim: int, base: float = 10000.0) -> tuple[Tensor
     return angles.cos(), angles.sin()
 
 
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # Tensor.to costs microseconds even when a no-op
+
+
 def rotary(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None = None, interleaved: bool = False,
            conjugate: bool = False, upcast: bool = True) -> Tensor:
-    """RoPE of x (B, S, H, D); computes in float32 when ``upcast`` (float64 stays float64)."""
-    B, S = x.shape[0], x.shape[1]
-    R = 2 * cos.shape[-1]
+    """RoPE of x (B, S, H, D); computes in float32 when ``upcast`` (float64 stays float64).
+
+    Also fastlm's CPU path, differentiated by torch's autograd: so it does no work that the
+    formula does not need (no position arange when position_ids is None, the tables sliced
+    rather than gathered, no pass-through concatenation when the whole head rotates)."""
+    S = x.shape[1]
+    half = cos.shape[-1]
+    R = 2 * half
     cd = torch.float64 if x.dtype == torch.float64 else (torch.float32 if upcast else x.dtype)
-    if position_ids is None:
-        position_ids = torch.arange(S, device=x.device)
-    pos = position_ids.long().expand(B, S)
-    c = cos[pos].to(cd)[:, :, None, :]  # (B, S, 1, R/2): the same angle for every head
-    s = sin[pos].to(cd)[:, :, None, :]
+    if position_ids is None:  # positions 0..S-1: the tables' first S rows, (S, R/2)
+        c, s = cos[:S], sin[:S]
+    else:  # rows at (S,), (1, S) or (B, S) positions: (..., S, R/2)
+        pos = position_ids.long()
+        c, s = cos[pos], sin[pos]
+    c = _to(c.unsqueeze(-2), cd)  # (..., S, 1, R/2): the same angle for every head
+    s = _to(s.unsqueeze(-2), cd)
     if conjugate:
         s = -s
-    xr = x[..., :R].to(cd)
-    if interleaved:
-        xa, xb = xr[..., 0::2], xr[..., 1::2]
+    if interleaved:  # pairs (2j, 2j + 1)
+        xr = _to(x[..., :R].unflatten(-1, (half, 2)), cd)
+        xa, xb = xr[..., 0], xr[..., 1]
         rotated = torch.stack((xa * c - xb * s, xb * c + xa * s), dim=-1).flatten(-2)
-    else:
-        xa, xb = xr[..., : R // 2], xr[..., R // 2:]
+    else:  # pairs (j, j + R/2)
+        xa, xb = _to(x[..., :half], cd), _to(x[..., half:R], cd)
         rotated = torch.cat((xa * c - xb * s, xb * c + xa * s), dim=-1)
-    return torch.cat((rotated.to(x.dtype), x[..., R:]), dim=-1)
+    if R == x.shape[-1]:
+        return _to(rotated, x.dtype)
+    return torch.cat((_to(rotated, x.dtype), x[..., R:]), dim=-1)
