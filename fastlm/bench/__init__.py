@@ -7,7 +7,11 @@
     python -m fastlm.bench attention [--rows SEQLEN ...] [--widths HEAD_DIM ...]   flash attention
     python -m fastlm.bench ffn  [--rows TOKENS ...] [--widths D_MODEL ...]   feed_forward (gelu_tanh, swiglu)
     python -m fastlm.bench rope [--rows BATCH ...] [--widths SEQLEN ...]     rotary
-    python -m fastlm.bench model [--rows BATCH ...] [--widths SEQLEN ...]   GPT-2 training steps (tokens/s, MFU)
+    python -m fastlm.bench model [--rows BATCH ...] [--widths SEQLEN ...]   GPT-2 training steps (tokens/s, MFU);
+                                 on CPU also the `fastlm train` tiny GPT: training and decoding tokens/s
+    python -m fastlm.bench overhead [--calls N] [--ops tiny|large|OP ...]   per-call host cost of every op
+                                 at tiny shapes, fastlm vs the torch call it replaces (and the CPU path at
+                                 large shapes: time and peak memory); e.g. --device cpu --threads 1
     python -m fastlm.bench all  ...                           every suite (or name several: ffn attention)
 
 Each suite writes <out>/<suite>.json (device, versions, date, measured ceilings, every
@@ -30,7 +34,8 @@ from typing import Optional, Sequence
 
 # Suite name -> module under fastlm.bench with run(config, harness) and the names it accepts.
 SUITES = {"norm": "fastlm.bench.norm", "ce": "fastlm.bench.ce", "lce": "fastlm.bench.lce",
-          "attention": "fastlm.bench.attention", "ffn": "fastlm.bench.ffn", "model": "fastlm.bench.model", "rope": "fastlm.bench.rope"}
+          "attention": "fastlm.bench.attention", "ffn": "fastlm.bench.ffn", "model": "fastlm.bench.model", "rope": "fastlm.bench.rope",
+          "overhead": "fastlm.bench.overhead"}
 
 _DEFAULT_REPS = {("cuda", False): 100, ("cuda", True): 10, ("cpu", False): 10, ("cpu", True): 3}
 
@@ -69,8 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "model: hf-gpt2, hf-gpt2-fastlm)")
     p.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (norm: layer_norm, rms_norm, "
                                                           "add_layer_norm, add_rms_norm; ce: cross_entropy; "
-                                                          "lce: linear_cross_entropy; model: gpt2-124m, gpt2-350m)")
+                                                          "lce: linear_cross_entropy; model: gpt2-124m, gpt2-350m, "
+                                                          "gpt-tiny, tiny-gpt-train, tiny-gpt-decode; overhead: "
+                                                          "tiny, large (the groups) or any public op's name)")
     p.add_argument("--modes", nargs="+", choices=["fwd", "bwd", "fwd+bwd"], help="only these modes")
+    p.add_argument("--calls", type=_positive_int,
+                   help="overhead: calls per timed loop (default 2000; --quick 200)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="torch.set_num_threads(N) before anything runs (default: torch's own choice, or "
+                        "OMP_NUM_THREADS); the overhead and model figures in the README use --threads 1")
     p.add_argument("--compare", type=Path, metavar="OLD",
                    help="an earlier run's <suite>.json (or its folder): print what got faster or slower")
     return p
@@ -85,6 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import report as report_mod
     from . import runner
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastlm bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
@@ -103,6 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         impls=args.impls,
         ops=args.ops,
         modes=args.modes,
+        calls=args.calls,
     )
     if on_cuda:
         torch.cuda.set_device(device)

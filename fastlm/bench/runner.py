@@ -37,8 +37,10 @@ MiB = 1 << 20
 
 # Columns of the markdown table: (row key, header).
 TABLE_COLUMNS = (
-    ("op", "op"), ("mode", "mode"), ("impl", "impl"), ("rows", "rows"), ("hidden", "hidden"), ("width", "width"),
-    ("dtype", "dtype"), ("ms", "median ms"), ("gbps", "GB/s"), ("frac_copy_bw", "of copy BW"),
+    ("op", "op"), ("mode", "mode"), ("impl", "impl"), ("shape", "shape"), ("rows", "rows"), ("hidden", "hidden"),
+    ("width", "width"), ("dtype", "dtype"), ("ms", "median ms"),
+    ("us_per_call", "µs/call"), ("extra_us", "extra µs"), ("ratio", "× torch"), ("goal", "goal"),
+    ("gbps", "GB/s"), ("frac_copy_bw", "of copy BW"),
     ("tokens_per_s", "tokens/s"), ("tflops", "TFLOP/s"), ("frac_matmul", "of matmul peak"), ("vs_matmuls", "vs bare matmuls"),
     ("peak_mib", "peak MiB"), ("speedup_vs_eager", "vs eager"), ("speedup_vs_compile", "vs compile"),
 )
@@ -66,6 +68,7 @@ class Config:
     impls: Optional[list[str]] = None   # None: every implementation that can run
     ops: Optional[list[str]] = None
     modes: Optional[list[str]] = None
+    calls: Optional[int] = None         # overhead suite: calls per timed loop (None: its default)
 
     @property
     def on_cuda(self) -> bool:
@@ -162,6 +165,25 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> Optional[flo
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     del out
+    return peak / MiB
+
+
+def cpu_peak_memory_mib(fn: Callable[[], Any]) -> float:
+    """Memory one call allocates on the CPU at its peak, above what was allocated before it,
+    read from the profiler's allocation events (every allocation and free through torch's CPU
+    allocator, native kernels' temporaries included), in the order they happened. As for
+    peak_memory_mib, what the call returns is held until the end, so outputs count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    del out
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
     return peak / MiB
 
 
