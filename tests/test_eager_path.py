@@ -197,3 +197,20 @@ def test_fast_path_errors_are_fastlms():
         fastlm.add_layer_norm(x, torch.randn(1, 8), 8)  # torch would broadcast it
     with pytest.raises(TypeError, match="residual"):
         fastlm.add_rms_norm(x, x.double(), 8)  # torch would promote it
+
+
+def test_linear_fast_path_refuses_what_torch_would_take():
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match="bias"):
+        fastlm.linear(x, w, torch.randn(1))  # torch broadcasts a (1,) bias
+    with pytest.raises(ValueError, match="weight"):
+        fastlm.linear(x, torch.randn(8))  # torch takes a vector weight
+    with pytest.raises(TypeError, match="input"):
+        fastlm.linear(torch.ones(3, 8, dtype=torch.int64), torch.ones(5, 8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="weight"):
+        fastlm.linear(x, w.double())
+    with pytest.raises(ValueError, match="activation"):
+        fastlm.linear(x, w, None, "swiglu")
+    y, names = dispatched(lambda: fastlm.linear(x, w, None, "gelu_tanh"))
+    assert fastlm_ops(names) == []
+    assert torch.equal(y, F.gelu(F.linear(x, w), approximate="tanh"))

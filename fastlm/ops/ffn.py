@@ -30,13 +30,14 @@ the reference op then keeps its no-hidden-activation promise).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..backend import get_backend, native_backend, resolve
+from ..backend import get_backend, native_backend, native_backend_of, resolve
 from ._autocast import autocast_inputs, no_autocast
 from ._eager import EagerTwin, compiling
 from ..reference import ffn as ref
@@ -328,8 +329,7 @@ def _flatten(input: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- the native path
 
-def _gelu_tanh(z: Tensor) -> Tensor:
-    return torch.nn.functional.gelu(z, approximate="tanh")
+_gelu_tanh = functools.partial(torch.nn.functional.gelu, approximate="tanh")  # a C call, no Python frame
 
 
 # fastlm's activation names -> torch's own functions, each the formula of ref.act (checked in
@@ -372,8 +372,36 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     saves what the kernel path saves: input and weight, plus the pre-activation for gelu,
     gelu_tanh and silu (relu: its output)."""
     fn = "linear"
+    # The CPU path first: one torch call, fastlm's checks only when torch refuses the call (to
+    # name the argument). Before it, what torch accepts and fastlm refuses: integer tensors
+    # (torch multiplies them), a weight that is not 2-D (torch takes a vector) and a bias that
+    # is not (out_features,) (torch broadcasts it).
+    if not _autocast_may_apply() and native_backend_of(input) and input.is_floating_point() \
+            and isinstance(weight, Tensor) and weight.dim() == 2 \
+            and (bias is None or (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == weight.shape[0])) \
+            and (activation is None or activation in _TORCH_ACT):
+        try:
+            z = _F_linear(input, weight, bias)
+        except Exception:
+            _check_linear(fn, input, weight, bias, activation)
+            raise
+        return z if activation is None else _TORCH_ACT[activation](z)
     if _autocast_may_apply():
         input, weight, bias = autocast_inputs(input, weight, bias)
+    _check_linear(fn, input, weight, bias, activation)
+    device = input.device
+    if not compiling() and native_backend(device.type):
+        return _native_linear(input, weight, bias, activation)
+    name = activation or "none"
+    save = _needs_grad(input, weight, bias)
+    y, _ = _linear_eager(_flatten(input), weight, bias, name, save)
+    return y.reshape(input.shape[:-1] + (weight.shape[0],))
+
+
+_F_linear = torch.nn.functional.linear
+
+
+def _check_linear(fn: str, input, weight, bias, activation) -> None:
     _check_tensor(fn, "input", input)
     dtype, device = input.dtype, input.device
     _check_tensor(fn, "weight", weight, dtype, device)
@@ -385,12 +413,6 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
         raise ValueError(f"fastlm.{fn}: weight must be (out_features, in_features) = (N, {input.shape[-1]}) for "
                          f"input of shape {list(input.shape)}, got {list(weight.shape)}")
     _check_shape(fn, "bias", bias, (weight.shape[0],), "(out_features,)")
-    if not compiling() and native_backend(device.type):
-        return _native_linear(input, weight, bias, activation)
-    name = activation or "none"
-    save = _needs_grad(input, weight, bias)
-    y, _ = _linear_eager(_flatten(input), weight, bias, name, save)
-    return y.reshape(input.shape[:-1] + (weight.shape[0],))
 
 
 def feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
