@@ -10,6 +10,11 @@ kernels never need to know the reduction. For "mean" the divisor is torch's: the
 class weights of the counted targets (their count without weights), or the number of rows
 for probability targets. Where that divisor is 0 (every target ignored) torch returns NaN;
 fastlm returns 0 with zero gradients, on purpose.
+
+On the "torch" backend (the CPU path) a call without fastlm's extras (z_loss, softcap) is
+torch's own F.cross_entropy, with those two differences kept (see ``_native``); the reference
+serves the extras. In eager mode the ops' bodies run through an EagerTwin (fastlm/ops/_eager.py):
+the custom ops are what torch.compile and opcheck see.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import get_backend, resolve
+from ..backend import get_backend, native_backend, resolve
 from ..reference import cross_entropy as ref
 from ._autocast import no_autocast
+from ._eager import EagerTwin, compiling
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("none", "mean", "sum")
@@ -98,8 +105,9 @@ def check_targets_in_range(fn: str, target: Tensor, classes: int, ignore_index: 
     there); on CUDA it would cost a host sync, so the kernels give that row NaN instead."""
     if target.device.type != "cpu" or target.is_floating_point() or target.numel() == 0:
         return
-    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-    if bool(bad.any()):
+    lo, hi = torch.aminmax(torch.where(target == ignore_index, 0, target))  # three small ops
+    if lo.item() < 0 or hi.item() >= classes:
+        bad = (target != ignore_index) & ((target < 0) | (target >= classes))
         value = int(target[bad][0])
         raise ValueError(f"fastlm.{fn}: target holds class index {value}, outside [0, {classes}) and not "
                          f"ignore_index={ignore_index}")
@@ -123,7 +131,13 @@ def _cuda_unsupported(logits: Tensor, weight: Optional[Tensor], target: Optional
 
 def pick_backend(fn: str, logits: Tensor, weight: Optional[Tensor], requested: Optional[str] = None,
                  target: Optional[Tensor] = None) -> str:
-    return resolve(fn, logits.device.type, {
+    device_type = logits.device.type
+    if requested is None:
+        if native_backend(device_type):  # the common CPU case, before any reason is formed
+            return "torch"
+    elif requested == "torch" or (requested == "auto" and device_type != "cuda"):
+        return "torch"
+    return resolve(fn, device_type, {
         "triton": _triton_unsupported(logits, weight),
         "cuda": _cuda_unsupported(logits, weight, target),
     }, requested)
@@ -194,19 +208,21 @@ def rows_bwd(backend: str, dloss, logits, target, weight, lse, coef, ignore_inde
         return kernels.cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index,
                                          label_smoothing, softcap, out=out)
     grad = ref.cross_entropy_rows_bwd(dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing,
-                                      softcap)
-    if out is not None:
+                                      softcap, out=out)
+    if out is not None and grad is not out:
         return out.copy_(grad)
     return grad
 
 
-@torch.library.custom_op("fastlm::cross_entropy", mutates_args=())
 @no_autocast
-def _cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                   label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+def _cross_entropy_body(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                        label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
     check_targets_in_range("cross_entropy", target, logits.shape[1], ignore_index)
     backend = pick_backend("cross_entropy", logits, weight, target=target)
     return rows_fwd(backend, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+
+
+_cross_entropy = torch.library.custom_op("fastlm::cross_entropy", mutates_args=())(_cross_entropy_body)
 
 
 @_cross_entropy.register_fake
@@ -216,13 +232,15 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
     return tuple(logits.new_empty(rows, dtype=dtype) for _ in range(3))
 
 
-@torch.library.custom_op("fastlm::cross_entropy_bwd", mutates_args=())
 @no_autocast
-def _cross_entropy_bwd(dloss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
-                       coef: Tensor, ignore_index: int, label_smoothing: float, softcap: float,
-                       backend: str) -> Tensor:
+def _cross_entropy_bwd_body(dloss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                            coef: Tensor, ignore_index: int, label_smoothing: float, softcap: float,
+                            backend: str) -> Tensor:
     chosen = pick_backend("cross_entropy", logits, weight, backend, target=target)
     return rows_bwd(chosen, dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing, softcap)
+
+
+_cross_entropy_bwd = torch.library.custom_op("fastlm::cross_entropy_bwd", mutates_args=())(_cross_entropy_bwd_body)
 
 
 @_cross_entropy_bwd.register_fake
@@ -238,15 +256,20 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = get_backend()
 
 
-def _backward(ctx, dloss, dlse, dcoef):
-    logits, target, weight, lse, coef = ctx.saved_tensors
-    ignore_index, label_smoothing, softcap = ctx.options
-    dlogits = _cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing,
-                                 softcap, ctx.backend)
-    return dlogits, None, None, None, None, None, None
+def _backward_with(cross_entropy_bwd):
+    def backward(ctx, dloss, dlse, dcoef):
+        logits, target, weight, lse, coef = ctx.saved_tensors
+        ignore_index, label_smoothing, softcap = ctx.options
+        dlogits = cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing,
+                                    softcap, ctx.backend)
+        return dlogits, None, None, None, None, None, None
+    return backward
 
 
-_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+_cross_entropy.register_autograd(_backward_with(_cross_entropy_bwd), setup_context=_setup_context)
+# Eager calls skip the custom-op dispatch (fastlm/ops/_eager.py); torch.compile sees _cross_entropy.
+_cross_entropy_eager = EagerTwin(_cross_entropy, _cross_entropy_body, _setup_context,
+                                 _backward_with(_cross_entropy_bwd_body), name="cross_entropy")
 
 
 # ----------------------------------------------------------------------------- public function
@@ -256,13 +279,12 @@ def mean_divisor(target: Tensor, weight: Optional[Tensor], ignore_index: int, ro
     if target.is_floating_point():
         return torch.full((), float(max(rows, 1)), device=target.device)  # no host-to-device copy
     counted = target != ignore_index
-    if weight is None:
-        divisor = counted.sum().float()
-    else:
-        safe = torch.where(counted, target, 0).clamp(0, weight.shape[0] - 1).long()
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        divisor = (weight.to(acc)[safe] * counted).sum()
-    return torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    if weight is None:  # a count: 0 becomes 1 by a clamp
+        return counted.sum(dtype=torch.float32).clamp_min_(1.0)
+    safe = torch.where(counted, target, 0).clamp(0, weight.shape[0] - 1).long()
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    divisor = (weight.to(acc)[safe] * counted).sum()
+    return torch.where(divisor == 0, 1.0, divisor)
 
 
 def reduce(loss_rows: Tensor, reduction: str, divisor_fn, out_shape, dtype) -> Tensor:
@@ -272,6 +294,84 @@ def reduce(loss_rows: Tensor, reduction: str, divisor_fn, out_shape, dtype) -> T
     if reduction == "mean":
         total = total / divisor_fn()
     return total.to(dtype)
+
+
+def _divisor_is_zero(target: Tensor, weight: Optional[Tensor], ignore_index: int) -> bool:
+    """Whether torch's "mean" divisor is 0 (a host check: CPU tensors, targets in range)."""
+    if target.is_floating_point():
+        return target.numel() == 0
+    counted = target != ignore_index
+    if weight is None:
+        return not bool(counted.any())
+    return float((weight[torch.where(counted, target, 0)] * counted).sum()) == 0.0
+
+
+@no_autocast
+def _native(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+            label_smoothing: float, classes: int, host: bool, fn: str = "cross_entropy") -> Optional[Tensor]:
+    """The "torch" backend without fastlm's extras: torch's own F.cross_entropy (one native
+    log_softmax and nll_loss, torch's autograd), with fastlm's two documented differences:
+
+    - "mean" over no counted target (a divisor of 0) gives 0 with zero gradients, where torch
+      gives NaN. On CPU (``host``) torch's result is checked for NaN on the host (free there),
+      and only a NaN whose divisor is 0 is replaced, by the "sum" (a divisor of 1); elsewhere
+      (the "torch" backend on CUDA: no host sync) the loss is formed as sum / divisor.
+    - a class index outside [0, C): on CPU torch raises IndexError, re-raised as fastlm's
+      ValueError naming the index (the targets are scanned only then); elsewhere that row's
+      loss and gradient are NaN (torch never sees the index: a device-side assert otherwise).
+
+    None where torch has no native equivalent (class weights or probability targets in
+    another dtype than 16-bit logits, which the reference takes in float32): the reference
+    serves those. The loss comes back in the input's dtype; autocast is off inside (as in
+    the ops' bodies), so a call under autocast computes what it computes without."""
+    dtype = input.dtype
+    wide = dtype == torch.float32 or dtype == torch.float64  # the reference computes in this dtype
+    if weight is not None and weight.dtype != dtype:
+        if not wide:
+            return None
+        weight = weight.to(dtype)
+    soft = target.is_floating_point()
+    if soft:
+        if target.dtype != dtype:
+            if not wide:
+                return None
+            target = target.to(dtype)
+    elif target.dtype != torch.int64:
+        target = target.long()  # torch takes int64 class indices only
+    if not host:
+        return _native_device(input, target, weight, ignore_index, reduction, label_smoothing, classes)
+    try:
+        loss = F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    except (IndexError, RuntimeError):
+        check_targets_in_range(fn, target, classes, ignore_index)  # raises, naming the index
+        raise
+    if reduction == "mean" and math.isnan(loss.item()) and _divisor_is_zero(target, weight, ignore_index):
+        loss = F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction="sum",
+                               label_smoothing=label_smoothing)
+    return loss if loss.dtype == dtype else loss.to(dtype)
+
+
+def _native_device(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+                   label_smoothing: float, classes: int) -> Tensor:
+    """_native off the host: no host sync, and no out-of-range index ever reaches torch."""
+    if target.is_floating_point():
+        loss = F.cross_entropy(input, target, weight, reduction="sum" if reduction == "mean" else reduction,
+                               label_smoothing=label_smoothing)
+        if reduction == "mean":
+            loss = loss / max(target.numel() // max(classes, 1), 1)
+        return loss.to(input.dtype)
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    # Such a row is computed for class 0, then times NaN: NaN loss and NaN gradient there.
+    rows = F.cross_entropy(input, torch.where(bad, 0, target), weight, ignore_index=ignore_index,
+                           reduction="none", label_smoothing=label_smoothing)
+    rows = rows * torch.where(bad, float("nan"), 1.0)
+    if reduction == "none":
+        return rows.to(input.dtype)
+    loss = rows.sum()
+    if reduction == "mean":
+        loss = loss / mean_divisor(target.reshape(-1), weight, ignore_index, rows.numel())
+    return loss.to(input.dtype)
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
@@ -293,6 +393,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                          "(as in torch)")
     label_smoothing, z_loss, softcap = check_loss_options("cross_entropy", ignore_index, reduction,
                                                           label_smoothing, z_loss, softcap)
+    if z_loss == 0.0 and softcap == 0.0 and not compiling():
+        device_type = input.device.type
+        out = _native(input, target, weight, ignore_index, reduction, label_smoothing, classes,
+                      device_type == "cpu") if native_backend(device_type) else None
+        if out is not None:
+            return out
     # Rows of logits, the class dim last: a view for (N, C) and (C,); a copy for (N, C, d...).
     if input.dim() == 1:
         logits, tgt = input.unsqueeze(0), target.unsqueeze(0)
@@ -304,6 +410,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         logits = input.movedim(1, -1).reshape(-1, classes)
         tgt = target.movedim(1, -1).reshape(-1, classes) if target.is_floating_point() else target.reshape(-1)
         out_shape = input.shape[:1] + input.shape[2:]
-    loss_rows, _, _ = _cross_entropy(logits, tgt, weight, ignore_index, label_smoothing, z_loss, softcap)
+    loss_rows, _, _ = _cross_entropy_eager(logits, tgt, weight, ignore_index, label_smoothing, z_loss, softcap)
     return reduce(loss_rows, reduction, lambda: mean_divisor(tgt, weight, ignore_index, logits.shape[0]),
                   out_shape, input.dtype)

@@ -25,6 +25,13 @@ logits (one matmul more) and scales rows as it goes.
         -> (loss, dx, dweight, dbias)     (grads empty unless compute_grads)
     fastlm::linear_cross_entropy_bwd(dloss, x, weight, target, bias?, ..., backend, acc_dtype?)
         -> (dx, dweight, dbias)
+
+On the "torch" backend (the CPU path) a call without z_loss or softcap whose logits fit in one
+chunk (or are small: at most _SMALL_LOGITS elements, when chunk_size is not given) is
+F.linear then torch's F.cross_entropy (fastlm.cross_entropy's native path, with its
+semantics): one chunk holds the same logits as the unfused path, and torch's autograd is the
+cheapest there is. Otherwise the ops run, in eager mode through an EagerTwin
+(fastlm/ops/_eager.py); the custom ops are what torch.compile and opcheck see.
 """
 
 from __future__ import annotations
@@ -33,13 +40,19 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import get_backend
+from ..backend import get_backend, native_backend
+from . import cross_entropy as _ce
 from ._autocast import autocast_inputs, no_autocast
+from ._eager import EagerTwin, compiling
 from .cross_entropy import check_loss_options, check_targets_in_range, mean_divisor, pick_backend, rows_bwd, rows_fwd
 
 _REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
+# Logits of at most this many elements (1 MiB in float32) are formed whole on the CPU path
+# when chunk_size is not given: below that the chunking saves nothing that matters.
+_SMALL_LOGITS = 1 << 18
 
 
 def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
@@ -102,24 +115,24 @@ def _accumulate_grads(d: Tensor, x_chunk: Tensor, weight: Tensor, dx_chunk: Tens
         dbias += d.sum(0, dtype=dbias.dtype)
 
 
-@torch.library.custom_op("fastlm::linear_cross_entropy", mutates_args=())
 @no_autocast
-def _linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
-                          label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
-                          reduction: int, compute_grads: bool,
-                          acc_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _linear_cross_entropy_body(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                               ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+                               chunk_size: int, reduction: int, compute_grads: bool,
+                               acc_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_targets_in_range("linear_cross_entropy", target, weight.shape[0], ignore_index)
     backend = pick_backend("linear_cross_entropy", x, None)
     n = x.shape[0]
     loss_rows = torch.empty(n, dtype=_row_dtype(x), device=x.device)
     empty = x.new_empty(0)
     dx, dweight, dbias = empty, empty.clone(), empty.clone()
+    divisor = mean_divisor(target, None, ignore_index, n) if reduction == 2 else None
     if compute_grads:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         dweight = torch.zeros(weight.shape, dtype=resolve_acc_dtype(weight.dtype, acc_dtype), device=x.device)
         dbias = torch.zeros(weight.shape[0], dtype=_row_dtype(x), device=x.device) if bias is not None else empty
         # Upstream gradient of each row's loss for a loss gradient of 1: 1/divisor for "mean".
-        scale = (1.0 / mean_divisor(target, None, ignore_index, n).to(_row_dtype(x))) if reduction == 2 else \
+        scale = (1.0 / divisor.to(_row_dtype(x))) if reduction == 2 else \
             torch.ones((), dtype=_row_dtype(x), device=x.device)
     for start, end in _chunks(n, chunk_size):
         x_chunk, t_chunk = x[start:end], target[start:end]
@@ -136,12 +149,16 @@ def _linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Optio
     else:
         loss_out = loss_rows.sum()
         if reduction == 2:
-            loss_out = loss_out / mean_divisor(target, None, ignore_index, n)
+            loss_out = loss_out / divisor
     if bias is not None and compute_grads:
         dbias = dbias.to(bias.dtype)
     if compute_grads:
         dweight = dweight.to(weight.dtype)  # the one rounding of the sum
     return loss_out, dx, dweight, dbias
+
+
+_linear_cross_entropy = torch.library.custom_op("fastlm::linear_cross_entropy",
+                                                mutates_args=())(_linear_cross_entropy_body)
 
 
 @_linear_cross_entropy.register_fake
@@ -155,12 +172,11 @@ def _(x, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, c
             torch.empty_like(weight, memory_format=torch.contiguous_format), dbias)
 
 
-@torch.library.custom_op("fastlm::linear_cross_entropy_bwd", mutates_args=())
 @no_autocast
-def _linear_cross_entropy_bwd(dloss: Tensor, x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-                              ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
-                              chunk_size: int, backend: str,
-                              acc_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_cross_entropy_bwd_body(dloss: Tensor, x: Tensor, weight: Tensor, target: Tensor,
+                                   bias: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
+                                   softcap: float, chunk_size: int, backend: str,
+                                   acc_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
     chosen = pick_backend("linear_cross_entropy", x, None, backend)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dweight = torch.zeros(weight.shape, dtype=resolve_acc_dtype(weight.dtype, acc_dtype), device=x.device)
@@ -173,6 +189,10 @@ def _linear_cross_entropy_bwd(dloss: Tensor, x: Tensor, weight: Tensor, target: 
                      softcap, out=logits)
         _accumulate_grads(d, x_chunk, weight, dx[start:end], dweight, dbias)
     return dx, dweight.to(weight.dtype), (dbias.to(bias.dtype) if bias is not None else x.new_empty(0))
+
+
+_linear_cross_entropy_bwd = torch.library.custom_op("fastlm::linear_cross_entropy_bwd",
+                                                    mutates_args=())(_linear_cross_entropy_bwd_body)
 
 
 @_linear_cross_entropy_bwd.register_fake
@@ -199,24 +219,29 @@ def _setup_context(ctx, inputs, output):
         ctx.acc_dtype = acc_dtype
 
 
-def _backward(ctx, dloss, _ddx, _ddweight, _ddbias):
-    if ctx.precomputed:
-        dx, dweight, dbias = ctx.saved_tensors
-        dx, dweight = dx * dloss.to(dx.dtype), dweight * dloss.to(dweight.dtype)
-        dbias = dbias * dloss.to(dbias.dtype) if ctx.has_bias else None
-    else:
-        x, weight, target, bias = ctx.saved_tensors
-        if ctx.reduction != 0:  # a scalar loss whose gradients were not formed in the forward
-            if ctx.reduction == 2:
-                dloss = dloss / mean_divisor(target, None, ctx.options[0], x.shape[0])
-            dloss = dloss.expand(x.shape[0])
-        dx, dweight, dbias = _linear_cross_entropy_bwd(dloss, x, weight, target, bias, *ctx.options, ctx.backend,
-                                                       ctx.acc_dtype)
-        dbias = dbias if ctx.has_bias else None
-    return dx, dweight, None, dbias, None, None, None, None, None, None, None, None
+def _backward_with(linear_cross_entropy_bwd):
+    def backward(ctx, dloss, _ddx, _ddweight, _ddbias):
+        if ctx.precomputed:
+            dx, dweight, dbias = ctx.saved_tensors
+            dx, dweight = dx * dloss.to(dx.dtype), dweight * dloss.to(dweight.dtype)
+            dbias = dbias * dloss.to(dbias.dtype) if ctx.has_bias else None
+        else:
+            x, weight, target, bias = ctx.saved_tensors
+            if ctx.reduction != 0:  # a scalar loss whose gradients were not formed in the forward
+                if ctx.reduction == 2:
+                    dloss = dloss / mean_divisor(target, None, ctx.options[0], x.shape[0])
+                dloss = dloss.expand(x.shape[0])
+            dx, dweight, dbias = linear_cross_entropy_bwd(dloss, x, weight, target, bias, *ctx.options, ctx.backend,
+                                                          ctx.acc_dtype)
+            dbias = dbias if ctx.has_bias else None
+        return dx, dweight, None, dbias, None, None, None, None, None, None, None, None
+    return backward
 
 
-_linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+_linear_cross_entropy.register_autograd(_backward_with(_linear_cross_entropy_bwd), setup_context=_setup_context)
+# Eager calls skip the custom-op dispatch (fastlm/ops/_eager.py); torch.compile sees the custom op.
+_linear_cross_entropy_eager = EagerTwin(_linear_cross_entropy, _linear_cross_entropy_body, _setup_context,
+                                        _backward_with(_linear_cross_entropy_bwd_body), name="linear_cross_entropy")
 
 
 def _check_args(input, weight, target, bias):
@@ -251,6 +276,15 @@ def _check_args(input, weight, target, bias):
             raise ValueError(f"fastlm.{fn}: bias is on {bias.device} but input is on {input.device}")
 
 
+@no_autocast
+def _native(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int, reduction: str,
+            label_smoothing: float) -> Optional[Tensor]:
+    """The unfused path for logits that fit in one chunk: F.linear, then fastlm.cross_entropy's
+    native path (torch's F.cross_entropy with fastlm's semantics), autocast off as in the op."""
+    return _ce._native(F.linear(x, weight, bias), target, None, ignore_index, reduction, label_smoothing,
+                       weight.shape[0], x.device.type == "cpu", "linear_cross_entropy")
+
+
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                          z_loss: float = 0.0, softcap: Optional[float] = None,
@@ -266,7 +300,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     weight's dtype. (A float32 sum holds 4 bytes per weight element while the op runs;
     acc_dtype=weight.dtype saves that and rounds the sum once per chunk, as before.)
     """
-    input, weight, bias = autocast_inputs(input, weight, bias)
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+        input, weight, bias = autocast_inputs(input, weight, bias)
     _check_args(input, weight, target, bias)
     label_smoothing, z_loss, softcap = check_loss_options("linear_cross_entropy", ignore_index, reduction,
                                                           label_smoothing, z_loss, softcap)
@@ -276,13 +311,20 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     if acc_dtype is not None and acc_dtype not in _ACC_DTYPES:
         raise TypeError(f"fastlm.linear_cross_entropy: acc_dtype must be None or one of "
                         f"{[str(d) for d in _ACC_DTYPES]}, got {acc_dtype!r}")
-    x = input.reshape(-1, input.shape[-1])
-    t = target.reshape(-1)
-    chunk = chunk_size or default_chunk_size(x.shape[0], x.shape[1], weight.shape[0])
+    x = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+    t = target if target.dim() == 1 else target.reshape(-1)
+    n, vocab = x.shape[0], weight.shape[0]
+    if z_loss == 0.0 and softcap == 0.0 and acc_dtype is None and not compiling() \
+            and native_backend(input.device.type) \
+            and (n <= chunk_size if chunk_size is not None else n * vocab <= _SMALL_LOGITS):
+        loss = _native(x, weight, t, bias, ignore_index, reduction, label_smoothing)
+        if loss is not None:
+            return loss.reshape(target.shape) if reduction == "none" else loss
+    chunk = chunk_size or default_chunk_size(n, x.shape[1], vocab)
     code = _REDUCTION_CODES[reduction]
     wants_grad = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (input, weight, bias))
-    loss, _, _, _ = _linear_cross_entropy(x, weight, t, bias, ignore_index, label_smoothing, z_loss, softcap,
+    loss, _, _, _ = _linear_cross_entropy_eager(x, weight, t, bias, ignore_index, label_smoothing, z_loss, softcap,
                                           chunk, code, wants_grad and code != 0,
                                           resolve_acc_dtype(weight.dtype, acc_dtype))
     if code == 0:

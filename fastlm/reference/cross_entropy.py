@@ -29,6 +29,14 @@ The gradient of a row's loss with respect to its (soft-capped) logits is p * coe
 p = softmax(x), coef = sum_c q[c] + 2 * z_loss * lse and q the "target mass":
 q = (1 - eps) * w[y] * onehot(y) + (eps / C) * w, or q = w * t'. The forward returns coef
 per row so the backward reads nothing but the logits (and soft targets).
+
+Memory: no (R, C) one-hot or target-mass tensor is formed. The forward gathers the target's
+term and sums the smoothing term per row, with the products formed in place in its own
+log_softmax; the backward forms p * coef * dloss in one (R, C) tensor and takes q * dloss off
+where it lives: at the target (a scatter) and, for label smoothing, as a broadcast (C,) row.
+So a call holds the logits plus about one (R, C) tensor in the compute dtype (two with
+softcap), as torch's own cross_entropy does; probability targets in another dtype, or with
+label smoothing, add slices of a few MiB.
 """
 
 from __future__ import annotations
@@ -37,28 +45,48 @@ import torch
 from torch import Tensor
 
 
-def _softcap(x: Tensor, softcap: float) -> Tensor:
-    return softcap * torch.tanh(x / softcap) if softcap > 0 else x
+def _capped(logits: Tensor, dtype: torch.dtype, softcap: float) -> Tensor:
+    """The logits in ``dtype``, soft-capped when asked: a fresh tensor when capped, else a
+    view of the logits where their dtype is already ``dtype`` (so never written to)."""
+    if softcap > 0:
+        return logits.to(dtype, copy=True).div_(softcap).tanh_().mul_(softcap)
+    return logits.to(dtype)
 
 
-def _target_mass(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                 label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(q, counted, invalid): the target mass q per class, and per row whether it counts and
-    whether its class index is out of range."""
-    rows, classes = x.shape
-    w = weight.to(x.dtype) if weight is not None else torch.ones(classes, dtype=x.dtype, device=x.device)
-    if target.is_floating_point():
-        q = w * (target.to(x.dtype) * (1 - label_smoothing) + label_smoothing / classes)
-        ones = torch.ones(rows, dtype=torch.bool, device=x.device)
-        return q, ones, ~ones
+def _class_weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return weight.to(dtype) if weight is not None else None
+
+
+# Rows per slice where a (rows, C) temporary cannot be avoided (probability targets in
+# another dtype, or label smoothing over them): about 2^21 elements, so the temporaries stay
+# small next to the (R, C) tensors.
+_SLICE_ELEMENTS = 1 << 21
+
+
+def _row_slices(rows: int, classes: int):
+    step = max(1, _SLICE_ELEMENTS // max(classes, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def _soft_mass(target: Tensor, rows: slice, dtype: torch.dtype, label_smoothing: float, classes: int) -> Tensor:
+    """t' = (1 - eps) * t + eps / C for a slice of rows, in ``dtype`` (a fresh tensor)."""
+    t = target[rows].to(dtype, copy=True)
+    if label_smoothing > 0:
+        t.mul_(1 - label_smoothing).add_(label_smoothing / classes)
+    return t
+
+
+def _index_rows(target: Tensor, ignore_index: int, classes: int):
+    """(counted, invalid, valid, safe) for class-index targets: safe is an index always in
+    range (the target where it is valid, 0 where ignored, clamped where out of range; the
+    rows not valid never use what it points at). Five small ops: this runs on every call."""
     target = target.long()
     counted = target != ignore_index
-    invalid = counted & ((target < 0) | (target >= classes))
-    safe = torch.where(counted & ~invalid, target, 0)
-    onehot = torch.nn.functional.one_hot(safe, classes).to(x.dtype)
-    q = (1 - label_smoothing) * w[safe, None] * onehot + (label_smoothing / classes) * w
-    q = q * (counted & ~invalid)[:, None]
-    return q, counted, invalid
+    safe = torch.where(counted, target, 0)
+    clamped = safe.clamp(0, max(classes - 1, 0))
+    invalid = clamped != safe  # (an ignored row's 0 is in range)
+    return counted, invalid, counted ^ invalid, clamped
 
 
 def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
@@ -66,40 +94,110 @@ def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Tensor | None, ig
                        upcast: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, coef), all float32 (float64 for float64 logits)."""
     dtype = torch.float64 if logits.dtype == torch.float64 or not upcast else torch.float32
-    x = _softcap(logits.to(dtype), softcap)
+    rows, classes = logits.shape
+    x = _capped(logits, dtype, softcap)
+    w = _class_weight(weight, dtype)
     lse = torch.logsumexp(x, dim=-1)
-    logp = torch.log_softmax(x, dim=-1)  # as torch: NaN across a row with +inf or NaN, or only -inf
-    q, counted, invalid = _target_mass(x, target, weight, ignore_index, label_smoothing)
+    # As torch: NaN across a row with +inf or NaN, or only -inf. logp is this function's own
+    # (R, C) tensor, so the products below are formed in it, in place.
+    logp = torch.log_softmax(x, dim=-1)
+    del x
+    eps = label_smoothing
     if target.is_floating_point():
-        loss = -(q * logp).sum(-1)
+        # -sum_c w[c] t'[c] logp[c], each product formed as torch forms it (0 * -inf: NaN).
+        if w is not None:
+            logp.mul_(w)
+        for r in _row_slices(rows, classes):
+            logp[r].mul_(_soft_mass(target, r, dtype, eps, classes) if target.dtype != dtype or eps > 0
+                         else target[r])
+        loss = logp.sum(-1).neg_()
+        del logp
+        # coef = sum_c w[c] t'[c] = (1 - eps) * (t . w) + (eps / C) * sum(w)
+        if w is None:
+            mass = target.sum(-1, dtype=dtype)
+            coef = mass * (1 - eps) + eps
+        else:
+            mass = torch.cat([target[r].to(dtype) @ w for r in _row_slices(rows, classes)]) if rows \
+                else lse.new_zeros(0)
+            coef = mass * (1 - eps) + (eps / classes) * w.sum()
+        counted = None
     else:
+        counted, invalid, valid, safe = _index_rows(target, ignore_index, classes)
         # The target's term alone, gathered: the other classes' zero mass never meets their
         # log-probability (-inf for a -inf logit), as in torch's nll_loss.
-        safe = torch.where(counted & ~invalid, target.long(), 0)
-        w_t = weight.to(dtype)[safe] if weight is not None else 1.0
-        loss = -(1 - label_smoothing) * w_t * logp.gather(-1, safe[:, None])[:, 0]
-        if label_smoothing > 0:
-            w = weight.to(dtype) if weight is not None else 1.0
-            loss = loss - (label_smoothing / x.shape[-1]) * (w * logp).sum(-1)
+        w_t = w[safe] if w is not None else None
+        picked = logp.gather(-1, safe[:, None])[:, 0]
+        loss = picked.mul_(-(1 - eps))
+        if w_t is not None:
+            loss.mul_(w_t)
+        if eps > 0:
+            if w is not None:
+                logp.mul_(w)
+            loss.sub_(logp.sum(-1).mul_(eps / classes))
+        del logp
+        # coef = sum_c q[c] = (1 - eps) * w[y] + (eps / C) * sum(w), for the valid rows
+        if w is None:
+            coef = valid.to(dtype)
+        else:
+            coef = (w_t * (1 - eps) + (eps / classes) * w.sum()) * valid
     if z_loss > 0:
         loss = loss + z_loss * lse.square()
-    loss = torch.where(counted, loss, 0.0)
-    loss = torch.where(invalid, float("nan"), loss)
-    coef = q.sum(-1) + (2 * z_loss * lse if z_loss > 0 else 0.0)
-    coef = torch.where(counted, coef, 0.0)
+        coef = torch.add(coef, lse, alpha=2 * z_loss)
+        if counted is not None:
+            coef = torch.where(counted, coef, 0.0)
+    if counted is not None:  # (without z_loss coef is 0 off the valid rows already)
+        loss = torch.where(counted, loss, 0.0).masked_fill_(invalid, float("nan"))
     return loss, lse, coef
 
 
 def cross_entropy_rows_bwd(dloss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None,
                            lse: Tensor, coef: Tensor, ignore_index: int, label_smoothing: float,
-                           softcap: float) -> Tensor:
-    """Gradient of the per-row losses with respect to the logits, given their gradient."""
+                           softcap: float, out: Tensor | None = None) -> Tensor:
+    """Gradient of the per-row losses with respect to the logits, given their gradient:
+    (p * coef - q) * dloss, formed in one (R, C) tensor: p * (coef * dloss), then q * dloss
+    taken off where it lives (the target's class; the smoothing share as a broadcast row).
+    ``out`` (the logits themselves, say): form it there when it has the compute dtype."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    x = _softcap(logits.to(dtype), softcap)
-    q, counted, invalid = _target_mass(x, target, weight, ignore_index, label_smoothing)
-    p = torch.exp(x - lse[:, None].to(dtype))
-    g = torch.where(invalid, float("nan"), dloss.to(dtype))
-    grad = (p * coef[:, None].to(dtype) - q) * g[:, None]
+    rows, classes = logits.shape
+    eps = label_smoothing
+    w = _class_weight(weight, dtype)
+    g = dloss.to(dtype)
+    if target.is_floating_point():
+        invalid = None
+    else:
+        _, invalid, valid, safe = _index_rows(target, ignore_index, classes)
+        g = g.masked_fill(invalid, float("nan"))
+    if out is not None and (out.dtype != dtype or out.shape != logits.shape):
+        out = None
     if softcap > 0:
-        grad = grad * (1 - (x / softcap).square())
+        th = logits.to(dtype, copy=True).div_(softcap).tanh_()
+        grad = torch.mul(th, softcap, out=out) if out is not None else torch.mul(th, softcap)
+    else:
+        th = None
+        if out is None:
+            grad = logits.to(dtype, copy=True)
+        else:
+            grad = out if out is logits else out.copy_(logits)
+    grad.sub_(lse.to(dtype)[:, None]).exp_()            # p
+    grad.mul_((coef.to(dtype) * g)[:, None])            # p * coef * dloss
+    if target.is_floating_point():
+        for r in _row_slices(rows, classes):            # - w t' dloss
+            q = _soft_mass(target, r, dtype, eps, classes)
+            if w is not None:
+                q.mul_(w)
+            grad[r].sub_(q.mul_(g[r, None]))
+            del q  # one slice at a time
+    else:
+        gv = torch.where(valid, g, 0.0)  # (an invalid row is NaN already, through p * coef * g)
+        if eps > 0:                                     # - (eps / C) w dloss on every class
+            if w is not None:
+                grad.addr_(gv, w, alpha=-eps / classes)
+            else:
+                grad.sub_(gv.mul(eps / classes)[:, None])
+        at_target = gv * -(1 - eps)                     # - (1 - eps) w[y] dloss at the target
+        if w is not None:
+            at_target.mul_(w[safe])
+        grad.scatter_add_(1, safe[:, None], at_target[:, None])
+    if th is not None:                                  # the cap's derivative 1 - tanh^2
+        grad.mul_(th.square_().neg_().add_(1))
     return grad.to(logits.dtype)
