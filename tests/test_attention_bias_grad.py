@@ -19,7 +19,7 @@ import fastlm
 from fastlm.ops import attention as attn_ops
 from fastlm.testing import assert_close, summation_floor
 
-from .conftest import DEVICE
+from .conftest import DEVICE, ON_GPU
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -187,7 +187,10 @@ def test_bias_grad_with_softcap(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_qkv_grads_unchanged_by_bias_grad(backend):
-    """Asking for the bias's gradient changes nothing in q's, k's and v's."""
+    """Asking for the bias's gradient changes nothing in q's, k's and v's. On the "torch"
+    backend off CUDA the call is torch's own SDPA (issue 17), which runs its flash kernel
+    without the bias's gradient and its math path with it: the same numbers up to float32
+    rounding there, bit for bit on the kernels."""
     q, k, v, bias = inputs(2, 2, 2, 17, 20, 16, (1, 2, 17, 20), torch.float32)
     dout = torch.randn(2, 2, 17, 16, device=DEVICE)
     grads = []
@@ -198,7 +201,10 @@ def test_qkv_grads_unchanged_by_bias_grad(backend):
             out = fastlm.scaled_dot_product_attention(*leaves, attn_mask=b)
             grads.append(torch.autograd.grad(out, leaves + ([b] if bias_grad else []), dout))
     for a, b in zip(grads[0], grads[1][:3]):
-        assert torch.equal(a, b)
+        if backend == "torch" and not ON_GPU:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(a, b)
     assert grads[1][3].abs().sum() > 0
 
 

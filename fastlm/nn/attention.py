@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.attention import _attention, _seed_for
+from ..backend import native_backend
+from ..ops._eager import compiling
+from ..ops.attention import _attention_eager, _native_sdpa, _seed_for
 from ..reference.attention import visible
 
 _warned_need_weights = False
@@ -173,8 +175,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 mask = _kernel_mask(None, key_padding_mask, True, 0, B, H, L, S, q.dtype, q.device)
             out, weights = _attention_with_weights(q, k, v, mask, dropout_p)
         else:
-            out, _ = _attention(q, k, v, mask, None, None, None, _seed_for(dropout_p, q.device), D ** -0.5, False, -1,
-                                0 if kernel_causal else -1, 0.0, dropout_p, 0, 0)
+            out = None
+            if dropout_p == 0.0 and not (kernel_causal and mask is not None) and q.is_cpu and not compiling() \
+                    and native_backend("cpu"):
+                # the CPU path: torch's SDPA on (B, H, L, D) views, as fastlm.scaled_dot_product_attention
+                # (torch takes no mask beside is_causal: a padding mask with the causal rule stays here)
+                out = _native_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, kernel_causal,
+                                   D ** -0.5, False)
+                out = out.transpose(1, 2) if out is not None else None
+            if out is None:
+                out, _ = _attention_eager(q, k, v, mask, None, None, None, _seed_for(dropout_p, q.device), D ** -0.5,
+                                          False, -1, 0 if kernel_causal else -1, 0.0, dropout_p, 0, 0)
             weights = None
         out = out.flatten(-2)  # (B, L, E)
         if batched and not self.batch_first:

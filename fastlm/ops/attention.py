@@ -18,6 +18,13 @@ dense (B, H, L, S) one), the reference returns dS unreduced; the backward op sum
 to the mask's own (broadcastable) shape and casts it to the mask's dtype. Without mask_grad
 the backward op returns an empty dmask and the kernels store nothing more than before.
 
+Eager calls go through ``_attention_eager`` (fastlm/ops/_eager.py: the same body and backward
+without the custom-op dispatch); torch.compile and opcheck see the custom ops. On the "torch"
+backend with CPU tensors, scaled_dot_product_attention, flash_attn_func and
+nn.MultiheadAttention call torch's SDPA where it computes what fastlm does (issue 17); the
+reference serves fastlm's extras (soft-cap, windows, dropout's seeded mask, the lse, packed
+sequences, the KV cache).
+
 Dropout: each call draws one int64 seed with torch.randint on q's device, so from that
 device's own generator (on a GPU the CUDA generator's Philox offset, as SDPA and flash-attn
 draw theirs): torch.manual_seed / torch.cuda.manual_seed reproduce it, nothing is copied from
@@ -35,14 +42,20 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import get_backend, resolve
+from ..backend import get_backend, native_backend, resolve
 from ..reference import attention as ref
 from ._autocast import autocast_inputs, autocast_to, no_autocast
+from ._eager import EagerTwin, compiling
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+
+# Whether any autocast region is on: one C call, so the usual call skips autocast_inputs.
+_autocast_any = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -115,12 +128,20 @@ def _cuda_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], c
     return None
 
 
-def _pick(q: Tensor, v: Tensor, mask: Optional[Tensor], requested: Optional[str] = None,
-          cuda_why_not: Optional[str] = None) -> str:
-    return resolve("attention", q.device.type, {
-        "triton": _triton_unsupported(q, v, mask),
-        "cuda": cuda_why_not,
-    }, requested)
+def _pick(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+          seqused_k: Optional[Tensor], softcap: float, dropout_p: float, requested: Optional[str] = None) -> str:
+    """The backend for one call. The reasons a kernel cannot run it are worked out only for
+    the kernel that may run it (the "torch" backend needs none; the CUDA C++ kernels' only
+    when "cuda" is requested: "auto" tries Triton alone), so a call pays for no messages."""
+    if requested is None:
+        requested = get_backend()
+    device_type = q.device.type
+    if requested == "torch" or (requested == "auto" and device_type != "cuda"):
+        return "torch"
+    reasons = {"triton": _triton_unsupported(q, v, mask)}
+    if requested == "cuda":
+        reasons["cuda"] = _cuda_unsupported(q, k, v, mask, cu_seqlens_q, seqused_k, softcap, dropout_p)
+    return resolve("attention", device_type, reasons, requested)
 
 
 def _cuda_ready(t: Tensor) -> Tensor:
@@ -188,15 +209,13 @@ def _keep(backend, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout
 
 # ----------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("fastlm::attention", mutates_args=())
 @no_autocast
-def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-               cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], seed: Optional[Tensor], scale: float,
-               bottom_right: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
-               max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
+def _attention_body(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                    cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], seed: Optional[Tensor], scale: float,
+                    bottom_right: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
+                    max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
     _check_seed("fastlm::attention", seed, dropout_p, q)
-    backend = _pick(q, v, mask, cuda_why_not=_cuda_unsupported(q, k, v, mask, cu_seqlens_q, seqused_k, softcap,
-                                                                dropout_p))
+    backend = _pick(q, k, v, mask, cu_seqlens_q, seqused_k, softcap, dropout_p)
     if backend == "cuda":
         return _cuda_attention_fwd(q, k, v, scale, bottom_right, window_left, window_right)
     if backend == "triton":
@@ -215,6 +234,9 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+_attention = torch.library.custom_op("fastlm::attention", mutates_args=())(_attention_body)
+
+
 @_attention.register_fake
 def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seqused_k, seed, scale, bottom_right, window_left, window_right,
       softcap, dropout_p, max_seqlen_q, max_seqlen_k):
@@ -227,17 +249,16 @@ def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seqused_k, seed, scale, bottom_
     return out, lse
 
 
-@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
 @no_autocast
-def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
-                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor],
-                   scale: float, bottom_right: bool, window_left: int, window_right: int, softcap: float,
-                   dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, backend: str,
-                   mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _attention_bwd_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                        seed: Optional[Tensor], scale: float, bottom_right: bool, window_left: int, window_right: int,
+                        softcap: float, dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, backend: str,
+                        mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if mask_grad and (mask is None or not mask.is_floating_point() or cu_seqlens_q is not None):
         raise ValueError("fastlm::attention_bwd: mask_grad needs a float mask on a dense batch")
     _check_seed("fastlm::attention_bwd", seed, dropout_p, q)
-    chosen = _pick(q, v, mask, backend, _cuda_unsupported(q, k, v, mask, cu_seqlens_q, None, softcap, dropout_p))
+    chosen = _pick(q, k, v, mask, cu_seqlens_q, None, softcap, dropout_p, backend)
     if chosen == "cuda":
         return _cuda_attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right) + \
             (q.new_empty(0),)
@@ -255,6 +276,9 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         return grads + (q.new_empty(0),)
     # dS summed over the dimensions the mask is broadcast along, in float32, then cast.
     return grads[:3] + (grads[3].sum_to_size(mask.shape).to(mask.dtype),)
+
+
+_attention_bwd = torch.library.custom_op("fastlm::attention_bwd", mutates_args=())(_attention_bwd_body)
 
 
 @_attention_bwd.register_fake
@@ -275,21 +299,48 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = get_backend()
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
-    mask_grad = bool(ctx.needs_input_grad[3])  # only a float mask can require grad
-    dq, dk, dv, dmask = _attention_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, seed, *ctx.options, ctx.backend,
-                                       mask_grad)
-    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None, None, None, None, None, None, \
-        None, None
+_NO_GRADS = (None,) * 12  # for the options after q, k, v and the mask
 
 
-_attention.register_autograd(_backward, setup_context=_setup_context)
+def _backward_with(attention_bwd):
+    """The backward formula, calling ``attention_bwd``: the backward custom op for the
+    registered autograd formula (AOTAutograd traces it), its body for the eager twin."""
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
+        mask_grad = bool(ctx.needs_input_grad[3])  # only a float mask can require grad
+        dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, seed, *ctx.options, ctx.backend,
+                                          mask_grad)
+        return (dq, dk, dv, dmask if mask_grad else None) + _NO_GRADS
+    return backward
+
+
+_attention.register_autograd(_backward_with(_attention_bwd), setup_context=_setup_context)
+# Eager calls skip the custom-op dispatch (fastlm/ops/_eager.py); torch.compile sees _attention.
+_attention_eager = EagerTwin(_attention, _attention_body, _setup_context, _backward_with(_attention_bwd_body),
+                             name="attention")
 
 
 # ----------------------------------------------------------------------------- argument checks
 
 def _check_qkv(fn: str, q, k, v, packed: bool = False):
+    """q, k, v as the kernels take them. The usual call passes the first test, a handful of
+    attribute reads (issue 17: validation runs on every call); anything else goes through the
+    checks one by one, which raise the error naming the argument."""
+    dims = 3 if packed else 4
+    if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor) and q.is_floating_point() \
+            and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == dims and k.dim() == dims \
+            and v.dim() == dims:
+        dev = q.device
+        if k.device == dev and v.device == dev:
+            qs, ks, vs = q.shape, k.shape, v.shape
+            hk = ks[-2]
+            if ks[:-1] == vs[:-1] and (packed or ks[0] == qs[0]) and ks[-1] == qs[-1] and qs[-1] != 0 \
+                    and hk != 0 and qs[-2] % hk == 0:
+                return
+    _check_qkv_one_by_one(fn, q, k, v, packed)
+
+
+def _check_qkv_one_by_one(fn: str, q, k, v, packed: bool):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
@@ -328,6 +379,8 @@ def _check_scale(fn: str, name: str, scale, head_dim: int) -> float:
 
 
 def _check_dropout(fn: str, name: str, p) -> float:
+    if p.__class__ is float and 0.0 <= p < 1.0:  # the usual call
+        return p
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0):
         raise ValueError(f"fastlm.{fn}: {name} must be a number in [0, 1), got {p!r}")
     return float(p)
@@ -354,6 +407,16 @@ def _seed_for(dropout_p: float, device) -> Optional[Tensor]:
     return draw_dropout_seed(device) if dropout_p > 0 else None
 
 
+_NO_WINDOW = (-1, -1)  # the default window_size: checked by identity, not element by element
+
+
+def _window_of(fn: str, causal, window_size) -> tuple[int, int]:
+    """(window_left, window_right) of a call's causal and window_size arguments."""
+    if window_size is _NO_WINDOW:
+        return (-1, 0) if causal else _NO_WINDOW
+    return _window(bool(causal), _check_window(fn, window_size))
+
+
 def _window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
     left, right = window_size
     return (left, 0) if causal else (left, right)
@@ -362,23 +425,74 @@ def _window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- FlashAttention's interfaces
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
-                    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    causal: bool = False, window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0,
                     return_lse: bool = False):
     """FlashAttention's flash_attn_func: q (B, L, H, D), k and v (B, S, Hk, D), Hk dividing H.
 
     causal and window_size are aligned bottom-right (query i sees keys up to i + S - L), so a
     single query attends to the whole cache. Returns out (B, L, H, Dv), and with return_lse
-    also the logsumexp (B, H, L) in float32 (+inf on rows that see no key)."""
+    also the logsumexp (B, H, L) in float32 (+inf on rows that see no key).
+
+    On the "torch" backend with CPU tensors (the CPU path) a call without soft-cap, window
+    (but causal), dropout or lse is torch's SDPA on (B, H, S, D) views (see _native_flash)."""
     fn = "flash_attn_func"
-    q, k, v = autocast_inputs(q, k, v)
+    if _autocast_any():
+        q, k, v = autocast_inputs(q, k, v)
     _check_qkv(fn, q, k, v)
     dropout_p = _check_dropout(fn, "dropout_p", dropout_p)
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
-    left, right = _window(bool(causal), _check_window(fn, window_size))
+    left, right = _window_of(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
-    out, lse = _attention(q, k, v, None, None, None, None, _seed_for(dropout_p, q.device), scale, True, left, right,
-                          softcap, dropout_p, 0, 0)
+    if not return_lse and dropout_p == 0.0 and softcap == 0.0 and left == -1 and right <= 0 and not compiling() \
+            and q.is_cpu and native_backend("cpu"):
+        out = _native_flash(q, k, v, scale, right == 0)
+        if out is not None:
+            return out
+    out, lse = _attention_eager(q, k, v, None, None, None, None, _seed_for(dropout_p, q.device), scale, True, left,
+                                right, softcap, dropout_p, 0, 0)
     return (out, lse) if return_lse else out
+
+
+def _special_in(q: Tensor, k: Tensor, mask: Optional[Tensor] = None) -> bool:
+    """Whether q or k may hold a NaN or an infinity, or a float mask a NaN or +inf (one sum
+    each, on CPU tensors: no device sync). torch's CPU flash-attention kernel gives 0 (or NaN
+    on a row that sees no key) where fastlm's reference gives NaN (or 0) for such scores
+    (tests/test_properties.py pins the reference's answers): those calls run on the
+    reference. A sum that overflows also says True, which is harmless (the reference is
+    right for any input); a mask's -inf (a hidden key) is the usual case and says False."""
+    total = q.sum().item() + k.sum().item()
+    if total - total != 0.0:  # inf or NaN
+        return True
+    if mask is not None:
+        m = mask.sum().item()
+        return m != m or m == math.inf
+    return False
+
+
+def _native_flash(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Optional[Tensor]:
+    """flash_attn_func on the "torch" backend (the CPU path), for the calls torch's SDPA
+    computes: no window but causal, no soft-cap, no dropout (the reference draws fastlm's
+    mask for the seed, which torch's dropout cannot), no lse wanted. The (B, S, H, D)
+    tensors go in as (B, H, S, D) views; causal aligned bottom-right is torch's is_causal when
+    L == S, nothing when L == 1 (the one query sees every key), else an (L, S) boolean mask
+    (rows that see no key, L > S, get 0 as from the reference). Empty tensors go to the
+    reference, and so do non-finite queries and keys (see _special_in). Returns out
+    (B, L, H, Dv), contiguous as the reference's. CPU tensors only: on CUDA the "torch" backend stays the
+    reference, whose meaning (0 where a row sees no key, NaN kept) torch's fused CUDA kernels
+    do not promise."""
+    L, S = q.shape[1], k.shape[1]
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0 or _special_in(q, k):
+        return None
+    mask = None
+    is_causal = False
+    if causal and L != 1:
+        if L == S:
+            is_causal = True
+        else:
+            mask = ref.visible(L, S, True, -1, 0, q.device)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2).contiguous()
 
 
 _INT32_MIN, _INT32_MAX = -2 ** 31, 2 ** 31 - 1
@@ -424,7 +538,7 @@ def _check_cu_values(fn: str, name: str, cu: Tensor, rows: int, of: str, max_nam
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
                            softmax_scale: Optional[float] = None, causal: bool = False,
-                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, return_lse: bool = False):
+                           window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0, return_lse: bool = False):
     """Packed sequences without padding: q (total_q, H, D), k and v (total_k, Hk, D); sequence b
     is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (likewise for k). max_seqlen_q/k bound the
     lengths. The offsets must start at 0, never decrease, end at the rows of q (of k), and
@@ -434,7 +548,8 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     length to max_seqlen, so a bad value gives wrong rows (or leaves rows unwritten),
     never a read or write outside q, k, v or the output. The lse is (H, total_q)."""
     fn = "flash_attn_varlen_func"
-    q, k, v = autocast_inputs(q, k, v)
+    if _autocast_any():
+        q, k, v = autocast_inputs(q, k, v)
     _check_qkv(fn, q, k, v, packed=True)
     cu_q = _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, q)
     cu_k = _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, q)
@@ -448,10 +563,10 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     _check_cu_values(fn, "cu_seqlens_k", cu_k, k.shape[0], "k", "max_seqlen_k", max_seqlen_k)
     dropout_p = _check_dropout(fn, "dropout_p", dropout_p)
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
-    left, right = _window(bool(causal), _check_window(fn, window_size))
+    left, right = _window_of(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
-    out, lse = _attention(q, k, v, None, cu_q, cu_k, None, _seed_for(dropout_p, q.device), scale, True, left, right,
-                          softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    out, lse = _attention_eager(q, k, v, None, cu_q, cu_k, None, _seed_for(dropout_p, q.device), scale, True, left,
+                                right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
     return (out, lse) if return_lse else out
 
 
@@ -475,7 +590,7 @@ def _check_cache_seqlens(fn: str, cache_seqlens, n: int, S_max: int):
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
                             v: Optional[Tensor] = None, cache_seqlens=None, softmax_scale: Optional[float] = None,
-                            causal: bool = True, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0):
+                            causal: bool = True, window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0):
     """Generation with a KV cache: q (B, L, H, D), caches (B, S_max, Hk, D).
 
     If k and v (B, L_new, Hk, D) are given they are written into the caches in place at each
@@ -512,7 +627,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         raise ValueError(f"fastlm.{fn}: cache_seqlens must be None, an int or a ({B},) int tensor, "
                          f"got {cache_seqlens!r}")
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
-    left, right = _window(bool(causal), _check_window(fn, window_size))
+    left, right = _window_of(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
     with torch.no_grad():
         n = 0
@@ -533,8 +648,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
             k_cache[batch, rows] = k
             v_cache[batch, rows] = v
             seqlens = seqlens + n
-        out, _ = _attention(q, k_cache, v_cache, None, None, None, seqlens, None, scale, True, left, right, softcap,
-                            0.0, 0, 0)
+        out, _ = _attention_eager(q, k_cache, v_cache, None, None, None, seqlens, None, scale, True, left, right,
+                                  softcap, 0.0, 0, 0)
     return out
 
 
@@ -548,47 +663,39 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     attn_mask is boolean (True takes part) or additive, broadcastable to (..., H, L, S).
     A query that sees no key gives 0 (torch may give NaN). A float attn_mask that requires grad
     gets one, as in torch (an additive bias: T5's relative positions, ALiBi-like learned slopes);
-    a query that sees no key gives it 0."""
+    a query that sees no key gives it 0.
+
+    On the "torch" backend with CPU tensors (the CPU path) the call is torch's own SDPA
+    wherever that computes the same thing (see _native_sdpa); dropout keeps fastlm's seeded
+    mask on the reference."""
     fn = "scaled_dot_product_attention"
-    query, key, value = autocast_inputs(query, key, value)
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"fastlm.{fn}: {name} must be floating point, got dtype {t.dtype}")
-        if t.dim() < 2:
-            raise ValueError(f"fastlm.{fn}: {name} must be at least 2-D (..., L, E), got shape {list(t.shape)}")
-    for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but query has {query.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but query is on {query.device}")
-        if t.dim() != query.dim():
-            raise ValueError(f"fastlm.{fn}: {name} has {t.dim()} dims but query has {query.dim()}")
-    if key.shape[-2] != value.shape[-2] or key.shape[:-3] != value.shape[:-3] or \
-            (key.dim() >= 3 and key.shape[-3] != value.shape[-3]):
+    if _autocast_any():
+        query, key, value = autocast_inputs(query, key, value)
+    # The usual call passes this first test, a handful of attribute reads (issue 17); anything
+    # else goes through the checks one by one, which raise the error naming the argument.
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
+            and query.is_floating_point() and key.dtype == query.dtype and value.dtype == query.dtype
+            and query.dim() >= 2 and key.dim() == query.dim() and value.dim() == query.dim()
+            and key.device == query.device and value.device == query.device):
+        _check_sdpa_tensors(fn, query, key, value)
+    qs, ks = query.shape, key.shape
+    if ks[:-1] != value.shape[:-1]:  # L and the batch and head dims
         raise ValueError(f"fastlm.{fn}: key {list(key.shape)} and value {list(value.shape)} must agree but for E")
-    if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"fastlm.{fn}: key has E = {key.shape[-1]} but query has {query.shape[-1]}")
-    if query.shape[-1] == 0:
+    E = qs[-1]
+    if ks[-1] != E:
+        raise ValueError(f"fastlm.{fn}: key has E = {ks[-1]} but query has {E}")
+    if E == 0:
         raise ValueError(f"fastlm.{fn}: query and key must have E > 0 (the head dim), got shape "
                          f"{list(query.shape)}")
-    if query.shape[:-3] != key.shape[:-3]:
-        raise ValueError(f"fastlm.{fn}: query and key batch dims differ: {list(query.shape[:-3])} and "
-                         f"{list(key.shape[:-3])}")
+    if qs[:-3] != ks[:-3]:
+        raise ValueError(f"fastlm.{fn}: query and key batch dims differ: {list(qs[:-3])} and "
+                         f"{list(ks[:-3])}")
     dropout_p = _check_dropout(fn, "dropout_p", dropout_p)
-    scale = _check_scale(fn, "scale", scale, query.shape[-1])
+    scale = _check_scale(fn, "scale", scale, E)
     if is_causal and attn_mask is not None:
         raise ValueError(f"fastlm.{fn}: attn_mask and is_causal=True cannot be given together (as in torch)")
-    L, S = query.shape[-2], key.shape[-2]
-    # Lay out as (B, L, H, E) views: (..., H, L, E) -> (prod(...), H, L, E) -> transpose.
-    if query.dim() == 2:
-        q4, k4, v4 = (t[None, None] for t in (query, key, value))
-    elif query.dim() == 3:
-        q4, k4, v4 = (t[None] for t in (query, key, value))
-    else:
-        q4, k4, v4 = (t.reshape((-1,) + t.shape[-3:]) for t in (query, key, value))
-    H, Hk = q4.shape[1], k4.shape[1]
+    L, S = qs[-2], ks[-2]
+    H, Hk = (qs[-3], ks[-3]) if len(qs) >= 3 else (1, 1)
     if H != Hk:
         if not enable_gqa:
             raise ValueError(f"fastlm.{fn}: query has {H} heads but key has {Hk}; pass enable_gqa=True for grouped "
@@ -603,13 +710,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             raise TypeError(f"fastlm.{fn}: attn_mask must be boolean or floating point, got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ValueError(f"fastlm.{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
-        try:
-            full = torch.broadcast_shapes(attn_mask.shape, query.shape[:-1] + (S,))
-        except RuntimeError:
-            full = None
-        if full != query.shape[:-1] + (S,):
+        full = query.shape[:-1] + (S,)
+        if attn_mask.dim() > len(full) or any(m != 1 and m != n for m, n in zip(reversed(attn_mask.shape),
+                                                                               reversed(full))):
             raise ValueError(f"fastlm.{fn}: attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
-                             f"{list(query.shape[:-1] + (S,))}")
+                             f"{list(full)}")
+    if dropout_p == 0.0 and query.is_cpu and not compiling() and native_backend("cpu"):
+        out = _native_sdpa(query, key, value, attn_mask, is_causal, scale, H != Hk)
+        if out is not None:
+            return out
+    if attn_mask is not None:
         # Kept in its broadcastable shape (leading 1s added), not expanded: the kernels
         # broadcast it by stride 0, and its gradient is summed to this shape in float32.
         mask = attn_mask
@@ -620,8 +730,54 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             if any(n != 1 for n in lead):
                 mask = mask.expand(query.shape[:-3] + mask.shape[-3:])
             mask = mask.reshape((-1,) + mask.shape[-3:])
-    out, _ = _attention(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), mask, None, None, None,
-                        _seed_for(dropout_p, query.device), scale, False, -1, 0 if is_causal else -1, 0.0,
-                        dropout_p, 0, 0)
+    # Lay out as (B, L, H, E) views: (..., H, L, E) -> (prod(...), H, L, E) -> transpose.
+    if query.dim() == 2:
+        q4, k4, v4 = (t[None, None] for t in (query, key, value))
+    elif query.dim() == 3:
+        q4, k4, v4 = (t[None] for t in (query, key, value))
+    else:
+        # the batch dims' product, not -1: an empty key (S = 0) makes -1 ambiguous
+        q4, k4, v4 = (t.reshape((math.prod(t.shape[:-3]),) + t.shape[-3:]) for t in (query, key, value))
+    out, _ = _attention_eager(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), mask, None, None, None,
+                              _seed_for(dropout_p, query.device), scale, False, -1, 0 if is_causal else -1, 0.0,
+                              dropout_p, 0, 0)
     out = out.transpose(1, 2)  # (B, H, L, Ev)
     return out.reshape(query.shape[:-1] + (value.shape[-1],))
+
+
+def _check_sdpa_tensors(fn: str, query, key, value) -> None:
+    """query, key and value checked one by one: raises the error naming the first bad one."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"fastlm.{fn}: {name} must be floating point, got dtype {t.dtype}")
+        if t.dim() < 2:
+            raise ValueError(f"fastlm.{fn}: {name} must be at least 2-D (..., L, E), got shape {list(t.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but query has {query.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but query is on {query.device}")
+        if t.dim() != query.dim():
+            raise ValueError(f"fastlm.{fn}: {name} has {t.dim()} dims but query has {query.dim()}")
+
+
+def _native_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                 scale: float, gqa: bool) -> Optional[Tensor]:
+    """scaled_dot_product_attention on the "torch" backend (the CPU path): torch's own SDPA,
+    which computes the same thing (rows that see no key give 0 and zero gradients there
+    since torch 2.5, as the reference's; a float mask that requires grad gets torch's
+    gradient, summed to its shape) with torch's autograd. None, for the reference, where
+    fastlm's meaning differs: a float mask of another dtype than the inputs (the reference
+    adds it in float32 or float64 unrounded), or empty tensors. Dropout never comes here: the
+    reference draws the mask fastlm promises for the call's seed. Non-finite queries and keys, and
+    NaN or +inf in a float mask, go to the reference too (see _special_in). CPU tensors only, as _native_flash."""
+    if attn_mask is not None and attn_mask.dtype != query.dtype and attn_mask.dtype != torch.bool:
+        return None
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        return None
+    if _special_in(query, key, attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None):
+        return None
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=gqa)

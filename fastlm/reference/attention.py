@@ -46,21 +46,35 @@ def visible(L: int, S: int, bottom_right: bool, window_left: int, window_right: 
     return ok
 
 
-def _scores(q: Tensor, k: Tensor, scale: float, softcap: float, mask: Optional[Tensor], ok: Tensor):
-    """(B, H, L, S) scores with everything invisible at -inf; also tanh of the capped scores."""
+def _visible_or_none(L: int, S: int, bottom_right: bool, window_left: int, window_right: int,
+                     device) -> Optional[Tensor]:
+    """visible(...), or None where every query sees every key (no window)."""
+    if window_left < 0 and window_right < 0:
+        return None
+    return visible(L, S, bottom_right, window_left, window_right, device)
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, softcap: float, mask: Optional[Tensor], ok: Optional[Tensor],
+            keep_tanh: bool = False):
+    """(B, H, L, S) scores with everything invisible at -inf; with keep_tanh also tanh of the
+    capped scores (the backward's). One (B, H, L, S) tensor, updated in place, as torch's
+    math path holds (the boolean masks stay in their own broadcast shapes)."""
     group = q.shape[2] // k.shape[2]
     kk = k.repeat_interleave(group, dim=2) if group > 1 else k
-    s = torch.einsum("blhd,bshd->bhls", q, kk) * scale
+    s = torch.einsum("blhd,bshd->bhls", q, kk).mul_(scale)
     th = None
     if softcap > 0:
-        th = torch.tanh(s / softcap)
-        s = softcap * th
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            ok = ok & mask
-        else:
-            s = s + mask.to(s.dtype)
-    return torch.where(ok, s, float("-inf")), th, kk
+        s.div_(softcap).tanh_()
+        if keep_tanh:
+            th = s.clone()
+        s.mul_(softcap)
+    if mask is not None and mask.dtype != torch.bool:
+        s.add_(mask.to(s.dtype))
+    if ok is not None:
+        s.masked_fill_(~ok, float("-inf"))
+    if mask is not None and mask.dtype == torch.bool:
+        s.masked_fill_(~mask, float("-inf"))
+    return s, th, kk
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -73,14 +87,13 @@ def attention_dense(q, k, v, scale: float, bottom_right: bool, window_left: int,
     dt = _compute_dtype(q)
     B, L, H, _ = q.shape
     S = k.shape[1]
-    ok = visible(L, S, bottom_right, window_left, window_right, q.device)
+    ok = _visible_or_none(L, S, bottom_right, window_left, window_right, q.device)
     s, _, _ = _scores(q.to(dt), k.to(dt), scale, softcap, mask, ok)
     lse = torch.logsumexp(s, dim=-1)  # -inf where a row sees nothing
-    empty = torch.isneginf(lse)
-    lse = torch.where(empty, float("inf"), lse)
-    p = torch.exp(s - lse[..., None])  # 0 on rows that see nothing
+    lse.masked_fill_(torch.isneginf(lse), float("inf"))
+    p = s.sub_(lse[..., None]).exp_()  # in place (s is not needed again): 0 on rows that see nothing
     if keep is not None:
-        p = p * keep.to(dt) / (1 - dropout_p)
+        p.mul_(keep).div_(1 - dropout_p)
     group = H // k.shape[2]
     vv = v.to(dt).repeat_interleave(group, dim=2) if group > 1 else v.to(dt)
     out = torch.einsum("bhls,bshd->blhd", p, vv)
@@ -97,23 +110,25 @@ def attention_dense_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: boo
     B, L, H, D = q.shape
     S, Hk = k.shape[1], k.shape[2]
     group = H // Hk
-    ok = visible(L, S, bottom_right, window_left, window_right, q.device)
+    ok = _visible_or_none(L, S, bottom_right, window_left, window_right, q.device)
     qd, do = q.to(dt), dout.to(dt)
-    s, th, kk = _scores(qd, k.to(dt), scale, softcap, mask, ok)
-    p = torch.exp(s - lse.to(dt)[..., None])
+    s, th, kk = _scores(qd, k.to(dt), scale, softcap, mask, ok, keep_tanh=True)
+    p = s.sub_(lse.to(dt)[..., None]).exp_()  # in place: s is not needed again
     vv = v.to(dt).repeat_interleave(group, dim=2) if group > 1 else v.to(dt)
     dp = torch.einsum("blhd,bshd->bhls", do, vv)
     delta = (do * out.to(dt)).sum(-1).transpose(1, 2)  # (B, H, L): sum_j p_ij dp_ij
     if keep is not None:
-        pd = p * keep.to(dt) / (1 - dropout_p)
-        dp = dp * keep.to(dt) / (1 - dropout_p)
+        dv = torch.einsum("bhls,blhd->bshd", (p * keep).div_(1 - dropout_p), do)
+        dp.mul_(keep).div_(1 - dropout_p)
     else:
-        pd = p
-    dv = torch.einsum("bhls,blhd->bshd", pd, do)
-    ds = p * (dp - delta[..., None])  # d(loss)/d(final scores): the additive mask's gradient
+        dv = torch.einsum("bhls,blhd->bshd", p, do)
+    ds = dp.sub_(delta[..., None]).mul_(p)  # d(loss)/d(final scores): the additive mask's gradient
+    del p, dp
     dbias = ds
     if th is not None:
-        ds = ds * (1 - th.square())
+        if bias_grad:
+            ds = ds.clone()
+        ds.mul_(th.square_().neg_().add_(1))
     dq = torch.einsum("bhls,bshd->blhd", ds, kk) * scale
     dk = torch.einsum("bhls,blhd->bshd", ds, qd) * scale
     if group > 1:
