@@ -214,3 +214,22 @@ def test_linear_fast_path_refuses_what_torch_would_take():
     y, names = dispatched(lambda: fastlm.linear(x, w, None, "gelu_tanh"))
     assert fastlm_ops(names) == []
     assert torch.equal(y, F.gelu(F.linear(x, w), approximate="tanh"))
+
+
+@pytest.mark.parametrize("L_new,start", [(1, 0), (1, 6), (3, 4), (0, 9)])
+def test_kvcache_cpu_path_is_sdpa_and_matches_the_reference(L_new, start):
+    """An int cache_seqlens (a model's decode loop) on CPU: the cache write is a slice and the
+    attention torch's SDPA; the same call with a tensor cache_seqlens takes the reference."""
+    B, S_max, H, Hk, D = 2, 12, 4, 2, 8
+    q = torch.randn(B, max(L_new, 1), H, D, dtype=torch.float64)
+    kc, vc = torch.randn(B, S_max, Hk, D, dtype=torch.float64), torch.randn(B, S_max, Hk, D, dtype=torch.float64)
+    k = torch.randn(B, L_new, Hk, D, dtype=torch.float64) if L_new else None
+    v = torch.randn(B, L_new, Hk, D, dtype=torch.float64) if L_new else None
+    kc2, vc2 = kc.clone(), vc.clone()
+    seen = start if L_new else start
+    got, names = dispatched(lambda: fastlm.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=seen, causal=True))
+    assert fastlm_ops(names) == []
+    assert any("scaled_dot_product" in n or "_flash_attention" in n for n in names), names
+    want = fastlm.flash_attn_with_kvcache(q, kc2, vc2, k, v, cache_seqlens=torch.full((B,), seen), causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)

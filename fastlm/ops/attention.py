@@ -640,6 +640,20 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
             if n > S_max:
                 raise ValueError(f"fastlm.{fn}: {n} new keys do not fit the cache length {S_max}")
         _check_cache_seqlens(fn, cache_seqlens, n, S_max)
+        if (cache_seqlens is None or type(cache_seqlens) is int) and softcap == 0.0 and left == -1 and right <= 0 \
+                and not compiling() and q.is_cpu and native_backend("cpu"):
+            # The CPU path (a model's decode loop passes an int): the write is a slice, then
+            # torch's SDPA over the filled part of the caches, as flash_attn_func's CPU path.
+            start = S_max if cache_seqlens is None else cache_seqlens
+            total = start + n
+            if k is not None:
+                k_cache[:, start:total] = k
+                v_cache[:, start:total] = v
+                k = v = None  # written: the reference below (non-finite inputs) must not write again
+            out = _native_flash(q, k_cache[:, :total], v_cache[:, :total], scale, right == 0)
+            if out is not None:
+                return out
+            seqlens = torch.full((B,), total, dtype=torch.int32, device=q.device)
         if k is not None:
             # Clamped into each batch's own cache rows: on CUDA the lengths are not checked
             # (a host sync), and a bad one must not write into another batch's cache.
