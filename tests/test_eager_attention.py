@@ -271,7 +271,15 @@ def test_non_finite_inputs_run_the_reference(torch_sdpa_calls, special):
     with fastlm.use_backend("torch"):
         out = fastlm.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         flash = fastlm.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-    assert len(torch_sdpa_calls) == (NATIVE if where == "mask" else 0)  # flash_attn_func takes no mask
+    # sdpa checks its inputs first; flash_attn_func (no mask) runs torch's SDPA and checks its
+    # output for the rows torch zeroes (fastlm.ops.attention._has_zero_row), then the reference
+    flash_calls = 0 if where == "mask" else 1
+    assert len(torch_sdpa_calls) == (NATIVE if where == "mask" else 0) + flash_calls
+    if where != "mask":
+        want_flash = attn_ops._attention_eager(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None,
+                                               None, None, None, E ** -0.5, True, -1, 0, 0.0, 0.0, 0, 0)[0]
+        torch.testing.assert_close(flash, want_flash, equal_nan=True)
+        assert flash.isnan().any()
     expected = attn_ops._attention_eager(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, None, None,
                                          None, None, E ** -0.5, False, -1, -1, 0.0, 0.0, 0, 0)[0].transpose(1, 2)
     torch.testing.assert_close(out, expected, equal_nan=True)

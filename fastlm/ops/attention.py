@@ -460,7 +460,7 @@ def _special_in(q: Tensor, k: Tensor, mask: Optional[Tensor] = None) -> bool:
     (tests/test_properties.py pins the reference's answers): those calls run on the
     reference. A sum that overflows also says True, which is harmless (the reference is
     right for any input); a mask's -inf (a hidden key) is the usual case and says False."""
-    total = q.sum().item() + k.sum().item()
+    total = (q.sum() + k.sum()).item()
     if total - total != 0.0:  # inf or NaN
         return True
     if mask is not None:
@@ -476,12 +476,12 @@ def _native_flash(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -
     tensors go in as (B, H, S, D) views; causal aligned bottom-right is torch's is_causal when
     L == S, nothing when L == 1 (the one query sees every key), else an (L, S) boolean mask
     (rows that see no key, L > S, get 0 as from the reference). Empty tensors go to the
-    reference, and so do non-finite queries and keys (see _special_in). Returns out
+    reference, and so do calls where torch gives a query 0 (see _has_zero_row). Returns out
     (B, L, H, Dv), contiguous as the reference's. CPU tensors only: on CUDA the "torch" backend stays the
     reference, whose meaning (0 where a row sees no key, NaN kept) torch's fused CUDA kernels
     do not promise."""
     L, S = q.shape[1], k.shape[1]
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0 or _special_in(q, k):
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return None
     mask = None
     is_causal = False
@@ -492,7 +492,20 @@ def _native_flash(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -
             mask = ref.visible(L, S, True, -1, 0, q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                          is_causal=is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    if _has_zero_row(out):
+        return None
     return out.transpose(1, 2).contiguous()
+
+
+def _has_zero_row(out: Tensor) -> bool:
+    """Whether some query's output is exactly 0, the one place torch's CPU kernel and fastlm's
+    reference part on non-finite input: torch treats a query whose scores are all NaN (a
+    NaN or an infinity in the query; a non-finite key that is the only one it sees) as seeing
+    no key and gives it 0, where the reference keeps the NaN. Checking the output, (B, H, L,
+    Dv), costs far less than reading q and the keys (a decode step's one query against the
+    whole cache). A 0 row from finite input (a row that sees no key, all-zero values) goes to
+    the reference too, which gives the same answer: only slower. CPU tensors only (one .item())."""
+    return bool(out.eq(0).all(-1).any().item()) if out.shape[-1] > 0 else False
 
 
 _INT32_MIN, _INT32_MAX = -2 ** 31, 2 ** 31 - 1
@@ -609,12 +622,12 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     if cache_seqlens is None:
         if k is not None:
             raise ValueError(f"fastlm.{fn}: cache_seqlens is needed to know where k and v go")
-        seqlens = torch.full((B,), S_max, dtype=torch.int32, device=q.device)
+        seqlens = None  # every batch's cache is full: formed below unless the CPU path serves the call
     elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         if not 0 <= cache_seqlens <= S_max:  # before the int32 tensor it would overflow
             raise ValueError(f"fastlm.{fn}: cache_seqlens must be >= 0 and at most the cache length {S_max}, got "
                              f"{cache_seqlens}")
-        seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+        seqlens = None  # formed below, unless the CPU path serves the call
     elif isinstance(cache_seqlens, Tensor) and cache_seqlens.dtype in (torch.int32, torch.int64) \
             and cache_seqlens.shape == (B,):
         if cache_seqlens.device != q.device:
@@ -654,6 +667,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
             if out is not None:
                 return out
             seqlens = torch.full((B,), total, dtype=torch.int32, device=q.device)
+        elif seqlens is None:
+            seqlens = torch.full((B,), S_max if cache_seqlens is None else cache_seqlens, dtype=torch.int32,
+                                 device=q.device)
         if k is not None:
             # Clamped into each batch's own cache rows: on CUDA the lengths are not checked
             # (a host sync), and a bad one must not write into another batch's cache.
