@@ -233,3 +233,30 @@ def test_kvcache_cpu_path_is_sdpa_and_matches_the_reference(L_new, start):
     want = fastlm.flash_attn_with_kvcache(q, kc2, vc2, k, v, cache_seqlens=torch.full((B,), seen), causal=True)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+def test_kvcache_fast_path_refusals_are_fastlms():
+    """The decode-loop fast path checks only what slicing and torch's SDPA would take silently;
+    each such call must still get fastlm's error (from the checked path), and leave the caches
+    untouched where the call is refused."""
+    B, S_max, H, D = 2, 8, 2, 4
+    q = torch.randn(B, 1, H, D)
+    kc, vc = torch.randn(B, S_max, H, D), torch.randn(B, S_max, H, D)
+    k, v = torch.randn(B, 1, H, D), torch.randn(B, 1, H, D)
+    before = kc.clone()
+    cases = [
+        (ValueError, "cache_seqlens", lambda: fastlm.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=-1)),
+        (ValueError, "cache", lambda: fastlm.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=S_max)),
+        (ValueError, "", lambda: fastlm.flash_attn_with_kvcache(q[:1], kc, vc, k, v, cache_seqlens=2)),  # broadcast
+        (ValueError, "", lambda: fastlm.flash_attn_with_kvcache(q, kc, vc, k[:1], v[:1], cache_seqlens=2)),
+        ((TypeError, ValueError), "", lambda: fastlm.flash_attn_with_kvcache(q.double(), kc, vc, k, v, cache_seqlens=2)),
+        (ValueError, "softmax_scale", lambda: fastlm.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=2,
+                                                                              softmax_scale=float("nan"))),
+    ]
+    for exc, word, call in cases:
+        with pytest.raises(exc, match=word):
+            call()
+        assert torch.equal(kc, before)
+    # a window takes the checked path and gives the reference's answer
+    out = fastlm.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=5, window_size=(2, 0))
+    assert out.shape == q.shape

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import get_backend, native_backend, resolve
+from ..backend import native_backend_of, get_backend, native_backend, resolve
 from ..reference import attention as ref
 from ._autocast import autocast_inputs, autocast_to, no_autocast
 from ._eager import EagerTwin, compiling
@@ -614,6 +614,11 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     ValueError; a CUDA tensor is not checked (that would sync), the write and the kernel clamp
     to each batch's own cache instead, so a bad length never touches memory outside it."""
     fn = "flash_attn_with_kvcache"
+    if type(cache_seqlens) is int and window_size is _NO_WINDOW and softcap == 0.0 and not compiling() \
+            and native_backend_of(q) and not _autocast_any():
+        out = _kvcache_cpu(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal)
+        if out is not None:
+            return out
     q, k, v = autocast_to(k_cache, q, k, v)  # under autocast the caches' dtype is the compute dtype
     _check_qkv(fn, q, k_cache, v_cache)
     B, S_max = k_cache.shape[0], k_cache.shape[1]
@@ -681,6 +686,38 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         out, _ = _attention_eager(q, k_cache, v_cache, None, None, None, seqlens, None, scale, True, left, right,
                                   softcap, 0.0, 0, 0)
     return out
+
+
+def _kvcache_cpu(q, k_cache, v_cache, k, v, start: int, softmax_scale, causal) -> Optional[Tensor]:
+    """flash_attn_with_kvcache's CPU path for a decode loop (an int cache_seqlens, no window,
+    no soft-cap): the new keys and values written by slice, then _native_flash over the filled
+    part of the caches. Its checks are only what slicing and torch's SDPA would take silently
+    (a broadcast batch, a length past the cache, a negative start that would wrap); anything
+    unusual returns None, and the checked path that raises fastlm's errors takes the call.
+    None may come after the write (torch's answer needs the reference: _has_zero_row): the
+    checked path then writes the same rows again, which changes nothing."""
+    if not (type(q) is Tensor and type(k_cache) is Tensor and type(v_cache) is Tensor and type(k) is Tensor
+            and type(v) is Tensor and q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4
+            and k.dim() == 4 and v.dim() == 4):
+        return None
+    B, S_max, Hk, D = k_cache.shape
+    n = k.shape[1]
+    total = start + n
+    dtype = q.dtype
+    if not (0 <= start and total <= S_max and D > 0 and q.shape[0] == B and q.shape[3] == D and q.shape[2] % max(Hk, 1) == 0
+            and v_cache.shape[:3] == (B, S_max, Hk) and k.shape[0] == B and k.shape[2:] == k_cache.shape[2:]
+            and v.shape[:2] == k.shape[:2] and v.shape[2:] == v_cache.shape[2:] and q.shape[1] >= 1
+            and k_cache.dtype == dtype and v_cache.dtype == dtype and k.dtype == dtype and v.dtype == dtype
+            and dtype.is_floating_point and k_cache.is_cpu and v_cache.is_cpu and k.is_cpu and v.is_cpu
+            and (softmax_scale is None or type(softmax_scale) is float and math.isfinite(softmax_scale))):
+        return None
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    if torch.is_grad_enabled():  # inference only: no graph, the caches are written in place
+        with torch.no_grad():
+            return _kvcache_cpu(q, k_cache, v_cache, k, v, start, scale, causal)
+    k_cache[:, start:total] = k
+    v_cache[:, start:total] = v
+    return _native_flash(q, k_cache[:, :total], v_cache[:, :total], scale, bool(causal))
 
 
 # ----------------------------------------------------------------------------- torch's SDPA
