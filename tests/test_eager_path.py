@@ -247,9 +247,9 @@ def test_kvcache_fast_path_refusals_are_fastlms():
     cases = [
         (ValueError, "cache_seqlens", lambda: fastlm.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=-1)),
         (ValueError, "cache", lambda: fastlm.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=S_max)),
-        (ValueError, "", lambda: fastlm.flash_attn_with_kvcache(q[:1], kc, vc, k, v, cache_seqlens=2)),  # broadcast
-        (ValueError, "", lambda: fastlm.flash_attn_with_kvcache(q, kc, vc, k[:1], v[:1], cache_seqlens=2)),
-        ((TypeError, ValueError), "", lambda: fastlm.flash_attn_with_kvcache(q.double(), kc, vc, k, v, cache_seqlens=2)),
+        (ValueError, None, lambda: fastlm.flash_attn_with_kvcache(q[:1], kc, vc, k, v, cache_seqlens=2)),  # broadcast
+        (ValueError, None, lambda: fastlm.flash_attn_with_kvcache(q, kc, vc, k[:1], v[:1], cache_seqlens=2)),
+        ((TypeError, ValueError), None, lambda: fastlm.flash_attn_with_kvcache(q.double(), kc, vc, k, v, cache_seqlens=2)),
         (ValueError, "softmax_scale", lambda: fastlm.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=2,
                                                                               softmax_scale=float("nan"))),
     ]
