@@ -133,8 +133,7 @@ class CausalSelfAttention(torch.nn.Module):
         c = self.config
         B, L, _ = x.shape
         H, Hk, D = c.n_head, c.kv_heads, c.head_dim
-        q, k, v = self.qkv(x).split([H * D, Hk * D, Hk * D], dim=-1)
-        q, k, v = q.unflatten(-1, (H, D)), k.unflatten(-1, (Hk, D)), v.unflatten(-1, (Hk, D))  # views
+        q, k, v = self.qkv(x).view(B, L, H + 2 * Hk, D).split([H, Hk, Hk], dim=2)  # views
         if rotary is not None:
             from ..ops.rotary import rotary as apply_rotary
             cos, sin = rotary
