@@ -260,3 +260,55 @@ def test_kvcache_fast_path_refusals_are_fastlms():
     # a window takes the checked path and gives the reference's answer
     out = fastlm.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=5, window_size=(2, 0))
     assert out.shape == q.shape
+
+
+# ----------------------------------------------------------------------------- review findings (issue 17)
+
+def test_double_backward_through_a_kernel_twin_raises_clearly():
+    """A kernel's backward has no autograd formula: a double backward must raise (as the
+    custom op does), never drop the second-order term silently."""
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    with fastlm.use_backend("triton"):
+        y = fastlm.layer_norm(x, 16, w)
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            # + w.sum(): w is in the graph either way, so a missing second-order path would
+            # give a silent (wrong) gradient instead of an error
+            (g,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), [x], create_graph=True)
+            torch.autograd.grad(g.pow(2).sum() + w.sum(), [w])
+
+
+def test_kvcache_fast_path_checks_q_device_before_writing():
+    B, S_max, H, D = 1, 6, 2, 4
+    kc, vc = torch.randn(B, S_max, H, D), torch.randn(B, S_max, H, D)
+    before = kc.clone()
+    q = torch.randn(B, 1, H, D, device="meta")
+    with fastlm.use_backend("torch"), pytest.raises((ValueError, RuntimeError)):
+        fastlm.flash_attn_with_kvcache(q, kc, vc, torch.randn(B, 1, H, D), torch.randn(B, 1, H, D), cache_seqlens=3)
+    assert torch.equal(kc, before)
+
+
+def test_norm_native_takes_mixed_parameters_on_cpu_only():
+    """torch's layer_norm takes float32 parameters over a 16-bit input on CPU, not on CUDA:
+    elsewhere the reference serves (here a meta tensor stands in for a CUDA one)."""
+    from fastlm.ops import norm as norm_ops
+
+    for device in ("cpu", "meta"):
+        x = torch.randn(3, 32, dtype=torch.bfloat16, device=device)
+        w, b = torch.randn(32, device=device), torch.randn(32, device=device)
+        got = norm_ops._native(x, None, (32,), w, b, 1e-5, False, False)
+        assert (got is None) == (device != "cpu")
+
+
+@pytest.mark.gpu
+def test_norm_torch_backend_on_cuda_keeps_dtype_under_autocast_and_takes_mixed_params():
+    x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+    with fastlm.use_backend("torch"):
+        y = fastlm.layer_norm(x, 64, w, b)  # float32 parameters over bf16: torch's CUDA kernel refuses
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), F.layer_norm(x.float(), (64,), w, b), rtol=2e-2, atol=2e-2)
+        with torch.autocast("cuda", torch.bfloat16):
+            assert fastlm.layer_norm(x, 64, w.bfloat16(), b.bfloat16()).dtype == torch.bfloat16
+            assert fastlm.rms_norm(x, 64).dtype == torch.bfloat16
+            assert fastlm.add_layer_norm(x, x, 64).dtype == torch.bfloat16

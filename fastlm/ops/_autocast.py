@@ -8,10 +8,12 @@ gets no such treatment: without this, fastlm.linear under bf16 autocast would ru
 matmul-like ops (linear, feed_forward, the attention functions, linear_cross_entropy) call
 ``autocast_inputs`` first, before their argument checks.
 
-The norms and cross_entropy are not cast: they compute in float32 internally whatever their
-input and return the input's dtype (torch's autocast runs layer_norm and cross_entropy in
-float32 and returns float32; fastlm keeps the input's dtype, which is what a mixed-precision
-model wants between its matmuls). The one exception is the fused residual add, where a
+The norms and cross_entropy are not cast: they return the input's dtype (torch's autocast
+runs layer_norm and cross_entropy in float32 and returns float32; fastlm keeps the input's
+dtype, which is what a mixed-precision model wants between its matmuls). The kernels compute
+in float32 inside; on the "torch" backend (the CPU path) the norms are torch's own kernels,
+which also compute in float32, while the loss is torch's cross_entropy, which for a 16-bit
+input computes log_softmax in that dtype, as torch eager does (issue 17). The one exception is the fused residual add, where a
 bfloat16 sublayer output meets a float32 residual stream: both go to the wider dtype
 (``promote_residual``), as ``x + residual`` would in eager torch.
 

@@ -23,6 +23,9 @@ import torch
 from torch import Tensor
 
 _is_compiling = torch.compiler.is_compiling
+# Whether any autocast region is on: one C call (torch >= 2.4), else the two public queries.
+autocast_any = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
 
 
 def compiling() -> bool:
@@ -37,7 +40,7 @@ class EagerTwin:
     __slots__ = ("op", "body", "function")
 
     def __init__(self, op: Callable, body: Callable, setup_context: Optional[Callable] = None,
-                 backward: Optional[Callable] = None, name: str = "op"):
+                 backward: Optional[Callable] = None, name: str = "op", differentiable_backward: bool = False):
         self.op = op
         self.body = body
         self.function = None
@@ -49,9 +52,19 @@ class EagerTwin:
                 setup_context(ctx, args, out)
                 return out
 
+            # A backward op has no autograd formula: through the custom op a double backward
+            # (create_graph=True) raises, and so it must here, or a kernel's gradient would
+            # come back without a graph and a second-order term would be silently missing.
+            # A twin whose backward is itself differentiable (rotary's calls the twin) says so.
+            def first_order(ctx, *grads):
+                if torch.is_grad_enabled():
+                    raise RuntimeError(f"fastlm.{name}: this op's backward is not differentiable: a double "
+                                       f"backward (create_graph=True) through it is not supported")
+                return backward(ctx, *grads)
+
             self.function = type(f"{name}_eager", (torch.autograd.Function,), {
                 "forward": staticmethod(forward),
-                "backward": staticmethod(backward),
+                "backward": staticmethod(backward if differentiable_backward else first_order),
             })
 
     def __call__(self, *args: Any):

@@ -708,7 +708,7 @@ def _kvcache_cpu(q, k_cache, v_cache, k, v, start: int, softmax_scale, causal) -
             and v_cache.shape[:3] == (B, S_max, Hk) and k.shape[0] == B and k.shape[2:] == k_cache.shape[2:]
             and v.shape[:2] == k.shape[:2] and v.shape[2:] == v_cache.shape[2:] and q.shape[1] >= 1
             and k_cache.dtype == dtype and v_cache.dtype == dtype and k.dtype == dtype and v.dtype == dtype
-            and dtype.is_floating_point and k_cache.is_cpu and v_cache.is_cpu and k.is_cpu and v.is_cpu
+            and dtype.is_floating_point and q.is_cpu and k_cache.is_cpu and v_cache.is_cpu and k.is_cpu and v.is_cpu
             and (softmax_scale is None or type(softmax_scale) is float and math.isfinite(softmax_scale))):
         return None
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..backend import get_backend, native_backend, native_backend_of, resolve
 from ..reference import norm as ref
 from ._autocast import no_autocast, promote_residual
-from ._eager import EagerTwin, compiling
+from ._eager import EagerTwin, autocast_any, compiling
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ShapeArg = Union[int, Sequence[int], torch.Size]
@@ -266,6 +266,7 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+@no_autocast  # on CUDA, autocast would run torch's layer_norm in float32 and return float32
 def _native(input: Tensor, residual: Optional[Tensor], shape: tuple[int, ...], weight: Optional[Tensor],
             bias: Optional[Tensor], eps: float, rms: bool, return_residual: bool):
     """The "torch" backend (the CPU path): torch's own layer_norm / rms_norm, which compute
@@ -279,7 +280,10 @@ def _native(input: Tensor, residual: Optional[Tensor], shape: tuple[int, ...], w
         if dtype == torch.float64:  # float32 parameters widen exactly
             weight = weight.to(dtype) if weight is not None else None
             bias = bias.to(dtype) if bias is not None else None
-        elif rms or (weight is not None and bias is not None and weight.dtype != bias.dtype):
+        elif rms or not s.is_cpu or (weight is not None and weight.dtype != torch.float32) \
+                or (bias is not None and bias.dtype != torch.float32):
+            # torch's mixed-dtype layer_norm (float32 parameters over a 16-bit input) is a CPU
+            # kernel; its CUDA kernel reads the parameters in the input's dtype and refuses
             return None
     if rms:
         y = torch.rms_norm(s, shape, weight, eps)
@@ -314,7 +318,8 @@ def _run(fn, input, residual, normalized_shape, weight, bias, eps, rms, return_r
 def layer_norm(input: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """torch.nn.functional.layer_norm, on fastlm's kernels."""
-    if type(eps) is float and 0.0 <= eps < math.inf and not compiling() and native_backend_of(input):
+    if type(eps) is float and 0.0 <= eps < math.inf and not compiling() and not autocast_any() \
+            and native_backend_of(input):
         try:
             if type(normalized_shape) is int:
                 normalized_shape = (normalized_shape,)
@@ -340,7 +345,7 @@ def _mixed(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> b
 def rms_norm(input: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     """torch.nn.functional.rms_norm, on fastlm's kernels (eps None: as torch, see default_rms_eps)."""
-    if (eps is None or (type(eps) is float and 0.0 <= eps < math.inf)) and not compiling() \
+    if (eps is None or (type(eps) is float and 0.0 <= eps < math.inf)) and not compiling() and not autocast_any() \
             and native_backend_of(input) and (weight is None or weight.dtype == input.dtype):
         try:
             if type(normalized_shape) is int:
@@ -359,7 +364,8 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg,
                    bias: Optional[Tensor] = None, eps: float = 1e-5, return_residual: bool = False):
     """layer_norm(input + residual) in one kernel; with return_residual=True returns
     (normed, input + residual), the pre-norm residual stream."""
-    if type(eps) is float and 0.0 <= eps < math.inf and not compiling() and _native_residual(input, residual):
+    if type(eps) is float and 0.0 <= eps < math.inf and not compiling() and not autocast_any() \
+            and _native_residual(input, residual):
         try:
             if type(normalized_shape) is int:
                 normalized_shape = (normalized_shape,)
@@ -379,7 +385,7 @@ def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg, w
                  eps: Optional[float] = None, return_residual: bool = False):
     """rms_norm(input + residual) in one kernel; with return_residual=True returns
     (normed, input + residual), the pre-norm residual stream."""
-    if (eps is None or (type(eps) is float and 0.0 <= eps < math.inf)) and not compiling() \
+    if (eps is None or (type(eps) is float and 0.0 <= eps < math.inf)) and not compiling() and not autocast_any() \
             and _native_residual(input, residual) and (weight is None or weight.dtype == input.dtype):
         try:
             if type(normalized_shape) is int:

@@ -145,7 +145,7 @@ def _backward_with(rotary_op):
 _rotary.register_autograd(_backward_with(_rotary), setup_context=_setup_context)
 # The eager twin's backward calls the twin, so a double backward (the op is linear in x) works too.
 _rotary_eager = EagerTwin(_rotary, _rotary_body, _setup_context, _backward_with(lambda *a: _rotary_eager(*a)),
-                          name="rotary")
+                          name="rotary", differentiable_backward=True)
 
 
 # ----------------------------------------------------------------------------- public functions
