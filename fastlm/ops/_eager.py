@@ -57,7 +57,8 @@ class EagerTwin:
             # come back without a graph and a second-order term would be silently missing.
             # A twin whose backward is itself differentiable (rotary's calls the twin) says so.
             def first_order(ctx, *grads):
-                if torch.is_grad_enabled():
+                if torch.is_grad_enabled() and any(
+                        isinstance(t, Tensor) and t.requires_grad for t in grads + tuple(ctx.saved_tensors)):
                     raise RuntimeError(f"fastlm.{name}: this op's backward is not differentiable: a double "
                                        f"backward (create_graph=True) through it is not supported")
                 return backward(ctx, *grads)
