@@ -73,7 +73,9 @@ def test_every_implementation_has_a_row_or_a_reason(cpu_run):
 
 def test_rows_carry_throughput_and_utilisation(cpu_run):
     _, harness = cpu_run
-    for row in harness.rows:
+    rows = [r for r in harness.rows if r["op"] == "gpt-tiny"]  # the tiny-gpt-* cases: tests/test_bench_model.py
+    assert rows
+    for row in rows:
         assert (row["op"], row["rows"], row["width"], row["dtype"]) == ("gpt-tiny", 2, 64, "fp32")
         assert math.isfinite(row["ms"]) and row["ms"] > 0
         assert row["tokens_per_s"] == pytest.approx(2 * 64 / (row["ms"] * 1e-3))
@@ -85,5 +87,5 @@ def test_rows_carry_throughput_and_utilisation(cpu_run):
 
 def test_losses_agree_where_weights_are_shared(cpu_run):
     _, harness = cpu_run
-    loss = {r["impl"]: r["loss_after_warmup"] for r in harness.rows}
+    loss = {r["impl"]: r["loss_after_warmup"] for r in harness.rows if r["op"] == "gpt-tiny"}
     assert loss["fastlm-torch"] == pytest.approx(loss[runner.EAGER], rel=1e-4)

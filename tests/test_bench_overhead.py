@@ -2,6 +2,7 @@
 with positive times, fastlm's extra time and ratio over torch, the goal column, and the
 large cases' peak memory (the CPU allocator's peak, read from the profiler)."""
 
+import json
 import pytest
 import torch
 
@@ -122,3 +123,31 @@ def test_cli_registers_the_suite():
     assert SUITES["overhead"] == "fastlm.bench.overhead"
     args = build_parser().parse_args(["overhead", "--calls", "7", "--threads", "1", "--ops", "tiny"])
     assert (args.calls, args.threads, args.ops) == (7, 1, ["tiny"])
+
+
+def test_readme_host_section_from_committed_cpu_runs(tmp_path):
+    """The README's host-overhead section is generated from the newest committed CPU runs of
+    the overhead and model suites (fastlm.bench.report), and the README carries its markers."""
+    from pathlib import Path
+
+    from fastlm.bench import report
+
+    env = {"device_type": "cpu", "device": "test cpu", "date": "2026-12-01T00:00:00", "torch": "x",
+           "cpu_count": 2, "torch_threads": 1}
+    old = dict(env, date="2026-11-01T00:00:00")
+    rows = [{"op": "layer_norm", "mode": "fwd", "impl": "torch", "group": "tiny", "shape": "4x64",
+             "us_per_call": 3.5, "peak_mib": None},
+            {"op": "layer_norm", "mode": "fwd", "impl": "fastlm", "group": "tiny", "shape": "4x64",
+             "us_per_call": 4.25, "peak_mib": None}]
+    for name, e in (("host-new", env), ("host-old", old)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "overhead.json").write_text(json.dumps({"suite": "overhead", "environment": e,
+                                                                    "rows": rows if e is env else rows[:1]}))
+    (tmp_path / "host-new" / "model.json").write_text(json.dumps({"suite": "model", "environment": env, "rows": [
+        {"op": "tiny-gpt-decode", "mode": "greedy decode", "impl": "fastlm-torch", "tokens_per_s": 1234.0}]}))
+    text = report.host_section(tmp_path)
+    assert "| layer_norm | 4x64 | fwd | 3.5 | 4.2 | +0.8 | 1.21x |" in text
+    assert "host-new" in text and "host-old" not in text
+    assert "| tiny-gpt-decode | greedy decode | fastlm-torch | 1,234 |" in text
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert report.HOST_BEGIN in readme and report.HOST_END in readme
