@@ -135,7 +135,7 @@ def test_readme_host_section_from_committed_cpu_runs(tmp_path):
     env = {"device_type": "cpu", "device": "test cpu", "date": "2026-12-01T00:00:00", "torch": "x",
            "cpu_count": 2, "torch_threads": 1}
     old = dict(env, date="2026-11-01T00:00:00")
-    rows = [{"op": "layer_norm", "mode": "fwd", "impl": "torch", "group": "tiny", "shape": "4x64",
+    rows = [{"op": "layer_norm", "mode": "fwd", "impl": "torch-eager", "group": "tiny", "shape": "4x64",
              "us_per_call": 3.5, "peak_mib": None},
             {"op": "layer_norm", "mode": "fwd", "impl": "fastlm", "group": "tiny", "shape": "4x64",
              "us_per_call": 4.25, "peak_mib": None}]

@@ -231,7 +231,7 @@ def host_section(results: Path) -> str:
     lines = ["| op | shape | mode | torch µs | fastlm µs | extra µs | ratio | peak MiB torch / fastlm |",
              "|---|---|---|--:|--:|--:|--:|--:|"]
     for (group, op, shape, mode), impls in pairs.items():
-        f, t = impls.get("fastlm"), impls.get("torch")
+        f, t = impls.get("fastlm"), impls.get("torch-eager", impls.get("torch"))
         if not f or not t:
             continue
         peak = (f"{t['peak_mib']:.0f} / {f['peak_mib']:.0f}" if f.get("peak_mib") is not None
