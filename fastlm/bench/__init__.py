@@ -12,6 +12,9 @@
     python -m fastlm.bench overhead [--calls N] [--ops tiny|large|OP ...]   per-call host cost of every op
                                  at tiny shapes, fastlm vs the torch call it replaces (and the CPU path at
                                  large shapes: time and peak memory); e.g. --device cpu --threads 1
+    python -m fastlm.bench static [--quick] [--ops OP ...] [--modes fwd bwd]   no timing: registers, spills,
+                                 shared memory, occupancy and wgmma of every launched Triton variant compiled for
+                                 sm_90/sm_80, and the bytes the memory-bound ops move (see fastlm/bench/static.py)
     python -m fastlm.bench all  ...                           every suite (or name several: ffn attention)
 
 Each suite writes <out>/<suite>.json (device, versions, date, measured ceilings, every
@@ -35,7 +38,7 @@ from typing import Optional, Sequence
 # Suite name -> module under fastlm.bench with run(config, harness) and the names it accepts.
 SUITES = {"norm": "fastlm.bench.norm", "ce": "fastlm.bench.ce", "lce": "fastlm.bench.lce",
           "attention": "fastlm.bench.attention", "ffn": "fastlm.bench.ffn", "model": "fastlm.bench.model", "rope": "fastlm.bench.rope",
-          "overhead": "fastlm.bench.overhead"}
+          "overhead": "fastlm.bench.overhead", "static": "fastlm.bench.static"}
 
 _DEFAULT_REPS = {("cuda", False): 100, ("cuda", True): 10, ("cpu", False): 10, ("cpu", True): 3}
 
