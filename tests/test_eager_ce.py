@@ -341,6 +341,7 @@ def test_linear_large_or_chunked_keeps_the_chunks(monkeypatch):
         assert shapes == [(16, 30), (16, 30), (8, 30)]
         shapes.clear()
         monkeypatch.setattr(lce_ops, "_SMALL_LOGITS", 40 * 30 - 1)
+        monkeypatch.setattr(lce_ops, "_CPU_MIN_CHUNK", 1)
         fastlm.linear_cross_entropy(x, w, t)
         assert shapes and all(s[0] < 40 for s in shapes)
         shapes.clear()
@@ -400,3 +401,25 @@ def test_reference_holds_one_rows_by_classes_tensor(monkeypatch, options):
     _, lse, coef = ref.cross_entropy_rows(x, t, w, -100, eps, z, 0.0)
     bwd = _peak_bytes(lambda: ref.cross_entropy_rows_bwd(torch.ones(r), x, t, w, lse, coef, -100, eps, 0.0))
     assert bwd <= 1.3 * one, bwd / one
+
+
+def test_linear_cpu_chunks_have_a_floor(monkeypatch):
+    """On CPU tensors the default chunk is at least _CPU_MIN_CHUNK rows (tiny chunks spend the
+    time re-reading the weight gradient), still far below the whole (N, V) logits; a given
+    chunk_size is kept as given."""
+    shapes = []
+    real = lce_ops._logits
+    monkeypatch.setattr(lce_ops, "_logits", lambda *a: shapes.append(tuple(real(*a).shape)) or real(*a))
+    n, h, v = 600, 8, 500  # default: ceil(500 / 8) = 63 chunks of 16 rows
+    x, w = torch.randn(n, h, requires_grad=True), torch.randn(v, h, requires_grad=True)
+    t = torch.randint(0, v, (n,))
+    assert lce_ops.default_chunk_size(n, h, v) == 16
+    with fastlm.use_backend("torch"):
+        loss = fastlm.linear_cross_entropy(x, w, t, z_loss=1e-4)  # an extra: the chunked op
+        assert shapes == [(256, v), (256, v), (88, v)]
+        shapes.clear()
+        fastlm.linear_cross_entropy(x, w, t, z_loss=1e-4, chunk_size=100)
+        assert shapes == [(100, v)] * 6
+    want = F.cross_entropy(F.linear(x.double(), w.double()), t) + 1e-4 * torch.logsumexp(
+        F.linear(x.double(), w.double()), -1).pow(2).mean()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
