@@ -12,7 +12,9 @@ Backward: with xhat = (x - mean) * rstd and g = dy * w,
     dw = sum over rows of dy * xhat,  db = sum over rows of dy.
 Each program takes a contiguous range of rows and keeps its share of dw/db in float32;
 the (programs, N) partials are summed afterwards in a fixed order, so weight gradients
-are deterministic (same inputs, same bits), with no atomics.
+are deterministic (same inputs, same bits), with no atomics. A row wider than
+MAX_BWD_FUSED_BLOCK (below the forward's cap: the backward holds more per element) is walked
+in chunks, two passes, with the partials read-modified-written in this program's own row.
 
 Row offsets are int64 (row index * stride can pass 2^31); the math is float32.
 """
@@ -23,7 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .launch import empty, persistent_programs, row_block, row_warps
+
+# The backward holds more per element than the forward (x, dy, w and the dw/db accumulators:
+# 5 x 32 float32 registers a thread at 16384 with 16 warps), so its fused block is smaller: at
+# 16384 it spilled 160-750 B a thread on sm_80/sm_90 (issue 19). A wider row takes the chunked
+# path, in chunks of BWD_CHUNK (16 warps: 8 elements a thread, 40-60 registers, 2-3 CTAs an SM,
+# where 8192-wide chunks take ~90 registers and one CTA).
+MAX_BWD_FUSED_BLOCK = 8192
+BWD_CHUNK = 4096
 
 
 @triton.jit
@@ -257,7 +268,11 @@ def norm_bwd(dy, ds, x, weight, bias, mean, rstd, normalized_ndim: int, rms: boo
     dw_part = empty((programs, n), torch.float32, x.device) if has_w else None
     db_part = empty((programs, n), torch.float32, x.device) if has_b else None
     if m > 0 and n > 0:
+        if max_block is None:
+            max_block = min(launch.MAX_FUSED_BLOCK, MAX_BWD_FUSED_BLOCK)
         block, single = row_block(n, max_block)
+        if not single:
+            block = min(block, BWD_CHUNK)
         rows_per_program = triton.cdiv(m, programs)
         programs = triton.cdiv(m, rows_per_program)  # every program gets at least one row
         w = weight.reshape(-1).contiguous() if has_w else x2

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm.kernels import launch
+from fastlm.kernels import norm as norm_kernels
 from fastlm.testing import assert_close, summation_floor
 
 from .conftest import DEVICE, ON_GPU
@@ -150,6 +151,29 @@ def test_row_of_65537(kind):
     x = make((2, n), torch.float32, shift=1.0)
     check(kind, "triton", x, residual=make((2, n), torch.float32), weight=make(n, torch.float32),
           bias=make(n, torch.float32) if kind == "layer" else None)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("n", [norm_kernels.MAX_BWD_FUSED_BLOCK + 1, launch.MAX_FUSED_BLOCK])
+def test_backward_chunked_below_the_forward_cap(monkeypatch, kind, n):
+    """Issue 19: the backward's fused block is smaller than the forward's (16384 spilled), so
+    a row between the two caps is held whole forward and walked in chunks backward, several
+    rows per program (the dw/db partials accumulated across rows), with a ragged last chunk."""
+    seen = []
+    real = norm_kernels.row_block
+
+    def spy(width, max_block=None):
+        got = real(width, max_block)
+        seen.append((width, max_block, got))
+        return got
+
+    monkeypatch.setattr(norm_kernels, "row_block", spy)
+    x = make((9, n), torch.float32, shift=1.0)
+    check(kind, "triton", x, residual=make((9, n), torch.float32), weight=make(n, torch.float32),
+          bias=make(n, torch.float32) if kind == "layer" else None)
+    fwd, bwd = [got for width, _, got in seen if width == n]
+    assert fwd == (launch.next_power_of_2(n), True)
+    assert bwd == (norm_kernels.MAX_BWD_FUSED_BLOCK, False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
