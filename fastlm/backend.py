@@ -164,9 +164,7 @@ def native_backend(device_type: str) -> bool:
     """True when a call on ``device_type`` runs on the "torch" backend whatever the kernels
     support (requested "torch", or "auto" off CUDA): the cheap first question of every op,
     which then calls torch's own function where it computes the same thing (issue 17)."""
-    requested = _scoped.get()
-    if requested is None:
-        requested = _process_default if _process_default is not None else _env_default()
+    requested = get_backend()
     return requested == "torch" or (requested == "auto" and device_type != "cuda")
 
 
@@ -174,9 +172,7 @@ def native_backend_of(tensor) -> bool:
     """native_backend for ``tensor``'s device, read from ``is_cuda`` (a tensor's ``device``
     builds a new object every call); False for anything that is not a tensor, so the caller
     goes on to its argument checks."""
-    requested = _scoped.get()
-    if requested is None:
-        requested = _process_default if _process_default is not None else _env_default()
+    requested = get_backend()
     if requested == "torch":
         return isinstance(tensor, torch.Tensor)
     return requested == "auto" and isinstance(tensor, torch.Tensor) and not tensor.is_cuda

@@ -365,18 +365,9 @@ def test_linear_all_ignored_and_out_of_range():
 # ----------------------------------------------------------------------------- the reference's memory
 
 def _peak_bytes(fn):
-    from torch.profiler import ProfilerActivity, profile
+    from fastlm.bench.runner import MiB, cpu_peak_memory_mib
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    del out
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
+    return cpu_peak_memory_mib(fn) * MiB
 
 
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "weight": True}, {"z_loss": 1e-3},

@@ -315,6 +315,21 @@ def _decode_fn(impl: str, model: torch.nn.Module, prompt: torch.Tensor, new: int
     return run
 
 
+def _warm_up(fn: Callable[[], Any], calls: int, config: Config, harness: Harness, label: str,
+             impl: str) -> Any:
+    """``calls`` untimed calls of ``fn``; its last result, or None (with a note) if it raised:
+    one failing implementation must not sink the run."""
+    try:
+        for _ in range(calls):
+            out = fn()
+        _sync(config)
+        return out
+    except Exception as exc:
+        harness.note(f"{label}: {impl} failed, left out: {type(exc).__name__}: "
+                     f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+        return None
+
+
 def _sync(config: Config) -> None:
     if config.on_cuda:
         torch.cuda.synchronize(config.device)
@@ -370,13 +385,8 @@ def run_decode(config: Config, harness: Harness, impls: list[str], batch: int, n
     rows = []
     for impl in impls:
         decode = _decode_fn(impl, models[impl], prompt, new, config)
-        try:
-            for _ in range(max(1, config.warmup)):
-                tokens = decode()
-            _sync(config)
-        except Exception as exc:  # one failing implementation must not sink the run
-            harness.note(f"{label}: {impl} failed, left out: {type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+        tokens = _warm_up(decode, max(1, config.warmup), config, harness, label, impl)
+        if tokens is None:
             continue
         outputs[impl] = tokens.cpu()
         # Each call is one whole generation: one call a round, five rounds (--reps 1 to 4: fewer).
@@ -425,13 +435,8 @@ def run(config: Config, harness: Harness) -> None:
         rows = []
         for impl in impls:
             step = _step_fn(impl, models[impl], ids, config, clip=1.0 if name == TRAIN else 0.0)
-            try:
-                for _ in range(max(2, config.warmup)):
-                    loss = step()
-                _sync(config)
-            except Exception as exc:  # one failing implementation must not sink the run
-                harness.note(f"{label}: {impl} failed, left out: {type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+            loss = _warm_up(step, max(2, config.warmup), config, harness, label, impl)
+            if loss is None:
                 models[impl] = None
                 continue
             losses[impl] = float(loss)
