@@ -10,7 +10,8 @@ centred sum of squares, normalise), because holding it would spill.
 Backward: with xhat = (x - mean) * rstd and g = dy * w,
     dx = rstd * (g - mean(g * xhat) * xhat - mean(g))      (RMSNorm: without the last term)
     dw = sum over rows of dy * xhat,  db = sum over rows of dy.
-Each program takes a contiguous range of rows and keeps its share of dw/db in float32;
+Each program (one an SM) takes a contiguous range of rows, BLOCK_M at a time (several
+when rows are narrow), and keeps its share of dw/db in float32;
 the (programs, N) partials are summed afterwards in a fixed order, so weight gradients
 are deterministic (same inputs, same bits), with no atomics. A row wider than
 MAX_BWD_FUSED_BLOCK (below the forward's cap: the backward holds more per element) is walked
@@ -35,6 +36,20 @@ from .launch import empty, persistent_programs, row_block, row_warps
 # where 8192-wide chunks take ~90 registers and one CTA).
 MAX_BWD_FUSED_BLOCK = 8192
 BWD_CHUNK = 4096
+# Elements of x (and of dy) a backward program takes a step on the fused path: a narrow row
+# is taken BWD_TILE // width rows at a time, so a step moves 16-32 KiB whatever the width.
+BWD_TILE = 8192
+# Backward programs per SM. Each writes a float32 row of dw (and db) partials that the final
+# sum reads back: 16 bytes x programs x N for a layer norm, against 6 bytes x rows x N for x, dy
+# and dx in 16 bits, so at 4096 rows one program an SM costs 9% more traffic and four cost 34%
+# (fastlm bench static's byte count, issue 19). One program an SM holding 2-8 rows a step is
+# what Liger's norms launch.
+BWD_PROGRAMS_PER_SM = 1
+
+
+def bwd_rows_block(block_n: int, rows_per_program: int) -> int:
+    """Rows a step of the fused backward: BWD_TILE elements, at most a program's rows."""
+    return max(1, min(BWD_TILE // block_n, launch.next_power_of_2(rows_per_program)))
 
 
 @triton.jit
@@ -130,7 +145,7 @@ def _norm_bwd_kernel(
     stride_xm, stride_xn, stride_dym, stride_dyn, stride_dsm, stride_dsn,
     M, N, rows_per_program,
     HAS_DS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
-    BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_program
@@ -139,34 +154,42 @@ def _norm_bwd_kernel(
     dw_row = DW + pid.to(tl.int64) * N  # this program's partial sums
     db_row = DB + pid.to(tl.int64) * N
     if SINGLE:
-        mask = cols < N
+        # BLOCK_M rows a step (several when rows are narrow, so that a step has bytes enough
+        # in flight); the step's dw/db are summed over its rows at once (per-row-slot accumulators
+        # would hold BLOCK_M times the registers: at 16 warps they spilled).
+        mask_n = cols < N
         w = 1.0
         if HAS_W:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for row in range(row_start, row_end):
+        for first in range(row_start, row_end, BLOCK_M):
+            rows = first + tl.arange(0, BLOCK_M)
+            mask_m = rows < row_end
+            mask = mask_m[:, None] & mask_n[None, :]
+            rstd = tl.load(Rstd + rows, mask=mask_m, other=0.0)[:, None]
             mean = 0.0
             if not RMS:
-                mean = tl.load(Mean + row)
-            xhat, dy = _load_xhat_dy(X, DY, row, cols, mask, stride_xm, stride_xn, stride_dym, stride_dyn,
-                                     mean, tl.load(Rstd + row))
+                mean = tl.load(Mean + rows, mask=mask_m, other=0.0)[:, None]
+            xhat, dy = _load_xhat_dy(X, DY, rows[:, None], cols[None, :], mask, stride_xm, stride_xn,
+                                     stride_dym, stride_dyn, mean, rstd)
             g = dy * w
-            dx = g - xhat * (tl.sum(g * xhat, axis=0) / N)
+            dx = g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None]
             if not RMS:
-                dx -= tl.sum(g, axis=0) / N
-            dx *= tl.load(Rstd + row)
+                dx -= (tl.sum(g, axis=1) / N)[:, None]
+            dx *= rstd
             if HAS_DS:
-                dx += tl.load(DS + row * stride_dsm + cols * stride_dsn, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                dx += tl.load(DS + rows[:, None] * stride_dsm + cols[None, :] * stride_dsn, mask=mask,
+                              other=0.0).to(tl.float32)
+            tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             if HAS_W:
-                dw += dy * xhat
+                dw += tl.sum(dy * xhat, axis=0)
             if HAS_B:
-                db += dy
+                db += tl.sum(dy, axis=0)
         if HAS_W:
-            tl.store(dw_row + cols, dw, mask=mask)
+            tl.store(dw_row + cols, dw, mask=mask_n)
         if HAS_B:
-            tl.store(db_row + cols, db, mask=mask)
+            tl.store(db_row + cols, db, mask=mask_n)
     else:
         # Wide rows: the partials live in this program's own row of DW/DB (read-modify-write
         # by one program only, so still deterministic); they start at zero.
@@ -263,7 +286,7 @@ def norm_bwd(dy, ds, x, weight, bias, mean, rstd, normalized_ndim: int, rms: boo
     ds2 = _rows(ds, n) if ds is not None else dy2
     m = x2.shape[0]
     dx = empty(x.shape, x.dtype, x.device)
-    programs = persistent_programs(x.device, m)
+    programs = persistent_programs(x.device, m, per_sm=BWD_PROGRAMS_PER_SM)
     has_w, has_b = weight is not None, bias is not None
     dw_part = empty((programs, n), torch.float32, x.device) if has_w else None
     db_part = empty((programs, n), torch.float32, x.device) if has_b else None
@@ -275,6 +298,7 @@ def norm_bwd(dy, ds, x, weight, bias, mean, rstd, normalized_ndim: int, rms: boo
             block = min(block, BWD_CHUNK)
         rows_per_program = triton.cdiv(m, programs)
         programs = triton.cdiv(m, rows_per_program)  # every program gets at least one row
+        block_m = bwd_rows_block(block, rows_per_program) if single else 1
         w = weight.reshape(-1).contiguous() if has_w else x2
         _norm_bwd_kernel[(programs,)](
             x2, w, mean if not rms else rstd, rstd, dy2, ds2, dx,
@@ -282,7 +306,7 @@ def norm_bwd(dy, ds, x, weight, bias, mean, rstd, normalized_ndim: int, rms: boo
             x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), ds2.stride(0), ds2.stride(1),
             m, n, rows_per_program,
             HAS_DS=ds is not None, HAS_W=has_w, HAS_B=has_b, RMS=rms,
-            BLOCK_N=block, SINGLE=single, num_warps=row_warps(block),
+            BLOCK_M=block_m, BLOCK_N=block, SINGLE=single, num_warps=row_warps(block_m * block),
         )
         dw_part = dw_part[:programs] if has_w else None
         db_part = db_part[:programs] if has_b else None
@@ -315,7 +339,8 @@ def gpu_compile_variants():
                            "stride_xm": "i64", "stride_xn": "i32", "stride_dym": "i64", "stride_dyn": "i32",
                            "stride_dsm": "i64", "stride_dsn": "i32", "M": "i32", "N": "i32",
                            "rows_per_program": "i32"}
+                block_m = bwd_rows_block(block, 32) if single else 1
                 bwd_const = {"HAS_DS": True, "HAS_W": True, "HAS_B": not rms, "RMS": rms,
-                             "BLOCK_N": block, "SINGLE": single}
-                variants.append((_norm_bwd_kernel, bwd_sig, bwd_const, row_warps(block)))
+                             "BLOCK_M": block_m, "BLOCK_N": block, "SINGLE": single}
+                variants.append((_norm_bwd_kernel, bwd_sig, bwd_const, row_warps(block_m * block)))
     return variants

@@ -192,8 +192,11 @@ def test_norm_with_gpu_tiles(launches, kind):
     blocks = {s["BLOCK_N"] for s in launched(launches, "_norm_fwd_kernel")}
     assert blocks == {launch.MAX_FUSED_BLOCK, 64}, blocks
     grids = [g for name, g, _ in launches if name == "_norm_bwd_kernel"]
-    per = -(-530 // launch.persistent_programs(DEVICE, 530))  # rows per program: 2 with 132 SMs
-    assert (-(-530 // per),) in grids and per > 1, grids  # 265 programs, not the interpreter's 4
+    per = -(-530 // launch.persistent_programs(DEVICE, 530, per_sm=norm_kernels.BWD_PROGRAMS_PER_SM))
+    assert (-(-530 // per),) in grids and per > 1, grids  # 106 programs of 5 rows, not the interpreter's 4
+    # The 64-wide rows go 8 a step (a program's 5 rows: a partial step), the wide ones 1 a step.
+    steps = {(s["BLOCK_M"], s["BLOCK_N"], s["num_warps"]) for s in launched(launches, "_norm_bwd_kernel")}
+    assert steps == {(8, 64, 2), (1, norm_kernels.BWD_CHUNK, 16)}, steps
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
