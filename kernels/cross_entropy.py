@@ -7,7 +7,9 @@ same pass. It writes, per row, the loss, the logsumexp and ``coef``, the multipl
 softmax in the gradient, so that the backward is a single pass too: read a chunk of logits,
 write a chunk of gradient. The backward may write the gradient over the logits in place
 (the fused linear cross-entropy does), since each element is read before it is written by
-the same program.
+the same program. A caller that knows the upstream gradient at the forward (the fused linear
+cross-entropy) takes both in one launch (_cross_entropy_fwd_bwd_kernel): the second pass
+over a row follows the first at once, from L2, not from memory.
 
 A class index outside [0, C) that is not ignore_index is never used as an address: its row's
 loss and gradient are NaN (the op layer raises on CPU before any kernel runs).
@@ -46,15 +48,11 @@ def _softcapped(x, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _cross_entropy_fwd_kernel(
-    X, T, W, SumW, Loss, Lse, Coef,
-    stride_xr, stride_xc, stride_tr, stride_tc,
-    C, ignore_index, smoothing, z_loss, softcap,
-    SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
-    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_xr
+def _row_loss(x_row, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
+              C, ignore_index, smoothing, z_loss, softcap,
+              SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+              WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One row's (loss, lse, coef): one online-softmax pass over its logits."""
     cols = tl.arange(0, BLOCK_C)
     m = -float("inf")
     s = 0.0
@@ -114,26 +112,17 @@ def _cross_entropy_fwd_kernel(
         loss = tl.where(counted, loss, 0.0)
         loss = tl.where(counted & (valid == 0), float("nan"), loss)
         coef = tl.where(valid, coef, 0.0)
-    tl.store(Loss + row, loss)
-    tl.store(Lse + row, lse)
-    tl.store(Coef + row, coef)
+    return loss, lse, coef
 
 
 @triton.jit
-def _cross_entropy_bwd_kernel(
-    X, T, W, Lse, Coef, DLoss, DX,
-    stride_xr, stride_xc, stride_tr, stride_tc, stride_dl, stride_dxr,
-    C, ignore_index, smoothing, softcap,
-    SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
-    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_xr
-    dx_row = DX + row * stride_dxr
+def _row_grad(x_row, dx_row, T, W, row, lse, coef, g, stride_xc, stride_tr, stride_tc,
+              C, ignore_index, smoothing, softcap,
+              SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+              WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One row's gradient g * dloss/dlogits, written to dx_row (which may be x_row: each
+    element is read before it is written, by this program)."""
     cols = tl.arange(0, BLOCK_C)
-    lse = tl.load(Lse + row)
-    coef = tl.load(Coef + row)
-    g = tl.load(DLoss + row * stride_dl).to(tl.float32)
     t = 0
     q_t = 0.0
     if not SOFT:
@@ -169,7 +158,64 @@ def _cross_entropy_bwd_kernel(
         if SOFTCAP:
             th = xc / softcap
             grad *= 1.0 - th * th
-        tl.store(dx_row + c, grad.to(DX.dtype.element_ty), mask=mask)
+        tl.store(dx_row + c, grad.to(dx_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    X, T, W, SumW, Loss, Lse, Coef,
+    stride_xr, stride_xc, stride_tr, stride_tc,
+    C, ignore_index, smoothing, z_loss, softcap,
+    SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    loss, lse, coef = _row_loss(X + row * stride_xr, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
+                                C, ignore_index, smoothing, z_loss, softcap,
+                                SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C)
+    tl.store(Loss + row, loss)
+    tl.store(Lse + row, lse)
+    tl.store(Coef + row, coef)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    X, T, W, Lse, Coef, DLoss, DX,
+    stride_xr, stride_xc, stride_tr, stride_tc, stride_dl, stride_dxr,
+    C, ignore_index, smoothing, softcap,
+    SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(DLoss + row * stride_dl).to(tl.float32)
+    _row_grad(X + row * stride_xr, DX + row * stride_dxr, T, W, row, tl.load(Lse + row), tl.load(Coef + row), g,
+              stride_xc, stride_tr, stride_tc, C, ignore_index, smoothing, softcap,
+              SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C)
+
+
+@triton.jit
+def _cross_entropy_fwd_bwd_kernel(
+    X, T, W, SumW, Loss, Lse, Coef, DLoss, DX,
+    stride_xr, stride_xc, stride_tr, stride_tc, stride_dl, stride_dxr,
+    C, ignore_index, smoothing, z_loss, softcap,
+    SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Both in one program: the loss pass, then at once the gradient pass over the same row,
+    whose re-read a GPU's L2 serves (one row of logits each program, just read), where two
+    launches read every row from memory twice."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_xr
+    loss, lse, coef = _row_loss(x_row, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
+                                C, ignore_index, smoothing, z_loss, softcap,
+                                SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C)
+    tl.store(Loss + row, loss)
+    tl.store(Lse + row, lse)
+    tl.store(Coef + row, coef)
+    g = tl.load(DLoss + row * stride_dl).to(tl.float32)
+    _row_grad(x_row, DX + row * stride_dxr, T, W, row, lse, coef, g,
+              stride_xc, stride_tr, stride_tc, C, ignore_index, smoothing, softcap,
+              SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C)
 
 
 def _block(c: int, max_block: int | None = None) -> int:
@@ -239,6 +285,35 @@ def cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index: in
     return out
 
 
+def cross_entropy_fwd_bwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
+                          softcap: float, dloss, out=None):
+    """cross_entropy_fwd and cross_entropy_bwd in one launch, for a caller that knows each row's
+    upstream gradient ``dloss`` (R,) at the forward (the fused linear cross-entropy's chunks):
+    each program reads its row of logits for the loss and again, at once, for the gradient,
+    where the two launches read every row from memory twice. ``out`` may be ``logits``.
+    Returns (loss, lse, coef, grad)."""
+    rows, classes = logits.shape
+    loss = empty((rows,), torch.float32, logits.device)
+    lse = empty((rows,), torch.float32, logits.device)
+    coef = empty((rows,), torch.float32, logits.device)
+    if out is None:
+        out = empty((rows, classes), logits.dtype, logits.device)
+    if rows == 0:
+        return loss, lse, coef, out
+    block = _block(classes)
+    weight = weight.contiguous() if weight is not None else None
+    sum_w = weight.float().sum().reshape(1) if (weight is not None and label_smoothing > 0) else loss
+    w = weight if weight is not None else loss
+    t_strides = (target.stride(0), target.stride(1) if target.dim() == 2 else 0)
+    _cross_entropy_fwd_bwd_kernel[(rows,)](
+        logits, target, w, sum_w, loss, lse, coef, dloss, out,
+        logits.stride(0), logits.stride(1), *t_strides, dloss.stride(0), out.stride(0),
+        classes, ignore_index, label_smoothing, z_loss, softcap,
+        BLOCK_C=block, num_warps=_warps(block), **_flags(logits, target, weight, label_smoothing, softcap),
+    )
+    return loss, lse, coef, out
+
+
 def gpu_compile_variants():
     """Kernel variants for kernels/compile_check.py (compiled for real GPU targets in CI)."""
     variants = []
@@ -258,4 +333,7 @@ def gpu_compile_variants():
                            "stride_tr": "i64", "stride_tc": "i32", "stride_dl": "i64", "stride_dxr": "i64",
                            "C": "i32", "ignore_index": "i64", "smoothing": "fp32", "softcap": "fp32"}
                 variants.append((_cross_entropy_bwd_kernel, bwd_sig, dict(flags, BLOCK_C=8192), 16))
+                both_sig = {**fwd_sig, "DLoss": "*fp32", "DX": f"*{dt}", "stride_dl": "i64", "stride_dxr": "i64"}
+                both_sig = {k: both_sig[k] for k in _cross_entropy_fwd_bwd_kernel.arg_names if k in both_sig}
+                variants.append((_cross_entropy_fwd_bwd_kernel, both_sig, dict(flags, BLOCK_C=8192), 16))
     return variants

@@ -733,3 +733,45 @@ def test_gpu_more_than_2_to_the_31_elements():
     ref_grad = torch.softmax(x.detach()[last].double(), -1)
     ref_grad[torch.arange(4, device=DEVICE), t[last]] -= 1
     torch.testing.assert_close(grad[last].double(), ref_grad, rtol=2e-2, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- one launch for both passes
+
+@pytest.mark.parametrize("c", [15, 16, 17, 40])
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(label_smoothing=0.1, z_loss=1e-3),
+    dict(softcap=5.0, weight=True),
+    dict(soft=True, label_smoothing=0.2),
+    dict(soft=True, weight=True, z_loss=1e-3),
+], ids=["plain", "smooth-zloss", "softcap-weight", "soft-smooth", "soft-weight-zloss"])
+def test_fwd_bwd_in_one_launch_equals_the_two(monkeypatch, c, options):
+    """_cross_entropy_fwd_bwd_kernel (the fused linear cross-entropy's chunks) against
+    cross_entropy_fwd then cross_entropy_bwd: the same loss, lse, coef and gradient, bit for bit
+    on the same kernel code, written in place over the logits; blocks of 16 classes so that
+    C = 15, 16, 17, 40 cross the block edges; ignored and out-of-range rows included."""
+    monkeypatch.setattr(ce_kernels, "MAX_BLOCK_C", 16)
+    rows = 7
+    x = (torch.randn(rows, c, device=DEVICE) * 3).to(torch.float32)
+    if options.get("soft"):
+        t = torch.softmax(torch.randn(rows, c, device=DEVICE), -1)
+    else:
+        t = torch.randint(0, c, (rows,), device=DEVICE)
+        t[2] = -100  # ignored
+        t[4] = c + 3  # out of range: NaN loss and gradient in the kernels
+    w = torch.rand(c, device=DEVICE) + 0.5 if options.get("weight") else None
+    args = (options.get("label_smoothing", 0.0), options.get("z_loss", 0.0), options.get("softcap", 0.0))
+    dloss = torch.rand(rows, device=DEVICE) + 0.1
+    loss, lse, coef = ce_kernels.cross_entropy_fwd(x, t, w, -100, *args)
+    grad = ce_kernels.cross_entropy_bwd(dloss, x, t, w, lse, coef, -100, args[0], args[2])
+    inplace = x.clone()
+    got = ce_kernels.cross_entropy_fwd_bwd(inplace, t, w, -100, *args, dloss, out=inplace)
+    assert got[3] is inplace
+    for name, a, b in zip(("loss", "lse", "coef", "grad"), got, (loss, lse, coef, grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert torch.isfinite(grad[[0, 1, 3, 5, 6]]).all()
+    # A fresh output (poisoned under FASTLM_POISON) and a stride-0 dloss, as the chunks pass it.
+    scale = torch.tensor(0.25, device=DEVICE).expand(rows)
+    fresh = ce_kernels.cross_entropy_fwd_bwd(x, t, w, -100, *args, scale)[3]
+    torch.testing.assert_close(fresh, ce_kernels.cross_entropy_bwd(scale, x, t, w, lse, coef, -100, args[0], args[2]),
+                               rtol=0, atol=0, equal_nan=True)

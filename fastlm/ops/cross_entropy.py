@@ -198,6 +198,21 @@ def rows_fwd(backend: str, logits, target, weight, ignore_index, label_smoothing
     return ref.cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
 
 
+def rows_fwd_bwd(backend: str, dloss, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                 out=None):
+    """(loss, lse, coef, grad) of rows whose upstream gradient ``dloss`` is known at the forward:
+    one kernel launch on Triton (each row's logits read for the loss and at once for the
+    gradient), rows_fwd then rows_bwd elsewhere."""
+    if backend == "triton":
+        from fastlm.kernels import cross_entropy as kernels
+        return kernels.cross_entropy_fwd_bwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
+                                             softcap, dloss, out=out)
+    loss, lse, coef = rows_fwd(backend, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    grad = rows_bwd(backend, dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing, softcap,
+                    out=out)
+    return loss, lse, coef, grad
+
+
 def rows_bwd(backend: str, dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing, softcap,
              out=None):
     """Gradient of the per-row losses on an already chosen backend (``out``: write it there)."""

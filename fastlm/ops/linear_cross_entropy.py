@@ -47,7 +47,8 @@ from ..backend import get_backend, native_backend
 from . import cross_entropy as _ce
 from ._autocast import autocast_inputs, no_autocast
 from ._eager import EagerTwin, compiling
-from .cross_entropy import check_loss_options, check_targets_in_range, mean_divisor, pick_backend, rows_bwd, rows_fwd
+from .cross_entropy import (check_loss_options, check_targets_in_range, mean_divisor, pick_backend, rows_bwd,
+                            rows_fwd, rows_fwd_bwd)
 
 _REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 # Logits of at most this many elements (1 MiB in float32) are formed whole on the CPU path
@@ -140,13 +141,15 @@ def _linear_cross_entropy_body(x: Tensor, weight: Tensor, target: Tensor, bias: 
     for start, end in _chunks(n, chunk_size):
         x_chunk, t_chunk = x[start:end], target[start:end]
         logits = _logits(x_chunk, weight, bias)
-        loss, lse, coef = rows_fwd(backend, logits, t_chunk, None, ignore_index, label_smoothing, z_loss, softcap)
-        loss_rows[start:end] = loss
-        if compute_grads:
-            d = rows_bwd(backend, scale.expand(end - start), logits, t_chunk, None, lse, coef, ignore_index,
-                         label_smoothing, softcap, out=logits)
+        if compute_grads:  # the loss and its gradient (over the logits, in place) in one launch
+            loss, _, _, d = rows_fwd_bwd(backend, scale.expand(end - start), logits, t_chunk, None, ignore_index,
+                                         label_smoothing, z_loss, softcap, out=logits)
+            loss_rows[start:end] = loss
             _accumulate_grads(d, x_chunk, weight, dx[start:end], dweight,
                               dbias if bias is not None else None)
+        else:
+            loss_rows[start:end] = rows_fwd(backend, logits, t_chunk, None, ignore_index, label_smoothing, z_loss,
+                                            softcap)[0]
     if reduction == 0:
         loss_out = loss_rows
     else:
