@@ -64,9 +64,9 @@ FIGURES_VERSION = 2  # part of the cache key: bump it when compile_variant's fig
 COLUMNS = (("kernel", "kernel"), ("arch", "arch"), ("warps", "warps"), ("stages", "stages"),
            ("regs", "regs"), ("stack", "stack B"), ("spill_stores", "spill st B"),
            ("smem", "smem B"), ("ctas_per_sm", "CTAs/SM"), ("hgmma", "HGMMA"), ("hmma", "HMMA"),
-           ("loaded", "loaded B"), ("stored", "stored B"), ("distinct", "distinct B"),
-           ("ideal", "ideal B"), ("bytes_ratio", "bytes ratio"), ("distinct_ratio", "distinct ratio"),
-           ("by_tensor", "requested / distinct per tensor"))
+           ("launches", "launches"), ("loaded", "loaded B"), ("stored", "stored B"), ("memory", "memory B"),
+           ("ideal", "ideal B"), ("bytes_ratio", "requested ratio"), ("memory_ratio", "memory ratio"),
+           ("by_tensor", "requested / memory per tensor"))
 
 
 # ----------------------------------------------------------------------------- launch cases
@@ -89,6 +89,31 @@ ROPE_SHAPES = ((1, 4096, 32, 128, 128, False, False), (16, 1024, 12, 64, 64, Fal
                (8, 2048, 32, 128, 32, False, False), (8, 2048, 16, 256, 64, True, False),
                (8, 2048, 32, 128, 32, False, True), (8, 2048, 16, 256, 64, True, True))
 ATTN_SHAPES = ((8, 2048, 16, 64), (8, 2048, 16, 128))   # fastlm/bench/attention.py: 16384 tokens, d_model 2048
+# The attention calls beyond plain causal, as fastlm/ops/attention.py passes them to the kernels
+# (at ATTN_SHAPES' head dims): name -> options of one call. Models: GPT (causal, dropout while
+# training, grouped-query heads), BERT and the encoder-decoder (packed sequences with dropout);
+# users: SDPA's float masks with and without their gradient ((B, 1, 1, S) padding, (1, H, L, S)
+# T5 / ALiBi-like, full-size), sliding windows (Mistral), soft-capping (Gemma 2).
+ATTN_VARIANTS = {
+    "causal": dict(window=(-1, 0)),
+    "full": dict(window=(-1, -1)),
+    "causal dropout 0.1": dict(window=(-1, 0), dropout=0.1),
+    "causal gqa 4 kv heads": dict(window=(-1, 0), groups=4),
+    "sliding window 1024 causal": dict(window=(1023, 0)),
+    "softcap 50 causal": dict(window=(-1, 0), softcap=50.0),
+    "padding mask (B,1,1,S)": dict(window=(-1, -1), mask=("B", 1, 1, "S")),
+    "padding mask (B,1,1,S) with grad": dict(window=(-1, -1), mask=("B", 1, 1, "S"), bias_grad=True),
+    "t5 bias (1,H,L,S) with grad": dict(window=(-1, -1), mask=(1, "H", "L", "S"), bias_grad=True),
+    "full mask (B,H,L,S) with grad": dict(window=(-1, -1), mask=("B", "H", "L", "S"), bias_grad=True),
+    "varlen dropout 0.1": dict(window=(-1, -1), varlen=True, dropout=0.1),
+    "varlen causal": dict(window=(-1, 0), varlen=True),
+}
+# Other head dims (d_model 2048), plain causal and as the models that use them call them
+# (Gemma 2: head dim 256, soft-capping, sliding window), and float32 inputs (IEEE float32 dots,
+# torch's default, and TF32 when torch's matmul setting allows it).
+ATTN_MORE = (((8, 2048, 64, 32), ("causal",)),
+             ((8, 2048, 8, 256), ("causal", "softcap 50 causal", "sliding window 1024 causal")))
+ATTN_FP32 = (((8, 2048, 16, 64), ("causal", "causal dropout 0.1")), ((8, 2048, 16, 128), ("causal",)))
 FFN_SHAPES = ((8192, 768), (8192, 4096))                # fastlm/bench/ffn.py (tokens, d_model), hidden 4 x d_model
 
 
@@ -169,28 +194,53 @@ def _rope_cases(dtypes, shapes=ROPE_SHAPES, empty=None):
     return cases
 
 
-def _attn_cases(dtypes, shapes=ATTN_SHAPES):
+def _attn_cases(dtypes, shapes=ATTN_SHAPES, variants=None):
+    """variants: names in ATTN_VARIANTS; None: every variant (and ATTN_MORE, ATTN_FP32) for
+    the full suite's shapes, the plain causal call for others (the hot list's)."""
     import torch
     from fastlm.kernels import attention as K
-    cases = []
-    for dt in dtypes:
-        for b, s, h, d in shapes:
-            def qkv(b=b, s=s, h=h, d=d, dt=dt):
-                return [torch.empty(b, s, h, d, dtype=_dt(dt)) for _ in range(3)]
+    full_suite = variants is None and shapes == ATTN_SHAPES
+    if variants is None:
+        variants = tuple(ATTN_VARIANTS) if full_suite else ("causal",)
+    plan = [(dt, shape, name, False) for dt in dtypes for shape in shapes for name in variants]
+    if full_suite:
+        plan += [(dt, shape, name, False) for dt in dtypes for shape, names in ATTN_MORE for name in names]
+        plan += [("fp32", shape, name, tf32) for shape, names in ATTN_FP32 for name in names for tf32 in (False, True)]
 
-            def fwd(qkv=qkv, d=d):
-                q, k, v = qkv()
-                K.attention_fwd(q, k, v, d ** -0.5, False, -1, 0, 0.0, None, 0.0, None)
-
-            def bwd(qkv=qkv, d=d, b=b, s=s, h=h):
-                q, k, v = qkv()
+    def call(mode, dt, b, s, h, d, window, tf32, groups=1, dropout=0.0, softcap=0.0, mask=None, bias_grad=False,
+             varlen=False):
+        new = lambda *shape, dtype=_dt(dt): torch.empty(*shape, dtype=dtype)  # noqa: E731
+        rows = (b * s,) if varlen else (b, s)
+        q, k, v = new(*rows, h, d), new(*rows, h // groups, d), new(*rows, h // groups, d)
+        sizes = {"B": b, "H": h, "L": s, "S": s}
+        m = new(*(sizes.get(n, n) for n in mask)) if mask else None
+        seed = torch.empty(1, dtype=torch.int64) if dropout else None
+        packed = (torch.arange(b + 1, dtype=torch.int32) * s, torch.arange(b + 1, dtype=torch.int32) * s)
+        lens = dict(cu_seqlens_q=packed[0], cu_seqlens_k=packed[1], max_seqlen_q=s, max_seqlen_k=s) if varlen else {}
+        matmul = torch.backends.cuda.matmul
+        before = matmul.allow_tf32
+        matmul.allow_tf32 = tf32  # the launchers read torch's setting (IEEE float32 dots unless TF32 is allowed)
+        try:
+            if mode == "fwd":
+                K.attention_fwd(q, k, v, d ** -0.5, False, *window, softcap, m, dropout, seed, **lens)
+            else:
                 out, dout = torch.empty_like(q), torch.empty_like(q)
-                lse = torch.empty(b, h, s, dtype=torch.float32)
-                K.attention_bwd(dout, q, k, v, out, lse, d ** -0.5, False, -1, 0, 0.0, None, 0.0, None)
+                lse = torch.empty(h, b * s, dtype=torch.float32) if varlen else torch.empty(b, h, s, dtype=torch.float32)
+                K.attention_bwd(dout, q, k, v, out, lse, d ** -0.5, False, *window, softcap, m, dropout, seed,
+                                bias_grad=bias_grad, **lens)
+        finally:
+            matmul.allow_tf32 = before
 
-            shape = f"{b}x{s}x{h}x{d} causal"
-            cases += [("attention", "attention", "fwd", shape, dt, fwd),
-                      ("attention", "attention", "bwd", shape, dt, bwd)]
+    cases = []
+    for dt, (b, s, h, d), name, tf32 in plan:
+        options = ATTN_VARIANTS[name]
+        shape = f"{b}x{s}x{h}x{d} {name}" + ((" tf32" if tf32 else " ieee") if dt == "fp32" else "")
+        for mode in ("fwd", "bwd"):
+            if mode == "fwd" and options.get("bias_grad"):
+                continue  # the same forward as without the gradient
+            cases.append(("attention", "attention", mode, shape, dt,
+                          lambda mode=mode, dt=dt, b=b, s=s, h=h, d=d, tf32=tf32, options=options:
+                          call(mode, dt, b, s, h, d, tf32=tf32, **options)))
     return cases
 
 
@@ -408,7 +458,14 @@ def run_compile(archs=(90, 80), only: str = "", hot: bool = False) -> list[dict]
 class _Counter:
     """Wraps the interpreter's C load/store: every unmasked element is counted, and
     attributed to the kernel argument whose storage holds it (``tensors``: (name, start, end)
-    of each tensor argument of the launches so far; set by ``watch``)."""
+    of each tensor argument of the launches so far; set by ``watch``).
+
+    Each launch (a kernel's, or a torch op's that a launcher runs around its kernels: the sum
+    of the weight-gradient partials) is a segment: ``memory`` counts, per segment, the distinct
+    bytes it loads plus those it stores. That is the traffic to memory when the caches serve
+    every re-read within a launch (a weight row read by every program, a row read twice by one
+    program) and none across launches (a tensor written by one launch and read by the next
+    comes back from memory)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -416,9 +473,17 @@ class _Counter:
 
     def reset(self):
         self.loaded = self.stored = 0
-        self.load_ptrs: list = []
-        self.store_ptrs: list = []
+        self.segments: list = []  # per launch: (name, load parts, store parts); a part: (addresses, size)
         self.tensors: list = []
+        self.in_kernel = False
+
+    def _segment(self):
+        if not self.segments:
+            self.begin("(outside a launch)")
+        return self.segments[-1]
+
+    def begin(self, name: str) -> None:
+        self.segments.append((name, [], []))
 
     def watch(self, kernel):
         """Record the tensor arguments of every launch of ``kernel`` (an InterpretedFunction)."""
@@ -431,23 +496,33 @@ class _Counter:
                     st = arg.untyped_storage()
                     name = names[i] if i < len(names) else f"arg{i}"
                     self.tensors.append((name, st.data_ptr(), st.data_ptr() + st.nbytes()))
-            return run(*args, grid=grid, warmup=warmup, **kwargs)
+            self.begin(getattr(kernel, "__name__", "kernel"))
+            self.in_kernel = True
+            try:
+                return run(*args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                self.in_kernel = False
         kernel.run = watched
+
+    def add(self, kind: str, addresses, size: int) -> None:
+        """Count elements at ``addresses`` (numpy uint64) of ``size`` bytes, loaded or stored."""
+        if kind == "ld":
+            self.loaded += addresses.size * size
+            self._segment()[1].append((addresses, size))
+        else:
+            self.stored += addresses.size * size
+            self._segment()[2].append((addresses, size))
 
     def load(self, ptrs, mask, other, dtype):
         import numpy as np
         sel = ptrs[mask] if mask is not None else ptrs.ravel()
-        size = np.dtype(dtype).itemsize
-        self.loaded += sel.size * size
-        self.load_ptrs.append((sel.astype(np.uint64).ravel(), size))
+        self.add("ld", sel.astype(np.uint64).ravel(), np.dtype(dtype).itemsize)
         return self.inner.load(ptrs, mask, other, dtype)
 
     def store(self, ptrs, value, mask):
         import numpy as np
         sel = ptrs[mask] if mask is not None else ptrs.ravel()
-        size = value.dtype.itemsize
-        self.stored += sel.size * size
-        self.store_ptrs.append((sel.astype(np.uint64).ravel(), size))
+        self.add("st", sel.astype(np.uint64).ravel(), value.dtype.itemsize)
         return self.inner.store(ptrs, value, mask)
 
     def __getattr__(self, name):
@@ -463,13 +538,15 @@ class _Counter:
                 total += np.unique(np.concatenate(ptrs)).size * size
         return total
 
-    def distinct(self) -> int:
-        return self._distinct(self.load_ptrs) + self._distinct(self.store_ptrs)
+    def memory(self) -> int:
+        return sum(self._distinct(lds) + self._distinct(sts) for _, lds, sts in self.segments)
+
+    def launches(self) -> str:
+        return ", ".join(name for name, _, _ in self.segments)
 
     def by_tensor(self) -> str:
-        """"NAME ld/st requested÷distinct" per argument, e.g. "W ld 64.0x": the kernels
-        requested 64 times the distinct bytes of W they load."""
-        import numpy as np
+        """"NAME ld/st requested÷memory" per argument, e.g. "W ld 64x": the kernels requested
+        64 times the bytes of W that reach memory (the rest are cache hits)."""
         spans: dict = {}
         for name, lo, hi in self.tensors:
             key = (lo, hi)
@@ -478,21 +555,70 @@ class _Counter:
             if name not in spans[key]:
                 spans[key].append(name)
         out = []
-        for kind, parts in (("ld", self.load_ptrs), ("st", self.store_ptrs)):
+        for kind, index in (("ld", 1), ("st", 2)):
             for (lo, hi), names in sorted(spans.items(), key=lambda kv: kv[0]):
-                sel = [(p[(p >= lo) & (p < hi)], s) for p, s in parts]
-                requested = sum(p.size * s for p, s in sel)
+                requested = memory = 0
+                for seg in self.segments:
+                    sel = [(p[(p >= lo) & (p < hi)], s) for p, s in seg[index]]
+                    requested += sum(p.size * s for p, s in sel)
+                    memory += self._distinct(sel)
                 if requested:
-                    distinct = self._distinct(sel)
-                    out.append(f"{'/'.join(names)} {kind} {requested / distinct:.2g}x")
+                    out.append(f"{'/'.join(names)} {kind} {requested / memory:.2g}x")
         return ", ".join(out)
 
 
+def _addresses(t):
+    """Byte addresses of every element of tensor ``t`` (numpy uint64), whatever its strides."""
+    import numpy as np
+    idx = np.zeros((), dtype=np.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        idx = idx[..., None] + np.arange(size, dtype=np.int64) * stride
+    return (t.data_ptr() + idx.ravel() * t.element_size()).astype(np.uint64)
+
+
+def _torch_ops_counted(counter):
+    """A dispatch mode that counts the torch ops run outside the kernels (each a launch:
+    its tensor inputs read, its outputs written); views and allocations move nothing."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    silent = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
+              "lift_fresh", "_to_copy_meta"}
+    write_only = {"fill_", "zero_", "zeros", "zeros_like", "full", "full_like", "ones", "ones_like", "arange"}
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if counter.in_kernel or func.is_view or name in silent:
+                return out
+            counter.begin(f"torch {name}")
+            outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if name not in write_only:
+                for t in tree_leaves((args, kwargs)):
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    if any(t is o for o in outs) and not name.endswith("_"):
+                        continue  # an out= argument: written, not read
+                    counter.add("ld", _addresses(t), t.element_size())
+            for t in outs:
+                counter.add("st", _addresses(t), t.element_size())
+            return out
+    return Mode()
+
+
 # Small but block-realistic shapes (the GPU's tiles, FASTLM_GPU_TILES=1): several programs,
-# more than one block per row where the benchmark shape has it.
-BYTES_NORM = ((64, 4096), (32, 16384))
+# more than one block per row where the benchmark shape has it. Rows are few (the interpreter
+# is slow); what a row costs does not depend on how many there are, except the norm backward's
+# partial sums, for which the SM count is scaled (run_bytes).
+BYTES_NORM = ((64, 768), (64, 4096), (32, 16384))
 BYTES_CE = ((16, 32000),)
+BYTES_LCE = ((16, 32000),)   # one chunk of logits, as the fused linear cross-entropy passes it
 BYTES_ROPE = ((2, 64, 4, 128, 128, False, False), (2, 64, 4, 128, 32, False, True))
+BYTES_DACT = ((64, 3072),)   # the GPT-2 FFN's hidden width (fastlm/bench/ffn.py)
+# The ratio that CI holds (tests/test_static_evidence.py): memory bytes (see _Counter) over
+# the minimum, for every memory-bound op at these shapes.
+MAX_MEMORY_RATIO = 1.10
 
 
 def _ideal(family: str, op: str, mode: str, shape: str, dt: str) -> int:
@@ -513,6 +639,9 @@ def _ideal(family: str, op: str, mode: str, shape: str, dt: str) -> int:
         if mode == "fwd":  # logits and targets in; loss, lse, coef out
             return rows * vocab * e + rows * 8 + 3 * rows * 4
         return 2 * rows * vocab * e + rows * 8 + 3 * rows * 4  # logits, targets, lse, coef, dloss in; dx out
+    if family == "lce":  # logits and targets in; loss, lse, coef and the gradient (over the logits) out
+        rows, vocab = (int(v) for v in shape.split("x"))
+        return 2 * rows * vocab * e + rows * 8 + 3 * rows * 4
     if family == "rotary":
         dims, rot = shape.split(" rot")
         b, s, h, d = (int(v) for v in dims.split("x"))
@@ -520,7 +649,32 @@ def _ideal(family: str, op: str, mode: str, shape: str, dt: str) -> int:
             return 2 * b * s * h * d * e + 2 * s * (int(rot.split()[0]) // 2) * 4 + s * 8
         rot = int(rot.split()[0])
         return 2 * b * s * h * d * e + 2 * s * (rot // 2) * 4  # x in, out out; the cos and sin tables in
+    if family == "ffn":  # dy and z in, dz out; the bias gradient (float32) out
+        rows, n = (int(v) for v in shape.split("x"))
+        return 3 * rows * n * e + n * 4
     raise ValueError(family)
+
+
+def _bytes_cases(randn, targets):
+    import torch
+    from fastlm.kernels import cross_entropy as CE
+    from fastlm.kernels import matmul as MM
+    cases = []
+    for rows, n in BYTES_NORM:
+        cases += _norm_cases(("bf16",), widths=(n,), rows=rows, empty=randn)
+    cases += _ce_cases(("bf16",), shapes=BYTES_CE, empty=randn, target_fill=targets)
+    for rows, vocab in BYTES_LCE:
+        def lce(rows=rows, vocab=vocab):
+            logits = randn(rows, vocab, dtype=torch.bfloat16)
+            scale = torch.tensor(1.0 / rows).expand(rows)  # "mean": the chunk's rows' upstream gradient
+            CE.cross_entropy_fwd_bwd(logits, targets(rows, vocab), None, -100, 0.0, 0.0, 0.0, scale, out=logits)
+        cases.append(("lce", "linear_cross_entropy (loss part)", "fwd+bwd", f"{rows}x{vocab}", "bf16", lce))
+    cases += _rope_cases(("bf16",), shapes=BYTES_ROPE, empty=randn)
+    for rows, n in BYTES_DACT:
+        def dact(rows=rows, n=n):
+            MM.dact(randn(rows, n, dtype=torch.bfloat16), randn(rows, n, dtype=torch.bfloat16), "gelu_tanh")
+        cases.append(("ffn", "dact gelu_tanh", "bwd", f"{rows}x{n}", "bf16", dact))
+    return cases
 
 
 def run_bytes(only: str = "") -> list[dict]:
@@ -530,13 +684,24 @@ def run_bytes(only: str = "") -> list[dict]:
     os.environ.pop("FASTLM_POISON", None)
     import torch
     import triton.runtime.interpreter as interp
-    from fastlm.kernels import cross_entropy, launch, norm, rotary
+    from fastlm.kernels import cross_entropy, launch, matmul, norm, rotary
     counter = _Counter(interp._interpreter)
     interp._interpreter = counter
-    for module in (norm, cross_entropy, rotary):
+    for module in (norm, cross_entropy, rotary, matmul):
         for value in vars(module).values():
             if isinstance(value, interp.InterpretedFunction):
                 counter.watch(value)
+    # The launchers run under a dispatch mode that counts their own torch ops (each a launch).
+    launchers = [(norm, "norm_fwd"), (norm, "norm_bwd"), (cross_entropy, "cross_entropy_fwd"),
+                 (cross_entropy, "cross_entropy_bwd"), (cross_entropy, "cross_entropy_fwd_bwd"),
+                 (rotary, "rotary_fwd"), (matmul, "dact")]
+    originals = {(m, n): getattr(m, n) for m, n in launchers}
+
+    def counted(fn):
+        def run(*args, **kwargs):
+            with _torch_ops_counted(counter):
+                return fn(*args, **kwargs)
+        return run
     nominal = launch.NOMINAL_SM_COUNT
     torch.manual_seed(0)
 
@@ -546,14 +711,11 @@ def run_bytes(only: str = "") -> list[dict]:
     def targets(rows, vocab):
         return torch.randint(0, vocab, (rows,))
 
-    cases = []
-    for rows, n in BYTES_NORM:
-        cases += _norm_cases(("bf16",), widths=(n,), rows=rows, empty=randn)
-    cases += _ce_cases(("bf16",), shapes=BYTES_CE, empty=randn, target_fill=targets)
-    cases += _rope_cases(("bf16",), shapes=BYTES_ROPE, empty=randn)
     rows_out = []
     try:
-        for family, op, mode, shape, dt, fn in cases:
+        for (m, n), fn in originals.items():
+            setattr(m, n, counted(fn))
+        for family, op, mode, shape, dt, fn in _bytes_cases(randn, targets):
             if only and not re.search(only, f"{family}/{op}/{mode}/{shape}/{dt}"):
                 continue
             counter.reset()
@@ -568,13 +730,15 @@ def run_bytes(only: str = "") -> list[dict]:
                 launch.NOMINAL_SM_COUNT = nominal
             ideal = _ideal(family, op, mode, shape, dt)
             moved = counter.loaded + counter.stored
-            distinct = counter.distinct()
+            memory = counter.memory()
             rows_out.append({"op": op, "mode": mode, "impl": "interpreter count", "shape": shape, "dtype": dt,
-                             "loaded": counter.loaded, "stored": counter.stored, "distinct": distinct,
-                             "ideal": ideal, "bytes_ratio": moved / ideal, "distinct_ratio": distinct / ideal,
-                             "by_tensor": counter.by_tensor()})
+                             "launches": counter.launches(), "loaded": counter.loaded, "stored": counter.stored,
+                             "memory": memory, "ideal": ideal, "bytes_ratio": moved / ideal,
+                             "memory_ratio": memory / ideal, "by_tensor": counter.by_tensor()})
     finally:
         interp._interpreter = counter.inner
+        for (m, n), fn in originals.items():
+            setattr(m, n, fn)
     return rows_out
 
 
@@ -597,9 +761,11 @@ def _worker(kind: str, extra: list[str], timeout: float = 3600) -> tuple[list[di
 
 
 def collect(quick: bool = False, only: str = "", archs=(90, 80), bytes_count: bool = True) -> list[dict]:
-    """Both workers' rows (compile first)."""
+    """The workers' rows (Triton compile, csrc/'s nvcc figures, then bytes)."""
     extra = ["--arch", *map(str, archs)] + (["--hot"] if quick else []) + (["--only", only] if only else [])
     rows, _ = _worker("compile", extra)
+    more, _ = _worker("csrc", ["--arch", *map(str, archs)] + (["--only", only] if only else []))
+    rows += more  # csrc/'s CUDA C++ kernels (fastlm/bench/static_csrc.py)
     if bytes_count:
         more, _ = _worker("bytes", ["--only", only] if only else [])
         rows += more
@@ -638,12 +804,17 @@ def run(config, harness) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["compile", "bytes"])
+    parser.add_argument("kind", choices=["compile", "bytes", "csrc"])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     parser.add_argument("--only", default="", help="only the cases whose family/op/mode/shape/dtype matches")
     parser.add_argument("--hot", action="store_true", help="compile: only the few hot variants (the test's)")
     args = parser.parse_args(argv)
-    rows = run_compile(args.arch, args.only, args.hot) if args.kind == "compile" else run_bytes(args.only)
+    if args.kind == "csrc":  # nvcc's figures of csrc/'s kernels; --only matches op/mode/shape/dtype
+        from .static_csrc import run_csrc
+        rows = [r for r in run_csrc(args.arch)
+                if re.search(args.only, f"{r['op']}/{r['mode']}/{r['shape']}/{r['dtype']}")]
+    else:
+        rows = run_compile(args.arch, args.only, args.hot) if args.kind == "compile" else run_bytes(args.only)
     print(json.dumps(rows))
     return 0
 
