@@ -18,7 +18,8 @@
 //  * Every matrix product goes through the tensor cores with nvcuda::wmma m16n16k16
 //    (bf16 / fp16 inputs, float32 accumulators). The fragments' register layouts are opaque
 //    and nothing here relies on them: fragments are only loaded from shared memory
-//    (load_matrix_sync), multiplied (mma_sync) and stored back (store_matrix_sync). Score
+//    (load_matrix_sync; for bf16 its PTX with a .shared address, see load_shared),
+//    multiplied (mma_sync) and stored back (store_matrix_sync). Score
 //    tiles are stored to shared memory as float32 and the softmax is done there by plain
 //    threads (two lanes per row), then the probabilities are stored in the input type for
 //    the next product. Semantics relied on (CUDA C++ Programming Guide, "Warp Matrix
@@ -169,6 +170,38 @@ using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
 template <typename T, typename Layout>
 using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Layout>;
 
+// Load a 16-bit input fragment from shared memory (every fragment here comes from a shared
+// tile). For __half, wmma::load_matrix_sync is enough: nvcc sees the pointer is shared and
+// emits wmma.load...shared.f16. For __nv_bfloat16 it does not (nvcc 13.0: the bf16 builtin
+// becomes a generic wmma.load even from an extern __shared__ array, and ptxas then emits
+// generic LD.E instead of LDSM), which costs 64-bit addresses and, in dK/dV (D >= 64) and dQ
+// (D = 32), enough registers to spill. So the bf16 loads are PTX's own
+// wmma.load...shared.bf16 (4 .b32 registers: the fragment's 8 bf16 values, as mma.hpp's
+// builtin writes them) with a 32-bit shared address: same semantics as load_matrix_sync
+// (PTX ISA, "wmma.load"). The "memory" clobber keeps the load after the shared stores and
+// barriers before it, as the builtin is kept. The emulator (no __CUDA_ARCH__) takes the
+// load_matrix_sync path. fastlm/bench/static_csrc.py counts generic wmma.loads per kernel.
+template <typename Frag, typename T>
+__device__ __forceinline__ void load_shared(Frag& f, const T* p, unsigned ldm) {
+  wmma::load_matrix_sync(f, p, ldm);
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FASTLM_WMMA_LOAD_BF16(USE, LAYOUT, PTX)                                                              \
+  __device__ __forceinline__ void load_shared(wmma::fragment<wmma::USE, 16, 16, 16, __nv_bfloat16, wmma::LAYOUT>& f, \
+                                              const __nv_bfloat16* p, unsigned ldm) {                      \
+    unsigned* x = reinterpret_cast<unsigned*>(f.x);                                                        \
+    asm volatile("wmma.load." PTX ".m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"                      \
+                 : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])                                          \
+                 : "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))), "r"(ldm)                       \
+                 : "memory");                                                                              \
+  }
+FASTLM_WMMA_LOAD_BF16(matrix_a, row_major, "a.sync.aligned.row")
+FASTLM_WMMA_LOAD_BF16(matrix_b, row_major, "b.sync.aligned.row")
+FASTLM_WMMA_LOAD_BF16(matrix_b, col_major, "b.sync.aligned.col")
+#undef FASTLM_WMMA_LOAD_BF16
+#endif
+
 // One warp: C (16 x NCOLS, float, row-major at c with stride ldc) = A Bt^T, where A is
 // 16 x K (row-major at a, stride lda) and Bt is NCOLS x K (row-major at bt, stride ldb):
 // Bt^T is read as a col_major matrix_b (element (k, n) at bt[n * ldb + k]).
@@ -180,11 +213,11 @@ __device__ __forceinline__ void warp_gemm_abt(float* c, int ldc, const T* a, int
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     FragA<T> fa;
-    wmma::load_matrix_sync(fa, a + kk * 16, lda);
+    load_shared(fa, a + kk * 16, lda);
 #pragma unroll
     for (int n = 0; n < NCOLS / 16; ++n) {
       FragB<T, wmma::col_major> fb;
-      wmma::load_matrix_sync(fb, bt + n * 16 * ldb + kk * 16, ldb);
+      load_shared(fb, bt + n * 16 * ldb + kk * 16, ldb);
       wmma::mma_sync(acc[n], fa, fb, acc[n]);
     }
   }
@@ -199,11 +232,11 @@ __device__ __forceinline__ void warp_gemm_ab_acc(FragC* acc, const T* a, int lda
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     FragA<T> fa;
-    wmma::load_matrix_sync(fa, a + kk * 16, lda);
+    load_shared(fa, a + kk * 16, lda);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       FragB<T, wmma::row_major> fb;
-      wmma::load_matrix_sync(fb, b + kk * 16 * ldb + n * 16, ldb);
+      load_shared(fb, b + kk * 16 * ldb + n * 16, ldb);
       wmma::mma_sync(acc[n], fa, fb, acc[n]);
     }
   }
@@ -287,7 +320,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Args a, const 
     // O += P V for the warp's 16 rows (the accumulator goes through shared memory).
     FragA<T> fp[kCols / 16];
 #pragma unroll
-    for (int kk = 0; kk < kCols / 16; ++kk) wmma::load_matrix_sync(fp[kk], sPw + kk * 16, G::LDP);
+    for (int kk = 0; kk < kCols / 16; ++kk) load_shared(fp[kk], sPw + kk * 16, G::LDP);
 #pragma unroll
     for (int n = 0; n < D / 16; ++n) {
       FragC acc;
@@ -295,7 +328,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Args a, const 
 #pragma unroll
       for (int kk = 0; kk < kCols / 16; ++kk) {
         FragB<T, wmma::row_major> fv;
-        wmma::load_matrix_sync(fv, sV + kk * 16 * G::LDT + n * 16, G::LDT);
+        load_shared(fv, sV + kk * 16 * G::LDT + n * 16, G::LDT);
         wmma::mma_sync(acc, fp[kk], fv, acc);
       }
       wmma::store_matrix_sync(sOw + n * 16, acc, G::LDO, wmma::mem_row_major);
