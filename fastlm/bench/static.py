@@ -284,18 +284,48 @@ def _ffn_cases(dtypes, shapes=FFN_SHAPES):
     return cases
 
 
+def _lce_cases(dtypes, shapes=CE_SHAPES[1:3]):
+    """The fused linear cross-entropy's loss part: one chunk of logits (its default chunk at
+    8192 tokens, hidden 4096), loss and gradient in one launch."""
+    import torch
+    from fastlm.kernels import cross_entropy as K
+    from fastlm.ops.linear_cross_entropy import default_chunk_size
+    cases = []
+    for dt in dtypes:
+        for _, vocab in shapes:
+            rows = default_chunk_size(8192, 4096, vocab)
+
+            def both(rows=rows, vocab=vocab, dt=dt):
+                logits = torch.empty(rows, vocab, dtype=_dt(dt))
+                K.cross_entropy_fwd_bwd(logits, torch.zeros(rows, dtype=torch.int64), None, -100, 0.0, 0.0, 0.0,
+                                        torch.empty(()).expand(rows), out=logits)
+            cases.append(("lce", "linear_cross_entropy (loss part)", "fwd+bwd", f"{rows}x{vocab}", dt, both))
+    return cases
+
+
+def _dact_cases(dtypes, shapes=((8192, 3072),)):
+    """The standalone activation backward (a fastlm.nn linear with an activation whose output
+    gradient comes from outside the FFN)."""
+    import torch
+    from fastlm.kernels import matmul as K
+    return [("ffn", "dact gelu_tanh", "bwd", f"{m}x{n}", dt,
+             lambda m=m, n=n, dt=dt: K.dact(torch.empty(m, n, dtype=_dt(dt)), torch.empty(m, n, dtype=_dt(dt)),
+                                            "gelu_tanh"))
+            for dt in dtypes for m, n in shapes]
+
+
 def compile_cases(hot: bool = False) -> list:
     """Every launch case the suite compiles; ``hot``: a few, for the test (the spilling ones
     of issue 19's table among them)."""
     if hot:
         return (_norm_cases(("bf16",), widths=(4096, 16384))
                 + _rope_cases(("bf16",), shapes=ROPE_SHAPES[2:])
-                + _ce_cases(("bf16",), shapes=(CE_SHAPES[1],))
+                + _ce_cases(("bf16",), shapes=(CE_SHAPES[1],)) + _lce_cases(("bf16",), shapes=(CE_SHAPES[2],))
                 + _attn_cases(("bf16",), shapes=(ATTN_SHAPES[1],))
                 + [c for c in _ffn_cases(("bf16",), shapes=(FFN_SHAPES[0],)) if c[1] == "swiglu"])
     dtypes = ("bf16", "fp16")
-    return (_norm_cases(dtypes) + _ce_cases(dtypes) + _rope_cases(dtypes) + _attn_cases(dtypes)
-            + _ffn_cases(dtypes))
+    return (_norm_cases(dtypes) + _ce_cases(dtypes) + _lce_cases(dtypes) + _rope_cases(dtypes) + _attn_cases(dtypes)
+            + _ffn_cases(dtypes) + _dact_cases(dtypes))
 
 
 # ----------------------------------------------------------------------------- capturing launches
