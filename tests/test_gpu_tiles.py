@@ -1,9 +1,9 @@
 """The kernels with the GPU's own launch settings, under the interpreter (FASTLM_GPU_TILES=1).
 
 Off a GPU every tile picker chooses 16-wide tiles, so that small tests cross every block
-edge; the shapes a GPU launches (attention's 128 x 64 tiles and the half-height dK/dV tiles,
-BLOCK_M != BLOCK_N, the matmul's 128 x 128 x 64 tiles, a program count per SM) would then
-run nowhere before a GPU. kernels/launch.py's switch makes every picker take the GPU branch;
+edge; the shapes a GPU launches (attention's 128 x 64 tiles, the half-height dK/dV tiles and
+head dim 128's backward tiles, BLOCK_M != BLOCK_N, the matmul's 128 x 128 x 64 tiles, a
+program count per SM) would then run nowhere before a GPU. kernels/launch.py's switch makes every picker take the GPU branch;
 here a representative subset of the kernel tests runs with it, at sizes that cross those
 tiles (L = 113 and S = 130 against 128 x 64, K = 70 against BLOCK_K 64, ...), each against
 its float64 oracle with the suite's own checks, and every test asserts the block sizes that
@@ -90,6 +90,7 @@ ATTN_CASES = [  # B, L, S, H, Hk, D, dtype, options
     (2, 130, 113, 2, 2, 64, torch.float16, {}),
     (1, 113, 130, 2, 1, 128, torch.float16, {"window_size": (70, 10)}),
     (1, 130, 113, 2, 2, 128, torch.float32, {"causal": True}),
+    (1, 130, 113, 4, 2, 128, torch.float16, {"causal": True}),
     (1, 113, 130, 4, 2, 64, torch.float32, {"softcap": 3.0}),
 ]
 
@@ -112,8 +113,16 @@ def test_attention_with_gpu_tiles(launches, case):
     assert (bm, bn, fwd["num_warps"]) == on_gpu[:3] != (16, 16, 1), (fwd, on_gpu)
     if dtype == torch.float16 and D <= 128:
         assert (bm, bn, fwd["num_warps"]) == (128, 64, 8), fwd  # the tensor-core tiles: BLOCK_M != BLOCK_N
-    assert (dq["BLOCK_M"], dq["BLOCK_N"]) == (bm, bn)
-    assert (dkdv["BLOCK_M"], dkdv["BLOCK_N"]) == (bm // 2, bn)  # the half-height dK/dV tile
+    dkdv_gpu, dq_gpu = attn_kernels._bwd_blocks(SimpleNamespace(D=D, DV=D), torch.device("cuda"), dtype)
+    assert (dq["BLOCK_M"], dq["BLOCK_N"], dq["num_warps"]) == dq_gpu[:3], (dq, dq_gpu)
+    assert (dkdv["BLOCK_M"], dkdv["BLOCK_N"], dkdv["num_warps"]) == dkdv_gpu[:3], (dkdv, dkdv_gpu)
+    if dtype == torch.float16 and 64 < D <= 128:
+        # The backward's own spill-free tiles at head dim 128 (L = 130 and S = 113 cross them):
+        # dK/dV 64 x 64, dQ 128 x 32, both over 8 warps.
+        assert (dkdv["BLOCK_M"], dkdv["BLOCK_N"], dq["BLOCK_M"], dq["BLOCK_N"]) == (64, 64, 128, 32)
+    else:
+        assert (dq["BLOCK_M"], dq["BLOCK_N"]) == (bm, bn)
+        assert (dkdv["BLOCK_M"], dkdv["BLOCK_N"]) == (bm // 2, bn)  # the half-height dK/dV tile
     delta = launched(launches, "_attn_bwd_delta_kernel")[0]
     assert (delta["num_warps"], delta["BLOCK_M"]) == (8, min(bm, 64)), delta  # the spill-free variant
 
@@ -216,3 +225,21 @@ def test_cross_entropy_with_gpu_tiles(launches, dtype):
     t = torch.tensor([0, C - 1, 7], device=DEVICE)
     T_ce.check("triton", x, t)
     assert {s["BLOCK_C"] for s in launched(launches, "_cross_entropy_fwd_kernel")} == {ce_kernels.MAX_BLOCK_C}
+
+
+@pytest.mark.parametrize("C,block", [(2 * 8192 + 8, 8192), (2 * 8192 + 1, 2048)], ids=["aligned", "misaligned"])
+def test_cross_entropy_fwd_bwd_chunk_by_row_alignment(launches, C, block):
+    """The fused linear cross-entropy's kernel takes 8192 classes a chunk over 16-byte aligned
+    rows, 2048 over others (element loads: 72 registers at 8192 on sm_90, one CTA an SM), and
+    both give what the two launches give."""
+    x = (torch.randn(3, C, device=DEVICE) * 2).to(torch.bfloat16)
+    t = torch.tensor([0, C - 1, 5], device=DEVICE)
+    dloss = torch.rand(3, device=DEVICE) + 0.5
+    loss, lse, coef = ce_kernels.cross_entropy_fwd(x, t, None, -100, 0.0, 0.0, 0.0)
+    grad = ce_kernels.cross_entropy_bwd(dloss, x, t, None, lse, coef, -100, 0.0, 0.0)
+    got = ce_kernels.cross_entropy_fwd_bwd(x.clone(), t, None, -100, 0.0, 0.0, 0.0, dloss)
+    assert ce_kernels.MAX_BLOCK_C == 8192
+    assert launched(launches, "_cross_entropy_fwd_bwd_kernel")[0]["BLOCK_C"] == block
+    torch.testing.assert_close(got[0], loss, rtol=1e-6, atol=1e-5)  # other chunking: other rounding
+    torch.testing.assert_close(got[1], lse, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got[3].float(), grad.float(), rtol=1e-2, atol=1e-6)
