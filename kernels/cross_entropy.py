@@ -212,6 +212,12 @@ def _cross_entropy_fwd_bwd_kernel(
     tl.store(Loss + row, loss)
     tl.store(Lse + row, lse)
     tl.store(Coef + row, coef)
+    # With DX over X, the gradient pass's stores must wait for every read of the loss pass.
+    # The loop's reads are done once lse exists (its reductions cross warps), but the target
+    # logit x_t is read after them, by thread 0 (whose value the loss store takes), while the
+    # warp that holds column t could already write its gradient there: the loss would then
+    # be lse - grad_t. This barrier orders that read before any gradient store.
+    tl.debug_barrier()
     g = tl.load(DLoss + row * stride_dl).to(tl.float32)
     _row_grad(x_row, DX + row * stride_dxr, T, W, row, lse, coef, g,
               stride_xc, stride_tr, stride_tc, C, ignore_index, smoothing, softcap,

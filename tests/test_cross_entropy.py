@@ -8,6 +8,7 @@ oracle in the input's dtype (fastlm/testing.py).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -775,3 +776,38 @@ def test_fwd_bwd_in_one_launch_equals_the_two(monkeypatch, c, options):
     fresh = ce_kernels.cross_entropy_fwd_bwd(x, t, w, -100, *args, scale)[3]
     torch.testing.assert_close(fresh, ce_kernels.cross_entropy_bwd(scale, x, t, w, lse, coef, -100, args[0], args[2]),
                                rtol=0, atol=0, equal_nan=True)
+
+
+_FWD_BWD_BARRIER = """
+import re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastlm.kernels import cross_entropy as ce
+checked = 0
+for kernel, sig, const, warps in ce.gpu_compile_variants():
+    if kernel is not ce._cross_entropy_fwd_bwd_kernel or const["SOFT"] or sig["X"] != "*bf16":
+        continue
+    ptx = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": warps}).asm["ptx"].splitlines()
+    stores = [i for i, line in enumerate(ptx) if "st.global" in line]
+    first_grad = next(i for i in stores if re.search(r"st\\.global(\\.v\\d)?\\.b16", ptx[i]))
+    last_loss = max(i for i in stores if i < first_grad)  # Loss, Lse, Coef: after the x_t read
+    assert any("bar.sync" in line for line in ptx[last_loss:first_grad]), (const, ptx[last_loss:first_grad])
+    checked += 1
+assert checked == 3, checked
+print("ok")
+"""
+
+
+def test_fwd_bwd_orders_the_target_logit_read_before_the_gradient_stores():
+    """In place (the fused linear cross-entropy's chunks), _cross_entropy_fwd_bwd_kernel's loss
+    pass reads the target logit x_t after its last cross-warp reduction, in thread 0, while the
+    warp holding column t may already be writing its gradient there: a race the interpreter
+    cannot show (it runs a program's passes one after another). Compiled for sm_90 (no GPU
+    needed), a CTA barrier must lie between the loss stores (which follow that read) and the
+    first gradient store. A subprocess: the interpreter does not compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _FWD_BWD_BARRIER], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), \
+        f"exit code {done.returncode}: {done.stderr[-3000:]}"
