@@ -239,8 +239,13 @@ def _norm_bwd_kernel(
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """View ``t`` as (rows, n) without copying where its strides allow; copy otherwise."""
-    return t.reshape(-1, n)
+    """View ``t`` as (rows, n) without copying where its strides allow; copy otherwise, and
+    also where a column offset (n - 1) * stride would pass int32 (the kernels form column
+    offsets in int32: a transposed input of 2^31 elements or more)."""
+    t2 = t.reshape(-1, n)
+    if (n - 1) * abs(t2.stride(1)) >= 2 ** 31:
+        t2 = t2.contiguous()
+    return t2
 
 
 def norm_fwd(x, residual, weight, bias, normalized_ndim: int, eps: float, rms: bool,

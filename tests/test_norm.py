@@ -466,3 +466,13 @@ def test_gpu_offsets_beyond_2_to_the_31():
     tail = x[-3:].float()
     ref = tail * torch.rsqrt(tail.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
     torch.testing.assert_close(y[-3:].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_column_offsets_that_pass_int32_are_copied_first():
+    """The kernels form column offsets (cols * stride) in int32: a row view whose last column
+    sits 2^31 elements or more past its first is copied to unit stride first (meta tensors:
+    no memory)."""
+    wide = torch.empty_strided((4, 3), (1, 2 ** 30), device="meta")  # (3 - 1) * 2^30 = 2^31
+    assert norm_kernels._rows(wide, 3).stride() == (3, 1)
+    near = torch.empty_strided((4, 3), (1, 2 ** 30 - 1), device="meta")
+    assert norm_kernels._rows(near, 3).stride() == (1, 2 ** 30 - 1)  # still a view
