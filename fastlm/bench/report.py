@@ -274,7 +274,6 @@ def static_section(results: Path) -> str:
             f"sm_90 and sm_80 by Triton {env.get('triton', '?')}"
             + (" (csrc/'s CUDA kernels by nvcc: impl cuda)" if any(str(r.get("impl", "")).startswith("cuda")
                                                                   for r in compiled) else "") + ", "
-            f"
             f"{env.get('date', '?')[:10]} ({doc['_file']}); {len(failed)} failed to compile; "
             f"{len(spills)} spill registers" + (":" if spills else ".")]
     out += [f"- {k} {a} ({op} {mode} {shape} {dt}): {st} B of stack" for k, a, op, mode, shape, dt, st in spills]
