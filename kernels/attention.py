@@ -16,7 +16,9 @@ three kernels: delta = rowsum(dO * O);
 dK, dV with one program per (block of keys, batch, key head), looping over the query heads
 of its group (GQA) and the query blocks that see it; dQ with one program per (block of
 queries, batch, query head), looping over key blocks as the forward does. Probabilities are
-recomputed from q, k and the saved lse.
+recomputed from q, k and the saved lse. dK/dV works on the transposed tile (keys x queries,
+S^T = K Q^T): P^T and dS^T are then the left operands of dV += P^T dO and dK += dS^T Q as
+they come out of the MMA, in registers, instead of being transposed through shared memory.
 
 An additive mask that needs a gradient (T5's relative position bias, ALiBi-like learned
 biases): its gradient is dS itself, the gradient of the final scores before the soft-cap's
@@ -98,14 +100,21 @@ def _seq_bounds(b, CU_Q, CU_K, SEQUSED_K, L, S, TOTAL_Q, TOTAL_K, VARLEN: tl.con
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, len_q, len_k, shift, window_left, window_right, scale, softcap,
+def _scores(q, k, om, on, len_q, len_k, shift, window_left, window_right, scale, softcap,
             M, stride_mm, stride_mn,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-            IEEE: tl.constexpr):
+            IEEE: tl.constexpr, TRANS: tl.constexpr = False):
     """Scores of a (BLOCK_M, BLOCK_N) tile in base 2 with invisible positions at -inf, and
     the tanh of the soft-capped scores (for the backward's chain rule; 0 without softcap).
+    om, on: the query and key index of each row or column (offs_m[:, None], offs_n[None, :]);
+    TRANS: the (BLOCK_N, BLOCK_M) tile k q^T instead (om = offs_m[None, :], on = offs_n[:, None]).
     M points at this (batch, head)'s mask; MASK: 0 none, 1 boolean, 2 additive."""
-    if IEEE:
+    if TRANS:
+        if IEEE:
+            s = tl.dot(k, tl.trans(q), input_precision="ieee")
+        else:
+            s = tl.dot(k, tl.trans(q))
+    elif IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
@@ -115,13 +124,13 @@ def _scores(q, k, offs_m, offs_n, len_q, len_k, shift, window_left, window_right
         s = th * (softcap * 1.4426950408889634)
     else:
         s = s * (scale * 1.4426950408889634)
-    ok = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
+    ok = (om < len_q) & (on < len_k)
     if HAS_LEFT:
-        ok = ok & (offs_n[None, :] >= offs_m[:, None] + shift - window_left)
+        ok = ok & (on >= om + shift - window_left)
     if HAS_RIGHT:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift + window_right)
+        ok = ok & (on <= om + shift + window_right)
     if MASK != 0:
-        mv = tl.load(M + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn, mask=ok, other=0)
+        mv = tl.load(M + om.to(tl.int64) * stride_mm + on * stride_mn, mask=ok, other=0)
         if MASK == 1:
             ok = ok & (mv != 0)
         else:
@@ -135,10 +144,11 @@ def _scores(q, k, offs_m, offs_n, len_q, len_k, shift, window_left, window_right
 
 
 @triton.jit
-def _keep(seed, b, h, offs_m, offs_n, H, L_MAX, S_MAX, dropout_p):
-    """The dropout mask of a tile: a counter-based draw per (batch, head, query, key)."""
+def _keep(seed, b, h, om, on, H, L_MAX, S_MAX, dropout_p):
+    """The dropout mask of a tile: a counter-based draw per (batch, head, query, key); om, on
+    as in _scores (either orientation draws the same mask)."""
     base = ((b * H + h).to(tl.int64) * L_MAX) * S_MAX
-    offsets = base + offs_m[:, None].to(tl.int64) * S_MAX + offs_n[None, :]
+    offsets = base + om.to(tl.int64) * S_MAX + on
     return tl.rand(seed, offsets) >= dropout_p
 
 
@@ -204,8 +214,8 @@ def _attn_fwd_kernel(
         offs_n = n0 + offs_n0
         k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
                     mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
-        s, _ = _scores(q, k, offs_m, offs_n, len_q, len_k, shift, window_left, window_right, scale, softcap,
-                       m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE)
+        s, _ = _scores(q, k, offs_m[:, None], offs_n[None, :], len_q, len_k, shift, window_left, window_right,
+                       scale, softcap, m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen nothing yet has max -inf: subtract 0 instead, so every
         # exponential of -inf is a clean 0 (never inf - inf).
@@ -215,7 +225,7 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _keep(seed, b, h, offs_m, offs_n, H, L, S, dropout_p)
+            keep = _keep(seed, b, h, offs_m[:, None], offs_n[None, :], H, L, S, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
@@ -306,42 +316,53 @@ def _attn_bwd_dkdv_kernel(
         m_lo = (m_lo // BLOCK_M) * BLOCK_M
     if HAS_LEFT:
         m_hi = tl.minimum(m_hi, n0 + BLOCK_N - 1 - shift + window_left + 1)
-    for g in range(0, GROUP):
+    # One loop over (query head of the group, query block) pairs rather than a loop per head:
+    # the software pipeline runs on across heads, and a GQA launch (GROUP > 1, a runtime value)
+    # has no inner loop's prologue to hold registers for (it spilled 32-64 B on sm_80 / sm_90).
+    n_m = tl.cdiv(tl.maximum(m_hi - m_lo, 0), BLOCK_M)
+    for it in range(0, GROUP * n_m):
+        g = it // n_m
+        m0 = m_lo + (it - g * n_m) * BLOCK_M
         h = hk * GROUP + g
         q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
         do_ptr = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom
         l_ptr = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
         m_ptr = M + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-        for m0 in range(m_lo, m_hi, BLOCK_M):
-            offs_m = m0 + offs_m0
-            row_ok = offs_m < len_q
-            q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(do_ptr + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + l_ptr + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + l_ptr + offs_m, mask=row_ok, other=0.0)
-            s, th = _scores(q, k, offs_m, offs_n, len_q, len_k, shift, window_left, window_right, scale, softcap,
-                            m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE)
-            p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-            if IEEE:
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                dp = tl.dot(do, tl.trans(v))
-            pd = p
-            if DROPOUT:
-                keep = _keep(seed, b, h, offs_m, offs_n, H, L, S, dropout_p)
-                pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            ds = p * (dp - delta[:, None])
-            if SOFTCAP:
-                ds = ds * (1.0 - th * th)
-            if IEEE:
-                dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        offs_m = m0 + offs_m0
+        row_ok = offs_m < len_q
+        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(do_ptr + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + l_ptr + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + l_ptr + offs_m, mask=row_ok, other=0.0)
+        # The transposed tile, keys x queries: every dot below then has the keys as its rows
+        # (the MMA's M), so P^T and dS^T feed dV and dK from registers as they are, with no
+        # transpose through shared memory; q and dO serve both as they are and transposed.
+        st, tht = _scores(q, k, offs_m[None, :], offs_n[:, None], len_q, len_k, shift, window_left, window_right,
+                          scale, softcap, m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE,
+                          TRANS=True)
+        pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
+        # dV's product first (FlashAttention-2's order): P^T in 16 bits is dead before dP^T.
+        pdt = pt
+        if DROPOUT:
+            keep = _keep(seed, b, h, offs_m[None, :], offs_n[:, None], H, L, S, dropout_p)
+            pdt = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
+        if IEEE:
+            dv += tl.dot(pdt.to(do.dtype), do, input_precision="ieee")
+            dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
+        else:
+            dv += tl.dot(pdt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+        if DROPOUT:
+            dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
+        dst = pt * (dpt - delta[None, :])
+        if SOFTCAP:
+            dst = dst * (1.0 - tht * tht)
+        if IEEE:
+            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
+        else:
+            dk += tl.dot(dst.to(q.dtype), q)
 
     dk_ptr = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + k_start * stride_dkn
     dv_ptr = DV_ + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + k_start * stride_dvn
@@ -431,15 +452,15 @@ def _attn_bwd_dq_kernel(
                     mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
         v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
-        s, th = _scores(q, k, offs_m, offs_n, len_q, len_k, shift, window_left, window_right, scale, softcap,
-                        m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE)
+        s, th = _scores(q, k, offs_m[:, None], offs_n[None, :], len_q, len_k, shift, window_left, window_right,
+                        scale, softcap, m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE)
         p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
         if IEEE:
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         else:
             dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
-            keep = _keep(seed, b, h, offs_m, offs_n, H, L, S, dropout_p)
+            keep = _keep(seed, b, h, offs_m[:, None], offs_n[None, :], H, L, S, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD != 0:  # dense (B, L, H, D) only: masks never come with packed sequences
@@ -467,7 +488,7 @@ def _dropout_mask_kernel(KEEP, SEED, H, L, S, dropout_p, BLOCK_M: tl.constexpr, 
     bh = pid_m // m_blocks
     offs_m = (pid_m % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(tl.load(SEED), bh // H, bh % H, offs_m, offs_n, H, L, S, dropout_p)
+    keep = _keep(tl.load(SEED), bh // H, bh % H, offs_m[:, None], offs_n[None, :], H, L, S, dropout_p)
     ptrs = KEEP + bh.to(tl.int64) * L * S + offs_m[:, None].to(tl.int64) * S + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
 
@@ -507,10 +528,13 @@ class Problem:
         return empty(shape, torch.float32, q.device)
 
 
-def _blocks(p: Problem, device, dtype, ieee=None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages); the dK/dV kernel takes BLOCK_M // 2 on a
-    GPU. Small tiles under the interpreter (the same code, faster there, and block edges are
-    hit by small tests). ieee: float32 dots in IEEE float32 (None: as torch's setting says)."""
+def _blocks(p: Problem, device, dtype, ieee=None, masked=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward (the backward's: _bwd_blocks).
+    Small tiles under the interpreter (the same code, faster there, and block edges are
+    hit by small tests). ieee: float32 dots in IEEE float32 (None: as torch's setting says).
+    masked: a mask is loaded, one 64-bit address per score of the tile in the MMA's layout
+    (it may be broadcast along any dim): 128 x 64 spilled 312 B (sm_90) and 552 B (sm_80) at
+    head dim 128, 128 x 32 none."""
     if not gpu_tiles(device):
         return 16, 16, 1, 1
     if _ieee(dtype) if ieee is None else ieee:
@@ -525,7 +549,49 @@ def _blocks(p: Problem, device, dtype, ieee=None):
     big_d = max(p.D, p.DV) > 128 or dtype == torch.float32
     if big_d:
         return 64, 32, 4, 2
+    if masked and max(p.D, p.DV) > 64:
+        return 128, 32, 8, 3
     return 128, 64, 8, 3
+
+
+def _bwd_blocks(p: Problem, device, dtype, ieee=None, masked=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel and of the dQ kernel
+    (BLOCK_M counts queries, BLOCK_N keys, in both).
+
+    Both hold more than the forward: dK/dV two (keys, head dim) float32 accumulators and its
+    keys and values (in registers on sm_80, where Triton keeps a loop-invariant MMA operand),
+    dQ the queries, dO and a (queries, head dim) accumulator. With the forward's tiles, at
+    head dim 128 dK/dV spilled 64 B on sm_90 and dQ 32 B on sm_80, and with dropout, soft-
+    capping, grouped-query heads or masks up to 5.5 KB (fastlm.bench.static, Triton 3.9).
+
+    16-bit, head dims up to 128: dK/dV takes 128 keys over 8 warps, so that each warp group
+    owns 64 rows of every product (Triton puts all warps of a chained dot along its rows:
+    with 64 keys over 8 warps both warp groups would compute the same S^T and dP^T), and as
+    many queries per step as fit: 32 up to head dim 64, 16 up to 128 (64 and 32 spilled
+    32-48 B there). dQ: 128 queries x 32 keys, two stages at head dim 128 (64 keys spilled
+    32-176 B on sm_80), three up to 64 (64 keys spilled 40-56 B with dropout on sm_80).
+    masked (a mask is loaded, see _blocks): dK/dV 16 queries, in one stage at head dim 128
+    (two spilled 96 B on sm_80; 64 keys over 4 warps 16 B there with Triton 3.6); dQ at head
+    dim 128 16 keys. These compile without spills on sm_80 and sm_90 (Triton 3.9; 3.6 but for
+    8 B on sm_80 with dropout on packed sequences at head dim 128), on sm_90 every product a
+    wgmma, for plain, causal, windowed, soft-capped, dropout, grouped-query, packed and masked
+    calls (with the mask's gradient).
+
+    Head dims past 128: dQ 64 x 32 over 8 warps (64 x 32 over 4 spilled 24-72 B; on sm_90 both
+    warp groups compute the 64-row products). dK/dV, like float32's, takes half the forward's
+    BLOCK_M: 32 x 32 over 4 warps, HMMA on sm_90 and spilling 48-112 B, since two 256-wide
+    float32 accumulators over wgmma's 64 rows per warp group fill a thread's registers (a
+    fix splits the head dim of dK/dV over programs)."""
+    bm, bn, warps, stages = _blocks(p, device, dtype, ieee)
+    if not gpu_tiles(device):
+        return (bm, bn, warps, stages), (bm, bn, warps, stages)
+    if dtype == torch.float32 or (_ieee(dtype) if ieee is None else ieee):
+        return (bm // 2, bn, warps, stages), (bm, bn, warps, stages)
+    if max(p.D, p.DV) > 128:
+        return (bm // 2, bn, warps, stages), (64, 32, 8, 2)
+    if max(p.D, p.DV) > 64:
+        return ((16, 128, 8, 1), (128, 16, 8, 2)) if masked else ((16, 128, 8, 2), (128, 32, 8, 2))
+    return (16 if masked else 32, 128, 8, 3), (128, 32, 8, 3)
 
 
 def _mask_args(mask, p: Problem):
@@ -587,7 +653,7 @@ def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, w
     if q.numel() == 0 or p.B == 0:
         return out, lse.fill_(float("inf"))
     mask_t, mask_kind, mask_strides = _mask_args(mask, p)
-    bm, bn, warps, stages = _blocks(p, q.device, q.dtype)
+    bm, bn, warps, stages = _blocks(p, q.device, q.dtype, masked=mask is not None)
     dummy = _dummy(q.device)
     _attn_fwd_kernel[_grid(triton.cdiv(p.L, bm), p.B * p.H)](
         q, k, v, out, lse, mask_t if mask_t is not None else dummy,
@@ -622,7 +688,7 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
         grads = (dq.zero_(), dk.zero_(), dv.zero_())
         return grads + (ds.zero_(),) if bias_grad else grads
     mask_t, mask_kind, mask_strides = _mask_args(mask, p)
-    bm, bn, warps, stages = _blocks(p, q.device, q.dtype)
+    dkdv_tiles, dq_tiles = _bwd_blocks(p, q.device, q.dtype, masked=mask is not None)
     block_d, block_dv = max(16, next_power_of_2(p.D)), max(16, next_power_of_2(p.DV))
     dummy = _dummy(q.device)
     cu_q = cu_seqlens_q if p.varlen else dummy
@@ -630,7 +696,7 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
     delta = empty(lse.shape, torch.float32, q.device)
     # delta holds two (BLOCK_M, DV) float32 tiles: 128 x 128 over 4 warps spilled 664 bytes per
     # thread on sm_90; 64 rows over 8 warps spill nothing on sm_80 / sm_90 (compile_check).
-    bm_delta = min(bm, 64) if gpu_tiles(q.device) else bm
+    bm_delta = min(dq_tiles[0], 64) if gpu_tiles(q.device) else dq_tiles[0]
     _attn_bwd_delta_kernel[_grid(triton.cdiv(p.L, bm_delta), p.B * p.H)](
         out, dout, delta, cu_q, *p.strides(out), *p.strides(dout), *p.lse_strides(lse), p.H, p.L, p.total_q, p.DV,
         VARLEN=p.varlen, BLOCK_M=bm_delta, BLOCK_DV=block_dv, num_warps=8 if gpu_tiles(q.device) else 1,
@@ -638,15 +704,16 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
     flags = _common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype)
     common = (mask_t if mask_t is not None else dummy, cu_q, cu_k, seed if seed is not None else dummy)
     # dK, dV: blocks of keys own their rows, so no two programs write the same element.
+    bm, bn, warps, stages = dkdv_tiles
     _attn_bwd_dkdv_kernel[_grid(triton.cdiv(p.S, bn), p.B * p.HK)](
         q, k, v, dout, lse, delta, dk, dv, *common,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(dout), *p.strides(dk), *p.strides(dv),
         *p.lse_strides(lse), *mask_strides,
         p.H, p.HK, p.group, p.L, p.S, p.total_q, p.total_k, p.D, p.DV, scale, softcap, window_left, window_right,
         dropout_p,
-        BLOCK_M=bm // 2 if gpu_tiles(q.device) else bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        num_warps=warps, num_stages=stages, **flags,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages, **flags,
     )
+    bm, bn, warps, stages = dq_tiles
     _attn_bwd_dq_kernel[_grid(triton.cdiv(p.L, bm), p.B * p.H)](
         q, k, v, dout, lse, delta, dq, *common, ds if bias_grad else dummy,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(dout), *p.strides(dq),
@@ -703,16 +770,21 @@ def gpu_compile_variants():
              ("fp32", 64, False, True, ()), ("fp32", 128, True, True, ((2, True, False), (1, False, False))),
              ("fp32", 256, True, True, ()), ("fp32", 128, True, False, ((2, True, False),))]
     for dt, d, full, ieee, bias_modes in cases:
-        # Exactly what the launchers pick on a GPU: _blocks, and half of BLOCK_M for dK/dV.
-        bm, bn, warps, stages = _blocks(SimpleNamespace(D=d, DV=d), gpu, dtypes[dt], ieee=ieee)
+        # Exactly what the launchers pick on a GPU: _blocks, and _bwd_blocks for the backward.
+        bm, bn, warps, stages = _blocks(SimpleNamespace(D=d, DV=d), gpu, dtypes[dt], ieee=ieee, masked=full)
+        dkdv_tiles, dq_tiles = _bwd_blocks(SimpleNamespace(D=d, DV=d), gpu, dtypes[dt], ieee=ieee, masked=full)
         flags = dict(VARLEN=full, BOTTOM_RIGHT=full, HAS_LEFT=full, HAS_RIGHT=True, SOFTCAP=full, MASK=2 if full else 0,
                      DROPOUT=full, IEEE=ieee)
         tiles = dict(BLOCK_D=d, BLOCK_DV=d)
         opts = {"num_warps": warps, "num_stages": stages}
         const = dict(flags, SEQUSED=full, BLOCK_M=bm, BLOCK_N=bn, **tiles)
         variants.append((_attn_fwd_kernel, signature(_attn_fwd_kernel, dt, const["MASK"]), const, opts))
-        const = dict(flags, BLOCK_M=bm // 2, BLOCK_N=bn, **tiles)
-        variants.append((_attn_bwd_dkdv_kernel, signature(_attn_bwd_dkdv_kernel, dt, const["MASK"]), const, opts))
+        bm, bn, warps, stages = dkdv_tiles
+        const = dict(flags, BLOCK_M=bm, BLOCK_N=bn, **tiles)
+        variants.append((_attn_bwd_dkdv_kernel, signature(_attn_bwd_dkdv_kernel, dt, const["MASK"]), const,
+                         {"num_warps": warps, "num_stages": stages}))
+        bm, bn, warps, stages = dq_tiles
+        opts = {"num_warps": warps, "num_stages": stages}
         const = dict(flags, BIAS_GRAD=0, BIAS_SUM_M=False, BIAS_SUM_N=False, BLOCK_M=bm, BLOCK_N=bn, **tiles)
         variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, const["MASK"]), const, opts))
         # The additive mask's gradient (dense, as SDPA gives it; dropout and softcap on):

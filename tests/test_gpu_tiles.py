@@ -1,9 +1,10 @@
 """The kernels with the GPU's own launch settings, under the interpreter (FASTLM_GPU_TILES=1).
 
 Off a GPU every tile picker chooses 16-wide tiles, so that small tests cross every block
-edge; the shapes a GPU launches (attention's 128 x 64 tiles, the half-height dK/dV tiles and
-head dim 128's backward tiles, BLOCK_M != BLOCK_N, the matmul's 128 x 128 x 64 tiles, a
-program count per SM) would then run nowhere before a GPU. kernels/launch.py's switch makes every picker take the GPU branch;
+edge; the shapes a GPU launches (attention's 128 x 64 tiles, the backward's 16-bit tiles of
+128 keys x 32 or 16 queries and 128 queries x 32 keys, the half-height float32 dK/dV tiles,
+BLOCK_M != BLOCK_N, the matmul's 128 x 128 x 64 tiles, a program count per SM) would then
+run nowhere before a GPU. kernels/launch.py's switch makes every picker take the GPU branch;
 here a representative subset of the kernel tests runs with it, at sizes that cross those
 tiles (L = 113 and S = 130 against 128 x 64, K = 70 against BLOCK_K 64, ...), each against
 its float64 oracle with the suite's own checks, and every test asserts the block sizes that
@@ -90,7 +91,8 @@ ATTN_CASES = [  # B, L, S, H, Hk, D, dtype, options
     (2, 130, 113, 2, 2, 64, torch.float16, {}),
     (1, 113, 130, 2, 1, 128, torch.float16, {"window_size": (70, 10)}),
     (1, 130, 113, 2, 2, 128, torch.float32, {"causal": True}),
-    (1, 130, 113, 4, 2, 128, torch.float16, {"causal": True}),
+    (1, 130, 140, 4, 2, 128, torch.float16, {"causal": True}),
+    (1, 70, 40, 2, 1, 256, torch.float16, {"causal": True}),
     (1, 113, 130, 4, 2, 64, torch.float32, {"softcap": 3.0}),
 ]
 
@@ -116,10 +118,13 @@ def test_attention_with_gpu_tiles(launches, case):
     dkdv_gpu, dq_gpu = attn_kernels._bwd_blocks(SimpleNamespace(D=D, DV=D), torch.device("cuda"), dtype)
     assert (dq["BLOCK_M"], dq["BLOCK_N"], dq["num_warps"]) == dq_gpu[:3], (dq, dq_gpu)
     assert (dkdv["BLOCK_M"], dkdv["BLOCK_N"], dkdv["num_warps"]) == dkdv_gpu[:3], (dkdv, dkdv_gpu)
-    if dtype == torch.float16 and 64 < D <= 128:
-        # The backward's own spill-free tiles at head dim 128 (L = 130 and S = 113 cross them):
-        # dK/dV 64 x 64, dQ 128 x 32, both over 8 warps.
-        assert (dkdv["BLOCK_M"], dkdv["BLOCK_N"], dq["BLOCK_M"], dq["BLOCK_N"]) == (64, 64, 128, 32)
+    if dtype == torch.float16 and D > 128:  # dQ 64 x 32 over 8 warps (L = 70, S = 40 cross it)
+        assert (dq["BLOCK_M"], dq["BLOCK_N"], dq["num_warps"]) == (64, 32, 8), dq
+    elif dtype == torch.float16:
+        # The backward's own spill-free tiles over 8 warps: dK/dV 128 keys x 32 queries (head
+        # dim 64) or x 16 (128), dQ 128 queries x 32 keys (L = 130 and S = 130 / 140 cross them).
+        assert (dkdv["BLOCK_M"], dkdv["BLOCK_N"], dkdv["num_warps"]) == ((32 if D <= 64 else 16), 128, 8), dkdv
+        assert (dq["BLOCK_M"], dq["BLOCK_N"], dq["num_warps"]) == (128, 32, 8), dq
     else:
         assert (dq["BLOCK_M"], dq["BLOCK_N"]) == (bm, bn)
         assert (dkdv["BLOCK_M"], dkdv["BLOCK_N"]) == (bm // 2, bn)  # the half-height dK/dV tile
@@ -134,7 +139,22 @@ def test_additive_mask_gradient_with_gpu_tiles(launches, bias_shape):
     T_bias.check("triton", T_bias.sdpa(), T_bias.torch_sdpa(),
                  T_bias.inputs(2, 2, 2, 113, 130, 64, bias_shape, torch.float16))
     dq = launched(launches, "_attn_bwd_dq_kernel")[0]
-    assert (dq["BLOCK_M"], dq["BLOCK_N"]) == (128, 64), dq
+    assert (dq["BLOCK_M"], dq["BLOCK_N"]) == (128, 32), dq
+    assert launched(launches, "_attn_bwd_dkdv_kernel")[0]["BLOCK_M"] == 16  # a masked call's dK/dV tile
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 2, 130, 140), (1, 1, 1, 140)], ids=["t5", "padding"])
+def test_additive_mask_gradient_with_masked_head_dim_128_tiles(launches, bias_shape):
+    """A masked call at head dim 128 takes narrower tiles than an unmasked one (the mask's
+    per-score addresses spilled the others): forward 128 x 32, dK/dV 16 queries x 128 keys
+    in one stage, dQ 128 x 16. L = 130 and S = 140 cross all of them."""
+    T_bias.check("triton", T_bias.sdpa(), T_bias.torch_sdpa(),
+                 T_bias.inputs(1, 2, 2, 130, 140, 128, bias_shape, torch.float16))
+    tiles = {name: launched(launches, name)[0] for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
+                                                            "_attn_bwd_dq_kernel")}
+    got = {name: (t["BLOCK_M"], t["BLOCK_N"], t["num_warps"]) for name, t in tiles.items()}
+    assert got == {"_attn_fwd_kernel": (128, 32, 8), "_attn_bwd_dkdv_kernel": (16, 128, 8),
+                   "_attn_bwd_dq_kernel": (128, 16, 8)}, got
 
 
 def test_attention_dropout_with_gpu_tiles(launches):
