@@ -205,5 +205,5 @@ def test_readme_static_section_is_generated_from_the_committed_snapshot(tmp_path
     text = report.static_section(tmp_path)
     assert "2 kernel variants" in text and "1 spill registers:" in text
     assert "- _k sm_90 (rms_norm bwd 4x16 bf16): 24 B of stack" in text
-    assert "| _k | triton sm_90 | 2 | 40-255 | 24 | 4.0 | 1-3 | no / no |" in text
+    assert "| _k | triton sm_90 | 2 | 40-255 | 24 | 4.0 | 1-3 | 0 / 0 / 2 |" in text
     assert "| rms_norm | bwd | 4x8 | _k, torch sum | 1.200 | 1.50 |" in text

@@ -810,7 +810,7 @@ def run(config, harness) -> None:
     """The "static" suite: figures from the compiler and the interpreter, no timing."""
     _register_columns()
     only = "|".join(re.escape(o) for o in (config.ops or []))
-    modes = set(config.modes or ("fwd", "bwd"))
+    modes = set(config.modes or ("fwd", "bwd", "fwd+bwd"))
     start = time.perf_counter()
     rows = collect(quick=config.quick, only=only)
     rows = [r for r in rows if r.get("mode") in modes]
