@@ -602,6 +602,8 @@ def _mask_args(mask, p: Problem):
     if kind == 1:
         mask = mask.view(torch.uint8)  # same bytes; a broadcast view stays a view
     m = mask.expand(p.B, p.H, p.L, p.S)
+    if (p.S - 1) * abs(m.stride(3)) >= 2 ** 31:  # the kernels form key offsets in int32: a transposed
+        m = mask.contiguous().expand(p.B, p.H, p.L, p.S)  # mask of 2^31 elements a head is copied first
     return m, kind, tuple(m.stride())
 
 

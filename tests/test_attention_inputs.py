@@ -299,3 +299,16 @@ def test_bad_index_data_on_cuda_is_clamped_without_a_host_sync():
     fastlm.flash_attn_with_kvcache(kq, k_cache, v_cache, k_new, v_new,
                                    cache_seqlens=_cu([2 ** 32 + 3] * B, torch.int64))
     assert torch.equal(k_cache[:, :S - 2], kept)
+
+
+def test_transposed_mask_whose_key_offsets_pass_int32_is_copied_first():
+    """The kernels form key offsets (key * stride) in int32: a mask whose key stride puts its
+    last key 2^31 elements or more past its first is made contiguous first (meta tensors)."""
+    from fastlm.kernels import attention as K
+    prob = type("P", (), dict(B=1, H=1, L=2 ** 16, S=2 ** 15 + 1))()  # the sizes _mask_args reads
+    wide = torch.empty_strided((1, 1, 2 ** 16, 2 ** 15 + 1), (1, 1, 1, 2 ** 16), device="meta")
+    _, kind, strides = K._mask_args(wide, prob)
+    assert kind == 2 and strides[3] == 1
+    narrow = torch.empty_strided((1, 1, 16, 2 ** 15), (1, 1, 1, 16), device="meta")
+    prob.L, prob.S = 16, 2 ** 15
+    assert K._mask_args(narrow, prob)[2][3] == 16  # a view still

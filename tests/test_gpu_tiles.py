@@ -26,6 +26,7 @@ from fastlm.kernels import launch
 from fastlm.kernels import matmul as mm_kernels
 from fastlm.kernels import norm as norm_kernels
 from fastlm.kernels import rotary as rope_kernels
+from fastlm.ops import attention as attn_ops
 
 from . import test_attention as T_attn
 from . import test_attention_bias_grad as T_bias
@@ -159,11 +160,58 @@ def test_additive_mask_gradient_with_masked_head_dim_128_tiles(launches, bias_sh
 
 def test_attention_dropout_with_gpu_tiles(launches):
     """The dropout mask is a function of the position, whatever the tiles: the forward's,
-    dK/dV's half-height ones and dropout_mask's 64 x 64 draw the same mask."""
+    dK/dV's half-height ones (float32's; 16-bit tiles: the tests above) and dropout_mask's
+    64 x 64 draw the same mask."""
     T_attn.test_dropout_forward_and_backward_use_the_same_mask("triton", True)
     assert launched(launches, "_dropout_mask_kernel")[0]["BLOCK_M"] == 64
     fwd = launched(launches, "_attn_fwd_kernel")[0]
     assert fwd["num_warps"] > 1 and launched(launches, "_attn_bwd_dkdv_kernel")[0]["BLOCK_M"] == fwd["BLOCK_M"] // 2
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_every_feature_with_16bit_gpu_tiles(launches, D):
+    """float16 at head dims 64 and 128 takes the backward's own tiles (dK/dV 32 or 16 queries x
+    128 keys, the transposed tile; dQ 128 x 32): grouped-query heads, causal with a left
+    window, soft-capping and dropout together, L = 130 and S = 140 crossing every tile edge."""
+    B, L, S, H, Hk, p = 1, 130, 140, 4, 2, 0.15
+    options = {"causal": True, "window_size": (100, -1), "softcap": 3.0, "softmax_scale": 0.3}
+    torch.manual_seed(8)
+    keep = attn_ops.dropout_mask(attn_ops.draw_dropout_seed(DEVICE), B, H, L, S, p, "triton", DEVICE)
+
+    def ours(q, k, v):
+        torch.manual_seed(8)  # the call draws the same seed
+        return fastlm.flash_attn_func(q, k, v, dropout_p=p, **options)
+
+    T_attn.check("triton", ours, lambda q, k, v: T_attn.naive(q, k, v, scale=0.3, window=(100, -1), causal=True,
+                                                              softcap=3.0, keep=keep.to(q.dtype), dropout_p=p),
+                 T_attn.qkv(B, L, S, H, Hk, D, dtype=torch.float16))
+    dkdv, dq = launched(launches, "_attn_bwd_dkdv_kernel")[0], launched(launches, "_attn_bwd_dq_kernel")[0]
+    assert (dkdv["BLOCK_M"], dkdv["BLOCK_N"], dq["BLOCK_M"], dq["BLOCK_N"]) == (32 if D == 64 else 16, 128, 128, 32)
+
+
+def test_attention_varlen_dropout_with_16bit_gpu_tiles(launches):
+    """Packed sequences (one empty, one of a single query) with dropout and grouped-query
+    heads at head dim 128 in float16: the transposed dK/dV tile per sequence."""
+    lq, lk, H, Hk, D, p = [7, 140, 1, 0, 60], [12, 133, 5, 3, 150], 4, 2, 128, 0.2
+    q, k, v = (torch.randn(sum(n), h, D, device=DEVICE).half() for n, h in ((lq, H), (lk, Hk), (lk, Hk)))
+    cu_q, cu_k = T_attn._cu(lq), T_attn._cu(lk)
+    torch.manual_seed(3)
+    keep = attn_ops.dropout_mask(attn_ops.draw_dropout_seed(DEVICE), len(lq), H, max(lq), max(lk), p, "triton", DEVICE)
+
+    def ours(q, k, v):
+        torch.manual_seed(3)
+        return fastlm.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), dropout_p=p, causal=True)
+
+    def oracle(q, k, v):
+        outs = []
+        for b, (a, e, c, d) in enumerate(zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(),
+                                             cu_k[1:].tolist())):
+            kb = keep[b:b + 1, :, :e - a, :d - c].to(q.dtype)
+            outs.append(T_attn.naive(q[None, a:e], k[None, c:d], v[None, c:d], causal=True, keep=kb, dropout_p=p)[0])
+        return torch.cat(outs)
+
+    T_attn.check("triton", ours, oracle, [q, k, v])
+    assert launched(launches, "_attn_bwd_dkdv_kernel")[0]["BLOCK_M"] == 16
 
 
 # ----------------------------------------------------------------------------- matmul / feed-forward
