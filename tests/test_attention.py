@@ -263,7 +263,7 @@ def test_kvcache_appends_in_place_and_attends(backend, new):
             expected_k[b, seqlens[b]:seqlens[b] + new] = k_new[b]
             expected_v[b, seqlens[b]:seqlens[b] + new] = v_new[b]
     with fastlm.use_backend(backend):
-        out = fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens)
+        out = fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, causal=True)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
     for b in range(B):
         used = int(seqlens[b]) + new

@@ -228,7 +228,7 @@ def test_kvcache_accepts_the_edges(backend):
     q, k_cache, v_cache, k_new, v_new = _kv_args(S=S, new=2)
     seqlens = _cu([S - 2, 0, 5], torch.int64)
     with fastlm.use_backend(backend):
-        out = fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens)
+        out = fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, causal=True)
     for b, n in enumerate((S, 2, 7)):
         assert torch.equal(k_cache[b, n - 2:n], k_new[b]) and torch.equal(v_cache[b, n - 2:n], v_new[b])
         expected = _naive(q[b], k_cache[b, :n], v_cache[b, :n], 16 ** -0.5, True)

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ..backend import native_backend_of, get_backend, native_backend, resolve
 from ..reference import attention as ref
+from .rotary import rotary
 from ._autocast import autocast_inputs, autocast_to, no_autocast
 from ._eager import EagerTwin, compiling
 
@@ -426,15 +427,25 @@ def _window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                     causal: bool = False, window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0,
-                    return_lse: bool = False):
-    """FlashAttention's flash_attn_func: q (B, L, H, D), k and v (B, S, Hk, D), Hk dividing H.
+                    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                    return_attn_probs: bool = False, *, return_lse: bool = False):
+    """FlashAttention 2.8's flash_attn_func, argument for argument: q (B, L, H, D), k and v
+    (B, S, Hk, D), Hk dividing H.
 
     causal and window_size are aligned bottom-right (query i sees keys up to i + S - L), so a
-    single query attends to the whole cache. Returns out (B, L, H, Dv), and with return_lse
-    also the logsumexp (B, H, L) in float32 (+inf on rows that see no key).
+    single query attends to the whole cache. alibi_slopes: float32 (H,) or (B, H), adding
+    -slope * |i + S - L - j| to the (soft-capped) scores, as flash-attn does (today a
+    materialised (B or 1, H, L, S) bias on the mask path: O(H L S) memory). deterministic is
+    accepted and changes nothing: fastlm's backward is always deterministic (no atomics,
+    except an additive mask's gradient where the mask is broadcast, which this function never
+    has). Returns out (B, L, H, Dv); with return_attn_probs (out, softmax_lse, S_dmask) as
+    flash-attn: the logsumexp (B, H, L) in float32 (+inf on rows that see no key), and S_dmask
+    None without dropout, else the softmax probabilities (B, H, L, S) with the dropped
+    positions negated (flash-attn pads L and S up to multiples of 128; fastlm does not). A
+    testing aid: it is formed densely. fastlm's own keyword ``return_lse`` gives (out, lse).
 
     On the "torch" backend with CPU tensors (the CPU path) a call without soft-cap, window
-    (but causal), dropout or lse is torch's SDPA on (B, H, S, D) views (see _native_flash)."""
+    (but causal), dropout, ALiBi or lse is torch's SDPA on (B, H, S, D) views (see _native_flash)."""
     fn = "flash_attn_func"
     if _autocast_any():
         q, k, v = autocast_inputs(q, k, v)
@@ -443,14 +454,55 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
     left, right = _window_of(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
-    if not return_lse and dropout_p == 0.0 and softcap == 0.0 and left == -1 and right <= 0 and not compiling() \
-            and q.is_cpu and native_backend("cpu"):
+    want_lse = return_lse or return_attn_probs
+    if alibi_slopes is None and not want_lse and dropout_p == 0.0 and softcap == 0.0 and left == -1 \
+            and right <= 0 and not compiling() and q.is_cpu and native_backend("cpu"):
         out = _native_flash(q, k, v, scale, right == 0)
         if out is not None:
             return out
-    out, lse = _attention_eager(q, k, v, None, None, None, None, _seed_for(dropout_p, q.device), scale, True, left,
-                                right, softcap, dropout_p, 0, 0)
+    bias = None if alibi_slopes is None else _alibi_bias(fn, alibi_slopes, q, k.shape[1])
+    seed = _seed_for(dropout_p, q.device)
+    out, lse = _attention_eager(q, k, v, bias, None, None, None, seed, scale, True, left, right, softcap,
+                                dropout_p, 0, 0)
+    if return_attn_probs:
+        probs = None if dropout_p == 0.0 else _dropped_probs(q, k, v, bias, lse, seed, scale, left, right, softcap,
+                                                             dropout_p)
+        return out, lse, probs
     return (out, lse) if return_lse else out
+
+
+def _alibi_bias(fn: str, slopes, q: Tensor, S: int) -> Tensor:
+    """flash-attn's ALiBi as an additive mask: -slope * |i + S - L - j| for query i and key j
+    (bottom-right aligned), float32 (B or 1, H, L, S)."""
+    B, L, H = q.shape[0], q.shape[1], q.shape[2]
+    if not isinstance(slopes, Tensor) or slopes.dtype != torch.float32 or tuple(slopes.shape) not in ((H,), (B, H)):
+        got = f"{slopes.dtype} {list(slopes.shape)}" if isinstance(slopes, Tensor) else repr(slopes)
+        raise ValueError(f"fastlm.{fn}: alibi_slopes must be a float32 tensor of shape ({H},) or ({B}, {H}), "
+                         f"got {got}")
+    if slopes.device != q.device:
+        raise ValueError(f"fastlm.{fn}: alibi_slopes is on {slopes.device} but q is on {q.device}")
+    i = torch.arange(L, device=q.device)[:, None]
+    j = torch.arange(S, device=q.device)[None, :]
+    distance = (i + (S - L) - j).abs().to(torch.float32)
+    return -slopes.detach().reshape(-1, H, 1, 1) * distance
+
+
+def _dropped_probs(q, k, v, bias, lse, seed, scale, left, right, softcap, dropout_p) -> Tensor:
+    """flash-attn's S_dmask: softmax probabilities (B, H, L, S) in float32, the positions that
+    dropout dropped negated, from the same seed and backend as the call (dense: a testing aid)."""
+    B, L, H = q.shape[0], q.shape[1], q.shape[2]
+    S, Hk = k.shape[1], k.shape[2]
+    with torch.no_grad():
+        kk = k.repeat_interleave(H // max(Hk, 1), dim=2) if Hk != H else k
+        s = torch.einsum("blhd,bshd->bhls", q.float(), kk.float())
+        s = softcap * torch.tanh(s * (scale / softcap)) if softcap > 0 else s * scale
+        if bias is not None:
+            s = s + bias
+        s = s.masked_fill(~ref.visible(L, S, True, left, right, q.device), -math.inf)
+        probs = torch.exp(s - lse.float()[..., None])
+        backend = _pick(q, k, v, bias, None, None, softcap, dropout_p)
+        keep = dropout_mask(seed, B, H, L, S, dropout_p, backend, q.device)
+        return torch.where(keep, probs, -probs)
 
 
 def _special_in(q: Tensor, k: Tensor, mask: Optional[Tensor] = None) -> bool:
@@ -551,15 +603,22 @@ def _check_cu_values(fn: str, name: str, cu: Tensor, rows: int, of: str, max_nam
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
                            softmax_scale: Optional[float] = None, causal: bool = False,
-                           window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0, return_lse: bool = False):
-    """Packed sequences without padding: q (total_q, H, D), k and v (total_k, Hk, D); sequence b
+                           window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0,
+                           alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: Optional[Tensor] = None, *,
+                           return_lse: bool = False):
+    """FlashAttention 2.8's flash_attn_varlen_func, argument for argument. Packed sequences
+    without padding: q (total_q, H, D), k and v (total_k, Hk, D); sequence b
     is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (likewise for k). max_seqlen_q/k bound the
     lengths. The offsets must start at 0, never decrease, end at the rows of q (of k), and
     give no sequence longer than max_seqlen: on CPU tensors a violation raises a ValueError;
     on CUDA tensors checking would cost a host sync, so (as FlashAttention, which trusts
     them) nothing is checked, but the kernels clamp every offset to the rows and every
     length to max_seqlen, so a bad value gives wrong rows (or leaves rows unwritten),
-    never a read or write outside q, k, v or the output. The lse is (H, total_q)."""
+    never a read or write outside q, k, v or the output. The lse is (H, total_q).
+    return_attn_probs gives (out, lse, None) without dropout; deterministic changes nothing
+    (see flash_attn_func). Not yet supported, each raising NotImplementedError that names it:
+    alibi_slopes, block_table (a paged cache), return_attn_probs with dropout."""
     fn = "flash_attn_varlen_func"
     if _autocast_any():
         q, k, v = autocast_inputs(q, k, v)
@@ -578,9 +637,24 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
     left, right = _window_of(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
+    _not_yet(fn, alibi_slopes=alibi_slopes, block_table=block_table)
+    if return_attn_probs and dropout_p > 0:
+        raise NotImplementedError(f"fastlm.{fn}: return_attn_probs with dropout_p > 0 (S_dmask of packed "
+                                  "sequences) is not supported yet; flash_attn_func has it")
     out, lse = _attention_eager(q, k, v, None, cu_q, cu_k, None, _seed_for(dropout_p, q.device), scale, True, left,
                                 right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    if return_attn_probs:
+        return out, lse, None
     return (out, lse) if return_lse else out
+
+
+def _not_yet(fn: str, **arguments) -> None:
+    """NotImplementedError naming the first flash-attn argument given that fastlm does not
+    support yet (a clear refusal, never a silently different answer)."""
+    for name, value in arguments.items():
+        if value is not None:
+            raise NotImplementedError(f"fastlm.{fn}: {name} is not supported yet (fastlm issue 20); "
+                                      f"call without it")
 
 
 def _check_cache_seqlens(fn: str, cache_seqlens, n: int, S_max: int):
@@ -602,28 +676,64 @@ def _check_cache_seqlens(fn: str, cache_seqlens, n: int, S_max: int):
 
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
-                            v: Optional[Tensor] = None, cache_seqlens=None, softmax_scale: Optional[float] = None,
-                            causal: bool = True, window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0):
-    """Generation with a KV cache: q (B, L, H, D), caches (B, S_max, Hk, D).
+                            v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, cache_seqlens=None,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+                            causal: bool = False, window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
+                            num_splits: int = 0, return_softmax_lse: bool = False):
+    """FlashAttention 2.8's flash_attn_with_kvcache, argument for argument (causal defaults to
+    False, as there): q (B, L, H, D), caches (B_cache, S_max, Hk, D).
 
     If k and v (B, L_new, Hk, D) are given they are written into the caches in place at each
     batch's cache_seqlens (an int or a (B,) int tensor; None means the caches are full), then
-    q attends to the first cache_seqlens + L_new keys, causal aligned bottom-right. No
-    gradient flows through this function (it is for inference). 0 <= cache_seqlens and
+    q attends to the first cache_seqlens + L_new keys (causal and window_size aligned
+    bottom-right). rotary_cos/rotary_sin (seqlen_ro, rotary_dim / 2), with k and v: k is
+    rotated at positions cache_seqlens, cache_seqlens + 1, ..., and q too when causal or
+    windowed, else every query at position cache_seqlens (flash-attn's rule);
+    rotary_interleaved pairs (2i, 2i + 1) (its default) or (i, i + rotary_dim / 2).
+    cache_batch_idx (B,): batch b reads and writes cache row cache_batch_idx[b] (today the
+    rows are gathered into a copy for the attention). num_splits is accepted (0, or any
+    count) and changes nothing yet: there is no split-KV decoding. return_softmax_lse returns
+    (out, lse (B, H, L) float32). Not yet supported, raising NotImplementedError that names
+    it: cache_leftpad, block_table (a paged cache), alibi_slopes.
+
+    No gradient flows through this function (it is for inference). 0 <= cache_seqlens and
     cache_seqlens + L_new <= S_max: an int or a CPU tensor that breaks this raises a
     ValueError; a CUDA tensor is not checked (that would sync), the write and the kernel clamp
     to each batch's own cache instead, so a bad length never touches memory outside it."""
     fn = "flash_attn_with_kvcache"
-    if type(cache_seqlens) is int and window_size is _NO_WINDOW and softcap == 0.0 and not compiling() \
+    simple = rotary_cos is None and rotary_sin is None and cache_batch_idx is None and not return_softmax_lse
+    if simple and type(cache_seqlens) is int and window_size is _NO_WINDOW and softcap == 0.0 and not compiling() \
+            and cache_leftpad is None and block_table is None and alibi_slopes is None \
             and native_backend_of(q) and not _autocast_any():
         out = _kvcache_cpu(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal)
         if out is not None:
             return out
+    _not_yet(fn, cache_leftpad=cache_leftpad, block_table=block_table, alibi_slopes=alibi_slopes)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"fastlm.{fn}: num_splits must be an int >= 0 (0: choose), got {num_splits!r}")
     q, k, v = autocast_to(k_cache, q, k, v)  # under autocast the caches' dtype is the compute dtype
+    if cache_batch_idx is not None:
+        if not isinstance(cache_batch_idx, Tensor) or cache_batch_idx.dtype not in (torch.int32, torch.int64) \
+                or cache_batch_idx.shape != (q.shape[0],) or cache_batch_idx.device != q.device:
+            raise ValueError(f"fastlm.{fn}: cache_batch_idx must be a ({q.shape[0]},) int tensor on q's device, "
+                             f"got {cache_batch_idx!r}")
+        if cache_batch_idx.device.type == "cpu" and cache_batch_idx.numel() and \
+                not 0 <= int(cache_batch_idx.min()) <= int(cache_batch_idx.max()) < k_cache.shape[0]:
+            raise ValueError(f"fastlm.{fn}: cache_batch_idx must index the caches' {k_cache.shape[0]} rows")
+        rows_idx = cache_batch_idx.long().clamp(0, k_cache.shape[0] - 1)
+        caches = (k_cache, v_cache)
+        k_cache, v_cache = k_cache.index_select(0, rows_idx), v_cache.index_select(0, rows_idx)
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError(f"fastlm.{fn}: rotary_cos and rotary_sin must be given together")
     _check_qkv(fn, q, k_cache, v_cache)
     B, S_max = k_cache.shape[0], k_cache.shape[1]
     if (k is None) != (v is None):
         raise ValueError(f"fastlm.{fn}: k and v must be given together")
+    if rotary_cos is not None and k is None:
+        raise ValueError(f"fastlm.{fn}: rotary_cos and rotary_sin apply to the new k (and q): pass k and v")
     if cache_seqlens is None:
         if k is not None:
             raise ValueError(f"fastlm.{fn}: cache_seqlens is needed to know where k and v go")
@@ -658,8 +768,16 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
             if n > S_max:
                 raise ValueError(f"fastlm.{fn}: {n} new keys do not fit the cache length {S_max}")
         _check_cache_seqlens(fn, cache_seqlens, n, S_max)
-        if (cache_seqlens is None or type(cache_seqlens) is int) and softcap == 0.0 and left == -1 and right <= 0 \
-                and not compiling() and q.is_cpu and native_backend("cpu"):
+        if rotary_cos is not None:
+            start = seqlens.long() if seqlens is not None else torch.full((B,), cache_seqlens, device=q.device)
+            k = rotary(k, rotary_cos, rotary_sin, start[:, None] + torch.arange(n, device=q.device),
+                       rotary_interleaved)
+            windowed = causal or tuple(window_size) != (-1, -1)
+            q_pos = start[:, None] + (torch.arange(q.shape[1], device=q.device) if windowed else
+                                      torch.zeros(q.shape[1], dtype=torch.long, device=q.device))
+            q = rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
+        if simple and (cache_seqlens is None or type(cache_seqlens) is int) and softcap == 0.0 and left == -1 \
+                and right <= 0 and not compiling() and q.is_cpu and native_backend("cpu"):
             # The CPU path (a model's decode loop passes an int): the write is a slice, then
             # torch's SDPA over the filled part of the caches, as flash_attn_func's CPU path.
             start = S_max if cache_seqlens is None else cache_seqlens
@@ -682,10 +800,13 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
             batch = torch.arange(B, device=q.device)[:, None].expand_as(rows)
             k_cache[batch, rows] = k
             v_cache[batch, rows] = v
+            if cache_batch_idx is not None:  # the gathered copies were written: the caches' rows too
+                caches[0][rows_idx[:, None].expand_as(rows), rows] = k
+                caches[1][rows_idx[:, None].expand_as(rows), rows] = v
             seqlens = seqlens + n
-        out, _ = _attention_eager(q, k_cache, v_cache, None, None, None, seqlens, None, scale, True, left, right,
-                                  softcap, 0.0, 0, 0)
-    return out
+        out, lse = _attention_eager(q, k_cache, v_cache, None, None, None, seqlens, None, scale, True, left, right,
+                                    softcap, 0.0, 0, 0)
+    return (out, lse) if return_softmax_lse else out
 
 
 def _kvcache_cpu(q, k_cache, v_cache, k, v, start: int, softmax_scale, causal) -> Optional[Tensor]:
