@@ -218,6 +218,17 @@ def test_kvcache_num_splits_and_the_not_yet_arguments():
                                        rotary_sin=torch.zeros(12, 4, device=DEVICE), cache_seqlens=lens)
 
 
+@pytest.mark.parametrize("num_splits", [-1, True, "2"])
+def test_kvcache_bad_num_splits_is_refused_on_the_int_seqlens_path_too(num_splits):
+    """An int cache_seqlens takes the CPU decode path first: a bad num_splits must not pass
+    there when a tensor cache_seqlens refuses it."""
+    k_cache, v_cache, _ = _cache()
+    q = torch.randn(3, 1, 4, 16, device=DEVICE)
+    k_new, v_new = torch.randn(3, 1, 2, 16, device=DEVICE), torch.randn(3, 1, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="num_splits"):
+        fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=3, num_splits=num_splits)
+
+
 def test_flash_attn_func_positional_call_binds_flash_attns_arguments():
     """flash_attn_func(q, k, v, 0.0, None, True, (-1, -1), 0.0, None, False, True): the
     eleventh positional is return_attn_probs."""

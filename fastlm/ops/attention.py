@@ -694,7 +694,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     windowed, else every query at position cache_seqlens (flash-attn's rule);
     rotary_interleaved pairs (2i, 2i + 1) (its default) or (i, i + rotary_dim / 2).
     cache_batch_idx (B,): batch b reads and writes cache row cache_batch_idx[b] (today the
-    rows are gathered into a copy for the attention). num_splits is accepted (0, or any
+    rows are gathered into a copy for the attention; an index outside the caches raises on
+    CPU tensors and is clamped to a valid row on CUDA ones, where checking would sync). num_splits is accepted (0, or any
     count) and changes nothing yet: there is no split-KV decoding. return_softmax_lse returns
     (out, lse (B, H, L) float32). Not yet supported, raising NotImplementedError that names
     it: cache_leftpad, block_table (a paged cache), alibi_slopes.
@@ -705,9 +706,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     to each batch's own cache instead, so a bad length never touches memory outside it."""
     fn = "flash_attn_with_kvcache"
     simple = rotary_cos is None and rotary_sin is None and cache_batch_idx is None and not return_softmax_lse
+    # The CPU decode path; anything it does not serve (a bad num_splits too) goes on to the checks
     if simple and type(cache_seqlens) is int and window_size is _NO_WINDOW and softcap == 0.0 and not compiling() \
             and cache_leftpad is None and block_table is None and alibi_slopes is None \
-            and native_backend_of(q) and not _autocast_any():
+            and type(num_splits) is int and num_splits >= 0 and native_backend_of(q) and not _autocast_any():
         out = _kvcache_cpu(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal)
         if out is not None:
             return out
