@@ -238,3 +238,75 @@ def test_flash_attn_func_positional_call_binds_flash_attns_arguments():
     # (the lse takes the kernel path on CPU, the plain call torch's SDPA: equal to rounding)
     torch.testing.assert_close(got[0], fastlm.flash_attn_func(q, k, v, causal=True), rtol=1e-5, atol=1e-6)
     assert attn_ops.flash_attn_func is fastlm.flash_attn_func
+
+
+# ----------------------------------------------------------------------------- apply_rotary_emb
+
+APPLY_ROTARY_EMB = [("x", None), ("cos", None), ("sin", None), ("interleaved", False), ("inplace", False),
+                    ("seqlen_offsets", 0), ("cu_seqlens", None), ("max_seqlen", None)]
+
+
+def test_apply_rotary_emb_signature_is_flash_attns():
+    params = list(inspect.signature(fastlm.apply_rotary_emb).parameters.values())
+    assert [(p.name, None if p.default is REQUIRED else p.default) for p in params] == APPLY_ROTARY_EMB
+
+
+def _rotated(x, cos, sin, positions, interleaved):
+    """The formula, float64: x (..., tokens, heads, D) and positions (..., tokens)."""
+    r = 2 * cos.shape[1]
+    c, s = cos.double()[positions][..., None, :], sin.double()[positions][..., None, :]
+    x = x.double()
+    if interleaved:
+        a, b = x[..., 0:r:2], x[..., 1:r:2]
+        out = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    else:
+        a, b = x[..., :r // 2], x[..., r // 2:r]
+        out = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+    return torch.cat((out, x[..., r:]), dim=-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("offsets", ["none", "int", "tensor"])
+def test_apply_rotary_emb_batched(backend, interleaved, offsets):
+    B, S, H, D, R = 3, 5, 2, 16, 8
+    cos, sin = fastlm.rotary_cos_sin(20, R, device=DEVICE)
+    x = torch.randn(B, S, H, D, device=DEVICE, requires_grad=True)
+    off = {"none": 0, "int": 4, "tensor": torch.tensor([0, 7, 2], device=DEVICE)}[offsets]
+    with fastlm.use_backend(backend):
+        out = fastlm.apply_rotary_emb(x, cos, sin, interleaved, False, off)
+    pos = torch.arange(S, device=DEVICE) + (off[:, None] if isinstance(off, torch.Tensor) else off)
+    pos = pos.expand(B, S)
+    x64 = x.detach().double().requires_grad_(True)
+    want = _rotated(x64, cos, sin, pos, interleaved)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out)
+    (got_grad,) = torch.autograd.grad(out, x, g)
+    (want_grad,) = torch.autograd.grad(want, x64, g.double())
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apply_rotary_emb_packed_with_offsets_and_inplace(backend):
+    lengths, H, D, R = [3, 0, 5, 1], 2, 16, 16
+    cu = torch.tensor([0, 3, 3, 8, 9], dtype=torch.int32, device=DEVICE)
+    off = torch.tensor([2, 0, 1, 6], device=DEVICE)
+    cos, sin = fastlm.rotary_cos_sin(16, R, device=DEVICE)
+    x = torch.randn(sum(lengths), H, D, device=DEVICE)
+    pos = torch.cat([torch.arange(n, device=DEVICE) + o for n, o in zip(lengths, off.tolist())])
+    want = _rotated(x, cos, sin, pos, False)
+    y = x.clone()
+    with fastlm.use_backend(backend):
+        got = fastlm.apply_rotary_emb(y, cos, sin, inplace=True, seqlen_offsets=off, cu_seqlens=cu, max_seqlen=5)
+    assert got is y
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_rotary_emb_bad_arguments_name_themselves():
+    cos, sin = fastlm.rotary_cos_sin(8, 8)
+    x = torch.randn(2, 3, 1, 8)
+    for kwargs, name in ((dict(seqlen_offsets=torch.zeros(3, dtype=torch.long)), "seqlen_offsets"),
+                         (dict(seqlen_offsets=0.5), "seqlen_offsets"),
+                         (dict(cu_seqlens=torch.tensor([0, 3])), "x must be")):
+        with pytest.raises(ValueError, match=name):
+            fastlm.apply_rotary_emb(x, cos, sin, **kwargs)

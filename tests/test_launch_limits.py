@@ -122,6 +122,12 @@ def _rotary():
         _backward(fastlm.rotary(x, cos, sin, position_ids=pos))
 
 
+def _apply_rotary_emb():
+    cos, sin = fastlm.rotary_cos_sin(16, 16, device=DEVICE)
+    x = _rand(BIG, 2, 1, 32, grad=True)
+    _backward(fastlm.apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.randint(0, 8, (BIG,), device=DEVICE)))
+
+
 def _rotary_cos_sin():  # tables built with torch: no launch, checked so that stays true
     fastlm.rotary_cos_sin(BIG, 16, device=DEVICE)
 
@@ -166,6 +172,7 @@ CASES = {
     "add_layer_norm": _add_layer_norm,
     "add_rms_norm": _add_rms_norm,
     "rotary": _rotary,
+    "apply_rotary_emb": _apply_rotary_emb,
     "rotary_cos_sin": _rotary_cos_sin,
     "linear": _linear,
     "feed_forward": _feed_forward,

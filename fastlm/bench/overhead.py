@@ -285,6 +285,20 @@ def _rotary_case(B: int, L: int, H: int, D: int, device, dtype) -> Case:
     return Case("rotary", "tiny", f"{B}x{L}x{H}x{D}", L, D, make, heads=H)
 
 
+def _apply_rotary_emb_case(B: int, L: int, H: int, D: int, device, dtype) -> Case:
+    """flash-attn's apply_rotary_emb interface (a KV-cache offset) against the same formula."""
+    import fastlm
+
+    from .rope import eager_rope
+
+    def make(grad: bool):
+        x = _rand(B, L, H, D, device=device, dtype=dtype, grad=grad)
+        cos, sin = fastlm.rotary_cos_sin(2 * L, D, device=device)
+        return ((lambda: fastlm.apply_rotary_emb(x, cos, sin, seqlen_offsets=L)),
+                (lambda: eager_rope(x, cos[L:], sin[L:])), _grads(x))
+    return Case("apply_rotary_emb", "tiny", f"{B}x{L}x{H}x{D}, offset {L}", L, D, make, heads=H)
+
+
 def tiny_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     """One case per public op (two for cross_entropy, linear and feed_forward), tiny shapes."""
     cases = [_norm_case(op, 4, 64, "tiny", device, dtype)
@@ -296,6 +310,7 @@ def tiny_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     cases += _linear_cases(4, 64, 64, device, dtype)
     cases += _ffn_cases(4, 64, 128, device, dtype)
     cases.append(_rotary_case(1, 8, 2, 16, device, dtype))
+    cases.append(_apply_rotary_emb_case(1, 8, 2, 16, device, dtype))
     return cases
 
 

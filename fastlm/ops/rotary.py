@@ -195,3 +195,53 @@ def rotary_cos_sin(seqlen: int, rotary_dim: int, base: float = 10000.0, device=N
         raise TypeError(f"{fn}: dtype must be a floating-point torch.dtype, got {dtype!r}")
     cos, sin = ref.cos_sin(seqlen, rotary_dim, float(base))
     return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+
+
+def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
+                     seqlen_offsets=0, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
+    """flash-attn's ``flash_attn.layers.rotary.apply_rotary_emb``, argument for argument, on
+    :func:`rotary`: x (batch, seqlen, nheads, headdim), or (total, nheads, headdim) packed by
+    cu_seqlens (batch + 1,); cos, sin (seqlen_ro, rotary_dim / 2); the first rotary_dim
+    features of each head rotate. seqlen_offsets: an int or a (batch,) tensor shifting each
+    sequence's positions (decoding with a KV cache). max_seqlen is accepted (the positions come
+    from cu_seqlens). inplace writes the result into x (an autograd-recorded copy_) and returns
+    x. Gradients flow to x, not to cos and sin, as flash-attn's."""
+    fn = "fastlm.apply_rotary_emb"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: x must be a Tensor, got {type(x).__name__}")
+    if isinstance(seqlen_offsets, Tensor):
+        if seqlen_offsets.dtype.is_floating_point or seqlen_offsets.dim() != 1:
+            raise ValueError(f"{fn}: seqlen_offsets must be an int or a (batch,) integer tensor, got "
+                             f"{seqlen_offsets.dtype} {list(seqlen_offsets.shape)}")
+        offsets = seqlen_offsets.to(device=x.device, dtype=torch.long)
+    elif isinstance(seqlen_offsets, int) and not isinstance(seqlen_offsets, bool):
+        offsets = seqlen_offsets
+    else:
+        raise ValueError(f"{fn}: seqlen_offsets must be an int or a (batch,) integer tensor, got {seqlen_offsets!r}")
+    if cu_seqlens is None:
+        if x.dim() != 4:
+            raise ValueError(f"{fn}: x must be (batch, seqlen, nheads, headdim) without cu_seqlens, got "
+                             f"{list(x.shape)}")
+        B, S = x.shape[0], x.shape[1]
+        if isinstance(offsets, Tensor) and offsets.shape != (B,):
+            raise ValueError(f"{fn}: seqlen_offsets must have shape ({B},), got {list(offsets.shape)}")
+        steps = torch.arange(S, device=x.device)
+        positions = (offsets[:, None] + steps) if isinstance(offsets, Tensor) else (steps + offsets if offsets else None)
+        out = rotary(x, cos, sin, positions, interleaved)
+    else:
+        if x.dim() != 3:
+            raise ValueError(f"{fn}: x must be (total, nheads, headdim) with cu_seqlens, got {list(x.shape)}")
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 \
+                or cu_seqlens.dtype.is_floating_point:
+            raise ValueError(f"{fn}: cu_seqlens must be a (batch + 1,) integer tensor, got {cu_seqlens!r}")
+        cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+        batch = cu.numel() - 1
+        if isinstance(offsets, Tensor) and offsets.shape != (batch,):
+            raise ValueError(f"{fn}: seqlen_offsets must have shape ({batch},), got {list(offsets.shape)}")
+        token = torch.arange(x.shape[0], device=x.device)
+        seq = (torch.searchsorted(cu[1:], token, right=True)).clamp_(max=max(batch - 1, 0))
+        positions = token - cu[seq] + (offsets[seq] if isinstance(offsets, Tensor) else offsets)
+        out = rotary(x[None], cos, sin, positions[None], interleaved)[0]
+    if inplace:
+        return x.copy_(out)
+    return out
