@@ -310,3 +310,41 @@ def test_apply_rotary_emb_bad_arguments_name_themselves():
                          (dict(cu_seqlens=torch.tensor([0, 3])), "x must be")):
         with pytest.raises(ValueError, match=name):
             fastlm.apply_rotary_emb(x, cos, sin, **kwargs)
+
+
+# ----------------------------------------------------------------------------- torch 2.13's cross_entropy
+
+def test_cross_entropy_takes_torchs_positional_order():
+    import torch.nn.functional as F
+    want = [p.name for p in inspect.signature(F.cross_entropy).parameters.values()]
+    params = list(inspect.signature(fastlm.cross_entropy).parameters.values())
+    assert [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD] == want
+    assert all(p.kind == p.KEYWORD_ONLY for p in params[len(want):])
+    x, t = torch.randn(6, 5, device=DEVICE), torch.randint(0, 5, (6,), device=DEVICE)
+    t[1] = 2
+    # torch's positional call: weight, size_average, ignore_index, reduce, reduction, label_smoothing
+    args = (None, None, 2, None, "sum", 0.1)
+    torch.testing.assert_close(fastlm.cross_entropy(x, t, *args), F.cross_entropy(x, t, *args), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size_average,reduce", [(False, None), (None, False), (True, True), (False, True)])
+def test_cross_entropy_legacy_reduction_arguments(size_average, reduce):
+    import torch.nn.functional as F
+    x, t = torch.randn(6, 5, device=DEVICE), torch.randint(0, 5, (6,), device=DEVICE)
+    with pytest.warns(UserWarning):
+        got = fastlm.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+    with pytest.warns(UserWarning):
+        want = F.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_probability_targets_with_ignore_index_raise_torchs_runtime_error():
+    import torch.nn.functional as F
+    x, p = torch.randn(3, 5, device=DEVICE), torch.softmax(torch.randn(3, 5, device=DEVICE), -1)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(x, p, ignore_index=3)
+    with pytest.raises(RuntimeError, match="ignore_index"):
+        fastlm.cross_entropy(x, p, ignore_index=3)
+    with pytest.raises(ValueError, match="ignore_index"):  # and still a ValueError, as fastlm's argument errors
+        fastlm.cross_entropy(x, p, ignore_index=3)

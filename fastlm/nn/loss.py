@@ -25,8 +25,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         # Positional arguments: keyword binding costs a call (issue 17); the order is cross_entropy's.
-        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-                             z_loss=self.z_loss, softcap=self.softcap)
+        return cross_entropy(input, target, self.weight, None, self.ignore_index, None, self.reduction,
+                             self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap)
 
     def extra_repr(self) -> str:
         extras = [f"z_loss={self.z_loss}"] if self.z_loss else []

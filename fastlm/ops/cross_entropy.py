@@ -302,7 +302,7 @@ def mean_divisor(target: Tensor, weight: Optional[Tensor], ignore_index: int, ro
     return torch.where(divisor == 0, 1.0, divisor)
 
 
-def reduce(loss_rows: Tensor, reduction: str, divisor_fn, out_shape, dtype) -> Tensor:
+def reduce_rows(loss_rows: Tensor, reduction: str, divisor_fn, out_shape, dtype) -> Tensor:
     if reduction == "none":
         return loss_rows.reshape(out_shape).to(dtype)
     total = loss_rows.sum()
@@ -389,10 +389,17 @@ def _native_device(input: Tensor, target: Tensor, weight: Optional[Tensor], igno
     return loss.to(input.dtype)
 
 
-def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
-                  reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
-                  softcap: Optional[float] = None) -> Tensor:
-    """torch.nn.functional.cross_entropy on fastlm's kernels, plus z_loss and softcap.
+class _ProbabilityTargetIgnoreIndexError(ValueError, RuntimeError):
+    """torch raises RuntimeError for ignore_index with probability targets; fastlm's errors for
+    bad arguments are ValueErrors: this is both, so either ``except`` catches it."""
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
+                  ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None) -> Tensor:
+    """torch.nn.functional.cross_entropy on fastlm's kernels (torch 2.13's arguments in its
+    order, the deprecated size_average and reduce included: given, they set the reduction as
+    torch's legacy rule does, with torch's warning), plus the keyword-only z_loss and softcap.
 
     input (N, C), (C,) or (N, C, d1, ...); target class indices (int64/int32) or class
     probabilities (input's shape). z_loss adds z_loss * logsumexp^2 per counted row;
@@ -402,10 +409,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     NaN logits (a vocabulary masked with -inf) give torch's result on every backend, its
     inf/NaN included; softcap maps +-inf to +-softcap (fastlm/reference/cross_entropy.py).
     """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     class_dim, classes = _check_args(input, target, weight)
     if target.is_floating_point() and ignore_index != -100:
-        raise ValueError("fastlm.cross_entropy: ignore_index is not supported with probability targets "
-                         "(as in torch)")
+        raise _ProbabilityTargetIgnoreIndexError("fastlm.cross_entropy: ignore_index is not supported with "
+                                                 "probability targets (as in torch)")
     label_smoothing, z_loss, softcap = check_loss_options("cross_entropy", ignore_index, reduction,
                                                           label_smoothing, z_loss, softcap)
     if z_loss == 0.0 and softcap == 0.0 and not compiling():
@@ -426,5 +435,5 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         tgt = target.movedim(1, -1).reshape(-1, classes) if target.is_floating_point() else target.reshape(-1)
         out_shape = input.shape[:1] + input.shape[2:]
     loss_rows, _, _ = _cross_entropy_eager(logits, tgt, weight, ignore_index, label_smoothing, z_loss, softcap)
-    return reduce(loss_rows, reduction, lambda: mean_divisor(tgt, weight, ignore_index, logits.shape[0]),
+    return reduce_rows(loss_rows, reduction, lambda: mean_divisor(tgt, weight, ignore_index, logits.shape[0]),
                   out_shape, input.dtype)
