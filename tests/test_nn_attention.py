@@ -164,18 +164,43 @@ def test_masks(backend, kpm_kind, mask_kind):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("with_mask", [True, False])
 @pytest.mark.parametrize("with_padding", [True, False])
-def test_is_causal(backend, with_mask, with_padding):
-    """torch needs attn_mask with is_causal; fastlm also takes is_causal alone."""
+def test_is_causal(backend, with_padding):
+    """is_causal with its attn_mask, with and without a padding mask, as torch."""
     L = S = 18
     forward = {"attn_mask": causal_mask(L, S), "is_causal": True}
     if with_padding:
         pad = _padding(3, S, "bool")
         pad[:, 0] = False
         forward["key_padding_mask"] = pad
-    ours = {} if with_mask else {"attn_mask": None}
-    check(64, 4, L, S, torch.float32, backend, self_attention=True, forward_kwargs=forward, ours_kwargs=ours)
+    check(64, 4, L, S, torch.float32, backend, self_attention=True, forward_kwargs=forward)
+
+
+def test_is_causal_without_attn_mask_raises_as_torch():
+    mha = fastlm.nn.MultiheadAttention(16, 2, batch_first=True).to(DEVICE)
+    twin = torch.nn.MultiheadAttention(16, 2, batch_first=True).to(DEVICE)
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    with pytest.raises(RuntimeError):
+        twin(x, x, x, is_causal=True, need_weights=False)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        mha(x, x, x, is_causal=True, need_weights=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["padding", "need_weights"])
+def test_is_causal_keeps_attn_mask_where_torch_does(backend, where):
+    """With a key_padding_mask or need_weights=True torch uses attn_mask itself and drops the
+    is_causal hint: a mask that is not causal then decides, in fastlm as in torch."""
+    L = S = 12
+    mask = torch.rand(L, S, device=DEVICE) < 0.3
+    mask[:, 0] = False  # every query sees key 0
+    forward = {"attn_mask": mask, "is_causal": True}
+    if where == "padding":
+        pad = _padding(3, S, "bool")
+        pad[:, 0] = False
+        forward["key_padding_mask"] = pad
+    check(64, 4, L, S, torch.float32, backend, self_attention=True, forward_kwargs=forward,
+          need_weights=where == "need_weights")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

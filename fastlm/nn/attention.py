@@ -16,9 +16,11 @@ Two paths, as torch has:
 
 Differences from torch, on purpose:
 - A query that can see no key (every key masked) gives 0 and zero gradients; torch gives NaN.
-- ``is_causal=True`` may be passed without attn_mask (torch insists on both); the mask is
-  then the causal one, aligned top-left as torch's generate_square_subsequent_mask. With an
-  attn_mask, is_causal is taken as the hint torch documents it to be: the causal rule is used.
+
+``is_causal`` follows torch's rules (issue 20): without attn_mask it raises torch's
+RuntimeError; with one, it is the hint torch takes it for (the causal rule, aligned top-left
+as generate_square_subsequent_mask, in place of the mask) unless a key_padding_mask is given or
+need_weights=True, where torch uses attn_mask itself and drops the hint, and so does fastlm.
 """
 
 from __future__ import annotations
@@ -135,7 +137,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         attn_mask = _check_mask("attn_mask", attn_mask, attn_shapes, query.device)
         key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, [(B, S)], query.device)
         if is_causal:
-            attn_mask = None  # the hint: the causal rule stands for the mask
+            if attn_mask is None:
+                raise RuntimeError("MultiheadAttention: is_causal=True needs attn_mask as well (as torch: the "
+                                   "hint stands for the mask; nn.Transformer.generate_square_subsequent_mask makes it)")
+            if key_padding_mask is None and not need_weights:
+                attn_mask = None  # the hint: the causal rule stands for the mask
+            else:  # torch uses the mask itself here, merged with the padding mask
+                is_causal = False
 
         # Projections. Self-attention: one matmul, q, k, v are views of its output.
         if self._qkv_same_embed_dim:
