@@ -51,7 +51,7 @@ from .ops.cross_entropy import cross_entropy  # noqa: E402
 from .ops.ffn import feed_forward, linear  # noqa: E402
 from .ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
-from .ops.rotary import apply_rotary_emb, rotary, rotary_cos_sin  # noqa: E402
+from .ops.rotary import apply_rotary_emb, apply_rotary_pos_emb, rotary, rotary_cos_sin  # noqa: E402
 from . import nn, ops  # noqa: E402
 from .patching import patch, unpatch  # noqa: E402
 
@@ -59,6 +59,7 @@ __all__ = [
     "BackendUnavailableError",
     "add_layer_norm",
     "apply_rotary_emb",
+    "apply_rotary_pos_emb",
     "add_rms_norm",
     "available_backends",
     "cross_entropy",

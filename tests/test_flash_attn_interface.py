@@ -348,3 +348,64 @@ def test_probability_targets_with_ignore_index_raise_torchs_runtime_error():
         fastlm.cross_entropy(x, p, ignore_index=3)
     with pytest.raises(ValueError, match="ignore_index"):  # and still a ValueError, as fastlm's argument errors
         fastlm.cross_entropy(x, p, ignore_index=3)
+
+
+# ----------------------------------------------------------------------------- HF's apply_rotary_pos_emb
+
+def _hf_rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _hf_apply(q, k, cos, sin, unsqueeze_dim):
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _hf_rotate_half(q) * sin, k * cos + _hf_rotate_half(k) * sin
+
+
+def _hf_cos_sin(B, S, D, device=DEVICE):
+    """As HF's rotary embedding makes them: cat((freqs, freqs)) at per-batch position ids."""
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=device).float() / D))
+    pos = torch.randint(0, 50, (B, S), device=device).float()
+    freqs = pos[..., None] * inv
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def test_apply_rotary_pos_emb_signature_is_hfs():
+    params = list(inspect.signature(fastlm.apply_rotary_pos_emb).parameters.values())
+    assert [(p.name, None if p.default is REQUIRED else p.default) for p in params] == \
+        [("q", None), ("k", None), ("cos", None), ("sin", None), ("position_ids", None), ("unsqueeze_dim", 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+@pytest.mark.parametrize("cos_batch", [3, 1], ids=["per-batch", "shared"])
+def test_apply_rotary_pos_emb_is_hfs_formula(backend, unsqueeze_dim, cos_batch):
+    B, S, H, Hk, D = 3, 5, 4, 2, 16
+    cos, sin = _hf_cos_sin(cos_batch, S, D)
+    shape = (lambda h: (B, h, S, D)) if unsqueeze_dim == 1 else (lambda h: (B, S, h, D))
+    q = torch.randn(*shape(H), device=DEVICE, requires_grad=True)
+    k = torch.randn(*shape(Hk), device=DEVICE, requires_grad=True)
+    with fastlm.use_backend(backend):
+        qe, ke = fastlm.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    q64, k64 = (t.detach().double().requires_grad_(True) for t in (q, k))
+    wq, wk = _hf_apply(q64, k64, cos.double(), sin.double(), unsqueeze_dim)
+    assert qe.shape == q.shape and ke.shape == k.shape
+    torch.testing.assert_close(qe.double(), wq, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ke.double(), wk, rtol=1e-5, atol=1e-6)
+    gq, gk = torch.randn_like(qe), torch.randn_like(ke)
+    got = torch.autograd.grad((qe, ke), (q, k), (gq, gk))
+    want = torch.autograd.grad((wq, wk), (q64, k64), (gq.double(), gk.double()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_rotary_pos_emb_refuses_what_it_cannot_mean():
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    cos, sin = _hf_cos_sin(2, 5, 8, device="cpu")
+    with pytest.raises(ValueError, match="halves"):
+        fastlm.apply_rotary_pos_emb(q, k, torch.rand(2, 5, 8), sin)
+    with pytest.raises(ValueError, match="unsqueeze_dim"):
+        fastlm.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=3)
+    with pytest.raises(ValueError, match="does not match"):
+        fastlm.apply_rotary_pos_emb(q[:, :, :4], k[:, :, :4], cos, sin)

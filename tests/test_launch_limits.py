@@ -128,6 +128,13 @@ def _apply_rotary_emb():
     _backward(fastlm.apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.randint(0, 8, (BIG,), device=DEVICE)))
 
 
+def _apply_rotary_pos_emb():
+    c, s = fastlm.rotary_cos_sin(2, 16, device=DEVICE)
+    cos, sin = torch.cat((c, c), -1)[None], torch.cat((s, s), -1)[None]
+    q, k = _rand(BIG, 1, 2, 32, grad=True), _rand(BIG, 1, 2, 32, grad=True)
+    _backward(*fastlm.apply_rotary_pos_emb(q, k, cos, sin))
+
+
 def _rotary_cos_sin():  # tables built with torch: no launch, checked so that stays true
     fastlm.rotary_cos_sin(BIG, 16, device=DEVICE)
 
@@ -173,6 +180,7 @@ CASES = {
     "add_rms_norm": _add_rms_norm,
     "rotary": _rotary,
     "apply_rotary_emb": _apply_rotary_emb,
+    "apply_rotary_pos_emb": _apply_rotary_pos_emb,
     "rotary_cos_sin": _rotary_cos_sin,
     "linear": _linear,
     "feed_forward": _feed_forward,

@@ -299,6 +299,27 @@ def _apply_rotary_emb_case(B: int, L: int, H: int, D: int, device, dtype) -> Cas
     return Case("apply_rotary_emb", "tiny", f"{B}x{L}x{H}x{D}, offset {L}", L, D, make, heads=H)
 
 
+def _apply_rotary_pos_emb_case(B: int, L: int, H: int, D: int, device, dtype) -> Case:
+    """Hugging Face's apply_rotary_pos_emb interface (q and k (B, H, S, D), cos/sin (1, S, D))
+    against its own formula."""
+    import fastlm
+
+    def make(grad: bool):
+        q = _rand(B, H, L, D, device=device, dtype=dtype, grad=grad)
+        k = _rand(B, H, L, D, device=device, dtype=dtype, grad=grad)
+        c, s = fastlm.rotary_cos_sin(L, D, device=device)
+        cos, sin = torch.cat((c, c), -1)[None].to(dtype), torch.cat((s, s), -1)[None].to(dtype)
+
+        def rotate_half(x):
+            return torch.cat((-x[..., D // 2:], x[..., :D // 2]), dim=-1)
+
+        def plain():
+            cs, sn = cos[:, None], sin[:, None]
+            return q * cs + rotate_half(q) * sn, k * cs + rotate_half(k) * sn
+        return (lambda: fastlm.apply_rotary_pos_emb(q, k, cos, sin)), plain, _grads(q, k)
+    return Case("apply_rotary_pos_emb", "tiny", f"{B}x{H}x{L}x{D} q and k", L, D, make, heads=H)
+
+
 def tiny_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     """One case per public op (two for cross_entropy, linear and feed_forward), tiny shapes."""
     cases = [_norm_case(op, 4, 64, "tiny", device, dtype)
@@ -311,6 +332,7 @@ def tiny_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     cases += _ffn_cases(4, 64, 128, device, dtype)
     cases.append(_rotary_case(1, 8, 2, 16, device, dtype))
     cases.append(_apply_rotary_emb_case(1, 8, 2, 16, device, dtype))
+    cases.append(_apply_rotary_pos_emb_case(1, 8, 2, 16, device, dtype))
     return cases
 
 

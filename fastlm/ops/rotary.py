@@ -245,3 +245,44 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     if inplace:
         return x.copy_(out)
     return out
+
+
+def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] = None,
+                         unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
+    """Hugging Face transformers' apply_rotary_pos_emb (Llama's and its kin's), argument for
+    argument, on :func:`rotary`: q (B, H, S, D) and k (B, Hk, S, D) with unsqueeze_dim=1, or
+    (B, S, H, D) with unsqueeze_dim=2; cos, sin (B or 1, S, R) or (S, R) as HF's rotary
+    embedding makes them (the two halves of the last dim equal: HF's cat((freqs, freqs))).
+    Returns (q_embed, k_embed) shaped as q and k (the first R features rotated, "rotate_half"
+    pairing). position_ids is accepted and unused, as in transformers. Gradients flow to q
+    and k. Two launches (q, then k); on CPU tensors cos/sin halves that differ raise."""
+    fn = "fastlm.apply_rotary_pos_emb"
+    if unsqueeze_dim not in (1, 2):
+        raise ValueError(f"{fn}: unsqueeze_dim must be 1 (q (B, H, S, D)) or 2 (q (B, S, H, D)), got {unsqueeze_dim!r}")
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{fn}: q and k must be 4-D, got {list(q.shape)} and {list(k.shape)}")
+    if cos.shape != sin.shape or cos.dim() not in (2, 3) or cos.shape[-1] % 2:
+        raise ValueError(f"{fn}: cos and sin must be (batch, seqlen, rotary_dim) or (seqlen, rotary_dim) alike, "
+                         f"rotary_dim even, got {list(cos.shape)} and {list(sin.shape)}")
+    c3, s3 = (cos[None], sin[None]) if cos.dim() == 2 else (cos, sin)
+    half = c3.shape[-1] // 2
+    if c3.is_cpu and not (torch.equal(c3[..., :half], c3[..., half:]) and torch.equal(s3[..., :half], s3[..., half:])):
+        raise ValueError(f"{fn}: the two halves of cos and sin's last dim must be equal (HF's cat((freqs, freqs)))")
+    Bc, S = c3.shape[0], c3.shape[1]
+    table_cos, table_sin = c3[..., :half].reshape(Bc * S, half), s3[..., :half].reshape(Bc * S, half)
+
+    def one(x: Tensor, name: str) -> Tensor:
+        xs = x.transpose(1, 2) if unsqueeze_dim == 1 else x  # (B, S, H, D)
+        B = xs.shape[0]
+        if xs.shape[1] != S or Bc not in (1, B):
+            raise ValueError(f"{fn}: {name} {list(x.shape)} does not match cos {list(cos.shape)} (batch and seqlen)")
+        steps = torch.arange(S, device=x.device)
+        positions = (steps[None, :] + S * torch.arange(B, device=x.device)[:, None]) if Bc == B and B > 1 \
+            else steps[None, :].expand(B, S)
+        out = rotary(xs, table_cos, table_sin, positions, False)
+        return out.transpose(1, 2) if unsqueeze_dim == 1 else out
+
+    return one(q, "q"), one(k, "k")
