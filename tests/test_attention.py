@@ -398,15 +398,19 @@ def test_varlen_with_dropout_and_gqa(backend):
         torch.manual_seed(3)
         return fastlm.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), dropout_p=p, causal=True)
 
+    check(backend, ours, varlen_dropout_oracle(cu_q, cu_k, keep, p), [q, k, v])
+
+
+def varlen_dropout_oracle(cu_q, cu_k, keep, p, causal=True):
+    """naive() per packed sequence, sequence b with the dropout mask's [b, :, :its L, :its S]."""
     def oracle(q, k, v):
         outs = []
         for b, (a, e, c, d) in enumerate(zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(),
                                              cu_k[1:].tolist())):
             kb = keep[b:b + 1, :, :e - a, :d - c].to(q.dtype)
-            outs.append(naive(q[None, a:e], k[None, c:d], v[None, c:d], causal=True, keep=kb, dropout_p=p)[0])
+            outs.append(naive(q[None, a:e], k[None, c:d], v[None, c:d], causal=causal, keep=kb, dropout_p=p)[0])
         return torch.cat(outs)
-
-    check(backend, ours, oracle, [q, k, v])
+    return oracle
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

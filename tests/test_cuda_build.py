@@ -44,15 +44,20 @@ def test_warnings_are_errors(tmp_path):
     assert "-Werror all-warnings" in flags and "-Werror" in flags.split("cxx_flags")[1]
 
 
-def test_a_warning_fails_the_build(tmp_path, monkeypatch):
-    """A source with an unused variable must not build (warnings are errors)."""
+def csrc_with(tmp_path, monkeypatch, name: str, source: str) -> None:
+    """Point cuda_build at a copy of csrc/'s headers and bindings plus one .cu file ``name``."""
     src = tmp_path / "csrc"
     src.mkdir()
     for f in Path(cuda_build.CSRC).iterdir():
         if f.suffix in (".h", ".cuh", ".cpp"):
             shutil.copy(f, src / f.name)
-    (src / "bad.cu").write_text("__global__ void k(int* p) { int unused = 3; p[0] = 1; }\n")
+    (src / name).write_text(source)
     monkeypatch.setattr(cuda_build, "CSRC", src)
+
+
+def test_a_warning_fails_the_build(tmp_path, monkeypatch):
+    """A source with an unused variable must not build (warnings are errors)."""
+    csrc_with(tmp_path, monkeypatch, "bad.cu", "__global__ void k(int* p) { int unused = 3; p[0] = 1; }\n")
     with pytest.raises(RuntimeError, match="unused"):
         cuda_build.build(out_dir=tmp_path, build_dir=tmp_path / "b", archs=("80",))
 

@@ -202,15 +202,7 @@ def test_attention_varlen_dropout_with_16bit_gpu_tiles(launches):
         torch.manual_seed(3)
         return fastlm.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), dropout_p=p, causal=True)
 
-    def oracle(q, k, v):
-        outs = []
-        for b, (a, e, c, d) in enumerate(zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(),
-                                             cu_k[1:].tolist())):
-            kb = keep[b:b + 1, :, :e - a, :d - c].to(q.dtype)
-            outs.append(T_attn.naive(q[None, a:e], k[None, c:d], v[None, c:d], causal=True, keep=kb, dropout_p=p)[0])
-        return torch.cat(outs)
-
-    T_attn.check("triton", ours, oracle, [q, k, v])
+    T_attn.check("triton", ours, T_attn.varlen_dropout_oracle(cu_q, cu_k, keep, p), [q, k, v])
     assert launched(launches, "_attn_bwd_dkdv_kernel")[0]["BLOCK_M"] == 16
 
 

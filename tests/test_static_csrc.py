@@ -7,12 +7,13 @@ so a rerun only reads JSON; a cold run takes about a minute on two cores."""
 
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
 from fastlm import cuda_build
 from fastlm.bench import static, static_csrc
+
+from .test_cuda_build import csrc_with
 
 ARCHS = (90, 80)
 HEAD_DIMS = (32, 64, 96, 128)  # csrc/attention.cu's kHeadDims
@@ -136,17 +137,11 @@ def test_the_build_warns_on_spills_as_errors(tmp_path):
 
 def test_a_spill_fails_the_build(tmp_path, monkeypatch):
     """-Werror all-warnings makes ptxas's spill warning an error."""
-    src = tmp_path / "csrc"
-    src.mkdir()
-    for f in Path(cuda_build.CSRC).iterdir():
-        if f.suffix in (".h", ".cuh", ".cpp"):
-            shutil.copy(f, src / f.name)
-    (src / "spills.cu").write_text(
+    csrc_with(tmp_path, monkeypatch, "spills.cu",
         "// At most 32 registers (1024 threads, 2 blocks per SM) for 64 live values: ptxas spills.\n"
         "__global__ void __launch_bounds__(1024, 2) spills(float* p) {\n  float v[64];\n#pragma unroll\n"
         "  for (int i = 0; i < 64; ++i) v[i] = p[i * 1024 + threadIdx.x];\n  float s = 0.0f;\n#pragma unroll\n"
         "  for (int i = 0; i < 64; ++i)\n#pragma unroll\n    for (int j = 0; j < 64; ++j) s += v[i] * v[j] * p[j];\n"
         "  p[threadIdx.x] = s;\n}\n")
-    monkeypatch.setattr(cuda_build, "CSRC", src)
     with pytest.raises(RuntimeError, match="spilled"):
         cuda_build.build(out_dir=tmp_path, build_dir=tmp_path / "b", archs=("80",))
