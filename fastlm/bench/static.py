@@ -611,7 +611,7 @@ def _torch_ops_counted(counter):
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
     silent = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
-              "lift_fresh", "_to_copy_meta"}
+              "lift_fresh"}
     write_only = {"fill_", "zero_", "zeros", "zeros_like", "full", "full_like", "ones", "ones_like", "arange"}
 
     class Mode(TorchDispatchMode):
