@@ -100,15 +100,17 @@ def _seq_bounds(b, CU_Q, CU_K, SEQUSED_K, L, S, TOTAL_Q, TOTAL_K, VARLEN: tl.con
 
 
 @triton.jit
-def _scores(q, k, om, on, len_q, len_k, shift, window_left, window_right, scale, softcap,
+def _scores(q, k, om, on, len_q, len_k, shift, window_left, window_right, scale, softcap, slope,
             M, stride_mm, stride_mn,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-            IEEE: tl.constexpr, TRANS: tl.constexpr = False):
+            IEEE: tl.constexpr, ALIBI: tl.constexpr, TRANS: tl.constexpr = False):
     """Scores of a (BLOCK_M, BLOCK_N) tile in base 2 with invisible positions at -inf, and
     the tanh of the soft-capped scores (for the backward's chain rule; 0 without softcap).
     om, on: the query and key index of each row or column (offs_m[:, None], offs_n[None, :]);
     TRANS: the (BLOCK_N, BLOCK_M) tile k q^T instead (om = offs_m[None, :], on = offs_n[:, None]).
-    M points at this (batch, head)'s mask; MASK: 0 none, 1 boolean, 2 additive."""
+    M points at this (batch, head)'s mask; MASK: 0 none, 1 boolean, 2 additive. ALIBI: the
+    bias -slope * |i + shift - j| on the (soft-capped) scores, flash-attn's, slope this
+    (batch, head)'s; a constant, so the backward's chain rule is unchanged."""
     if TRANS:
         if IEEE:
             s = tl.dot(k, tl.trans(q), input_precision="ieee")
@@ -124,6 +126,8 @@ def _scores(q, k, om, on, len_q, len_k, shift, window_left, window_right, scale,
         s = th * (softcap * 1.4426950408889634)
     else:
         s = s * (scale * 1.4426950408889634)
+    if ALIBI:
+        s = s - (slope * 1.4426950408889634) * tl.abs(om + shift - on).to(tl.float32)
     ok = (om < len_q) & (on < len_k)
     if HAS_LEFT:
         ok = ok & (on >= om + shift - window_left)
@@ -175,16 +179,16 @@ _VARYING = ["L", "S", "TOTAL_Q", "TOTAL_K", "stride_lb", "stride_lh",
 
 @triton.jit(do_not_specialize=_VARYING)
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, M, CU_Q, CU_K, SEQUSED_K, SEED,
+    Q, K, V, O, LSE, M, CU_Q, CU_K, SEQUSED_K, SEED, SLOPES, SINKS,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
-    stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn, stride_ab, stride_ah,
     H, GROUP, L, S, TOTAL_Q, TOTAL_K, D, DV, scale, softcap, window_left, window_right, dropout_p,
     VARLEN: tl.constexpr, SEQUSED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m, b, h = _tile(L, H, BLOCK_M)
@@ -205,6 +209,7 @@ def _attn_fwd_kernel(
     q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < D), other=0.0)
     seed = tl.load(SEED) if DROPOUT else 0
+    slope = tl.load(SLOPES + b.to(tl.int64) * stride_ab + h * stride_ah) if ALIBI else 0.0
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -215,7 +220,8 @@ def _attn_fwd_kernel(
         k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
                     mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
         s, _ = _scores(q, k, offs_m[:, None], offs_n[None, :], len_q, len_k, shift, window_left, window_right,
-                       scale, softcap, m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE)
+                       scale, softcap, slope, m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE,
+                       ALIBI)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen nothing yet has max -inf: subtract 0 instead, so every
         # exponential of -inf is a clean 0 (never inf - inf).
@@ -233,6 +239,19 @@ def _attn_fwd_kernel(
             acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if SINK:
+        # The sink: one more logit (this head's, in natural units) in the denominator with no
+        # value (GPT-OSS's s_aux). Taken into the running max and sum like a last key, so the
+        # lse includes it and the backward (p = exp(s - lse), delta = rowsum(dO * O)) needs
+        # nothing more; a row that sees no key gets out 0 and lse = the sink.
+        a = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, a)
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.exp2(a - m_safe)
+        acc = acc * alpha[:, None]
         m_i = m_new
 
     # l_i = 0: the row saw no key (lse +inf, out 0). A NaN score leaves NaN in out and lse; a
@@ -274,18 +293,18 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit(do_not_specialize=_VARYING)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV_, M, CU_Q, CU_K, SEED,
+    Q, K, V, DO, LSE, DELTA, DK, DV_, M, CU_Q, CU_K, SEED, SLOPES,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-    stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn, stride_ab, stride_ah,
     H, HK, GROUP, L, S, TOTAL_Q, TOTAL_K, D, DV, scale, softcap, window_left, window_right, dropout_p,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_n, b, hk = _tile(S, HK, BLOCK_N)
@@ -336,12 +355,13 @@ def _attn_bwd_dkdv_kernel(
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + l_ptr + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + l_ptr + offs_m, mask=row_ok, other=0.0)
+        slope = tl.load(SLOPES + b.to(tl.int64) * stride_ab + h * stride_ah) if ALIBI else 0.0
         # The transposed tile, keys x queries: every dot below then has the keys as its rows
         # (the MMA's M), so P^T and dS^T feed dV and dK from registers as they are, with no
         # transpose through shared memory; q and dO serve both as they are and transposed.
         st, tht = _scores(q, k, offs_m[None, :], offs_n[:, None], len_q, len_k, shift, window_left, window_right,
-                          scale, softcap, m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE,
-                          TRANS=True)
+                          scale, softcap, slope, m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK,
+                          IEEE, ALIBI, TRANS=True)
         pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
         # dV's product first (FlashAttention-2's order): P^T in 16 bits is dead before dP^T.
         pdt = pt
@@ -397,18 +417,18 @@ def _bias_grad(G, ds, offs_m, offs_n, row_ok, col_ok, stride_gm, stride_gn,
 
 @triton.jit(do_not_specialize=_VARYING + ["stride_sb", "stride_sh", "stride_sm"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, M, CU_Q, CU_K, SEED, DS,
+    Q, K, V, DO, LSE, DELTA, DQ, M, CU_Q, CU_K, SEED, DS, SLOPES,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
     stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_sb, stride_sh, stride_sm, stride_sn,
+    stride_sb, stride_sh, stride_sm, stride_sn, stride_ab, stride_ah,
     H, GROUP, L, S, TOTAL_Q, TOTAL_K, D, DV, scale, softcap, window_left, window_right, dropout_p,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
     BIAS_GRAD: tl.constexpr, BIAS_SUM_M: tl.constexpr, BIAS_SUM_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -444,6 +464,7 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + l_ptr + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + l_ptr + offs_m, mask=row_ok, other=0.0)
     seed = tl.load(SEED) if DROPOUT else 0
+    slope = tl.load(SLOPES + b.to(tl.int64) * stride_ab + h * stride_ah) if ALIBI else 0.0
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(m0, m0 + BLOCK_M - 1, len_k, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
@@ -453,7 +474,8 @@ def _attn_bwd_dq_kernel(
         v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
         s, th = _scores(q, k, offs_m[:, None], offs_n[None, :], len_q, len_k, shift, window_left, window_right,
-                        scale, softcap, m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE)
+                        scale, softcap, slope, m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE,
+                        ALIBI)
         p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
         if IEEE:
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -621,9 +643,20 @@ def _bias_grad_args(mask, p: Problem, windowed: bool):
     return grad, strides, dict(BIAS_GRAD=2 if shared else 1, BIAS_SUM_M=sum_m, BIAS_SUM_N=sum_n)
 
 
-def _common_flags(p: Problem, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, dtype):
+def _common_flags(p: Problem, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, dtype,
+                  alibi=None):
     return dict(VARLEN=p.varlen, BOTTOM_RIGHT=bottom_right, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                SOFTCAP=softcap > 0, MASK=mask_kind, DROPOUT=dropout_p > 0, IEEE=_ieee(dtype))
+                SOFTCAP=softcap > 0, MASK=mask_kind, DROPOUT=dropout_p > 0, IEEE=_ieee(dtype), ALIBI=alibi is not None)
+
+
+def _alibi_args(alibi, p: Problem):
+    """(slopes, (batch stride, head stride)): float32 slopes (H,) or (B, H), stride 0 along
+    the batch for the first."""
+    if alibi is None:
+        return None, (0, 0)
+    if alibi.dim() == 1:
+        return alibi, (0, alibi.stride(0))
+    return alibi, tuple(alibi.stride())
 
 
 def _ieee(dtype) -> bool:
@@ -647,36 +680,44 @@ def _dummy(device):
 
 def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, window_right: int, softcap: float,
                   mask, dropout_p: float, seed, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
-                  max_seqlen_q: int = 0, max_seqlen_k: int = 0):
-    """Returns (out (like q, with v's head dim), lse float32 (B, H, L) or (H, total))."""
+                  max_seqlen_q: int = 0, max_seqlen_k: int = 0, alibi=None, sinks=None):
+    """Returns (out (like q, with v's head dim), lse float32 (B, H, L) or (H, total)).
+    alibi: float32 slopes (H,) or (B, H); sinks: (H,) logits in the softmax's denominator (the
+    lse includes them)."""
     p = Problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
     out = empty(q.shape[:-1] + (p.DV,), q.dtype, q.device)
     lse = p.new_lse(q)
     if q.numel() == 0 or p.B == 0:
+        if sinks is not None and lse.numel():  # no key seen: the lse is the sink's
+            return out, lse.copy_(sinks.float()[:, None] if p.varlen else sinks.float()[None, :, None])
         return out, lse.fill_(float("inf"))
     mask_t, mask_kind, mask_strides = _mask_args(mask, p)
+    slopes, alibi_strides = _alibi_args(alibi, p)
     bm, bn, warps, stages = _blocks(p, q.device, q.dtype, masked=mask is not None)
     dummy = _dummy(q.device)
     _attn_fwd_kernel[_grid(triton.cdiv(p.L, bm), p.B * p.H)](
         q, k, v, out, lse, mask_t if mask_t is not None else dummy,
         cu_seqlens_q if p.varlen else dummy, cu_seqlens_k if p.varlen else dummy,
         seqused_k if seqused_k is not None else dummy, seed if seed is not None else dummy,
+        slopes if slopes is not None else dummy, sinks if sinks is not None else dummy,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out), *p.lse_strides(lse), *mask_strides,
+        *alibi_strides,
         p.H, p.group, p.L, p.S, p.total_q, p.total_k, p.D, p.DV, scale, softcap, window_left, window_right,
-        dropout_p, SEQUSED=seqused_k is not None,
+        dropout_p, SEQUSED=seqused_k is not None, SINK=sinks is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, next_power_of_2(p.D)), BLOCK_DV=max(16, next_power_of_2(p.DV)),
         num_warps=warps, num_stages=stages,
-        **_common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype),
+        **_common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype, alibi),
     )
     return out, lse
 
 
 def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, window_left: int, window_right: int,
                   softcap: float, mask, dropout_p: float, seed, cu_seqlens_q=None, cu_seqlens_k=None,
-                  max_seqlen_q: int = 0, max_seqlen_k: int = 0, bias_grad: bool = False):
+                  max_seqlen_q: int = 0, max_seqlen_k: int = 0, bias_grad: bool = False, alibi=None):
     """Returns (dq, dk, dv), each laid out like its input; with bias_grad (a dense call with an
     additive mask) also the mask's gradient in float32, in the mask's own shape (made 4-D with
-    leading 1s): the kernel sums dS over the dims the mask is broadcast along."""
+    leading 1s): the kernel sums dS over the dims the mask is broadcast along. Attention sinks
+    need nothing here: the forward's lse includes them (their own gradient is the op's)."""
     p = Problem(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k)
     if bias_grad and (p.varlen or mask is None or mask.dtype == torch.bool):
         raise ValueError("attention_bwd: bias_grad needs a dense call with an additive (float) mask")
@@ -703,23 +744,25 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
         out, dout, delta, cu_q, *p.strides(out), *p.strides(dout), *p.lse_strides(lse), p.H, p.L, p.total_q, p.DV,
         VARLEN=p.varlen, BLOCK_M=bm_delta, BLOCK_DV=block_dv, num_warps=8 if gpu_tiles(q.device) else 1,
     )
-    flags = _common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype)
+    flags = _common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype, alibi)
     common = (mask_t if mask_t is not None else dummy, cu_q, cu_k, seed if seed is not None else dummy)
+    slopes, alibi_strides = _alibi_args(alibi, p)
+    slopes = slopes if slopes is not None else dummy
     # dK, dV: blocks of keys own their rows, so no two programs write the same element.
     bm, bn, warps, stages = dkdv_tiles
     _attn_bwd_dkdv_kernel[_grid(triton.cdiv(p.S, bn), p.B * p.HK)](
-        q, k, v, dout, lse, delta, dk, dv, *common,
+        q, k, v, dout, lse, delta, dk, dv, *common, slopes,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(dout), *p.strides(dk), *p.strides(dv),
-        *p.lse_strides(lse), *mask_strides,
+        *p.lse_strides(lse), *mask_strides, *alibi_strides,
         p.H, p.HK, p.group, p.L, p.S, p.total_q, p.total_k, p.D, p.DV, scale, softcap, window_left, window_right,
         dropout_p,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages, **flags,
     )
     bm, bn, warps, stages = dq_tiles
     _attn_bwd_dq_kernel[_grid(triton.cdiv(p.L, bm), p.B * p.H)](
-        q, k, v, dout, lse, delta, dq, *common, ds if bias_grad else dummy,
+        q, k, v, dout, lse, delta, dq, *common, ds if bias_grad else dummy, slopes,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(dout), *p.strides(dq),
-        *p.lse_strides(lse), *mask_strides, *ds_strides,
+        *p.lse_strides(lse), *mask_strides, *ds_strides, *alibi_strides,
         p.H, p.group, p.L, p.S, p.total_q, p.total_k, p.D, p.DV, scale, softcap, window_left, window_right,
         dropout_p, **ds_flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=warps, num_stages=stages, **flags,
@@ -744,7 +787,7 @@ def gpu_compile_variants():
     every feature on. The IEEE float32 variants must not spill (tests/test_attention_fp32.py)."""
     pointer = {"Q": "dt", "K": "dt", "V": "dt", "O": "dt", "DO": "dt", "DQ": "dt", "DK": "dt", "DV_": "dt",
                "LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "SEQUSED_K": "*i32",
-               "SEED": "*i64", "KEEP": "*i8", "DS": "*fp32"}
+               "SEED": "*i64", "KEEP": "*i8", "DS": "*fp32", "SLOPES": "*fp32", "SINKS": "*fp32"}
     floats = {"scale", "softcap", "dropout_p"}
 
     def signature(kernel, dt, mask_kind):
@@ -776,11 +819,16 @@ def gpu_compile_variants():
         bm, bn, warps, stages = _blocks(SimpleNamespace(D=d, DV=d), gpu, dtypes[dt], ieee=ieee, masked=full)
         dkdv_tiles, dq_tiles = _bwd_blocks(SimpleNamespace(D=d, DV=d), gpu, dtypes[dt], ieee=ieee, masked=full)
         flags = dict(VARLEN=full, BOTTOM_RIGHT=full, HAS_LEFT=full, HAS_RIGHT=True, SOFTCAP=full, MASK=2 if full else 0,
-                     DROPOUT=full, IEEE=ieee)
+                     DROPOUT=full, IEEE=ieee, ALIBI=full)
         tiles = dict(BLOCK_D=d, BLOCK_DV=d)
         opts = {"num_warps": warps, "num_stages": stages}
-        const = dict(flags, SEQUSED=full, BLOCK_M=bm, BLOCK_N=bn, **tiles)
+        const = dict(flags, SEQUSED=full, SINK=full and not ieee, BLOCK_M=bm, BLOCK_N=bn, **tiles)
         variants.append((_attn_fwd_kernel, signature(_attn_fwd_kernel, dt, const["MASK"]), const, opts))
+        if full and ieee:
+            # IEEE float32 with every feature and the sinks spilled 8 B at head dim 256 (sm_90): the
+            # sinks with everything but dropout (GPT-OSS's calls: a mask, a window, no dropout).
+            const = dict(const, SINK=True, DROPOUT=False)
+            variants.append((_attn_fwd_kernel, signature(_attn_fwd_kernel, dt, const["MASK"]), const, opts))
         bm, bn, warps, stages = dkdv_tiles
         const = dict(flags, BLOCK_M=bm, BLOCK_N=bn, **tiles)
         variants.append((_attn_bwd_dkdv_kernel, signature(_attn_bwd_dkdv_kernel, dt, const["MASK"]), const,

@@ -123,8 +123,7 @@ def test_deterministic_is_accepted():
 def test_varlen_not_yet_arguments_are_refused_by_name():
     q = torch.randn(5, 2, 16, device=DEVICE)
     cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)
-    for kwargs, name in ((dict(alibi_slopes=torch.rand(2, device=DEVICE)), "alibi_slopes"),
-                         (dict(block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)), "block_table"),
+    for kwargs, name in ((dict(block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)), "block_table"),
                          (dict(dropout_p=0.1, return_attn_probs=True), "return_attn_probs")):
         with pytest.raises(NotImplementedError, match=name):
             fastlm.flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, **kwargs)
@@ -209,8 +208,7 @@ def test_kvcache_num_splits_and_the_not_yet_arguments():
     with pytest.raises(ValueError, match="num_splits"):
         fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, num_splits=-1)
     for name, value in (("cache_leftpad", torch.zeros(3, dtype=torch.int32, device=DEVICE)),
-                        ("block_table", torch.zeros(3, 1, dtype=torch.int32, device=DEVICE)),
-                        ("alibi_slopes", torch.rand(4, device=DEVICE))):
+                        ("block_table", torch.zeros(3, 1, dtype=torch.int32, device=DEVICE))):
         with pytest.raises(NotImplementedError, match=name):
             fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, **{name: value})
     with pytest.raises(ValueError, match="rotary"):

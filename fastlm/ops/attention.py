@@ -110,7 +110,8 @@ _CUDA_HEAD_DIMS = (32, 64, 96, 128)  # those csrc/attention.cu is built for
 
 
 def _cuda_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-                      seqused_k: Optional[Tensor], softcap: float, dropout_p: float) -> Optional[str]:
+                      seqused_k: Optional[Tensor], softcap: float, dropout_p: float, alibi: Optional[Tensor] = None,
+                      sinks: Optional[Tensor] = None) -> Optional[str]:
     """Why csrc/attention.cu cannot run this call (None if it can): it covers the dense case
     with causal / sliding windows; the other options are the Triton backend's."""
     triton = "; the Triton backend (fastlm.use_backend(\"triton\")) runs it"
@@ -123,14 +124,16 @@ def _cuda_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], c
     for what, used in (("an attention mask (attn_mask)", mask is not None),
                        ("packed variable-length sequences (cu_seqlens)", cu_seqlens_q is not None),
                        ("KV-cache lengths (cache_seqlens)", seqused_k is not None),
-                       ("softcap", softcap > 0), ("dropout", dropout_p > 0)):
+                       ("softcap", softcap > 0), ("dropout", dropout_p > 0), ("ALiBi (alibi_slopes)", alibi is not None),
+                       ("attention sinks", sinks is not None)):
         if used:
             return f"the CUDA C++ attention kernels do not support {what}" + triton
     return None
 
 
 def _pick(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-          seqused_k: Optional[Tensor], softcap: float, dropout_p: float, requested: Optional[str] = None) -> str:
+          seqused_k: Optional[Tensor], softcap: float, dropout_p: float, requested: Optional[str] = None,
+          alibi: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> str:
     """The backend for one call. The reasons a kernel cannot run it are worked out only for
     the kernel that may run it (the "torch" backend needs none; the CUDA C++ kernels' only
     when "cuda" is requested: "auto" tries Triton alone), so a call pays for no messages."""
@@ -141,7 +144,7 @@ def _pick(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q:
         return "torch"
     reasons = {"triton": _triton_unsupported(q, v, mask)}
     if requested == "cuda":
-        reasons["cuda"] = _cuda_unsupported(q, k, v, mask, cu_seqlens_q, seqused_k, softcap, dropout_p)
+        reasons["cuda"] = _cuda_unsupported(q, k, v, mask, cu_seqlens_q, seqused_k, softcap, dropout_p, alibi, sinks)
     return resolve("attention", device_type, reasons, requested)
 
 
@@ -214,19 +217,20 @@ def _keep(backend, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout
 def _attention_body(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                     cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], seed: Optional[Tensor], scale: float,
                     bottom_right: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
-                    max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
+                    max_seqlen_q: int, max_seqlen_k: int, alibi: Optional[Tensor] = None,
+                    sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     _check_seed("fastlm::attention", seed, dropout_p, q)
-    backend = _pick(q, k, v, mask, cu_seqlens_q, seqused_k, softcap, dropout_p)
+    backend = _pick(q, k, v, mask, cu_seqlens_q, seqused_k, softcap, dropout_p, None, alibi, sinks)
     if backend == "cuda":
         return _cuda_attention_fwd(q, k, v, scale, bottom_right, window_left, window_right)
     if backend == "triton":
         from fastlm.kernels import attention as kernels
         return kernels.attention_fwd(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask,
                                      dropout_p, seed, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                                     max_seqlen_k)
+                                     max_seqlen_k, alibi, sinks)
     keep = _keep(backend, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
     out, lse = ref.attention(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask, keep, dropout_p,
-                             cu_seqlens_q, cu_seqlens_k, seqused_k)
+                             cu_seqlens_q, cu_seqlens_k, seqused_k, alibi, sinks)
     # float32, float64 for float64 inputs: a float32 lse would round the float64 oracle's backward
     return out.contiguous(), lse.to(_lse_dtype(q))
 
@@ -240,7 +244,7 @@ _attention = torch.library.custom_op("fastlm::attention", mutates_args=())(_atte
 
 @_attention.register_fake
 def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seqused_k, seed, scale, bottom_right, window_left, window_right,
-      softcap, dropout_p, max_seqlen_q, max_seqlen_k):
+      softcap, dropout_p, max_seqlen_q, max_seqlen_k, alibi=None, sinks=None):
     _check_seed("fastlm::attention", seed, dropout_p, q)  # under torch.compile too
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if cu_seqlens_q is not None:
@@ -255,11 +259,11 @@ def _attention_bwd_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                         mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                         seed: Optional[Tensor], scale: float, bottom_right: bool, window_left: int, window_right: int,
                         softcap: float, dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, backend: str,
-                        mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        mask_grad: bool, alibi: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if mask_grad and (mask is None or not mask.is_floating_point() or cu_seqlens_q is not None):
         raise ValueError("fastlm::attention_bwd: mask_grad needs a float mask on a dense batch")
     _check_seed("fastlm::attention_bwd", seed, dropout_p, q)
-    chosen = _pick(q, k, v, mask, cu_seqlens_q, None, softcap, dropout_p, backend)
+    chosen = _pick(q, k, v, mask, cu_seqlens_q, None, softcap, dropout_p, backend, alibi)
     if chosen == "cuda":
         return _cuda_attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right) + \
             (q.new_empty(0),)
@@ -267,11 +271,11 @@ def _attention_bwd_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         from fastlm.kernels import attention as kernels
         grads = kernels.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right,
                                       softcap, mask, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, mask_grad)
+                                      max_seqlen_k, mask_grad, alibi)
     else:
         keep = _keep(chosen, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
         grads = ref.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right, softcap,
-                                  mask, keep, dropout_p, cu_seqlens_q, cu_seqlens_k, mask_grad)
+                                  mask, keep, dropout_p, cu_seqlens_q, cu_seqlens_k, mask_grad, alibi)
         grads = tuple(g.contiguous() for g in grads[:3]) + grads[3:]
     if not mask_grad:
         return grads + (q.new_empty(0),)
@@ -284,7 +288,7 @@ _attention_bwd = torch.library.custom_op("fastlm::attention_bwd", mutates_args=(
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed, scale, bottom_right, window_left,
-      window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, backend, mask_grad):
+      window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, backend, mask_grad, alibi=None):
     _check_seed("fastlm::attention_bwd", seed, dropout_p, q)
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
     # Every backend returns contiguous gradients, whatever the strides of q, k and v.
@@ -293,11 +297,13 @@ def _(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed, scale, bo
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, mask, cu_q, cu_k, seqused_k, seed, scale, bottom_right, window_left, window_right, softcap, dropout_p,
-     max_q, max_k) = inputs
+     max_q, max_k) = inputs[:16]
+    alibi, sinks = tuple(inputs[16:]) + (None,) * (18 - len(inputs))  # the eager twin passes only what is given
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k, seed)
+    ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k, seed, alibi, sinks)
     ctx.options = (scale, bottom_right, window_left, window_right, softcap, dropout_p, max_q, max_k)
     ctx.backend = get_backend()
+    ctx.inputs = len(inputs)
 
 
 _NO_GRADS = (None,) * 12  # for the options after q, k, v and the mask
@@ -305,13 +311,21 @@ _NO_GRADS = (None,) * 12  # for the options after q, k, v and the mask
 
 def _backward_with(attention_bwd):
     """The backward formula, calling ``attention_bwd``: the backward custom op for the
-    registered autograd formula (AOTAutograd traces it), its body for the eager twin."""
+    registered autograd formula (AOTAutograd traces it), its body for the eager twin. ALiBi's
+    slopes are constants (flash-attn gives them no gradient); the sinks' gradient is formed
+    here from the output, its gradient and the lse (``ref.sink_grad``: two small reductions)."""
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
+        q, k, v, out, lse, mask, cu_q, cu_k, seed, alibi, sinks = ctx.saved_tensors
         mask_grad = bool(ctx.needs_input_grad[3])  # only a float mask can require grad
         dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, seed, *ctx.options, ctx.backend,
-                                          mask_grad)
-        return (dq, dk, dv, dmask if mask_grad else None) + _NO_GRADS
+                                          mask_grad, alibi)
+        grads = (dq, dk, dv, dmask if mask_grad else None) + _NO_GRADS
+        if ctx.inputs > 16:
+            dsinks = None
+            if sinks is not None and ctx.needs_input_grad[17]:
+                dsinks = ref.sink_grad(dout, out, lse, sinks, cu_q is not None).to(sinks.dtype)
+            grads = grads + (None, dsinks)[:ctx.inputs - 16]
+        return grads
     return backward
 
 
@@ -428,14 +442,16 @@ def _window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                     causal: bool = False, window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0,
                     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-                    return_attn_probs: bool = False, *, return_lse: bool = False):
+                    return_attn_probs: bool = False, *, return_lse: bool = False, sinks: Optional[Tensor] = None):
     """FlashAttention 2.8's flash_attn_func, argument for argument: q (B, L, H, D), k and v
     (B, S, Hk, D), Hk dividing H.
 
     causal and window_size are aligned bottom-right (query i sees keys up to i + S - L), so a
     single query attends to the whole cache. alibi_slopes: float32 (H,) or (B, H), adding
-    -slope * |i + S - L - j| to the (soft-capped) scores, as flash-attn does (today a
-    materialised (B or 1, H, L, S) bias on the mask path: O(H L S) memory). deterministic is
+    -slope * |i + S - L - j| to the (soft-capped) scores, as flash-attn does (in the kernels:
+    nothing of size L x S is formed; no gradient reaches the slopes, as in flash-attn).
+    fastlm's keyword ``sinks`` (H,): attention sinks, GPT-OSS's s_aux, one logit per head in
+    every row's softmax denominator (differentiable; see fastlm/reference/attention.py). deterministic is
     accepted and changes nothing: fastlm's backward is always deterministic (no atomics,
     except an additive mask's gradient where the mask is broadcast, which this function never
     has). Returns out (B, L, H, Dv); with return_attn_probs (out, softmax_lse, S_dmask) as
@@ -455,32 +471,66 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     left, right = _window_of(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
     want_lse = return_lse or return_attn_probs
-    if alibi_slopes is None and not want_lse and dropout_p == 0.0 and softcap == 0.0 and left == -1 \
-            and right <= 0 and not compiling() and q.is_cpu and native_backend("cpu"):
+    if alibi_slopes is None and sinks is None and not want_lse and dropout_p == 0.0 and softcap == 0.0 \
+            and left == -1 and right <= 0 and not compiling() and q.is_cpu and native_backend("cpu"):
         out = _native_flash(q, k, v, scale, right == 0)
         if out is not None:
             return out
-    bias = None if alibi_slopes is None else _alibi_bias(fn, alibi_slopes, q, k.shape[1])
+    slopes = _check_slopes(fn, alibi_slopes, q.shape[0], q.shape[2], q)
     seed = _seed_for(dropout_p, q.device)
-    out, lse = _attention_eager(q, k, v, bias, None, None, None, seed, scale, True, left, right, softcap,
-                                dropout_p, 0, 0)
+    out, lse = _attention_eager(q, k, v, None, None, None, None, seed, scale, True, left, right, softcap,
+                                dropout_p, 0, 0, *_extras(fn, slopes, sinks, q))
     if return_attn_probs:
-        probs = None if dropout_p == 0.0 else _dropped_probs(q, k, v, bias, lse, seed, scale, left, right, softcap,
-                                                             dropout_p)
+        probs = None
+        if dropout_p > 0.0:
+            bias = None if slopes is None else _alibi_bias(fn, slopes, q, k.shape[1])
+            probs = _dropped_probs(q, k, v, bias, lse, seed, scale, left, right, softcap, dropout_p)
         return out, lse, probs
     return (out, lse) if return_lse else out
 
 
-def _alibi_bias(fn: str, slopes, q: Tensor, S: int) -> Tensor:
-    """flash-attn's ALiBi as an additive mask: -slope * |i + S - L - j| for query i and key j
-    (bottom-right aligned), float32 (B or 1, H, L, S)."""
-    B, L, H = q.shape[0], q.shape[1], q.shape[2]
+def _check_slopes(fn: str, slopes, B: int, H: int, q: Tensor) -> Optional[Tensor]:
+    """flash-attn's alibi_slopes: float32 (H,) or (B, H) on q's device, any strides; detached
+    (no gradient, as flash-attn)."""
+    if slopes is None:
+        return None
     if not isinstance(slopes, Tensor) or slopes.dtype != torch.float32 or tuple(slopes.shape) not in ((H,), (B, H)):
         got = f"{slopes.dtype} {list(slopes.shape)}" if isinstance(slopes, Tensor) else repr(slopes)
         raise ValueError(f"fastlm.{fn}: alibi_slopes must be a float32 tensor of shape ({H},) or ({B}, {H}), "
                          f"got {got}")
     if slopes.device != q.device:
         raise ValueError(f"fastlm.{fn}: alibi_slopes is on {slopes.device} but q is on {q.device}")
+    return slopes.detach()
+
+
+def _check_sinks(fn: str, sinks, H: int, q: Tensor) -> Optional[Tensor]:
+    """Attention sinks: a floating (H,) tensor on q's device (any float dtype: the kernels read
+    it in float32; the gradient flows back in its own dtype)."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (H,):
+        got = f"{sinks.dtype} {list(sinks.shape)}" if isinstance(sinks, Tensor) else repr(sinks)
+        raise ValueError(f"fastlm.{fn}: sinks must be a floating tensor of shape ({H},) (one logit per query "
+                         f"head), got {got}")
+    if sinks.device != q.device:
+        raise ValueError(f"fastlm.{fn}: sinks is on {sinks.device} but q is on {q.device}")
+    return sinks
+
+
+def _extras(fn: str, slopes: Optional[Tensor], sinks, q: Tensor, heads: Optional[int] = None) -> tuple:
+    """The op's trailing (alibi, sinks) arguments: none when neither is used (the call is the
+    op's 16-argument one), the sinks in float32 (float64 for float64 inputs, the oracle's)
+    with unit stride (the kernels index them by head; the cast is differentiable)."""
+    sinks = _check_sinks(fn, sinks, q.shape[-2] if heads is None else heads, q)
+    if sinks is None:
+        return () if slopes is None else (slopes,)
+    return slopes, sinks.to(_lse_dtype(q)).contiguous()
+
+
+def _alibi_bias(fn: str, slopes: Tensor, q: Tensor, S: int) -> Tensor:
+    """flash-attn's ALiBi as an additive mask: -slope * |i + S - L - j| for query i and key j
+    (bottom-right aligned), float32 (B or 1, H, L, S): only for S_dmask, a testing aid."""
+    B, L, H = q.shape[0], q.shape[1], q.shape[2]
     i = torch.arange(L, device=q.device)[:, None]
     j = torch.arange(S, device=q.device)[None, :]
     distance = (i + (S - L) - j).abs().to(torch.float32)
@@ -606,7 +656,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0,
                            alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
                            return_attn_probs: bool = False, block_table: Optional[Tensor] = None, *,
-                           return_lse: bool = False):
+                           return_lse: bool = False, sinks: Optional[Tensor] = None):
     """FlashAttention 2.8's flash_attn_varlen_func, argument for argument. Packed sequences
     without padding: q (total_q, H, D), k and v (total_k, Hk, D); sequence b
     is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (likewise for k). max_seqlen_q/k bound the
@@ -617,8 +667,9 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     length to max_seqlen, so a bad value gives wrong rows (or leaves rows unwritten),
     never a read or write outside q, k, v or the output. The lse is (H, total_q).
     return_attn_probs gives (out, lse, None) without dropout; deterministic changes nothing
-    (see flash_attn_func). Not yet supported, each raising NotImplementedError that names it:
-    alibi_slopes, block_table (a paged cache), return_attn_probs with dropout."""
+    (see flash_attn_func). alibi_slopes (H,) or (B, H) and fastlm's ``sinks`` (H,) as in
+    flash_attn_func. Not yet supported, each raising NotImplementedError that names it:
+    block_table (a paged cache), return_attn_probs with dropout."""
     fn = "flash_attn_varlen_func"
     if _autocast_any():
         q, k, v = autocast_inputs(q, k, v)
@@ -637,12 +688,14 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
     left, right = _window_of(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
-    _not_yet(fn, alibi_slopes=alibi_slopes, block_table=block_table)
+    _not_yet(fn, block_table=block_table)
+    slopes = _check_slopes(fn, alibi_slopes, cu_q.numel() - 1, q.shape[1], q)
     if return_attn_probs and dropout_p > 0:
         raise NotImplementedError(f"fastlm.{fn}: return_attn_probs with dropout_p > 0 (S_dmask of packed "
                                   "sequences) is not supported yet; flash_attn_func has it")
     out, lse = _attention_eager(q, k, v, None, cu_q, cu_k, None, _seed_for(dropout_p, q.device), scale, True, left,
-                                right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+                                right, softcap, dropout_p, max_seqlen_q, max_seqlen_k,
+                                *_extras(fn, slopes, sinks, q))
     if return_attn_probs:
         return out, lse, None
     return (out, lse) if return_lse else out
@@ -682,7 +735,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                             block_table: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
                             causal: bool = False, window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0,
                             rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
-                            num_splits: int = 0, return_softmax_lse: bool = False):
+                            num_splits: int = 0, return_softmax_lse: bool = False, *,
+                            sinks: Optional[Tensor] = None):
     """FlashAttention 2.8's flash_attn_with_kvcache, argument for argument (causal defaults to
     False, as there): q (B, L, H, D), caches (B_cache, S_max, Hk, D).
 
@@ -697,8 +751,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     rows are gathered into a copy for the attention; an index outside the caches raises on
     CPU tensors and is clamped to a valid row on CUDA ones, where checking would sync). num_splits is accepted (0, or any
     count) and changes nothing yet: there is no split-KV decoding. return_softmax_lse returns
-    (out, lse (B, H, L) float32). Not yet supported, raising NotImplementedError that names
-    it: cache_leftpad, block_table (a paged cache), alibi_slopes.
+    (out, lse (B, H, L) float32). alibi_slopes (H,) or (B, H) as in flash_attn_func, the
+    distance measured from each batch's own last key (i + cache_seqlens + L_new - L - j);
+    fastlm's ``sinks`` (H,) likewise. Not yet supported, raising NotImplementedError that names
+    it: cache_leftpad, block_table (a paged cache).
 
     No gradient flows through this function (it is for inference). 0 <= cache_seqlens and
     cache_seqlens + L_new <= S_max: an int or a CPU tensor that breaks this raises a
@@ -708,12 +764,12 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     simple = rotary_cos is None and rotary_sin is None and cache_batch_idx is None and not return_softmax_lse
     # The CPU decode path; anything it does not serve (a bad num_splits too) goes on to the checks
     if simple and type(cache_seqlens) is int and window_size is _NO_WINDOW and softcap == 0.0 and not compiling() \
-            and cache_leftpad is None and block_table is None and alibi_slopes is None \
+            and cache_leftpad is None and block_table is None and alibi_slopes is None and sinks is None \
             and type(num_splits) is int and num_splits >= 0 and native_backend_of(q) and not _autocast_any():
         out = _kvcache_cpu(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal)
         if out is not None:
             return out
-    _not_yet(fn, cache_leftpad=cache_leftpad, block_table=block_table, alibi_slopes=alibi_slopes)
+    _not_yet(fn, cache_leftpad=cache_leftpad, block_table=block_table)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"fastlm.{fn}: num_splits must be an int >= 0 (0: choose), got {num_splits!r}")
     q, k, v = autocast_to(k_cache, q, k, v)  # under autocast the caches' dtype is the compute dtype
@@ -759,6 +815,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
     left, right = _window_of(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
+    extras = _extras(fn, _check_slopes(fn, alibi_slopes, q.shape[0], q.shape[2], q), sinks, q)
     with torch.no_grad():
         n = 0
         if k is not None:
@@ -778,7 +835,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
             q_pos = start[:, None] + (torch.arange(q.shape[1], device=q.device) if windowed else
                                       torch.zeros(q.shape[1], dtype=torch.long, device=q.device))
             q = rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
-        if simple and (cache_seqlens is None or type(cache_seqlens) is int) and softcap == 0.0 and left == -1 \
+        if simple and not extras and (cache_seqlens is None or type(cache_seqlens) is int) and softcap == 0.0 \
+                and left == -1 \
                 and right <= 0 and not compiling() and q.is_cpu and native_backend("cpu"):
             # The CPU path (a model's decode loop passes an int): the write is a slice, then
             # torch's SDPA over the filled part of the caches, as flash_attn_func's CPU path.
@@ -807,7 +865,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                 caches[1][rows_idx[:, None].expand_as(rows), rows] = v
             seqlens = seqlens + n
         out, lse = _attention_eager(q, k_cache, v_cache, None, None, None, seqlens, None, scale, True, left, right,
-                                    softcap, 0.0, 0, 0)
+                                    softcap, 0.0, 0, 0, *extras)
     return (out, lse) if return_softmax_lse else out
 
 

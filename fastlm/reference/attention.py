@@ -22,6 +22,16 @@ and its gradients are zero): torch's SDPA may give NaN there.
 An additive mask is a bias on the final scores (after scaling and soft-capping), so its
 gradient is dS = p * (dp - delta) itself, before the soft-cap's chain rule: zero wherever
 p is (masked positions, rows that see no key).
+
+ALiBi (flash-attn's): slopes (H,) or (B, H) add -slope * |i + shift - j| to the soft-capped
+scores, shift as above (S - L bottom-right); a constant, no gradient. Attention sinks
+(GPT-OSS's s_aux): a logit a_h per head joins each row's softmax with no value,
+
+    lse = log(sum_j exp(s_ij) + exp(a_h)),   p_ij = exp(s_ij - lse),
+
+so a row that sees no key has out 0 and lse a_h. The backward's formulas are unchanged given
+that lse (the sink is a key whose value is 0), and d(loss)/d(a_h) = -sum_i exp(a_h - lse_i)
+* delta_i (``sink_grad``).
 """
 
 from __future__ import annotations
@@ -54,8 +64,16 @@ def _visible_or_none(L: int, S: int, bottom_right: bool, window_left: int, windo
     return visible(L, S, bottom_right, window_left, window_right, device)
 
 
+def _alibi(slopes: Tensor, B: int, H: int, L: int, S: int, bottom_right: bool, dtype) -> Tensor:
+    """(B or 1, H, L, S): -slope * |i + shift - j|."""
+    i = torch.arange(L, device=slopes.device)[:, None]
+    j = torch.arange(S, device=slopes.device)[None, :]
+    distance = (i + (S - L if bottom_right else 0) - j).abs().to(dtype)
+    return -slopes.to(dtype).reshape(-1, H, 1, 1) * distance
+
+
 def _scores(q: Tensor, k: Tensor, scale: float, softcap: float, mask: Optional[Tensor], ok: Optional[Tensor],
-            keep_tanh: bool = False):
+            keep_tanh: bool = False, alibi: Optional[Tensor] = None):
     """(B, H, L, S) scores with everything invisible at -inf; with keep_tanh also tanh of the
     capped scores (the backward's). One (B, H, L, S) tensor, updated in place, as torch's
     math path holds (the boolean masks stay in their own broadcast shapes)."""
@@ -68,6 +86,8 @@ def _scores(q: Tensor, k: Tensor, scale: float, softcap: float, mask: Optional[T
         if keep_tanh:
             th = s.clone()
         s.mul_(softcap)
+    if alibi is not None:
+        s.add_(alibi)
     if mask is not None and mask.dtype != torch.bool:
         s.add_(mask.to(s.dtype))
     if ok is not None:
@@ -81,16 +101,26 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _lse(s: Tensor, sinks: Optional[Tensor]) -> Tensor:
+    """logsumexp over the keys (and the sink); +inf where a row sees nothing at all."""
+    lse = torch.logsumexp(s, dim=-1)  # -inf where a row sees no key
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.to(lse.dtype)[:, None])
+    return lse.masked_fill_(torch.isneginf(lse), float("inf"))
+
+
 def attention_dense(q, k, v, scale: float, bottom_right: bool, window_left: int, window_right: int,
-                    softcap: float, mask: Optional[Tensor], keep: Optional[Tensor], dropout_p: float):
-    """One batch of equal-length sequences. Returns (out in q's dtype, lse (B, H, L) float32/64)."""
+                    softcap: float, mask: Optional[Tensor], keep: Optional[Tensor], dropout_p: float,
+                    alibi: Optional[Tensor] = None, sinks: Optional[Tensor] = None):
+    """One batch of equal-length sequences. Returns (out in q's dtype, lse (B, H, L) float32/64).
+    alibi: slopes (H,) or (B, H); sinks (H,) (see the module docstring)."""
     dt = _compute_dtype(q)
     B, L, H, _ = q.shape
     S = k.shape[1]
     ok = _visible_or_none(L, S, bottom_right, window_left, window_right, q.device)
-    s, _, _ = _scores(q.to(dt), k.to(dt), scale, softcap, mask, ok)
-    lse = torch.logsumexp(s, dim=-1)  # -inf where a row sees nothing
-    lse.masked_fill_(torch.isneginf(lse), float("inf"))
+    bias = None if alibi is None else _alibi(alibi, B, H, L, S, bottom_right, dt)
+    s, _, _ = _scores(q.to(dt), k.to(dt), scale, softcap, mask, ok, alibi=bias)
+    lse = _lse(s, sinks)
     p = s.sub_(lse[..., None]).exp_()  # in place (s is not needed again): 0 on rows that see nothing
     if keep is not None:
         p.mul_(keep).div_(1 - dropout_p)
@@ -102,7 +132,7 @@ def attention_dense(q, k, v, scale: float, bottom_right: bool, window_left: int,
 
 def attention_dense_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, window_left: int,
                         window_right: int, softcap: float, mask: Optional[Tensor], keep: Optional[Tensor],
-                        dropout_p: float, bias_grad: bool = False):
+                        dropout_p: float, bias_grad: bool = False, alibi: Optional[Tensor] = None):
     """Gradients (dq, dk, dv) of attention_dense, by the explicit formula (no autograd); with
     bias_grad also d(mask) = dS, (B, H, L, S) in float32/64 (the caller sums it over the
     mask's broadcast dimensions)."""
@@ -112,7 +142,8 @@ def attention_dense_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: boo
     group = H // Hk
     ok = _visible_or_none(L, S, bottom_right, window_left, window_right, q.device)
     qd, do = q.to(dt), dout.to(dt)
-    s, th, kk = _scores(qd, k.to(dt), scale, softcap, mask, ok, keep_tanh=True)
+    bias = None if alibi is None else _alibi(alibi, B, H, L, S, bottom_right, dt)
+    s, th, kk = _scores(qd, k.to(dt), scale, softcap, mask, ok, keep_tanh=True, alibi=bias)
     p = s.sub_(lse.to(dt)[..., None]).exp_()  # in place: s is not needed again
     vv = v.to(dt).repeat_interleave(group, dim=2) if group > 1 else v.to(dt)
     dp = torch.einsum("blhd,bshd->bhls", do, vv)
@@ -158,19 +189,20 @@ def _keep_of(keep: Optional[Tensor], b: int, rq: slice, rk: slice) -> Optional[T
 def attention(q, k, v, scale: float, bottom_right: bool = False, window_left: int = -1, window_right: int = -1,
               softcap: float = 0.0, mask: Optional[Tensor] = None, keep: Optional[Tensor] = None,
               dropout_p: float = 0.0, cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
-              seqused_k: Optional[Tensor] = None):
+              seqused_k: Optional[Tensor] = None, alibi: Optional[Tensor] = None, sinks: Optional[Tensor] = None):
     """Attention over dense (B, L, H, D) tensors, or packed (total, H, D) ones with cu_seqlens.
 
     keep: the dropout mask (B, H, L, S) of kept positions, or None; for packed sequences
     (B, H, max L, max S), sequence b using keep[b, :, :its L, :its S].
     seqused_k: (B,) keys in use per batch (the KV cache's filled length).
+    alibi: slopes (H,) or (B, H); sinks: (H,) (see the module docstring).
     Returns (out like q with v's head dim, lse (B, H, L) or (H, total_q), float32/64).
     """
     if (cu_seqlens_q is not None or seqused_k is not None) and mask is not None:
         raise ValueError("attention: masks are for dense batches, not packed or cached ones")
     if cu_seqlens_q is None and seqused_k is None:
         return attention_dense(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask, keep,
-                               dropout_p)
+                               dropout_p, alibi, sinks)
     dt = _compute_dtype(q)
     out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
     varlen = cu_seqlens_q is not None
@@ -178,14 +210,15 @@ def attention(q, k, v, scale: float, bottom_right: bool = False, window_left: in
     lse = torch.full((q.shape[-2], q.shape[0]) if varlen else (B, q.shape[2], q.shape[1]), float("inf"),
                      dtype=dt, device=q.device)
     for b, rq, rk in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, B, q.shape[1], k.shape[1]):
+        slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi)
         if varlen:
             o, l_ = attention_dense(q[None, rq], k[None, rk], v[None, rk], scale, bottom_right, window_left,
-                                    window_right, softcap, None, _keep_of(keep, b, rq, rk), dropout_p)
+                                    window_right, softcap, None, _keep_of(keep, b, rq, rk), dropout_p, slopes, sinks)
             out[rq] = o[0]
             lse[:, rq] = l_[0]
         else:
             o, l_ = attention_dense(q[b:b + 1], k[b:b + 1, rk], v[b:b + 1, rk], scale, bottom_right, window_left,
-                                    window_right, softcap, None, _keep_of(keep, b, rq, rk), dropout_p)
+                                    window_right, softcap, None, _keep_of(keep, b, rq, rk), dropout_p, slopes, sinks)
             out[b] = o[0]
             lse[b] = l_[0]
     return out, lse
@@ -194,21 +227,35 @@ def attention(q, k, v, scale: float, bottom_right: bool = False, window_left: in
 def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool = False, window_left: int = -1,
                   window_right: int = -1, softcap: float = 0.0, mask: Optional[Tensor] = None,
                   keep: Optional[Tensor] = None, dropout_p: float = 0.0, cu_seqlens_q: Optional[Tensor] = None,
-                  cu_seqlens_k: Optional[Tensor] = None, bias_grad: bool = False):
+                  cu_seqlens_k: Optional[Tensor] = None, bias_grad: bool = False, alibi: Optional[Tensor] = None):
     """Gradients (dq, dk, dv) of ``attention`` (dense or packed; no gradient through a KV cache);
-    with bias_grad (dense only) also dS (B, H, L, S), the additive mask's unreduced gradient."""
+    with bias_grad (dense only) also dS (B, H, L, S), the additive mask's unreduced gradient.
+    Sinks need nothing here (lse includes them): their gradient is ``sink_grad``."""
     if cu_seqlens_q is None:
         return attention_dense_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right,
-                                   softcap, mask, keep, dropout_p, bias_grad)
+                                   softcap, mask, keep, dropout_p, bias_grad, alibi)
     if bias_grad:
         raise ValueError("attention_bwd: a mask gradient is for dense batches, not packed ones")
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for b, rq, rk in _sequences(cu_seqlens_q, cu_seqlens_k, None, 0, 0, 0):
+        slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi)
         g = attention_dense_bwd(dout[None, rq], q[None, rq], k[None, rk], v[None, rk], out[None, rq],
                                 lse[None, :, rq], scale, bottom_right, window_left, window_right, softcap, None,
-                                _keep_of(keep, b, rq, rk), dropout_p)
+                                _keep_of(keep, b, rq, rk), dropout_p, alibi=slopes)
         dq[rq], dk[rk], dv[rk] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
+
+
+def sink_grad(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor, varlen: bool = False) -> Tensor:
+    """d(loss)/d(sinks) (H,): -sum over batches and queries of exp(a_h - lse) * delta, delta =
+    rowsum(dO * O) (the sink's probability times minus the row's mean gradient); lse (B, H, L)
+    or (H, total) for packed sequences. float32 (float64 for float64 inputs)."""
+    dt = lse.dtype
+    delta = (dout.to(dt) * out.to(dt)).sum(-1)  # (B, L, H) or (total, H)
+    p_sink = torch.exp(sinks.to(dt)[:, None] - lse) if varlen else torch.exp(sinks.to(dt)[None, :, None] - lse)
+    if varlen:
+        return -(p_sink * delta.transpose(0, 1)).sum(1)
+    return -(p_sink * delta.transpose(1, 2)).sum((0, 2))
 
 
 def default_scale(head_dim: int) -> float:
