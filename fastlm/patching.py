@@ -18,14 +18,21 @@ SWAPS = {
     torch.nn.RMSNorm: fnn.RMSNorm,
     torch.nn.MultiheadAttention: fnn.MultiheadAttention,
     torch.nn.CrossEntropyLoss: fnn.CrossEntropyLoss,
+    # torch 2.13's; an older torch has no LinearCrossEntropyLoss to swap
+    **({torch.nn.LinearCrossEntropyLoss: fnn.LinearCrossEntropyLoss} if hasattr(torch.nn, "LinearCrossEntropyLoss")
+       else {}),
+    # torch's layer would skip its self_attn at inference (a fused fast path): see fastlm/nn/transformer.py
+    torch.nn.TransformerEncoderLayer: fnn.TransformerEncoderLayer,
     torch.nn.Linear: None,  # not swapped by default: see patch(linear=True)
 }
 _EXTRA_DEFAULTS = {fnn.CrossEntropyLoss: {"z_loss": 0.0, "softcap": None}, fnn.Linear: {"activation": None}}
+_EXTRA_DEFAULTS[fnn.LinearCrossEntropyLoss] = dict(fnn.loss._LCE_EXTRAS)  # z_loss, softcap, chunk_size, acc_dtype
 _ORIGINAL = "_fastlm_original_class"
 
 
 def patch(model: torch.nn.Module, linear: bool = False) -> list[tuple[str, str]]:
-    """Replace, in place, every torch.nn.LayerNorm, RMSNorm, MultiheadAttention and
+    """Replace, in place, every torch.nn.LayerNorm, RMSNorm, MultiheadAttention,
+    TransformerEncoderLayer (whose inference fast path would bypass its attention) and
     CrossEntropyLoss in ``model`` (itself included) by fastlm's, and with linear=True every
     torch.nn.Linear by fastlm.nn.Linear. Returns [(qualified name, torch class name)] of what
     was replaced ("" names the model itself)."""

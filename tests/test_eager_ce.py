@@ -317,7 +317,7 @@ def test_linear_small_is_linear_then_torch(reduction, bias):
     t[0, 1] = -100
     leaves = [v for v in (x, w, b) if v is not None]
     with fastlm.use_backend("torch"):
-        loss = fastlm.linear_cross_entropy(x, w, t, b, reduction=reduction, label_smoothing=0.1)
+        loss = fastlm.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1)
     expected = F.cross_entropy(F.linear(x, w, b).reshape(-1, 32), t.reshape(-1), reduction=reduction,
                                label_smoothing=0.1)
     expected = expected.reshape(t.shape) if reduction == "none" else expected

@@ -94,9 +94,27 @@ def gemma2(small: bool = False):
     return liven(transformers.Gemma2ForCausalLM(cfg))
 
 
-MAKERS = {"gpt2": gpt2, "bert": bert, "llama": llama, "t5": t5, "mistral": mistral, "gemma2": gemma2}
+def gpt_oss(small: bool = False):
+    """Attention sinks (s_aux), alternating sliding-window and full layers, a mixture of experts."""
+    d, h = (32, 2) if small else (64, 4)
+    cfg = transformers.GptOssConfig(num_hidden_layers=2, num_attention_heads=h, num_key_value_heads=h // 2,
+                                    head_dim=d // h, hidden_size=d, intermediate_size=2 * d, vocab_size=V,
+                                    max_position_embeddings=64, sliding_window=4, num_local_experts=2,
+                                    num_experts_per_tok=1, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                    layer_types=["sliding_attention", "full_attention"],
+                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg._experts_implementation = "eager"  # the float64 oracle: torch's grouped GEMM takes no float64
+    model = liven(transformers.GptOssForCausalLM(cfg))
+    with torch.no_grad():
+        for layer in model.model.layers:  # HF initialises the sinks to 0: make them matter
+            layer.self_attn.sinks.normal_(0.0, 1.0)
+    return model
+
+
+MAKERS = {"gpt2": gpt2, "bert": bert, "llama": llama, "t5": t5, "mistral": mistral, "gemma2": gemma2,
+          "gpt_oss": gpt_oss}
 NORMS = {"gpt2": "LayerNorm", "bert": "LayerNorm", "llama": "LlamaRMSNorm", "t5": "T5LayerNorm",
-         "mistral": "MistralRMSNorm", "gemma2": "Gemma2RMSNorm"}
+         "mistral": "MistralRMSNorm", "gemma2": "Gemma2RMSNorm", "gpt_oss": "GptOssRMSNorm"}
 
 
 def batch(B: int = 3, L: int = 11, lengths=(11, 6, 1)):
@@ -257,7 +275,7 @@ def inputs(kind: str):
 def spy(monkeypatch):
     """Counts the calls that reach fastlm's attention from the registered function."""
     calls = {"n": 0, "loss": 0}
-    for name in ("flash_attn_func", "scaled_dot_product_attention", "_masked_softcap_attention", "cross_entropy"):
+    for name in ("flash_attn_func", "scaled_dot_product_attention", "_op_attention", "cross_entropy"):
         real = getattr(ft, name)
         key = "loss" if name == "cross_entropy" else "n"
 

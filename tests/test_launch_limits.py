@@ -165,7 +165,7 @@ def _cross_entropy():
 def _linear_cross_entropy():
     x, w = _rand(BIG, 16, grad=True), _rand(17, 16, grad=True)
     target = torch.randint(0, 17, (BIG,), device=DEVICE)
-    _backward(fastlm.linear_cross_entropy(x, w, target, bias=_rand(17, grad=True)))
+    _backward(fastlm.linear_cross_entropy(x, w, target, linear_bias=_rand(17, grad=True)))
 
 
 CASES = {

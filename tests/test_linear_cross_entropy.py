@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,20 +17,26 @@ from .conftest import DEVICE, ON_GPU
 BACKENDS = ["torch", "triton"]
 
 
-def unfused(x, w, b, t, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None):
-    """The plain path in the inputs' dtype: logits, then torch's loss (+ the z_loss/softcap extensions)."""
+def unfused(x, w, b, t, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+            weight=None):
+    """The plain path in the inputs' dtype: logits, then torch's loss (+ the z_loss/softcap extensions;
+    ``weight``: torch's class weights, "mean" dividing by the summed weights of the counted targets)."""
     logits = F.linear(x, w, b)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logits2, t2 = logits.reshape(-1, logits.shape[-1]), t.reshape(-1)
-    rows = F.cross_entropy(logits2, t2, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    cw = weight.to(logits.dtype) if weight is not None else None
+    rows = F.cross_entropy(logits2, t2, cw, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
     counted = t2 != ignore_index
     rows = rows + z_loss * torch.logsumexp(logits2, -1).square() * counted
     if reduction == "none":
         return rows.reshape(t.shape)
     if reduction == "sum":
         return rows.sum()
-    return rows.sum() / counted.sum().clamp(min=1)
+    if cw is None:
+        return rows.sum() / counted.sum().clamp(min=1)
+    return rows.sum() / (cw[torch.where(counted, t2, 0)] * counted).sum()
 
 
 def check(backend, x, w, t, b=None, dloss=None, **options):
@@ -36,11 +44,11 @@ def check(backend, x, w, t, b=None, dloss=None, **options):
     leaves = [v.detach().requires_grad_(True) for v in leaves]
     xb = leaves[2] if b is not None else None
     with fastlm.use_backend(backend):
-        loss = fastlm.linear_cross_entropy(leaves[0], leaves[1], t, xb, **options)
+        loss = fastlm.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=xb, **options)
     assert loss.dtype == x.dtype
     dloss = torch.randn(loss.shape, device=x.device, dtype=x.dtype) if dloss is None else dloss
     grads = torch.autograd.grad(loss, leaves, dloss)
-    opts = {k: v for k, v in options.items() if k not in ("chunk_size", "acc_dtype")}
+    opts = {k: v for k, v in options.items() if k not in ("chunk_size", "acc_dtype", "options")}
 
     def oracle(cast):
         ins = [cast(v).detach().requires_grad_(True) for v in leaves]
@@ -271,10 +279,22 @@ def _bad_cases():
         ("weight hidden size", lambda: fastlm.linear_cross_entropy(x, w[:, :7], t), ValueError, "weight"),
         ("weight dtype", lambda: fastlm.linear_cross_entropy(x, w.double(), t), TypeError, "weight"),
         ("weight device", lambda: fastlm.linear_cross_entropy(x, w.to("meta"), t), ValueError, "weight"),
-        ("target dtype", lambda: fastlm.linear_cross_entropy(x, w, t.float()), TypeError, "target"),
+        ("target dtype", lambda: fastlm.linear_cross_entropy(x, w, t.to(torch.int16)), TypeError, "target"),
+        # a floating target holds class probabilities (torch's rule): then the logits' shape
         ("target shape", lambda: fastlm.linear_cross_entropy(x, w, t[:3]), ValueError, "target"),
-        ("bias shape", lambda: fastlm.linear_cross_entropy(x, w, t, b[:9]), ValueError, "bias"),
-        ("bias dtype", lambda: fastlm.linear_cross_entropy(x, w, t, b.double()), TypeError, "bias"),
+        ("bias shape", lambda: fastlm.linear_cross_entropy(x, w, t, linear_bias=b[:9]), ValueError, "linear_bias"),
+        ("bias dtype", lambda: fastlm.linear_cross_entropy(x, w, t, linear_bias=b.double()), TypeError,
+         "linear_bias"),
+        # torch 2.13's order: everything after target is keyword-only, the bias included
+        ("bias positional", lambda: fastlm.linear_cross_entropy(x, w, t, b), TypeError, "positional"),
+        ("class weight shape", lambda: fastlm.linear_cross_entropy(x, w, t, weight=b[:9]), ValueError, "weight"),
+        ("class weight dtype", lambda: fastlm.linear_cross_entropy(x, w, t, weight=t), TypeError, "weight"),
+        ("options type", lambda: fastlm.linear_cross_entropy(x, w, t, options={"batch_chunk_size": 2}), TypeError,
+         "options"),
+        ("K-dim unbatched", lambda: fastlm.linear_cross_entropy(x[0], w.reshape(5, 2, 8), t[0]), ValueError,
+         "batched"),
+        ("probability target shape", lambda: fastlm.linear_cross_entropy(x, w, torch.rand(4, 9)), ValueError,
+         "probability"),
         ("reduction", lambda: fastlm.linear_cross_entropy(x, w, t, reduction="avg"), ValueError, "reduction"),
         ("label_smoothing", lambda: fastlm.linear_cross_entropy(x, w, t, label_smoothing=2.0), ValueError,
          "label_smoothing"),
@@ -304,7 +324,8 @@ def test_out_of_range_target_raises_on_cpu():
 @pytest.mark.parametrize("compute_grads,reduction", [(True, 2), (False, 0), (False, 1)])
 def test_opcheck(backend, compute_grads, reduction):
     x, w, b, t = make(n=12, h=8, v=20, bias=True)
-    args = (x.requires_grad_(True), w.requires_grad_(True), t, b.requires_grad_(True), -100, 0.1, 1e-3, 0.0, 5,
+    cw = torch.rand(20, device=DEVICE) + 0.5
+    args = (x.requires_grad_(True), w.requires_grad_(True), t, b.requires_grad_(True), cw, -100, 0.1, 1e-3, 0.0, 5,
             reduction, compute_grads)
     with fastlm.use_backend(backend):
         torch.library.opcheck(lce_ops._linear_cross_entropy, args)
@@ -315,7 +336,9 @@ def test_opcheck_backward_op(backend):
     x, w, b, t = make(n=12, h=8, v=20, bias=True)
     dloss = torch.randn(12, device=DEVICE)
     with fastlm.use_backend(backend):
-        torch.library.opcheck(lce_ops._linear_cross_entropy_bwd, (dloss, x, w, t, b, -100, 0.0, 0.0, 0.0, 5, backend))
+        for cw in (None, torch.rand(20, device=DEVICE) + 0.5):
+            torch.library.opcheck(lce_ops._linear_cross_entropy_bwd,
+                                  (dloss, x, w, t, b, cw, -100, 0.0, 0.0, 0.0, 5, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -342,28 +365,6 @@ def test_torch_compile_fullgraph(backend, reduction):
         torch.testing.assert_close(a, c)
 
 
-def test_module():
-    x, w, b, t = make(bias=True)
-    m = fastlm.nn.LinearCrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, chunk_size=8)
-    with fastlm.use_backend("torch"):
-        got = m(x, w, t, b)
-    torch.testing.assert_close(got, unfused(x, w, b, t, label_smoothing=0.1, z_loss=1e-3), rtol=1e-5, atol=1e-5)
-
-
-
-def test_module_passes_acc_dtype(monkeypatch):
-    import fastlm.ops.linear_cross_entropy as lce
-    seen = []
-    real = lce.resolve_acc_dtype
-    monkeypatch.setattr(lce, "resolve_acc_dtype", lambda w, a: seen.append(a) or real(w, a))
-    x, w, b, t = make(bias=True)
-    w.requires_grad_(True)
-    m = fastlm.nn.LinearCrossEntropyLoss(chunk_size=8, acc_dtype=torch.float64)
-    assert "acc_dtype=torch.float64" in repr(m)
-    with fastlm.use_backend("torch"):
-        m(x, w, t, b).backward()
-    assert seen and set(seen) == {torch.float64}
-
 @pytest.mark.gpu
 def test_gpu_peak_memory_is_bounded_by_the_chunk():
     n, h, v = 8192, 1024, 65536
@@ -386,3 +387,225 @@ def test_gpu_peak_memory_is_bounded_by_the_chunk():
     assert fused < plain / 3, (fused, plain)
     assert fused < logits_bytes, (fused, logits_bytes)
     check("triton", x[:512].detach(), w.detach(), t[:512], chunk_size=128)
+
+
+# ----------------------------------------------------------------------------- torch 2.13's interface
+
+# torch 2.13's F.linear_cross_entropy, parameter by parameter (name, kind, default), copied here
+# so a change on either side shows. fastlm may add keyword-only parameters after these only.
+_P = inspect.Parameter
+TORCH_LCE_PARAMETERS = [
+    ("input", _P.POSITIONAL_OR_KEYWORD, _P.empty),
+    ("linear_weight", _P.POSITIONAL_OR_KEYWORD, _P.empty),
+    ("target", _P.POSITIONAL_OR_KEYWORD, _P.empty),
+    ("linear_bias", _P.KEYWORD_ONLY, None),
+    ("weight", _P.KEYWORD_ONLY, None),
+    ("reduction", _P.KEYWORD_ONLY, "mean"),
+    ("ignore_index", _P.KEYWORD_ONLY, None),
+    ("label_smoothing", _P.KEYWORD_ONLY, 0.0),
+    ("options", _P.KEYWORD_ONLY, None),
+]
+FASTLM_LCE_EXTRAS = [("z_loss", 0.0), ("softcap", None), ("chunk_size", None), ("acc_dtype", None)]
+
+
+def assert_signature(fn, torch_parameters, extras):
+    """fn's parameters are torch's list, then only the keyword-only extras (with "off" defaults)."""
+    got = [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    assert got[:len(torch_parameters)] == torch_parameters
+    assert got[len(torch_parameters):] == [(name, _P.KEYWORD_ONLY, default) for name, default in extras]
+
+
+def test_signature_is_torchs():
+    assert_signature(fastlm.linear_cross_entropy, TORCH_LCE_PARAMETERS, FASTLM_LCE_EXTRAS)
+    if hasattr(F, "linear_cross_entropy"):  # torch 2.13: the copy above is still its list
+        theirs = [(p.name, p.kind, p.default) for p in inspect.signature(F.linear_cross_entropy).parameters.values()]
+        assert theirs == TORCH_LCE_PARAMETERS
+
+
+needs_torch_lce = pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"),
+                                     reason="torch.nn.functional.linear_cross_entropy is torch 2.13's")
+
+
+def _grads_of(fn, leaves, dloss):
+    leaves = [v.detach().requires_grad_(True) for v in leaves]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, dloss)
+
+
+@needs_torch_lce
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "ignore_index": 3}], ids=["plain", "smooth-ii"])
+@pytest.mark.parametrize("chunk_size", [5, None], ids=["fused", "one-chunk"])
+def test_class_weights_match_torch_in_float64(reduction, options, chunk_size):
+    """weight= is torch's class weights: each row's loss and gradient times w[target], and "mean"
+    the weighted mean sum(w[t] * loss) / sum(w[t]); the same as torch's F.linear_cross_entropy
+    and F.cross_entropy(F.linear(...), weight=w) in float64 (the reference backend: the fused
+    chunked op with chunk_size=5, torch's unfused path with one chunk)."""
+    x, w, b, t = make(n=23, h=12, v=31, dtype=torch.float64, bias=True,
+                      ignore_index=options.get("ignore_index", -100))
+    cw = torch.rand(31, device=DEVICE, dtype=torch.float64) * 2 + 0.1
+    dloss = torch.randn(23 if reduction == "none" else (), device=DEVICE, dtype=torch.float64)
+    with fastlm.use_backend("torch"):
+        got, g_got = _grads_of(lambda x, w, b: fastlm.linear_cross_entropy(
+            x, w, t, linear_bias=b, weight=cw, reduction=reduction, chunk_size=chunk_size, **options), [x, w, b], dloss)
+    ref, g_ref = _grads_of(lambda x, w, b: F.linear_cross_entropy(
+        x, w, t, linear_bias=b, weight=cw, reduction=reduction, **options), [x, w, b], dloss)
+    plain, g_plain = _grads_of(lambda x, w, b: F.cross_entropy(
+        F.linear(x, w, b), t, cw, reduction=reduction, ignore_index=options.get("ignore_index", -100),
+        label_smoothing=options.get("label_smoothing", 0.0)), [x, w, b], dloss)
+    unweighted = fastlm.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, chunk_size=chunk_size,
+                                             **options)
+    assert not torch.allclose(unweighted, ref)  # the weights matter here
+    for oracle, grads in ((ref, g_ref), (plain, g_plain)):
+        torch.testing.assert_close(got, oracle, rtol=1e-12, atol=1e-12)
+        for g, r in zip(g_got, grads):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_class_weights_on_the_kernels(backend, reduction):
+    """The fused op with class weights on each backend, float32 against the float64 oracle,
+    with z_loss (which the class weight does not scale: it is fastlm's, per counted row)."""
+    x, w, b, t = make(n=29, h=16, v=40, bias=True)
+    cw = torch.rand(40, device=DEVICE) + 0.2
+    check(backend, x, w, t, b, reduction=reduction, chunk_size=8, weight=cw, label_smoothing=0.1)
+    check(backend, x, w, t, b, reduction=reduction, chunk_size=8, weight=cw, z_loss=1e-3)
+
+
+def test_ignore_index_none_is_minus_100():
+    x, w, _, t = make(n=20, h=8, v=12, ignore=0.3)
+    assert (t == -100).any()
+    default = fastlm.linear_cross_entropy(x, w, t, chunk_size=4)
+    torch.testing.assert_close(default, fastlm.linear_cross_entropy(x, w, t, chunk_size=4, ignore_index=-100),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(default, unfused(x, w, None, t), rtol=1e-5, atol=1e-6)
+
+
+@needs_torch_lce
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets_and_k_dim_loss_match_torch(reduction):
+    """torch's other two cases, formed unfused (as torch's chunked path does too): class
+    probabilities of the logits' shape, and a K-dimensional loss from a (C, d1, H) weight."""
+    x, w, b, _ = make(n=6, h=8, v=5, dtype=torch.float64, bias=True)
+    probs = torch.rand(6, 5, device=DEVICE, dtype=torch.float64).softmax(-1)
+    cw = torch.rand(5, device=DEVICE, dtype=torch.float64) + 0.5
+    kw = torch.randn(5, 3, 8, device=DEVICE, dtype=torch.float64)
+    kb = torch.randn(5, 3, device=DEVICE, dtype=torch.float64)
+    kt = torch.randint(0, 5, (6, 3), device=DEVICE)
+    kt[0, 1] = -100
+    kprobs = torch.rand(6, 5, 3, device=DEVICE, dtype=torch.float64).softmax(1)
+    cases = [((x, w, b), probs, {"label_smoothing": 0.1}), ((x, w, b), probs, {"weight": cw}),
+             ((x, kw, kb), kt, {"weight": cw}), ((x, kw, kb), kprobs, {}), ((x[0], w, b), probs[0], {})]
+    for leaves, tgt, kwargs in cases:
+        dloss = torch.randn(tgt.shape[:1] + tgt.shape[2:] if tgt.is_floating_point() and tgt.dim() > 1
+                            else tgt.shape if not tgt.is_floating_point() else (), dtype=torch.float64)
+        dloss = dloss if reduction == "none" else torch.randn((), dtype=torch.float64)
+        got, g_got = _grads_of(lambda x, w, b: fastlm.linear_cross_entropy(x, w, tgt, linear_bias=b,
+                                                                           reduction=reduction, **kwargs),
+                               leaves, dloss)
+        ref, g_ref = _grads_of(lambda x, w, b: F.linear_cross_entropy(x, w, tgt, linear_bias=b,
+                                                                      reduction=reduction, **kwargs),
+                               leaves, dloss)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        for g, r in zip(g_got, g_ref):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="ignore_index"):  # torch's rule, and torch's exception type
+        fastlm.linear_cross_entropy(x, w, probs, ignore_index=-100)
+
+
+# ----------------------------------------------------------------------------- torch's options
+
+Options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+needs_options = pytest.mark.skipif(Options is None, reason="torch.nn.LinearCrossEntropyOptions is torch 2.13's")
+
+
+def _chunks_formed(monkeypatch, call):
+    rows = []
+    real = lce_ops._logits
+    monkeypatch.setattr(lce_ops, "_logits", lambda *a: rows.append(real(*a).shape[0]) or real(*a))
+    call()
+    return rows
+
+
+@needs_options
+def test_options_map_onto_chunking(monkeypatch):
+    """batch_chunk_size is chunk_size; chunking_method "aspect_ratio[:N]" is fastlm's default
+    rule (divided by N); "auto" is fastlm's default; the two given and disagreeing, or
+    options disagreeing with chunk_size, is a ValueError (torch's, for the first)."""
+    x, w, _, t = make(n=50, h=8, v=64)
+    x.requires_grad_(True)
+
+    def rows_with(**kwargs):
+        with fastlm.use_backend("torch"):
+            return _chunks_formed(monkeypatch, lambda: fastlm.linear_cross_entropy(x, w, t, z_loss=1e-4, **kwargs))
+
+    assert rows_with(options=Options(batch_chunk_size=16)) == [16, 16, 16, 2]
+    assert rows_with(options=Options(batch_chunk_size=16, chunking_method=None)) == [16, 16, 16, 2]
+    assert rows_with(options=Options(chunking_method=None)) == [50]  # one chunk, as torch
+    ratio = lce_ops.default_chunk_size(50, 8, 64)  # 8 classes per feature: 50 / 8 -> 8 rows
+    assert ratio == 8
+    assert rows_with(options=Options(chunking_method="aspect_ratio")) == [8] * 6 + [2]
+    assert rows_with(options=Options(chunking_method="aspect_ratio:2")) == [4] * 12 + [2]
+    assert rows_with(options=Options(), chunk_size=10) == [10] * 5  # "auto": chunk_size (or the default) rules
+    assert rows_with(options=Options(batch_chunk_size=10), chunk_size=10) == [10] * 5
+    with pytest.raises(ValueError, match="batch_chunk_size"):
+        rows_with(options=Options(batch_chunk_size=16, chunking_method="aspect_ratio"))
+    with pytest.raises(ValueError, match="chunk_size"):
+        rows_with(options=Options(batch_chunk_size=16), chunk_size=8)
+
+
+@needs_options
+def test_options_map_onto_acc_dtype(monkeypatch):
+    """acc_dtype is fastlm's acc_dtype (dweight's sum across chunks, "balanced"'s scratch);
+    "compact" sums dweight in the weight's dtype; "accurate" where it would differ (acc_dtype
+    not the input's) is not implemented; an explicit policy without acc_dtype takes the
+    input's dtype (torch's resolution); acc_dtype beside a disagreeing option is a ValueError."""
+    seen = []
+    real = lce_ops.resolve_acc_dtype
+    monkeypatch.setattr(lce_ops, "resolve_acc_dtype", lambda w, a: seen.append(a) or real(w, a))
+    x, w, b, t = make(n=20, h=8, v=30, dtype=torch.float16, bias=True)
+
+    def acc_with(**kwargs):
+        seen.clear()
+        fastlm.linear_cross_entropy(x, w.detach().requires_grad_(True), t, chunk_size=4, **kwargs)
+        return real(w.dtype, seen[-1])
+
+    assert acc_with() == torch.float32
+    assert acc_with(options=Options()) == torch.float32
+    assert acc_with(options=Options(acc_dtype=torch.float64)) == torch.float64
+    assert acc_with(options=Options(acc_policy="balanced", acc_dtype=torch.float64)) == torch.float64
+    assert acc_with(options=Options(acc_policy="balanced")) == torch.float16
+    assert acc_with(options=Options(acc_policy="compact", acc_dtype=torch.float32)) == torch.float16
+    assert acc_with(options=Options(acc_policy="accurate")) == torch.float16  # no difference to implement
+    assert acc_with(options=Options(acc_dtype=torch.float64), acc_dtype=torch.float64) == torch.float64
+    with pytest.raises(NotImplementedError, match="acc_policy"):
+        acc_with(options=Options(acc_policy="accurate", acc_dtype=torch.float32))
+    with pytest.raises(ValueError, match="acc_dtype"):
+        acc_with(options=Options(acc_dtype=torch.float64), acc_dtype=torch.float32)
+    xx, ww = x.float(), w.float()  # 32-bit: every policy is the same, "accurate" included
+    fastlm.linear_cross_entropy(xx, ww, t, options=Options(acc_policy="accurate"))
+    # with options, the numbers are still the loss's: float32 in, the float64 oracle out
+    check("torch", xx, ww, t, b.float(), options=Options(batch_chunk_size=7, allow_retain_graph=False))
+
+
+@needs_options
+@needs_torch_lce
+def test_options_results_match_torch_and_retain_graph_works():
+    """Same numbers as torch's chunked path with the same options; fastlm's backward keeps its
+    saved gradients, so a second backward works even with allow_retain_graph=False."""
+    x, w, b, t = make(n=33, h=8, v=40, dtype=torch.float64, bias=True)
+    cw = torch.rand(40, device=DEVICE, dtype=torch.float64) + 0.5
+    opts = Options(batch_chunk_size=8)
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    got = fastlm.linear_cross_entropy(xs, ws, t, linear_bias=b, weight=cw, options=opts)
+    g1 = torch.autograd.grad(got, [xs, ws], retain_graph=True)
+    g2 = torch.autograd.grad(got, [xs, ws])
+    xt, wt = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref = F.linear_cross_entropy(xt, wt, t, linear_bias=b, weight=cw, options=opts)
+    g_ref = torch.autograd.grad(ref, [xt, wt])
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for a, c, r in zip(g1, g2, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+        assert torch.equal(a, c)

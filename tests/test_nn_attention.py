@@ -352,3 +352,42 @@ def test_compile_fullgraph():
     g1, = torch.autograd.grad(got.sum(), x)
     g2, = torch.autograd.grad(eager.sum(), x)
     torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("masked", [False, True])
+def test_never_takes_torchs_inference_fast_path(dtype, masked, monkeypatch):
+    """torch.nn.MultiheadAttention.forward hands eval-mode, no-grad, batch-first self-attention
+    to torch._native_multi_head_attention; fastlm's forward is its own and never does, so a
+    patched model runs fastlm's attention at inference too, with torch's numbers."""
+    calls = []
+    fused = torch._native_multi_head_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_native_multi_head_attention", counted)
+    ours, theirs, oracle = make_pair(32, 4, dtype, batch_first=True)
+    for m in (ours, theirs, oracle):
+        m.eval()
+    x = torch.randn(3, 9, 32, device=DEVICE, dtype=torch.float64)
+    kpm = torch.zeros(3, 9, dtype=torch.bool, device=DEVICE)
+    if masked:
+        kpm[1, 6:] = True
+        kpm[2, 1:] = True
+    kwargs = {"key_padding_mask": kpm if masked else None, "need_weights": False}
+    xx = x.to(dtype)  # self-attention: query, key and value the same tensor
+    with torch.no_grad():
+        eager = theirs(xx, xx, xx, **kwargs)[0]
+        ref = oracle(x, x, x, **kwargs)[0]
+        assert len(calls) == 2  # the case this test is about: torch takes its fast path here
+        calls.clear()
+        for backend in BACKENDS if dtype != torch.float64 else ["torch"]:  # the kernels take no float64
+            with fastlm.use_backend(backend):
+                out = ours(xx, xx, xx, **kwargs)[0]
+            assert calls == [], backend
+            if dtype == torch.float64:
+                torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+            else:
+                assert_close(out, ref, eager)

@@ -225,11 +225,11 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     attends) with padding and sliding windows folded in; additive float masks are accepted
     too. ``softcap`` (Gemma 2) is applied to the scores. T5's ``position_bias`` is added to the
     scores as an additive mask, and gets its gradient through it when it needs one (training
-    T5's relative attention bias). Returns (out (B, L, H, D), None): attention weights are
-    never formed.
+    T5's relative attention bias). GPT-OSS's attention sinks (``s_aux``, one logit per head in
+    every row's softmax denominator) go to the kernels, with their gradient. Returns (out (B, L,
+    H, D), None): attention weights are never formed.
     """
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("fastlm attention: attention sinks (s_aux) are not supported")
+    sinks = kwargs.get("s_aux")
     if kwargs.get("output_attentions"):
         _warn_once("weights", "fastlm attention does not form attention weights; output_attentions gives None")
     softcap = float(kwargs.get("softcap") or 0.0)
@@ -252,28 +252,35 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         is_causal = False
     causal = bool(is_causal) and L > 1 and mask is None
     H, Hk = query.shape[1], key.shape[1]
+    if sinks is not None:
+        return _op_attention(query, key, value, mask, dropout, scaling, softcap, causal, sinks), None
     if mask is None:
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, L, H, D) views
         out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=scaling, causal=causal, softcap=softcap)
         return out, None
     if softcap:
-        return _masked_softcap_attention(query, key, value, mask, dropout, scaling, softcap), None
+        return _op_attention(query, key, value, mask, dropout, scaling, softcap, False, None), None
     out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                        enable_gqa=H != Hk)
     return out.transpose(1, 2), None
 
 
-def _masked_softcap_attention(query, key, value, mask, dropout, scaling, softcap) -> Tensor:
-    """A mask and soft-capping together: only the custom op takes both (its public wrappers
-    take one or the other)."""
+def _op_attention(query, key, value, mask, dropout, scaling, softcap, causal, sinks) -> Tensor:
+    """The attention op itself, for what no public wrapper takes together: a mask with soft-
+    capping, or attention sinks with a mask (or without). causal (only without a mask) is
+    aligned bottom-right, as the mask-free path's flash_attn_func."""
     from ..ops import attention as ops
     B, H, L, D = query.shape
     S = key.shape[2]
-    mask = mask.expand(B, H, L, S)
+    if mask is not None:
+        mask = mask.expand(B, H, L, S)
     seed = ops.draw_dropout_seed(query.device) if dropout > 0 else None
     scale = float(scaling) if scaling is not None else D ** -0.5
-    out, _ = torch.ops.fastlm.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, None,
-                                        None, None, seed, scale, False, -1, -1, softcap, float(dropout), 0, 0)
+    extras = () if sinks is None else (None, ops._check_sinks("attention (s_aux)", sinks, H, query)
+                                       .to(ops._lse_dtype(query)).contiguous())
+    out, _ = ops._attention_eager(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, None,
+                                  None, None, seed, scale, causal, -1, 0 if causal else -1, softcap,
+                                  float(dropout), 0, 0, *extras)
     return out
 
 
@@ -319,6 +326,8 @@ _RMS_KINDS = {
     "T5LayerNorm": ("transformers.models.t5.modeling_t5", "variance_epsilon", False, _rms_out_dtype_t5),
     "GemmaRMSNorm": ("transformers.models.gemma.modeling_gemma", "eps", True, lambda x, w: x.dtype),
     "Gemma2RMSNorm": ("transformers.models.gemma2.modeling_gemma2", "eps", True, lambda x, w: x.dtype),
+    # (weight * normed in float32).to(input dtype)
+    "GptOssRMSNorm": ("transformers.models.gpt_oss.modeling_gpt_oss", "variance_epsilon", False, lambda x, w: x.dtype),
 }
 _swap_classes: dict[type, Optional[type]] = {}
 

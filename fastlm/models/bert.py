@@ -184,8 +184,8 @@ class BertForMaskedLM(torch.nn.Module):
             picked = (flat != ignore_index).nonzero()[:, 0]
             rows = hidden[picked]  # the head runs only where there is a label
             t = self.head_norm(self.head_dense(rows))
-            out["loss"] = linear_cross_entropy(t, self.word_embeddings.weight, flat[picked], self.head_bias,
-                                               ignore_index=ignore_index)
+            out["loss"] = linear_cross_entropy(t, self.word_embeddings.weight, flat[picked],
+                                               linear_bias=self.head_bias, ignore_index=ignore_index)
         if return_logits or (return_logits is None and labels is None):
             logits = self._logits(h)  # the packed rows only
             out["logits"] = logits.new_zeros(B * L, logits.shape[-1]).index_copy(0, index, logits).view(B, L, -1)

@@ -4,6 +4,7 @@ from .attention import MultiheadAttention
 from .ffn import FeedForward, Linear
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from .norm import LayerNorm, RMSNorm
+from .transformer import TransformerEncoderLayer
 
 __all__ = ["CrossEntropyLoss", "FeedForward", "LayerNorm", "Linear", "LinearCrossEntropyLoss", "MultiheadAttention",
-           "RMSNorm"]
+           "RMSNorm", "TransformerEncoderLayer"]

@@ -14,8 +14,14 @@ Two paths, as torch has:
   attention in plain PyTorch with the weights materialised. fastlm warns once that
   need_weights=False is the fast path.
 
+torch's own forward hands eval-mode, no-grad, batch-first self-attention to a fused kernel
+(torch._native_multi_head_attention); this forward never calls torch's, so fastlm's attention
+runs in every mode. torch.nn.TransformerEncoderLayer has a fast path of its own that skips its
+self_attn altogether: fastlm.nn.TransformerEncoderLayer (which fastlm.patch swaps in) has none.
+
 Differences from torch, on purpose:
-- A query that can see no key (every key masked) gives 0 and zero gradients; torch gives NaN.
+- A query that can see no key (every key masked) gives 0 and zero gradients; torch gives NaN
+  on its need_weights=True path and its fused inference path (its SDPA path gives 0 too).
 
 ``is_causal`` follows torch's rules (issue 20): without attn_mask it raises torch's
 RuntimeError; with one, it is the hint torch takes it for (the causal rule, aligned top-left

@@ -1,8 +1,9 @@
-"""Loss modules: CrossEntropyLoss (a drop-in for torch.nn.CrossEntropyLoss) and
-LinearCrossEntropyLoss (the fused lm-head + loss)."""
+"""Loss modules: CrossEntropyLoss and LinearCrossEntropyLoss (the fused lm-head + loss), drop-ins
+for their torch.nn twins."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -35,29 +36,63 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         return ", ".join(extras)
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
-    """The loss of an lm-head without its logits: forward(input, weight, target, bias=None)
-    equals CrossEntropyLoss()(input @ weight.T + bias, target) (see fastlm.linear_cross_entropy)."""
+# torch 2.13's module; an older torch (the GPU machine's 2.11) has none, and then fastlm's
+# stands on _WeightedLoss with the same state (its __init__ below never calls torch's).
+_TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", None)
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
+
+class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or torch.nn.modules.loss._WeightedLoss):
+    """torch.nn.LinearCrossEntropyLoss (torch 2.13) on fastlm.linear_cross_entropy: the same
+    arguments, the same state (the class-weight buffer ``weight`` and the projection
+    ``linear``, a torch.nn.Linear(in_features, num_classes * prod(out_features)) stored flat
+    as torch stores it), initialisation and repr, so state_dicts load both ways; forward
+    (input, target) equals torch's without holding the logits. Plus fastlm's keyword-only
+    extras z_loss, softcap, chunk_size and acc_dtype, off by default (fastlm.patch sets them
+    so on a swapped torch module)."""
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (), bias: bool = False,
+                 device=None, dtype=None, reduction: str = "mean", weight: Optional[Tensor] = None,
+                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
                  z_loss: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
                  acc_dtype: Optional[torch.dtype] = None) -> None:
-        super().__init__()
+        # torch's checks and torch's order of construction (the same random draws for the
+        # Linear's initialisation), written out so it also runs where torch lacks the class.
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+        torch.nn.modules.loss._WeightedLoss.__init__(self, weight=weight, size_average=None, reduce=None,
+                                                     reduction=reduction)
+        self.num_classes = num_classes
+        self.out_features = out_features
         self.ignore_index = ignore_index
-        self.reduction = reduction
         self.label_smoothing = label_smoothing
+        self.linear = torch.nn.Linear(in_features, math.prod(out_features, start=num_classes), bias=bias,
+                                      device=device, dtype=dtype)
+        self.options = options
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
         self.acc_dtype = acc_dtype  # the weight gradient's accumulator (None: float32 for 16-bit weights)
 
-    def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        return linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
-                                    reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                    z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size,
-                                    acc_dtype=self.acc_dtype)
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        linear = self.linear
+        linear_weight = linear.weight.reshape((self.num_classes, *self.out_features, linear.in_features))
+        linear_bias = linear.bias.reshape((self.num_classes, *self.out_features)) if linear.bias is not None else None
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+                                    reduction=self.reduction, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, options=self.options, z_loss=self.z_loss,
+                                    softcap=self.softcap, chunk_size=self.chunk_size, acc_dtype=self.acc_dtype)
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
-                f"chunk_size={self.chunk_size}, acc_dtype={self.acc_dtype}")
+        text = (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, options={self.options}")
+        extras = [f"{name}={getattr(self, name)}" for name, off in _LCE_EXTRAS.items() if getattr(self, name) != off]
+        return ", ".join([text] + extras)
+
+
+# fastlm's extras and their "off" values: what fastlm.patch sets on a swapped torch module,
+# and what the repr leaves out (so an unconfigured module prints as torch's does).
+_LCE_EXTRAS = {"z_loss": 0.0, "softcap": None, "chunk_size": None, "acc_dtype": None}

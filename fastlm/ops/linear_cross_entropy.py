@@ -21,10 +21,15 @@ matmuls in all, as the unfused path), and the backward only scales them. With "n
 upstream gradient is per row and unknown at the forward: the backward recomputes each chunk's
 logits (one matmul more) and scales rows as it goes.
 
-    fastlm::linear_cross_entropy(x, weight, target, bias?, ..., reduction, compute_grads, acc_dtype?)
-        -> (loss, dx, dweight, dbias)     (grads empty unless compute_grads)
-    fastlm::linear_cross_entropy_bwd(dloss, x, weight, target, bias?, ..., backend, acc_dtype?)
+    fastlm::linear_cross_entropy(x, weight, target, bias?, class_weight?, ..., reduction, compute_grads,
+                                 acc_dtype?) -> (loss, dx, dweight, dbias)  (grads empty unless compute_grads)
+    fastlm::linear_cross_entropy_bwd(dloss, x, weight, target, bias?, class_weight?, ..., backend, acc_dtype?)
         -> (dx, dweight, dbias)
+
+(Inside the ops ``weight`` is the projection, torch's ``linear_weight``, and ``class_weight``
+torch's ``weight``, the per-class rescaling: each row's loss and gradient are scaled by
+w[target] by the cross-entropy kernels, and "mean" divides by the summed w of the counted
+targets, torch's weighted mean.)
 
 On the "torch" backend (the CPU path) a call without z_loss or softcap whose logits fit in one
 chunk (or are small: at most _SMALL_LOGITS elements, when chunk_size is not given) is
@@ -121,16 +126,16 @@ def _accumulate_grads(d: Tensor, x_chunk: Tensor, weight: Tensor, dx_chunk: Tens
 
 @no_autocast
 def _linear_cross_entropy_body(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-                               ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
-                               chunk_size: int, reduction: int, compute_grads: bool,
+                               class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                               z_loss: float, softcap: float, chunk_size: int, reduction: int, compute_grads: bool,
                                acc_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_targets_in_range("linear_cross_entropy", target, weight.shape[0], ignore_index)
-    backend = pick_backend("linear_cross_entropy", x, None)
+    backend = pick_backend("linear_cross_entropy", x, class_weight)
     n = x.shape[0]
     loss_rows = torch.empty(n, dtype=_row_dtype(x), device=x.device)
     empty = x.new_empty(0)
     dx, dweight, dbias = empty, empty.clone(), empty.clone()
-    divisor = mean_divisor(target, None, ignore_index, n) if reduction == 2 else None
+    divisor = mean_divisor(target, class_weight, ignore_index, n) if reduction == 2 else None
     if compute_grads:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         dweight = torch.zeros(weight.shape, dtype=resolve_acc_dtype(weight.dtype, acc_dtype), device=x.device)
@@ -142,14 +147,14 @@ def _linear_cross_entropy_body(x: Tensor, weight: Tensor, target: Tensor, bias: 
         x_chunk, t_chunk = x[start:end], target[start:end]
         logits = _logits(x_chunk, weight, bias)
         if compute_grads:  # the loss and its gradient (over the logits, in place) in one launch
-            loss, _, _, d = rows_fwd_bwd(backend, scale.expand(end - start), logits, t_chunk, None, ignore_index,
-                                         label_smoothing, z_loss, softcap, out=logits)
+            loss, _, _, d = rows_fwd_bwd(backend, scale.expand(end - start), logits, t_chunk, class_weight,
+                                         ignore_index, label_smoothing, z_loss, softcap, out=logits)
             loss_rows[start:end] = loss
             _accumulate_grads(d, x_chunk, weight, dx[start:end], dweight,
                               dbias if bias is not None else None)
         else:
-            loss_rows[start:end] = rows_fwd(backend, logits, t_chunk, None, ignore_index, label_smoothing, z_loss,
-                                            softcap)[0]
+            loss_rows[start:end] = rows_fwd(backend, logits, t_chunk, class_weight, ignore_index, label_smoothing,
+                                            z_loss, softcap)[0]
     if reduction == 0:
         loss_out = loss_rows
     else:
@@ -168,7 +173,7 @@ _linear_cross_entropy = torch.library.custom_op("fastlm::linear_cross_entropy",
 
 
 @_linear_cross_entropy.register_fake
-def _(x, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size, reduction,
+def _(x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size, reduction,
       compute_grads, acc_dtype=None):
     loss = x.new_empty(x.shape[0] if reduction == 0 else (), dtype=_row_dtype(x))
     if not compute_grads:
@@ -180,19 +185,21 @@ def _(x, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, c
 
 @no_autocast
 def _linear_cross_entropy_bwd_body(dloss: Tensor, x: Tensor, weight: Tensor, target: Tensor,
-                                   bias: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
-                                   softcap: float, chunk_size: int, backend: str,
+                                   bias: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: int,
+                                   label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+                                   backend: str,
                                    acc_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
-    chosen = pick_backend("linear_cross_entropy", x, None, backend)
+    chosen = pick_backend("linear_cross_entropy", x, class_weight, backend)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dweight = torch.zeros(weight.shape, dtype=resolve_acc_dtype(weight.dtype, acc_dtype), device=x.device)
     dbias = torch.zeros(weight.shape[0], dtype=_row_dtype(x), device=x.device) if bias is not None else None
     for start, end in _chunks(x.shape[0], chunk_size):
         x_chunk, t_chunk = x[start:end], target[start:end]
         logits = _logits(x_chunk, weight, bias)
-        _, lse, coef = rows_fwd(chosen, logits, t_chunk, None, ignore_index, label_smoothing, z_loss, softcap)
-        d = rows_bwd(chosen, dloss[start:end], logits, t_chunk, None, lse, coef, ignore_index, label_smoothing,
-                     softcap, out=logits)
+        _, lse, coef = rows_fwd(chosen, logits, t_chunk, class_weight, ignore_index, label_smoothing, z_loss,
+                                softcap)
+        d = rows_bwd(chosen, dloss[start:end], logits, t_chunk, class_weight, lse, coef, ignore_index,
+                     label_smoothing, softcap, out=logits)
         _accumulate_grads(d, x_chunk, weight, dx[start:end], dweight, dbias)
     return dx, dweight.to(weight.dtype), (dbias.to(bias.dtype) if bias is not None else x.new_empty(0))
 
@@ -202,15 +209,15 @@ _linear_cross_entropy_bwd = torch.library.custom_op("fastlm::linear_cross_entrop
 
 
 @_linear_cross_entropy_bwd.register_fake
-def _(dloss, x, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend,
-      acc_dtype=None):
+def _(dloss, x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+      backend, acc_dtype=None):
     dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format), dbias)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size, reduction, \
+    x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size, reduction, \
         compute_grads, acc_dtype = inputs
     _, dx, dweight, dbias = output
     ctx.precomputed = compute_grads
@@ -218,7 +225,7 @@ def _setup_context(ctx, inputs, output):
     if compute_grads:
         ctx.save_for_backward(dx, dweight, dbias)
     else:
-        ctx.save_for_backward(x, weight, target, bias)
+        ctx.save_for_backward(x, weight, target, bias, class_weight)
         ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
         ctx.reduction = reduction
         ctx.backend = get_backend()
@@ -232,15 +239,16 @@ def _backward_with(linear_cross_entropy_bwd):
             dx, dweight = dx * dloss.to(dx.dtype), dweight * dloss.to(dweight.dtype)
             dbias = dbias * dloss.to(dbias.dtype) if ctx.has_bias else None
         else:
-            x, weight, target, bias = ctx.saved_tensors
+            x, weight, target, bias, class_weight = ctx.saved_tensors
             if ctx.reduction != 0:  # a scalar loss whose gradients were not formed in the forward
                 if ctx.reduction == 2:
-                    dloss = dloss / mean_divisor(target, None, ctx.options[0], x.shape[0])
+                    dloss = dloss / mean_divisor(target, class_weight, ctx.options[0], x.shape[0])
                 dloss = dloss.expand(x.shape[0])
-            dx, dweight, dbias = linear_cross_entropy_bwd(dloss, x, weight, target, bias, *ctx.options, ctx.backend,
-                                                          ctx.acc_dtype)
+            dx, dweight, dbias = linear_cross_entropy_bwd(dloss, x, weight, target, bias, class_weight, *ctx.options,
+                                                          ctx.backend, ctx.acc_dtype)
             dbias = dbias if ctx.has_bias else None
-        return dx, dweight, None, dbias, None, None, None, None, None, None, None, None
+        # No gradient for the class weights: torch has none either (nll_loss's weight is not differentiable).
+        return dx, dweight, None, dbias, None, None, None, None, None, None, None, None, None
     return backward
 
 
@@ -250,65 +258,193 @@ _linear_cross_entropy_eager = EagerTwin(_linear_cross_entropy, _linear_cross_ent
                                         _backward_with(_linear_cross_entropy_bwd_body), name="linear_cross_entropy")
 
 
-def _check_args(input, weight, target, bias):
+# torch 2.13's options dataclass; older torch (the GPU machine's 2.11) has none, and then
+# options must be None.
+_Options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+
+
+def _check_args(input, linear_weight, target, linear_bias, weight):
+    """Shapes as torch 2.13's F.linear_cross_entropy takes them, with fastlm's one extension:
+    input may have any number of batch dims (..., H), not only (H,) or (N, H). Returns
+    (out_features, probabilities): the K trailing dims of a K-dimensional loss and whether
+    the target holds class probabilities (a floating dtype) rather than indices."""
     fn = "linear_cross_entropy"
-    for name, t in (("input", input), ("weight", weight), ("target", target)):
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"fastlm.{fn}: input must be floating point, got dtype {input.dtype}")
     if input.dim() < 1:
         raise ValueError(f"fastlm.{fn}: input must be (N, H) (or (..., H)), got a 0-d tensor")
-    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"fastlm.{fn}: weight must be (V, H) with H = input.shape[-1] = {input.shape[-1]}, "
-                         f"got shape {list(weight.shape)}")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"fastlm.{fn}: weight has dtype {weight.dtype} but input has {input.dtype}; they must match")
-    if weight.device != input.device:
-        raise ValueError(f"fastlm.{fn}: weight is on {weight.device} but input is on {input.device}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"fastlm.{fn}: target must hold class indices (int64 or int32), got dtype {target.dtype}")
-    if target.shape != input.shape[:-1]:
-        raise ValueError(f"fastlm.{fn}: target must have shape {list(input.shape[:-1])} (input without its last "
-                         f"dim), got {list(target.shape)}")
+    if linear_weight.dim() < 2 or linear_weight.shape[-1] != input.shape[-1]:
+        raise ValueError(f"fastlm.{fn}: linear_weight must be (C, H) (or (C, d1, ..., dK, H)) with H = "
+                         f"input.shape[-1] = {input.shape[-1]}, got shape {list(linear_weight.shape)}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"fastlm.{fn}: linear_weight has dtype {linear_weight.dtype} but input has {input.dtype}; "
+                        f"they must match")
+    if linear_weight.device != input.device:
+        raise ValueError(f"fastlm.{fn}: linear_weight is on {linear_weight.device} but input is on {input.device}")
+    classes, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    batch = tuple(input.shape[:-1])
+    if out_features and not batch:
+        raise ValueError(f"fastlm.{fn}: a K-dimensional loss (linear_weight of shape {list(linear_weight.shape)}) "
+                         f"needs batched input (N, {input.shape[-1]}), got shape {list(input.shape)}")
+    probabilities = target.is_floating_point()
+    if probabilities:
+        expected = batch + (classes,) + out_features
+        if target.shape != expected:
+            raise ValueError(f"fastlm.{fn}: probability targets must have the logits' shape {list(expected)}, "
+                             f"got {list(target.shape)}")
+    elif target.dtype in (torch.int64, torch.int32):
+        if target.shape != batch + out_features:
+            raise ValueError(f"fastlm.{fn}: target must have shape {list(batch + out_features)} (input without "
+                             f"its last dim, then linear_weight's dims between C and H), got {list(target.shape)}")
+    else:
+        raise TypeError(f"fastlm.{fn}: target must hold class indices (int64 or int32) or class probabilities "
+                        f"(floating point), got dtype {target.dtype}")
     if target.device != input.device:
         raise ValueError(f"fastlm.{fn}: target is on {target.device} but input is on {input.device}")
-    if bias is not None:
-        if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],):
-            raise ValueError(f"fastlm.{fn}: bias must be a Tensor of shape [{weight.shape[0]}] or None")
-        if bias.dtype != input.dtype:
-            raise TypeError(f"fastlm.{fn}: bias has dtype {bias.dtype} but input has {input.dtype}; they must match")
-        if bias.device != input.device:
-            raise ValueError(f"fastlm.{fn}: bias is on {bias.device} but input is on {input.device}")
+    if linear_bias is not None:
+        if not isinstance(linear_bias, Tensor) or linear_bias.shape != linear_weight.shape[:-1]:
+            raise ValueError(f"fastlm.{fn}: linear_bias must be a Tensor of shape {list(linear_weight.shape[:-1])} "
+                             f"or None")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"fastlm.{fn}: linear_bias has dtype {linear_bias.dtype} but input has {input.dtype}; "
+                            f"they must match")
+        if linear_bias.device != input.device:
+            raise ValueError(f"fastlm.{fn}: linear_bias is on {linear_bias.device} but input is on {input.device}")
+    if weight is not None:
+        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+            raise TypeError(f"fastlm.{fn}: weight (the class weights) must be a floating-point Tensor or None")
+        if weight.shape != (classes,):
+            raise ValueError(f"fastlm.{fn}: weight (the class weights) must have shape [{classes}], one per class, "
+                             f"got {list(weight.shape)}")
+        if weight.device != input.device:
+            raise ValueError(f"fastlm.{fn}: weight is on {weight.device} but input is on {input.device}")
+    return out_features, probabilities
+
+
+def _from_options(options, n: int, hidden: int, vocab: int, dtype: torch.dtype, chunk_size: Optional[int],
+                  acc_dtype: Optional[torch.dtype]) -> tuple[Optional[int], Optional[torch.dtype]]:
+    """torch 2.13's LinearCrossEntropyOptions on fastlm's knobs: (chunk_size, acc_dtype).
+
+    - batch_chunk_size / chunking_method -> chunk_size. "aspect_ratio" is fastlm's own default
+      rule (default_chunk_size: a logits chunk the size of the input), "aspect_ratio:N" that
+      divided by N; "auto" leaves fastlm's default (the CPU floor included); None takes
+      batch_chunk_size (None: one chunk). The two given and disagreeing is torch's ValueError.
+    - acc_dtype -> acc_dtype, the dtype dweight is summed in across chunks: what torch's
+      "balanced" policy keeps in acc_dtype (a (V, H) scratch). fastlm's kernels form the
+      per-chunk softmax and its gradient in float32 whatever the policy. An explicit policy
+      without acc_dtype resolves to the input's dtype, as in torch; "auto" to fastlm's default
+      (float32 for 16-bit inputs, torch's "auto" pick too).
+    - acc_policy "auto" and "balanced" are fastlm's scheme; "compact" (no scratch) sums dweight
+      in the weight's dtype, per chunk; "accurate" (the logits and the input gradient in
+      acc_dtype too) is not implemented where it differs, i.e. where acc_dtype is not the
+      input's dtype: NotImplementedError.
+    - allow_retain_graph: honoured always; fastlm's backward scales saved gradients without
+      consuming them, so a second backward works whatever the flag.
+    A chunk_size or acc_dtype given beside options must agree with them (ValueError)."""
+    fn = "fastlm.linear_cross_entropy"
+    if _Options is None or not isinstance(options, _Options):
+        raise TypeError(f"{fn}: options must be None or a torch.nn.LinearCrossEntropyOptions, got "
+                        f"{type(options).__name__}")
+    size, method = options.batch_chunk_size, options.chunking_method
+    if method == "auto" and size is not None:  # torch's rule: an explicit size turns the heuristic off
+        method = None
+    if method == "auto":
+        mapped_chunk = None
+    elif method is None:
+        mapped_chunk = max(1, min(size, n)) if size is not None else max(n, 1)
+    else:
+        factor = int(method.partition(":")[2] or 1)  # validated by the dataclass
+        mapped_chunk = max(1, min(default_chunk_size(n, hidden, vocab) // factor, n))
+        if size is not None and size != mapped_chunk:
+            raise ValueError(f"{fn}: options.batch_chunk_size (={size}) and options.chunking_method ({method!r}) "
+                             f"give different chunk sizes ({size} vs {mapped_chunk}); pass only one")
+    if chunk_size is not None and mapped_chunk is not None and chunk_size != mapped_chunk:
+        raise ValueError(f"{fn}: chunk_size={chunk_size} disagrees with options' chunking ({mapped_chunk} rows); "
+                         f"pass one of them")
+    policy = options.acc_policy
+    acc = options.acc_dtype if options.acc_dtype is not None or policy == "auto" else dtype
+    if policy == "accurate" and acc is not None and acc != dtype:
+        raise NotImplementedError(f"{fn}: options.acc_policy='accurate' (the logits and input gradient kept in "
+                                  f"acc_dtype={acc}) is not implemented; fastlm's scheme is 'balanced' (dweight "
+                                  f"summed in acc_dtype, the softmax in float32)")
+    if policy == "compact":
+        acc = dtype  # no (V, H) scratch: each chunk's product is added into dweight in its own dtype
+    if acc is not None and acc_dtype is not None and acc != acc_dtype:
+        raise ValueError(f"{fn}: acc_dtype={acc_dtype} disagrees with options (acc_policy={policy!r}, "
+                         f"acc_dtype={options.acc_dtype}: {acc}); pass one of them")
+    if acc is not None and acc_dtype is None and acc == resolve_acc_dtype(dtype, None):
+        acc = None  # fastlm's default: keeps the unfused small-logits path open
+    return (chunk_size if mapped_chunk is None else mapped_chunk), (acc_dtype if acc is None else acc)
 
 
 @no_autocast
-def _native(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int, reduction: str,
-            label_smoothing: float) -> Optional[Tensor]:
+def _native(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], class_weight: Optional[Tensor],
+            ignore_index: int, reduction: str, label_smoothing: float) -> Optional[Tensor]:
     """The unfused path for logits that fit in one chunk: F.linear, then fastlm.cross_entropy's
     native path (torch's F.cross_entropy with fastlm's semantics), autocast off as in the op."""
-    return _ce._native(F.linear(x, weight, bias), target, None, ignore_index, reduction, label_smoothing,
+    return _ce._native(F.linear(x, weight, bias), target, class_weight, ignore_index, reduction, label_smoothing,
                        weight.shape[0], x.device.type == "cpu", "linear_cross_entropy")
 
 
-def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
-                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
-                         z_loss: float = 0.0, softcap: Optional[float] = None,
-                         chunk_size: Optional[int] = None, acc_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """cross_entropy(input @ weight.T + bias, target, ...) without materialising the logits.
+def _unfused(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor],
+             weight: Optional[Tensor], reduction: str, ignore_index: int, label_smoothing: float, z_loss: float,
+             softcap: Optional[float], probabilities: bool) -> Tensor:
+    """A K-dimensional loss or probability targets: the logits whole, then fastlm.cross_entropy
+    (as torch 2.13 does: its chunked path also forms these unfused). The logits are
+    (N, C, d1, ..., dK), the class dim second, as cross_entropy takes them."""
+    hidden, classes = input.shape[-1], linear_weight.shape[0]
+    out_features = tuple(linear_weight.shape[1:-1])
+    batch = input.shape[:-1]
+    x = input.reshape(-1, hidden)
+    n = x.shape[0]
+    logits = F.linear(x, linear_weight.reshape(-1, hidden),
+                      linear_bias.reshape(-1) if linear_bias is not None else None)
+    logits = logits.reshape((n, classes) + out_features)
+    tgt = target.reshape((n, classes) + out_features if probabilities else (n,) + out_features)
+    loss = _ce.cross_entropy(logits, tgt, weight, ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    return loss.reshape(tuple(batch) + out_features) if reduction == "none" else loss
 
-    input (N, H) or (..., H); weight (V, H) as nn.Linear stores it; target (N,) or (...,)
-    class indices; bias (V,) or None. Options as fastlm.cross_entropy (no class weights).
-    chunk_size: tokens per chunk (default: chunk logits about the size of the input).
-    Gradients flow to input, weight and bias. acc_dtype: the dtype dweight accumulates in
-    across chunks (torch 2.13's name for it; float16, bfloat16, float32 or float64), cast
-    to the weight's dtype once at the end; default float32 for 16-bit weights, else the
-    weight's dtype. (A float32 sum holds 4 bytes per weight element while the op runs;
-    acc_dtype=weight.dtype saves that and rounds the sum once per chunk, as before.)
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                         reduction: str = "mean", ignore_index: Optional[int] = None, label_smoothing: float = 0.0,
+                         options=None, z_loss: float = 0.0, softcap: Optional[float] = None,
+                         chunk_size: Optional[int] = None, acc_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """torch.nn.functional.linear_cross_entropy (torch 2.13: its arguments, names and defaults)
+    without materialising the logits: cross_entropy(linear(input, linear_weight, linear_bias),
+    target, weight, ...), plus fastlm's keyword-only z_loss, softcap, chunk_size, acc_dtype.
+
+    input (N, H), (H,) or (..., H) (more batch dims than torch takes); linear_weight (C, H)
+    as nn.Linear stores it, or (C, d1, ..., dK, H) for a K-dimensional loss; target class
+    indices (int64/int32) of shape input.shape[:-1] (+ (d1, ..., dK)) or class probabilities
+    of the logits' shape; linear_bias linear_weight.shape[:-1] or None; weight the class
+    weights (C,) ("mean" divides by the summed weights of the counted targets, as torch).
+    ignore_index None is torch's: -100 for class indices, and no ignoring allowed with
+    probabilities. options (torch's LinearCrossEntropyOptions) maps onto chunk_size and
+    acc_dtype (see _from_options); fastlm chunks whether or not it is given.
+
+    Class indices with a (C, H) weight take the fused path: gradients flow to input,
+    linear_weight and linear_bias, chunk by chunk (chunk_size tokens; default a chunk of
+    logits about the size of the input). acc_dtype: the dtype dweight accumulates in across
+    chunks (float16, bfloat16, float32 or float64), cast to the weight's dtype once at the
+    end; default float32 for 16-bit weights, else the weight's dtype. (A float32 sum holds 4
+    bytes per weight element while the op runs; acc_dtype=weight.dtype saves that and rounds
+    the sum once per chunk.) A K-dimensional loss or probability targets form the logits
+    whole (torch's chunked path falls back there too). Differences from torch, as in
+    fastlm.cross_entropy: "mean" over no counted target gives 0 (torch: NaN); a class index
+    out of range raises ValueError on CPU, NaN for that row on CUDA.
     """
     if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
-        input, weight, bias = autocast_inputs(input, weight, bias)
-    _check_args(input, weight, target, bias)
+        input, linear_weight, linear_bias = autocast_inputs(input, linear_weight, linear_bias)
+    out_features, probabilities = _check_args(input, linear_weight, target, linear_bias, weight)
+    if probabilities and ignore_index is not None:
+        raise _ce._ProbabilityTargetIgnoreIndexError("fastlm.linear_cross_entropy: ignore_index cannot be "
+                                                     "specified when target contains probabilities (as in torch)")
+    ignore_index = -100 if ignore_index is None else ignore_index
     label_smoothing, z_loss, softcap = check_loss_options("linear_cross_entropy", ignore_index, reduction,
                                                           label_smoothing, z_loss, softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -318,12 +454,17 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
         raise TypeError(f"fastlm.linear_cross_entropy: acc_dtype must be None or one of "
                         f"{[str(d) for d in _ACC_DTYPES]}, got {acc_dtype!r}")
     x = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+    n, vocab = x.shape[0], linear_weight.shape[0]
+    if options is not None:
+        chunk_size, acc_dtype = _from_options(options, n, x.shape[1], vocab, input.dtype, chunk_size, acc_dtype)
+    if out_features or probabilities:
+        return _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                        label_smoothing, z_loss, softcap or None, probabilities)
     t = target if target.dim() == 1 else target.reshape(-1)
-    n, vocab = x.shape[0], weight.shape[0]
     if z_loss == 0.0 and softcap == 0.0 and acc_dtype is None and not compiling() \
             and native_backend(input.device.type) \
             and (n <= chunk_size if chunk_size is not None else n * vocab <= _SMALL_LOGITS):
-        loss = _native(x, weight, t, bias, ignore_index, reduction, label_smoothing)
+        loss = _native(x, linear_weight, t, linear_bias, weight, ignore_index, reduction, label_smoothing)
         if loss is not None:
             return loss.reshape(target.shape) if reduction == "none" else loss
     chunk = chunk_size or default_chunk_size(n, x.shape[1], vocab)
@@ -335,10 +476,11 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
         chunk = max(chunk, min(n, _CPU_MIN_CHUNK))
     code = _REDUCTION_CODES[reduction]
     wants_grad = torch.is_grad_enabled() and any(
-        v is not None and v.requires_grad for v in (input, weight, bias))
-    loss, _, _, _ = _linear_cross_entropy_eager(x, weight, t, bias, ignore_index, label_smoothing, z_loss, softcap,
-                                          chunk, code, wants_grad and code != 0,
-                                          resolve_acc_dtype(weight.dtype, acc_dtype))
+        v is not None and v.requires_grad for v in (input, linear_weight, linear_bias))
+    loss, _, _, _ = _linear_cross_entropy_eager(x, linear_weight, t, linear_bias, weight, ignore_index,
+                                                label_smoothing, z_loss, softcap, chunk, code,
+                                                wants_grad and code != 0,
+                                                resolve_acc_dtype(linear_weight.dtype, acc_dtype))
     if code == 0:
         loss = loss.reshape(target.shape)
     return loss.to(input.dtype)
