@@ -177,22 +177,55 @@ _VARYING = ["L", "S", "TOTAL_Q", "TOTAL_K", "stride_lb", "stride_lh",
             "stride_mb", "stride_mh", "stride_mm"]
 
 
-@triton.jit(do_not_specialize=_VARYING)
+@triton.jit
+def _kv_rows(BT, keys, ok, PAGE, MAX_PAGES, NUM_PAGES, k_ptr, v_ptr, stride_kb, stride_kn, stride_vb, stride_vn,
+             PAGED: tl.constexpr):
+    """Addresses of the rows of keys ``keys`` (a vector of key rows: the sequence's first row
+    plus the key's index; ``ok`` where they exist) in K and V. Plain: row ``keys`` (k_ptr,
+    v_ptr point at this batch's row 0). Paged (flash-attn's block_table): key j lives in page
+    BT[j // PAGE], row j % PAGE; the table index and the page are clamped to the table and the
+    cache (a bad table gives wrong keys, never an access outside them)."""
+    if PAGED:
+        slot = tl.minimum(keys // PAGE, MAX_PAGES - 1)
+        page = tl.load(BT + slot, mask=ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)
+        row = (keys % PAGE).to(tl.int64)
+        return k_ptr + page * stride_kb + row * stride_kn, v_ptr + page * stride_vb + row * stride_vn
+    return k_ptr + keys.to(tl.int64) * stride_kn, v_ptr + keys.to(tl.int64) * stride_vn
+
+
+@triton.jit(do_not_specialize=_VARYING + ["PAGE", "MAX_PAGES", "NUM_PAGES", "N_SPLITS", "stride_btb",
+                                          "stride_os", "stride_ls"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, M, CU_Q, CU_K, SEQUSED_K, SEED, SLOPES, SINKS,
+    Q, K, V, O, LSE, M, CU_Q, CU_K, SEQUSED_K, SEED, SLOPES, SINKS, BLOCK_TABLE, LEFTPAD_K,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn, stride_ab, stride_ah,
+    stride_btb, stride_os, stride_ls,
     H, GROUP, L, S, TOTAL_Q, TOTAL_K, D, DV, scale, softcap, window_left, window_right, dropout_p,
+    PAGE, MAX_PAGES, NUM_PAGES, N_SPLITS,
     VARLEN: tl.constexpr, SEQUSED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
+    PAGED: tl.constexpr, LEFTPAD: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """The forward; for inference also (flash_attn_with_kvcache, paged varlen) a paged cache
+    (PAGED: keys through BLOCK_TABLE, see _kv_rows), keys starting at LEFTPAD_K[b] (LEFTPAD:
+    the length is then SEQUSED_K[b] - LEFTPAD_K[b], key 0 the first one after the padding) and
+    split-KV (SPLIT: program_id(1) of N_SPLITS takes its share of the key blocks and writes a
+    float32 partial output and its lse, -inf where it saw no key, into slice program_id(1) of
+    O and LSE; _attn_combine_kernel merges them)."""
     pid_m, b, h = _tile(L, H, BLOCK_M)
     q_start, len_q, k_start, len_k = _seq_bounds(b, CU_Q, CU_K, SEQUSED_K, L, S, TOTAL_Q, TOTAL_K, VARLEN, SEQUSED)
+    if PAGED:
+        k_start = k_start * 0  # cu_seqlens_k only gives lengths: every sequence has its own pages
+    if LEFTPAD:
+        pad = tl.minimum(tl.maximum(tl.load(LEFTPAD_K + b), 0), len_k)
+        k_start = k_start + pad
+        len_k = len_k - pad
     m0 = pid_m * BLOCK_M
     if m0 >= len_q:
         return
@@ -203,8 +236,14 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
-    k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kn
-    v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vn
+    # Keys are addressed from the start of this batch's rows (k_start + j: _kv_rows), or of
+    # the cache's pages.
+    k_ptr = K + hk.to(tl.int64) * stride_kh
+    v_ptr = V + hk.to(tl.int64) * stride_vh
+    if not PAGED:
+        k_ptr += b.to(tl.int64) * stride_kb
+        v_ptr += b.to(tl.int64) * stride_vb
+    bt_ptr = BLOCK_TABLE + b.to(tl.int64) * stride_btb
     m_ptr = M + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < D), other=0.0)
@@ -215,9 +254,21 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lo, hi = _key_range(m0, m0 + BLOCK_M - 1, len_k, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    o_base = O
+    lse_base = LSE
+    if SPLIT:
+        # This split's share: whole key blocks, so every block boundary stays a BLOCK_N multiple.
+        split = tl.program_id(1)
+        per = tl.cdiv(tl.cdiv(len_k, BLOCK_N), N_SPLITS) * BLOCK_N
+        lo = tl.maximum(lo, split * per)
+        hi = tl.minimum(hi, (split + 1) * per)
+        o_base = O + split.to(tl.int64) * stride_os
+        lse_base = LSE + split.to(tl.int64) * stride_ls
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + offs_n0
-        k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+        k_rows, v_rows = _kv_rows(bt_ptr, k_start + offs_n, offs_n < len_k, PAGE, MAX_PAGES, NUM_PAGES, k_ptr, v_ptr,
+                                  stride_kb, stride_kn, stride_vb, stride_vn, PAGED)
+        k = tl.load(k_rows[:, None] + offs_d[None, :] * stride_kd,
                     mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
         s, _ = _scores(q, k, offs_m[:, None], offs_n[None, :], len_q, len_k, shift, window_left, window_right,
                        scale, softcap, slope, m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE,
@@ -233,7 +284,7 @@ def _attn_fwd_kernel(
         if DROPOUT:
             keep = _keep(seed, b, h, offs_m[:, None], offs_n[None, :], H, L, S, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+        v = tl.load(v_rows[:, None] + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
         if IEEE:
             acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -258,13 +309,64 @@ def _attn_fwd_kernel(
     # +inf score (l_i NaN from inf - inf) has torch's logsumexp +inf and a NaN output.
     seen = l_i != 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    # Unseen rows: lse +inf (the backward's exp(s - lse) is 0), or -inf in a split's partial
+    # (the combine weighs it exp(-inf) = 0).
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   -float("inf") if SPLIT else float("inf"))
     lse = tl.where(m_i == float("inf"), float("inf"), lse)
-    o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_om
+    o_ptr = o_base + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_om
     tl.store(o_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_dv[None, :] < DV))
-    tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m, lse,
+    tl.store(lse_base + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m, lse,
              mask=offs_m < len_q)
+
+
+@triton.jit(do_not_specialize=["L", "TOTAL_Q", "N_SPLITS", "stride_lb", "stride_lh", "stride_os", "stride_ls",
+                               "stride_clb", "stride_clh"])
+def _attn_combine_kernel(
+    OP, LSEP, O, LSE, SINKS, CU_Q,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_pb, stride_pm, stride_ph, stride_pd,
+    stride_lb, stride_lh, stride_clb, stride_clh, stride_os, stride_ls,
+    H, L, TOTAL_Q, DV, N_SPLITS,
+    VARLEN: tl.constexpr, SINK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Split-KV's merge: lse = log sum_s exp(lse_s) (and the sink), out = sum_s exp(lse_s - lse)
+    out_s, from the float32 partials OP (N_SPLITS, like the output) and LSEP (N_SPLITS, like
+    the lse; strides stride_lb/lh there, stride_clb/clh in LSE). A row no split saw: out 0,
+    lse +inf (the sink's logit with sinks), as the one-pass kernel."""
+    pid_m, b, h = _tile(L, H, BLOCK_M)
+    q_start, len_q, _, _ = _seq_bounds(b, CU_Q, CU_Q, CU_Q, L, L, TOTAL_Q, TOTAL_Q, VARLEN, False)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < len_q
+    lp = LSEP + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
+    m = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    for sp in range(0, N_SPLITS):
+        m = tl.maximum(m, tl.load(lp + sp * stride_ls, mask=row_ok, other=-float("inf")))
+    if SINK:
+        m = tl.maximum(m, tl.load(SINKS + h).to(tl.float32))
+    m_safe = tl.where(m == -float("inf"), 0.0, m)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    op = OP + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + q_start * stride_pm
+    mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    for sp in range(0, N_SPLITS):
+        w = tl.exp(tl.load(lp + sp * stride_ls, mask=row_ok, other=-float("inf")) - m_safe)
+        part = tl.load(op + sp * stride_os + offs_m[:, None].to(tl.int64) * stride_pm + offs_dv[None, :] * stride_pd,
+                       mask=mask, other=0.0)
+        total += w
+        acc += w[:, None] * part
+    if SINK:
+        total += tl.exp(tl.load(SINKS + h).to(tl.float32) - m_safe)
+    seen = total != 0.0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("inf"))
+    lse = tl.where(m == float("inf"), float("inf"), lse)
+    o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_om
+    tl.store(o_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=mask)
+    tl.store(LSE + b.to(tl.int64) * stride_clb + h.to(tl.int64) * stride_clh + q_start + offs_m, lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["L", "TOTAL_Q", "stride_lb", "stride_lh"])
@@ -680,11 +782,24 @@ def _dummy(device):
 
 def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, window_right: int, softcap: float,
                   mask, dropout_p: float, seed, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
-                  max_seqlen_q: int = 0, max_seqlen_k: int = 0, alibi=None, sinks=None):
+                  max_seqlen_q: int = 0, max_seqlen_k: int = 0, alibi=None, sinks=None, block_table=None,
+                  leftpad=None, num_splits: int = 1):
     """Returns (out (like q, with v's head dim), lse float32 (B, H, L) or (H, total)).
     alibi: float32 slopes (H,) or (B, H); sinks: (H,) logits in the softmax's denominator (the
-    lse includes them)."""
+    lse includes them). Inference only (no backward takes these): block_table (B, max pages)
+    int32 with k and v (num pages, page size, Hk, D); leftpad (B,) int32, keys starting there;
+    num_splits > 1 splits each row's keys over that many programs (then merged)."""
     p = Problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+    page = num_pages = max_pages = 1
+    if block_table is not None:
+        page, num_pages, max_pages = k.shape[1], k.shape[0], block_table.shape[1]
+        if p.varlen:  # packed queries, but the keys are (pages, page size, Hk, D)
+            p.HK, p.DV = k.shape[2], v.shape[3]
+            p.group = p.H // p.HK
+            out = empty(q.shape[:-1] + (p.DV,), q.dtype, q.device)
+        else:
+            p.S = max_pages * page
+        p.total_k = 2 ** 31 - 1  # the lengths are clamped to S and the pages to the cache instead
     out = empty(q.shape[:-1] + (p.DV,), q.dtype, q.device)
     lse = p.new_lse(q)
     if q.numel() == 0 or p.B == 0:
@@ -694,21 +809,59 @@ def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, w
     mask_t, mask_kind, mask_strides = _mask_args(mask, p)
     slopes, alibi_strides = _alibi_args(alibi, p)
     bm, bn, warps, stages = _blocks(p, q.device, q.dtype, masked=mask is not None)
+    num_splits = min(num_splits, triton.cdiv(p.S, bn))
     dummy = _dummy(q.device)
-    _attn_fwd_kernel[_grid(triton.cdiv(p.L, bm), p.B * p.H)](
-        q, k, v, out, lse, mask_t if mask_t is not None else dummy,
+    o_dest, lse_dest = out, lse
+    if num_splits > 1:  # float32 partials, one slice per split, merged below
+        o_dest = empty((num_splits,) + tuple(out.shape), torch.float32, q.device)
+        lse_dest = empty((num_splits,) + tuple(lse.shape), torch.float32, q.device)
+    grid = _grid(triton.cdiv(p.L, bm), p.B * p.H) + ((num_splits,) if num_splits > 1 else ())
+    _attn_fwd_kernel[grid](
+        q, k, v, o_dest, lse_dest, mask_t if mask_t is not None else dummy,
         cu_seqlens_q if p.varlen else dummy, cu_seqlens_k if p.varlen else dummy,
         seqused_k if seqused_k is not None else dummy, seed if seed is not None else dummy,
         slopes if slopes is not None else dummy, sinks if sinks is not None else dummy,
-        *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out), *p.lse_strides(lse), *mask_strides,
-        *alibi_strides,
+        block_table if block_table is not None else dummy, leftpad if leftpad is not None else dummy,
+        *p.strides(q), *(k.stride() if block_table is not None else p.strides(k)),
+        *(v.stride() if block_table is not None else p.strides(v)),
+        *p.strides(o_dest[0] if num_splits > 1 else out), *p.lse_strides(lse_dest[0] if num_splits > 1 else lse),
+        *mask_strides, *alibi_strides,
+        block_table.stride(0) if block_table is not None else 0,
+        o_dest.stride(0) if num_splits > 1 else 0, lse_dest.stride(0) if num_splits > 1 else 0,
         p.H, p.group, p.L, p.S, p.total_q, p.total_k, p.D, p.DV, scale, softcap, window_left, window_right,
-        dropout_p, SEQUSED=seqused_k is not None, SINK=sinks is not None,
+        dropout_p, page, max_pages, num_pages, num_splits,
+        SEQUSED=seqused_k is not None, SINK=sinks is not None and num_splits == 1,
+        PAGED=block_table is not None, LEFTPAD=leftpad is not None, SPLIT=num_splits > 1,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, next_power_of_2(p.D)), BLOCK_DV=max(16, next_power_of_2(p.DV)),
         num_warps=warps, num_stages=stages,
         **_common_flags(p, bottom_right, window_left, window_right, softcap, mask_kind, dropout_p, q.dtype, alibi),
     )
+    if num_splits > 1:
+        bm_c = 64 if gpu_tiles(q.device) else 16
+        _attn_combine_kernel[_grid(triton.cdiv(p.L, bm_c), p.B * p.H)](
+            o_dest, lse_dest, out, lse, sinks if sinks is not None else dummy,
+            cu_seqlens_q if p.varlen else dummy,
+            *p.strides(out), *p.strides(o_dest[0]), *p.lse_strides(lse_dest[0]), *p.lse_strides(lse),
+            o_dest.stride(0), lse_dest.stride(0), p.H, p.L, p.total_q, p.DV, num_splits,
+            VARLEN=p.varlen, SINK=sinks is not None, BLOCK_M=bm_c, BLOCK_DV=max(16, next_power_of_2(p.DV)),
+            num_warps=4 if gpu_tiles(q.device) else 1,
+        )
     return out, lse
+
+
+def split_heuristic(B: int, H: int, L: int, S: int, device) -> int:
+    """flash_attn_with_kvcache's num_splits=0: split the keys only when the (query block x
+    batch x head) programs would leave most of the GPU idle (a decode step with few heads and
+    a long cache), into as many splits as fill about two waves of the SMs, each keeping at
+    least four key blocks of work; 1 on the interpreter and for anything that fills the GPU."""
+    if not gpu_tiles(device):
+        return 1
+    props = torch.cuda.get_device_properties(device)
+    bm, bn = 128, 64
+    programs = B * H * triton.cdiv(max(L, 1), bm)
+    if programs >= props.multi_processor_count:
+        return 1
+    return max(1, min(2 * props.multi_processor_count // programs, triton.cdiv(S, 4 * bn), 128))
 
 
 def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, window_left: int, window_right: int,
@@ -787,7 +940,8 @@ def gpu_compile_variants():
     every feature on. The IEEE float32 variants must not spill (tests/test_attention_fp32.py)."""
     pointer = {"Q": "dt", "K": "dt", "V": "dt", "O": "dt", "DO": "dt", "DQ": "dt", "DK": "dt", "DV_": "dt",
                "LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "SEQUSED_K": "*i32",
-               "SEED": "*i64", "KEEP": "*i8", "DS": "*fp32", "SLOPES": "*fp32", "SINKS": "*fp32"}
+               "SEED": "*i64", "KEEP": "*i8", "DS": "*fp32", "SLOPES": "*fp32", "SINKS": "*fp32",
+               "BLOCK_TABLE": "*i32", "LEFTPAD_K": "*i32", "OP": "*fp32", "LSEP": "*fp32"}
     floats = {"scale", "softcap", "dropout_p"}
 
     def signature(kernel, dt, mask_kind):
@@ -822,8 +976,17 @@ def gpu_compile_variants():
                      DROPOUT=full, IEEE=ieee, ALIBI=full)
         tiles = dict(BLOCK_D=d, BLOCK_DV=d)
         opts = {"num_warps": warps, "num_stages": stages}
-        const = dict(flags, SEQUSED=full, SINK=full and not ieee, BLOCK_M=bm, BLOCK_N=bn, **tiles)
+        const = dict(flags, SEQUSED=full, SINK=full and not ieee, PAGED=False, LEFTPAD=False, SPLIT=False,
+                     BLOCK_M=bm, BLOCK_N=bn, **tiles)
         variants.append((_attn_fwd_kernel, signature(_attn_fwd_kernel, dt, const["MASK"]), const, opts))
+        if not ieee and dt != "fp32":
+            # flash_attn_with_kvcache: a paged, left-padded cache, split over the keys (float32
+            # partials), ALiBi, soft-cap, a window; and without the split, with the sinks.
+            kv = dict(flags, VARLEN=False, SEQUSED=True, BOTTOM_RIGHT=True, MASK=0, DROPOUT=False, PAGED=True,
+                      LEFTPAD=True, SPLIT=True, SINK=False, BLOCK_M=bm, BLOCK_N=bn, **tiles)
+            variants.append((_attn_fwd_kernel, dict(signature(_attn_fwd_kernel, dt, 0), O="*fp32"), kv, opts))
+            kv = dict(kv, SPLIT=False, SINK=True)
+            variants.append((_attn_fwd_kernel, signature(_attn_fwd_kernel, dt, 0), kv, opts))
         if full and ieee:
             # IEEE float32 with every feature and the sinks spilled 8 B at head dim 256 (sm_90): the
             # sinks with everything but dropout (GPT-OSS's calls: a mask, a window, no dropout).
@@ -845,6 +1008,8 @@ def gpu_compile_variants():
                          DROPOUT=True, SOFTCAP=True, BIAS_GRAD=mode, BIAS_SUM_M=sum_m, BIAS_SUM_N=sum_n,
                          BLOCK_M=bm, BLOCK_N=bn, **tiles)
             variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, 2), const, opts))
+    variants.append((_attn_combine_kernel, signature(_attn_combine_kernel, "bf16", 0),
+                     dict(VARLEN=False, SINK=True, BLOCK_M=64, BLOCK_DV=128), {"num_warps": 4}))
     variants.append((_attn_bwd_delta_kernel, signature(_attn_bwd_delta_kernel, "bf16", 0),
                      dict(VARLEN=True, BLOCK_M=64, BLOCK_DV=128), {"num_warps": 8}))
     variants.append((_dropout_mask_kernel, signature(_dropout_mask_kernel, "bf16", 0),

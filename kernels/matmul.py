@@ -7,10 +7,18 @@ by the constexpr EPILOGUE, so the elementwise work of the block never costs a pa
 memory of its own:
 
     LINEAR  y = act(acc + b); optionally also z = acc + b (gelu/silu backward needs it)
-    GATED   two accumulators over one K loop, gate rows n.. and up rows H+n.. of B, sharing
-            each loaded tile of A; stores h = act(g) * u, optionally gu (gate first)
+    GATED   two accumulators over one K loop, rows n.. and H+n.. of B, sharing each loaded
+            tile of A; stores h = act(g) * u, optionally gu (in B's row order)
     DACT    dz = acc * act'(z), z read from the forward
     DGATED  acc is dh; dg = dh * u * act'(g), du = dh * act(g), stored side by side
+            (in the forward's order)
+
+Which half of the gated projection is the gate is the constexpr UP_FIRST: False (the
+default, ``gate_order="gate_up"``) takes the first H rows of w (and columns of gu) as the
+gate, as a Llama checkpoint's [gate_proj; up_proj] stacks them; True (``"up_gate"``) the
+second H, as torch's F.glu and flash-attn's GatedMlp split theirs (value first). It only
+swaps which accumulator and which half of gu / dgu is called the gate: the weights are
+never copied or reordered.
 
 DACT and DGATED also reduce the bias gradient on the fly: each program writes the column
 sums of its tile into a float32 buffer (row-tiles, N), and one torch.sum finishes it, so
@@ -36,7 +44,8 @@ import triton.language as tl
 from .launch import empty, gpu_tiles, tf32_allowed
 
 ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
-GATED_ACTS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+GATED_ACTS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}
+GATE_ORDERS = ("gate_up", "up_gate")  # which half of the gated projection comes first
 
 LINEAR, GATED, DACT, DGATED = 0, 1, 2, 3
 
@@ -73,7 +82,9 @@ def _act(z, ACT: tl.constexpr):
 @triton.jit
 def _act_grad(z, ACT: tl.constexpr):
     """The activation's derivative at a float32 tile (relu' is 0 at 0). For gelu_tanh, with
-    s = sigmoid(2y): (1 + t) / 2 = s and 1 - t^2 = 4 s (1 - s)."""
+    s = sigmoid(2y): (1 + t) / 2 = s and 1 - t^2 = 4 s (1 - s); z^2 is capped at 1e30 in
+    its polynomial, whose factor s (1 - s) is exactly 0 long before (|z| > 30 or so), so
+    past |z| = 1.8e19, where z^2 overflows, the derivative is still 1 or 0, not 0 * inf."""
     if ACT == 1:
         return tl.where(z > 0.0, 1.0, 0.0)
     elif ACT == 2:
@@ -81,7 +92,7 @@ def _act_grad(z, ACT: tl.constexpr):
         return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
     elif ACT == 3:
         s, sc = _sigmoid_pair(1.5957691216057308 * (z + 0.044715 * z * z * z))
-        return s + z * s * sc * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
+        return s + z * s * sc * 1.5957691216057308 * (1.0 + 0.134145 * tl.minimum(z * z, 1e30))
     elif ACT == 4:
         s, sc = _sigmoid_pair(z)
         return s * (1.0 + z * sc)
@@ -103,10 +114,11 @@ def _matmul_kernel(
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_xm, stride_xn,
     stride_bias, stride_dbm,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UP_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """A tile (BLOCK_M, BLOCK_N) of A @ B^T and its epilogue. For GATED and DGATED, N is H:
-    the second half of B's rows (GATED) or of AUX's and C's columns (both) starts N further on.
+    the second half of B's rows (GATED) or of AUX's and C's columns (both) starts N further on;
+    the gate is the first half, or the second when UP_FIRST.
     AUX: z / gu, written when SAVE (LINEAR, GATED), read (DACT, DGATED).
     DBIAS: the per-row-tile column sums (DACT, DGATED)."""
     pid = tl.program_id(0)
@@ -160,29 +172,38 @@ def _matmul_kernel(
             tl.store(x_ptrs, z.to(AUX.dtype.element_ty), mask=mask)
         tl.store(c_ptrs, _act(z, ACT).to(C.dtype.element_ty), mask=mask)
     elif EPILOGUE == 1:
-        g = acc
-        u = acc2
+        first = acc
+        second = acc2
         if HAS_BIAS:
-            g += tl.load(BIAS + rn * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            u += tl.load(BIAS + rn2 * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            first += tl.load(BIAS + rn * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            second += tl.load(BIAS + rn2 * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if SAVE:
-            tl.store(x_ptrs, g.to(AUX.dtype.element_ty), mask=mask)
-            tl.store(x2_ptrs, u.to(AUX.dtype.element_ty), mask=mask)
-        tl.store(c_ptrs, (_act(g, ACT) * u).to(C.dtype.element_ty), mask=mask)
+            tl.store(x_ptrs, first.to(AUX.dtype.element_ty), mask=mask)
+            tl.store(x2_ptrs, second.to(AUX.dtype.element_ty), mask=mask)
+        if UP_FIRST:
+            h = _act(second, ACT) * first
+        else:
+            h = _act(first, ACT) * second
+        tl.store(c_ptrs, h.to(C.dtype.element_ty), mask=mask)
     elif EPILOGUE == 2:
         z = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         dz = tl.where(mask, acc * _act_grad(z, ACT), 0.0)
         tl.store(c_ptrs, dz.to(C.dtype.element_ty), mask=mask)
         tl.store(DBIAS + pid_m.to(tl.int64) * stride_dbm + rn, tl.sum(dz, axis=0), mask=n_ok)
     else:
-        g = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x2_ptrs, mask=mask, other=0.0).to(tl.float32)
+        # g and u, and where dg and du go: the halves swap when UP_FIRST (pointers, not data).
+        if UP_FIRST:
+            g_ptrs, u_ptrs, cg, cu = x2_ptrs, x_ptrs, rn2, rn
+        else:
+            g_ptrs, u_ptrs, cg, cu = x_ptrs, x2_ptrs, rn, rn2
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
         dg = tl.where(mask, acc * u * _act_grad(g, ACT), 0.0)
         du = tl.where(mask, acc * _act(g, ACT), 0.0)
-        tl.store(c_ptrs, dg.to(C.dtype.element_ty), mask=mask)
-        tl.store(C + rm[:, None] * stride_cm + rn2[None, :] * stride_cn, du.to(C.dtype.element_ty), mask=mask)
-        tl.store(DBIAS + pid_m.to(tl.int64) * stride_dbm + rn, tl.sum(dg, axis=0), mask=n_ok)
-        tl.store(DBIAS + pid_m.to(tl.int64) * stride_dbm + rn2, tl.sum(du, axis=0), mask=n_ok)
+        tl.store(C + rm[:, None] * stride_cm + cg[None, :] * stride_cn, dg.to(C.dtype.element_ty), mask=mask)
+        tl.store(C + rm[:, None] * stride_cm + cu[None, :] * stride_cn, du.to(C.dtype.element_ty), mask=mask)
+        tl.store(DBIAS + pid_m.to(tl.int64) * stride_dbm + cg, tl.sum(dg, axis=0), mask=n_ok)
+        tl.store(DBIAS + pid_m.to(tl.int64) * stride_dbm + cu, tl.sum(du, axis=0), mask=n_ok)
 
 
 @triton.jit
@@ -276,7 +297,14 @@ def _gated_code(fn: str, gated) -> int:
     return ACT_CODES[GATED_ACTS[gated]]
 
 
-def _launch(epilogue: int, a, b, c, aux, bias, M: int, N: int, K: int, act: int, save: bool):
+def _up_first(fn: str, gate_order) -> bool:
+    if gate_order not in GATE_ORDERS:
+        raise ValueError(f"{fn}: gate_order must be one of {GATE_ORDERS}, got {gate_order!r}")
+    return gate_order == "up_gate"
+
+
+def _launch(epilogue: int, a, b, c, aux, bias, M: int, N: int, K: int, act: int, save: bool,
+            up_first: bool = False):
     """Run the kernel; for DACT and DGATED return the bias gradient (float32, one entry per
     column of c), finished from the per-row-tile partial sums."""
     two = epilogue in (GATED, DGATED)
@@ -294,7 +322,7 @@ def _launch(epilogue: int, a, b, c, aux, bias, M: int, N: int, K: int, act: int,
         aux_t.stride(0), aux_t.stride(1),
         bias.stride(0) if bias is not None else 0, dbias.stride(0) if dbias is not None else 0,
         EPILOGUE=epilogue, ACT=act, HAS_BIAS=bias is not None, SAVE=save, IEEE=_ieee(a.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages,
+        UP_FIRST=up_first, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages,
     )
     return None if dbias is None else dbias.sum(dim=0)
 
@@ -327,11 +355,15 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, bias=None, activation=None, sav
     return y, z
 
 
-def gated_fwd(x: torch.Tensor, w: torch.Tensor, bias, gated: str, save_gu: bool = False):
-    """(h, gu): h = act(g) * u (M, H) in x's dtype, with g, u = x w[:H]^T + b[:H],
-    x w[H:]^T + b[H:]; gu = [g, u] (M, 2H) when save_gu, else None. w (2H, K) gate rows first."""
+def gated_fwd(x: torch.Tensor, w: torch.Tensor, bias, gated: str, save_gu: bool = False,
+              gate_order: str = "gate_up"):
+    """(h, gu): h = act(g) * u (M, H) in x's dtype, with gu = x w^T + b (M, 2H) split into
+    g, u = gu[:, :H], gu[:, H:] (gate_order "gate_up": w's gate rows first) or
+    u, g = ... ("up_gate": F.glu's value-first order); gu, in w's row order, is returned
+    when save_gu, else None. w (2H, K)."""
     _check_operands("gated_fwd", x, w, "x", "w")
     code = _gated_code("gated_fwd", gated)
+    up_first = _up_first("gated_fwd", gate_order)
     if w.shape[0] % 2:
         raise ValueError(f"gated_fwd: w must have an even number of rows (gate, then up), got {w.shape[0]}")
     M, K = x.shape
@@ -340,7 +372,7 @@ def gated_fwd(x: torch.Tensor, w: torch.Tensor, bias, gated: str, save_gu: bool 
     h = empty((M, H), x.dtype, x.device)
     gu = empty((M, 2 * H), x.dtype, x.device) if save_gu else None
     if M and H:
-        _launch(GATED, x, w, h, gu, bias, M, H, K, code, save_gu)
+        _launch(GATED, x, w, h, gu, bias, M, H, K, code, save_gu, up_first)
     return h, gu
 
 
@@ -359,12 +391,14 @@ def matmul_dact(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, activation):
     return dz, _launch(DACT, a, b, dz, z, None, M, N, K, code, False)
 
 
-def matmul_dgated(a: torch.Tensor, b: torch.Tensor, gu: torch.Tensor, gated: str):
-    """(dgu, dbias): with dh = a @ b^T (M, H) and g, u = gu[:, :H], gu[:, H:],
-    dgu = [dh * u * act'(g), dh * act(g)] (M, 2H) in a's dtype, dbias its row sums in
-    float32 (2H,). a (M, K), b (H, K), gu (M, 2H) the forward's preactivations."""
+def matmul_dgated(a: torch.Tensor, b: torch.Tensor, gu: torch.Tensor, gated: str, gate_order: str = "gate_up"):
+    """(dgu, dbias): with dh = a @ b^T (M, H) and g, u = gu[:, :H], gu[:, H:] (gate_order
+    "gate_up"; "up_gate": u, g = ...), dgu = the gradients dg = dh * u * act'(g) and
+    du = dh * act(g) in gu's order (M, 2H) in a's dtype, dbias its column sums in float32
+    (2H,). a (M, K), b (H, K), gu (M, 2H) the forward's preactivations."""
     _check_operands("matmul_dgated", a, b, "a", "b")
     code = _gated_code("matmul_dgated", gated)
+    up_first = _up_first("matmul_dgated", gate_order)
     M, K = a.shape
     H = b.shape[0]
     if tuple(gu.shape) != (M, 2 * H):
@@ -373,7 +407,7 @@ def matmul_dgated(a: torch.Tensor, b: torch.Tensor, gu: torch.Tensor, gated: str
     dgu = empty((M, 2 * H), a.dtype, a.device)
     if not (M and H):
         return dgu, torch.zeros(2 * H, dtype=torch.float32, device=a.device)
-    return dgu, _launch(DGATED, a, b, dgu, gu, None, M, H, K, code, False)
+    return dgu, _launch(DGATED, a, b, dgu, gu, None, M, H, K, code, False, up_first)
 
 
 def dact(dy: torch.Tensor, z: torch.Tensor, activation):
@@ -426,20 +460,22 @@ def gpu_compile_variants():
         return sig
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    # (epilogue, activation code, has_bias, save): bf16 every activation somewhere, the
+    # (epilogue, activation code, has_bias, save, up_first): bf16 every activation and both
+    # gate orders somewhere (geglu_tanh value-first: gelu_tanh's code in GATED, DGATED), the
     # others one per epilogue.
-    every = [(LINEAR, 0, False, False), (LINEAR, 2, True, True), (LINEAR, 3, True, False),
-             (GATED, 4, True, True), (GATED, 2, False, False), (DACT, 2, False, False),
-             (DACT, 3, False, False), (DGATED, 4, False, False), (DGATED, 1, False, False)]
-    one_each = [(LINEAR, 2, True, True), (GATED, 4, True, True), (DACT, 2, False, False),
-                (DGATED, 4, False, False)]
+    every = [(LINEAR, 0, False, False, False), (LINEAR, 2, True, True, False), (LINEAR, 3, True, False, False),
+             (GATED, 4, True, True, False), (GATED, 2, False, False, False), (GATED, 3, True, True, True),
+             (DACT, 2, False, False, False), (DACT, 3, False, False, False), (DGATED, 4, False, False, False),
+             (DGATED, 1, False, False, False), (DGATED, 3, False, False, True)]
+    one_each = [(LINEAR, 2, True, True, False), (GATED, 4, True, True, False), (DACT, 2, False, False, False),
+                (DGATED, 4, False, False, False)]
     cases = [("bf16", False, every), ("fp16", False, one_each), ("fp32", True, one_each), ("fp32", False, one_each)]
     variants = []
     for dt, ieee, epilogues in cases:
         contiguous = dt == "bf16"
-        for epilogue, act, has_bias, save in epilogues:
+        for epilogue, act, has_bias, save, up_first in epilogues:
             bm, bn, bk, group_m, warps, stages = _gpu_config(torch_dtype[dt], epilogue in (GATED, DGATED))
-            const = dict(EPILOGUE=epilogue, ACT=act, HAS_BIAS=has_bias, SAVE=save, IEEE=ieee,
+            const = dict(EPILOGUE=epilogue, ACT=act, HAS_BIAS=has_bias, SAVE=save, IEEE=ieee, UP_FIRST=up_first,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m)
             if contiguous:
                 const.update({name: 1 for name in unit})

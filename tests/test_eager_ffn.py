@@ -55,17 +55,19 @@ def test_native_linear_is_the_reference_formula_float64(activation):
 
 @pytest.mark.parametrize("activation", list(ref.ACTIVATIONS) + list(ref.GATED))
 @pytest.mark.parametrize("bias", [True, False])
-def test_native_feed_forward_is_the_reference_formula_float64(activation, bias):
-    """The native block (gated: act(gate rows) * up rows, the gate first) == ref.feed_forward,
-    forward and every gradient, float64."""
+@pytest.mark.parametrize("gate_order", ["gate_up", "up_gate"])
+def test_native_feed_forward_is_the_reference_formula_float64(activation, bias, gate_order):
+    """The native block (gated: act(gate rows) * up rows, the gate first, or second for
+    "up_gate") == ref.feed_forward, forward and every gradient, float64."""
     M, D, H = 11, 6, 13
     rows = 2 * H if activation in ref.GATED else H
     inputs = [rnd(M, D, scale=2.0), rnd(rows, D, scale=D ** -0.5), rnd(rows) if bias else None,
               rnd(D, H, scale=H ** -0.5), rnd(D) if bias else None]
     dout = rnd(M, D)
     with fastlm.use_backend("torch"):
-        got, got_g = _grads(lambda *t: fastlm.feed_forward(*t, activation=activation), inputs, dout)
-    exp, exp_g = _grads(lambda *t: ref.feed_forward(*t, activation), inputs, dout)
+        got, got_g = _grads(lambda *t: fastlm.feed_forward(*t, activation=activation, gate_order=gate_order),
+                            inputs, dout)
+    exp, exp_g = _grads(lambda *t: ref.feed_forward(*t, activation, gate_order), inputs, dout)
     torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
     for g, e in zip(got_g, exp_g):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
@@ -78,6 +80,36 @@ def test_gate_order_is_gate_rows_first():
         y = fastlm.feed_forward(x, torch.cat((wg, wu)), None, wo, None, "swiglu")
     g, u = x @ wg.t(), x @ wu.t()
     torch.testing.assert_close(y, (g * torch.sigmoid(g) * u) @ wo.t(), rtol=1e-12, atol=1e-12)
+
+
+def test_up_gate_order_is_up_rows_first():
+    """gate_order="up_gate" with w_in = [W_u; W_g]: (x W_u^T) * act(x W_g^T), F.glu's order (the
+    value first), for swiglu and geglu_tanh (gelu's tanh form on the gate); in the reference
+    too, and its explicit backward (the reference op's) gives the gradients torch's autograd
+    gives through the formula."""
+    x, wg, wu, wo = rnd(3, 4), rnd(5, 4), rnd(5, 4), rnd(4, 5)
+    g, u = x @ wg.t(), x @ wu.t()
+    t = torch.tanh((2 / torch.pi) ** 0.5 * (g + 0.044715 * g ** 3))
+    expected = {"swiglu": (u * g * torch.sigmoid(g)) @ wo.t(), "geglu_tanh": (u * 0.5 * g * (1 + t)) @ wo.t()}
+    for activation, want in expected.items():
+        w_in = torch.cat((wu, wg))
+        with fastlm.use_backend("torch"):
+            y = fastlm.feed_forward(x, w_in, None, wo, None, activation, gate_order="up_gate")
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ref.feed_forward(x, w_in, None, wo, None, activation, "up_gate"), want,
+                                   rtol=1e-12, atol=1e-12)
+        # the reference op (recompute=True on the torch backend) and its explicit backward
+        leaves = [t.clone().requires_grad_(True) for t in (x, w_in, wo)]
+        with fastlm.use_backend("torch"):
+            y_op = fastlm.feed_forward(leaves[0], leaves[1], None, leaves[2], None, activation, recompute=True,
+                                       gate_order="up_gate")
+        dout = rnd(*y_op.shape)
+        got = torch.autograd.grad(y_op, leaves, dout)
+        _, exp = _grads(lambda *t: ref.feed_forward(t[0], t[1], None, t[2], None, activation, "up_gate"),
+                        (x, w_in, wo), dout)
+        torch.testing.assert_close(y_op, want, rtol=1e-12, atol=1e-12)
+        for a, b in zip(got, exp):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_cpu_path_is_torch_autograd():
@@ -148,15 +180,16 @@ def test_eager_twin_and_custom_op_agree():
     x = rnd(7, 12, dtype=torch.float32)
     f32 = torch.float32
     w_in, w_out, b_out = rnd(20, 12, dtype=f32), rnd(12, 10, dtype=f32), rnd(12, dtype=f32)
-    args = (x, w_in, None, w_out, b_out, "geglu", True)
     with fastlm.use_backend("torch"):
-        outs = []
-        for op in (ops._feed_forward_eager, ops._feed_forward):
-            leaves = [a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
-            y = op(*leaves)[0]
-            outs.append((y,) + torch.autograd.grad(y.sum(), [t for t in leaves if isinstance(t, torch.Tensor)]))
-        for a, b in zip(*outs):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for args in ((x, w_in, None, w_out, b_out, "geglu", True),
+                     (x, w_in, None, w_out, b_out, "geglu_tanh", True, "up_gate")):
+            outs = []
+            for op in (ops._feed_forward_eager, ops._feed_forward):
+                leaves = [a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
+                y = op(*leaves)[0]
+                outs.append((y,) + torch.autograd.grad(y.sum(), [t for t in leaves if isinstance(t, torch.Tensor)]))
+            for a, b in zip(*outs):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
         no_grad = ops._linear_eager(x, w_in, None, "silu", False)
         torch.testing.assert_close(no_grad[0], ops._linear(x, w_in, None, "silu", False)[0], rtol=0, atol=0)
 

@@ -9,6 +9,8 @@ Under the interpreter the matmul tiles are 16 x 16 x 16, so 15, 16, 17, 33 cross
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -27,17 +29,40 @@ TORCH_ACT = {
     "gelu_tanh": lambda z: TF.gelu(z, approximate="tanh"),
     "silu": TF.silu,
 }
+# The gated activations' gates as torch spells them, written out here rather than read off
+# fastlm's GATED (a wrong entry there would otherwise be its own oracle).
+TORCH_GATE = {
+    "swiglu": TF.silu,
+    "geglu": TF.gelu,
+    "geglu_tanh": lambda z: TF.gelu(z, approximate="tanh"),
+    "reglu": torch.relu,
+}
 ALL = list(fastlm.ops.ffn.ACTIVATIONS) + list(fastlm.ops.ffn.GATED)
 
 
-def eager_ffn(x, w_in, b_in, w_out, b_out, activation):
+def glu(z, gate, gate_order="gate_up"):
+    """The gated unit by torch's F.glu definition, generalised to any gate activation: F.glu
+    splits z into (a, b) and returns a * sigmoid(b), the first half the value ("up_gate");
+    fastlm's default, "gate_up", is the other way round, act(first half) * second half."""
+    a, b = z.chunk(2, dim=-1)
+    return a * gate(b) if gate_order == "up_gate" else gate(a) * b
+
+
+def eager_ffn(x, w_in, b_in, w_out, b_out, activation, gate_order="gate_up"):
     z = TF.linear(x, w_in, b_in)
     if activation in ref.GATED:
-        g, u = z.chunk(2, dim=-1)
-        h = TORCH_ACT[ref.GATED[activation]](g) * u
+        h = glu(z, TORCH_GATE[activation], gate_order)
     else:
         h = TORCH_ACT[activation](z)
     return TF.linear(h, w_out, b_out)
+
+
+def test_gated_names_are_torchs():
+    """Every gated activation fastlm lists has its torch oracle here, and the value-first
+    oracle is torch's own F.glu where F.glu applies (a sigmoid gate)."""
+    assert set(TORCH_GATE) == set(fastlm.ops.ffn.GATED) == set(ref.GATED)
+    z = torch.randn(5, 3, 2 * 7, dtype=torch.float64)
+    torch.testing.assert_close(glu(z, torch.sigmoid, "up_gate"), TF.glu(z, dim=-1), rtol=0, atol=0)
 
 
 def check(backend, fastlm_fn, torch_fn, inputs, terms):
@@ -137,6 +162,108 @@ def test_feed_forward_fp16_and_views(backend, activation):
           lambda *t: eager_ffn(*t, activation), [x, w_in, b_in, w_out, b_out], max(M, D, H))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", list(TORCH_GATE))
+@pytest.mark.parametrize("gate_order", ["gate_up", "up_gate"])
+@pytest.mark.parametrize("M,D,H,recompute", [(37, 24, 33, False), (17, 15, 16, True), (1, 7, 17, False),
+                                             (16, 33, 15, False)])
+def test_feed_forward_gate_order(backend, activation, gate_order, M, D, H, recompute):
+    """Both halvings of a gated w_in against the float64 F.glu-style oracle, forward and every
+    gradient: "up_gate" is value * act(gate) with the value rows first (F.glu, flash-attn's
+    GatedMlp), "gate_up" act(gate) * value with the gate rows first. H of 15, 16, 17 and 33
+    put the boundary between the halves (row H of w_in) inside, at and past a 16-row tile."""
+    inputs = [rnd(M, D, scale=2.0), rnd(2 * H, D, scale=D ** -0.5), rnd(2 * H), rnd(D, H, scale=H ** -0.5), rnd(D)]
+    check(backend, lambda *t: fastlm.feed_forward(*t, activation=activation, recompute=recompute,
+                                                  gate_order=gate_order),
+          lambda *t: eager_ffn(*t, activation, gate_order), inputs, max(M, D, H))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["swiglu", "geglu_tanh"])
+def test_up_gate_is_gate_up_with_the_halves_swapped(backend, activation):
+    """gate_order="up_gate" on [W_u; W_g] is the default order on [W_g; W_u]: the same output,
+    and w_in's (and b_in's) gradient with its halves swapped. The kernels swap which
+    accumulator is the gate, so on the Triton backend the numbers are the same bits (but dx,
+    dpre @ w_in, which adds up w_in's rows in their new order)."""
+    M, D, H = 19, 17, 18
+    x, wg, wu, bg, bu = rnd(M, D), rnd(H, D, scale=D ** -0.5), rnd(H, D, scale=D ** -0.5), rnd(H), rnd(H)
+    w_out = rnd(D, H, scale=H ** -0.5)
+    dy = rnd(M, D)
+    results = {}
+    for order, w_in, b_in in (("gate_up", torch.cat([wg, wu]), torch.cat([bg, bu])),
+                              ("up_gate", torch.cat([wu, wg]), torch.cat([bu, bg]))):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w_in, b_in, w_out)]
+        with fastlm.use_backend(backend):
+            y = fastlm.feed_forward(leaves[0], leaves[1], leaves[2], leaves[3], None, activation, gate_order=order)
+        dx, dw_in, db_in, dw_out = torch.autograd.grad(y, leaves, dy)
+        if order == "up_gate":  # back to [gate; up]
+            dw_in, db_in = torch.cat(dw_in.chunk(2)[::-1]), torch.cat(db_in.chunk(2)[::-1])
+        results[order] = (y, dx, dw_in, db_in, dw_out)
+    for name, a, b in zip(("y", "dx", "dw_in", "db_in", "dw_out"), results["gate_up"], results["up_gate"]):
+        exact = backend == "triton" and name != "dx"
+        torch.testing.assert_close(b, a, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5, msg=name)
+
+
+SATURATING = [-math.inf, -1e4, -100.0, -30.0, -10.0, -5.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 5.0, 10.0, 30.0, 100.0, 1e4,
+              math.inf]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate_order", ["gate_up", "up_gate"])
+def test_geglu_tanh_saturates_as_torch(backend, gate_order):
+    """geglu_tanh where the tanh saturates (|gate| from 5 to 1e4) and at +-inf, against
+    torch's F.gelu(approximate="tanh") in float64, forward and backward, element by element:
+    x = [[1]] and d_model 1 make every pre-activation one weight (gate and up = w_in's
+    rows), and w_in's and w_out's gradients elementwise products, so nothing is summed away.
+    Finite where float64 is finite (1 and 0 for the derivative far out), and NaN exactly where
+    it is NaN: gelu(-inf) = -inf * 0 and the derivative at +-inf, as torch gives."""
+    gate = torch.tensor(SATURATING, device=DEVICE)
+    H = gate.numel()
+    up = rnd(H)
+    halves = (gate, up) if gate_order == "gate_up" else (up, gate)
+    x, w_in, w_out, dy = torch.ones(1, 1, device=DEVICE), torch.cat(halves)[:, None], rnd(1, H), rnd(1, 1)
+
+    def grads(fn, cast):
+        leaves = [cast(t).requires_grad_(True) for t in (x, w_in, w_out)]
+        return torch.autograd.grad(fn(leaves[0], leaves[1], None, leaves[2], None), leaves[1:], cast(dy))
+
+    with fastlm.use_backend(backend):
+        got = grads(lambda *t: fastlm.feed_forward(*t, "geglu_tanh", gate_order=gate_order), lambda t: t.clone())
+    want = grads(lambda *t: eager_ffn(*t, "geglu_tanh", gate_order), lambda t: t.double())
+    # the yardstick: torch's float32 (its tanh-form derivative loses digits near gate -5)
+    eager = grads(lambda *t: eager_ffn(*t, "geglu_tanh", gate_order), lambda t: t.clone())
+    for name, g, r, e in zip(("w_in", "w_out"), got, want, eager):
+        assert torch.equal(g.isnan(), r.isnan()), (name, g.flatten(), r.flatten())
+        assert torch.equal(torch.isinf(g), torch.isinf(r)), (name, g.flatten(), r.flatten())
+        ok = torch.isfinite(r)
+        assert_close(g[ok], r[ok], e[ok], name)
+    # dw_out = dy * h: the forward, elementwise; its NaN (at gate -inf) is h's
+    assert got[1].isnan().sum() == 1
+
+
+def test_gelu_tanh_derivative_past_float32_square_range():
+    """Past |z| = 1.8e19, z^2 overflows float32: the tanh form's derivative z (1 - t^2) (...)
+    must stay 1 (z > 0) or 0 (z < 0), as float64 and the erf form give, not 0 * inf = NaN;
+    in the kernels (linear's dact, the gated epilogues) and the reference."""
+    from fastlm.kernels import matmul as mm
+
+    z = torch.tensor([[-3e38, -1e20, -2e19, -1e13, 1e13, 2e19, 1e20, 3e38]], device=DEVICE)
+    z64 = z.double().requires_grad_(True)
+    (want,) = torch.autograd.grad(TF.gelu(z64, approximate="tanh").sum(), [z64])
+    assert torch.equal(want, (z > 0).double())
+    dz, _ = mm.dact(torch.ones_like(z), z, "gelu_tanh")
+    torch.testing.assert_close(dz.double(), want, rtol=0, atol=0)
+    torch.testing.assert_close(ref.act_grad(z, "gelu_tanh").double(), want, rtol=0, atol=0)
+    # the gated backward: gu = [g, u] with u = 1 and dh = 1, so dg is act'(g)
+    n = z.shape[1]
+    for order in ("gate_up", "up_gate"):
+        gu = torch.cat([z, torch.ones_like(z)] if order == "gate_up" else [torch.ones_like(z), z], dim=1)
+        dgu, _ = mm.matmul_dgated(torch.ones(1, 1, device=DEVICE), torch.ones(n, 1, device=DEVICE), gu,
+                                  "geglu_tanh", order)
+        dg = dgu[:, :n] if order == "gate_up" else dgu[:, n:]
+        torch.testing.assert_close(dg.double(), want, rtol=0, atol=0)
+
+
 def test_recompute_saves_no_hidden_activation():
     """recompute=True keeps only the inputs for the backward: no saved tensor of the hidden width."""
     M, D, H = 40, 16, 64
@@ -218,6 +345,48 @@ def test_feed_forward_zero_width(backend, activation, D, H):
         assert m(inputs[0]).shape == (3, D)
 
 
+class _ValueFirstGatedMlp(torch.nn.Module):
+    """A gated MLP laid out as flash-attn's GatedMlp: fc1's rows are the value then the gate,
+    ``y, gate = fc1(x).chunk(2, dim=-1); fc2(y * act(gate))``; parameter names as fastlm's
+    FeedForward's, so one state_dict serves both."""
+
+    def __init__(self, d, hidden, act):
+        super().__init__()
+        self.fc_in = torch.nn.Linear(d, 2 * hidden, device=DEVICE)
+        self.fc_out = torch.nn.Linear(hidden, d, device=DEVICE)
+        self.act = act
+
+    def forward(self, x):
+        y, gate = self.fc_in(x).chunk(2, dim=-1)
+        return self.fc_out(y * self.act(gate))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["swiglu", "geglu_tanh"])
+def test_nn_feed_forward_loads_a_value_first_checkpoint(backend, activation):
+    """FeedForward(gate_order="up_gate") takes a value-first (F.glu / GatedMlp) checkpoint as
+    it is and computes what that model computes, forward and parameter gradients; its
+    default order on the same weights computes something else."""
+    theirs = _ValueFirstGatedMlp(24, 17, TORCH_GATE[activation])
+    ours = fastlm.nn.FeedForward(24, 17, activation=activation, device=DEVICE, gate_order="up_gate")
+    assert ours.gate_order == "up_gate" and "gate_order='up_gate'" in repr(ours)
+    ours.load_state_dict(theirs.state_dict())
+    x = rnd(3, 5, 24)
+    with fastlm.use_backend(backend):
+        y = ours(x)
+    expected = theirs(x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    default = fastlm.nn.FeedForward(24, 17, activation=activation, device=DEVICE)
+    assert "gate_order" not in repr(default)
+    default.load_state_dict(theirs.state_dict())
+    with fastlm.use_backend(backend):
+        assert not torch.allclose(default(x), expected, rtol=1e-3, atol=1e-3)
+
+
 def test_nn_feed_forward_dropout():
     m = fastlm.nn.FeedForward(16, 32, dropout=0.5, device=DEVICE)
     x = rnd(64, 16)
@@ -240,6 +409,10 @@ def test_opcheck(backend):
         w_in, w_out = rnd(40, 16).requires_grad_(True), rnd(16, 20).requires_grad_(True)
         torch.library.opcheck(torch.ops.fastlm.feed_forward.default,
                               (x, w_in, None, w_out, rnd(16), "swiglu", True))
+        torch.library.opcheck(torch.ops.fastlm.feed_forward.default,
+                              (x, w_in, rnd(40), w_out, None, "geglu_tanh", True, "up_gate"))
+        torch.library.opcheck(torch.ops.fastlm.feed_forward.default,
+                              (x, w_in, None, w_out, None, "swiglu", False, "up_gate"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -248,7 +421,9 @@ def test_torch_compile_fullgraph(backend):
     leaves = [t.requires_grad_(True) for t in (x, w_in, w_out)]
 
     def block(x, w_in, w_out):
-        return fastlm.linear(fastlm.feed_forward(x, w_in, None, w_out, None, "swiglu"), w_out[:, :16], None, "relu")
+        y = fastlm.feed_forward(x, w_in, None, w_out, None, "swiglu")
+        y = fastlm.feed_forward(y, w_in, None, w_out, None, "geglu_tanh", gate_order="up_gate")
+        return fastlm.linear(y, w_out[:, :16], None, "relu")
 
     with fastlm.use_backend(backend):
         eager = block(*leaves)
@@ -286,7 +461,37 @@ def _bad_cases():
         ("ffn recompute", lambda: fastlm.feed_forward(x, w_in, None, w_out, None, "gelu", recompute=1), TypeError,
          "recompute"),
         ("module activation", lambda: fastlm.nn.FeedForward(8, 6, activation="tanh"), ValueError, "activation"),
+        ("ffn gate_order", lambda: fastlm.feed_forward(x, w_gated, None, w_out, None, "swiglu", gate_order="value_gate"),
+         ValueError, "gate_order"),
+        ("ffn gate_order not a str", lambda: fastlm.feed_forward(x, w_gated, None, w_out, None, "geglu_tanh",
+                                                                 gate_order=True), ValueError, "gate_order"),
+        ("ffn gate_order plain activation", lambda: fastlm.feed_forward(x, w_in, None, w_out, None, "gelu",
+                                                                        gate_order="gate_first"), ValueError,
+         "gate_order"),
+        ("module gate_order", lambda: fastlm.nn.FeedForward(8, 6, activation="swiglu", gate_order="up"), ValueError,
+         "gate_order"),
+        ("kernel gate_order", lambda: _kernels().gated_fwd(x, w_gated, None, "swiglu", gate_order="up"), ValueError,
+         "gate_order"),
+        ("kernel dgated gate_order", lambda: _kernels().matmul_dgated(x, w_out.t()[:, :8], torch.randn(4, 12),
+                                                                      "geglu_tanh", "gate"), ValueError,
+         "gate_order"),
+        ("reference gate_order", lambda: ref.gated(x, w_gated, None, "swiglu", "value_first"), ValueError,
+         "gate_order"),
     ]
+
+
+def _kernels():
+    from fastlm.kernels import matmul
+
+    return matmul
+
+
+def test_gate_order_is_keyword_only():
+    x, w_in, w_out = torch.randn(4, 8), torch.randn(12, 8), torch.randn(8, 6)
+    with pytest.raises(TypeError):
+        fastlm.feed_forward(x, w_in, None, w_out, None, "swiglu", False, "up_gate")
+    with pytest.raises(TypeError):
+        fastlm.nn.FeedForward(8, 6, "swiglu", True, 0.0, False, None, None, "up_gate")
 
 
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])

@@ -1,7 +1,7 @@
 """fastlm's flash-attn functions called the way flash-attn 2.8's users call them (issue 20):
 the parameter lists, in order, with their defaults; positional binding; the return types;
-ALiBi, rotary inside the cache call, cache_batch_idx, and the arguments not supported yet
-refused by name.
+ALiBi, rotary inside the cache call, cache_batch_idx, and what is refused by name (the
+paged cache, leftpad, split-KV and sinks: tests/test_attention_kvcache.py, _alibi_sinks.py).
 
 FLASH_ATTN_28 is a copy of flash-attn 2.8's signatures (flash_attn/flash_attn_interface.py),
 kept here so a departure fails a test. fastlm's own extras must be keyword-only.
@@ -120,11 +120,10 @@ def test_deterministic_is_accepted():
                                rtol=0, atol=0)
 
 
-def test_varlen_not_yet_arguments_are_refused_by_name():
+def test_varlen_probs_with_dropout_are_refused_by_name():
     q = torch.randn(5, 2, 16, device=DEVICE)
     cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)
-    for kwargs, name in ((dict(block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)), "block_table"),
-                         (dict(dropout_p=0.1, return_attn_probs=True), "return_attn_probs")):
+    for kwargs, name in ((dict(dropout_p=0.1, return_attn_probs=True), "return_attn_probs"),):
         with pytest.raises(NotImplementedError, match=name):
             fastlm.flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, **kwargs)
     out, lse, none = fastlm.flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, return_attn_probs=True)
@@ -199,7 +198,7 @@ def test_kvcache_batch_idx_reads_and_writes_those_rows(backend):
     assert lse.shape == (3, 4, 1) and torch.isfinite(lse).all()
 
 
-def test_kvcache_num_splits_and_the_not_yet_arguments():
+def test_kvcache_num_splits_and_rotary_checks():
     k_cache, v_cache, lens = _cache()
     q = torch.randn(3, 1, 4, 16, device=DEVICE)
     a = fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, num_splits=0)
@@ -207,10 +206,6 @@ def test_kvcache_num_splits_and_the_not_yet_arguments():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="num_splits"):
         fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, num_splits=-1)
-    for name, value in (("cache_leftpad", torch.zeros(3, dtype=torch.int32, device=DEVICE)),
-                        ("block_table", torch.zeros(3, 1, dtype=torch.int32, device=DEVICE))):
-        with pytest.raises(NotImplementedError, match=name):
-            fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, **{name: value})
     with pytest.raises(ValueError, match="rotary"):
         fastlm.flash_attn_with_kvcache(q, k_cache, v_cache, rotary_cos=torch.ones(12, 4, device=DEVICE),
                                        rotary_sin=torch.zeros(12, 4, device=DEVICE), cache_seqlens=lens)

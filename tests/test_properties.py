@@ -390,7 +390,8 @@ def test_rotary(backend, data):
 
 TORCH_ACT = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
              "silu": F.silu}
-TORCH_GATED = {"swiglu": F.silu, "geglu": F.gelu, "reglu": F.relu}
+TORCH_GATED = {"swiglu": F.silu, "geglu": F.gelu, "geglu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+               "reglu": F.relu}
 MATMUL_SIZES = [0, 1, 2, 15, 16, 17, 33]  # 0: an empty batch, or a zero-width layer (sums of nothing)
 
 
@@ -433,9 +434,10 @@ def test_feed_forward(backend, data):
     gen = generator(data)
     dtype = draw_dtype(data, backend)
     M, D, H = (data.draw(st.sampled_from(MATMUL_SIZES), label=n) for n in ("tokens", "d_model", "hidden"))
-    activation = data.draw(st.sampled_from(["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"]),
-                           label="activation")
+    activation = data.draw(st.sampled_from(["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh",
+                                            "reglu"]), label="activation")
     gated = activation in TORCH_GATED
+    gate_order = data.draw(st.sampled_from(["gate_up", "up_gate"]), label="gate_order") if gated else "gate_up"
     recompute = data.draw(st.booleans(), label="recompute")
     b_in, b_out = data.draw(st.booleans(), label="b_in"), data.draw(st.booleans(), label="b_out")
     rows = 2 * H if gated else H
@@ -449,6 +451,8 @@ def test_feed_forward(backend, data):
         z = F.linear(x, w_in, b_in)
         if gated:
             g, u = z.chunk(2, dim=-1)
+            if gate_order == "up_gate":  # F.glu's order: the value half first
+                g, u = u, g
             h = TORCH_GATED[activation](g) * u
         else:
             h = TORCH_ACT[activation](z)
@@ -470,7 +474,8 @@ def test_feed_forward(backend, data):
         mag = {"input": lambda: dpre @ wia, "w_in": lambda: dpre.t() @ xa, "b_in": lambda: dpre.sum(0)}[name]()
         return 4 * eps * (mag.max().item() if mag.numel() else 0.0)
 
-    check_op(backend, args, lambda *a: fastlm.feed_forward(*a, activation=activation, recompute=recompute),
+    check_op(backend, args, lambda *a: fastlm.feed_forward(*a, activation=activation, recompute=recompute,
+                                                            gate_order=gate_order),
              torch_ffn, dtype, gen, atol_fn=lambda r: summation_floor(r, torch.float32, max(M, D, H)),
              names=["input", "w_in", "b_in", "w_out", "b_out"], grad_atol_fn=grad_atol)
 
@@ -646,7 +651,7 @@ def test_linear_cross_entropy(backend, data):
         return atol
 
     check_op(backend, [x_arg, w_arg, b_arg],
-             lambda x, w, b: fastlm.linear_cross_entropy(x, w, target, b, z_loss=z_loss, softcap=softcap,
+             lambda x, w, b: fastlm.linear_cross_entropy(x, w, target, linear_bias=b, z_loss=z_loss, softcap=softcap,
                                                          chunk_size=chunk_size, **opts),
              torch_lce, dtype, gen, atol_fn=lambda r: summation_floor(r, torch.float32, N * V * Hd),
              names=["input", "weight", "bias"], grad_atol_fn=grad_atol,
@@ -1153,8 +1158,8 @@ def _bad_calls():
         ("cross_entropy ignore_index", lambda: fastlm.cross_entropy(logits, tgt, ignore_index=1.0), "ignore_index"),
         ("linear_cross_entropy weight dtype", lambda: fastlm.linear_cross_entropy(x, _r(9, 17).half(), tgt[:1].expand(5)),
          "weight"),
-        ("linear_cross_entropy bias shape", lambda: fastlm.linear_cross_entropy(x, _r(9, 17), tgt[:1].expand(5), _r(8)),
-         "bias"),
+        ("linear_cross_entropy bias shape", lambda: fastlm.linear_cross_entropy(x, _r(9, 17), tgt[:1].expand(5),
+                                                                                linear_bias=_r(8)), "bias"),
         ("linear_cross_entropy chunk_size", lambda: fastlm.linear_cross_entropy(x, _r(9, 17), tgt[:1].expand(5),
                                                                                 chunk_size=0), "chunk_size"),
         ("linear_cross_entropy target out of range", lambda: fastlm.linear_cross_entropy(

@@ -34,7 +34,7 @@ GPU_SHAPES = [(8192, 768), (8192, 1024), (8192, 2048), (16384, 4096), (32768, 40
 CPU_SHAPES = [(64, 32)]
 _TORCH_ACT = {"relu": torch.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
               "silu": F.silu}
-_GATE = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+_GATE = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}
 
 
 def hidden_width(d_model: int, activation: str) -> int:

@@ -4,8 +4,10 @@ Linear subclasses torch.nn.Linear: constructor, parameters, initialisation, stat
 ``isinstance`` are torch's; ``activation`` (keyword, default None) is applied in the matmul's
 epilogue. FeedForward is the Transformer block act(x W_in^T + b_in) W_out^T + b_out on
 fastlm.feed_forward, built of two Linear layers ``fc_in`` and ``fc_out`` (for the gated
-activations fc_in has 2 * d_hidden outputs: the gate rows, then the up rows), with dropout on
-the block's output (where GPT-2 and BERT put it).
+activations fc_in has 2 * d_hidden outputs: the gate rows, then the up rows; or with
+``gate_order="up_gate"`` the up (value) rows first, the layout of torch's F.glu and of
+flash-attn's GatedMlp.fc1, so such a checkpoint loads as it is), with dropout on the block's
+output (where GPT-2 and BERT put it).
 """
 
 from __future__ import annotations
@@ -35,24 +37,29 @@ class Linear(torch.nn.Linear):
 
 class FeedForward(torch.nn.Module):
     def __init__(self, d_model: int, d_hidden: int, activation: str = "gelu", bias: bool = True, dropout: float = 0.0,
-                 recompute: bool = False, device=None, dtype=None) -> None:
+                 recompute: bool = False, device=None, dtype=None, *, gate_order: str = "gate_up") -> None:
         super().__init__()
         if activation not in F.ACTIVATIONS and activation not in F.GATED:
             raise ValueError(f"FeedForward: activation must be one of {list(F.ACTIVATIONS) + list(F.GATED)}, got "
                              f"{activation!r}")
+        if not isinstance(gate_order, str) or gate_order not in F.GATE_ORDERS:
+            raise ValueError(f"FeedForward: gate_order must be one of {list(F.GATE_ORDERS)} (which half of fc_in's "
+                             f"rows is the gate), got {gate_order!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"FeedForward: dropout must be in [0, 1), got {dropout!r}")
         self.d_model, self.d_hidden = d_model, d_hidden
         self.activation, self.dropout, self.recompute = activation, dropout, recompute
+        self.gate_order = gate_order
         rows = 2 * d_hidden if activation in F.GATED else d_hidden
         self.fc_in = Linear(d_model, rows, bias, device=device, dtype=dtype)
         self.fc_out = Linear(d_hidden, d_model, bias, device=device, dtype=dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         y = F.feed_forward(input, self.fc_in.weight, self.fc_in.bias, self.fc_out.weight, self.fc_out.bias,
-                           self.activation, self.recompute)
+                           self.activation, self.recompute, gate_order=self.gate_order)
         return torch.nn.functional.dropout(y, self.dropout, self.training) if self.dropout > 0 else y
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_hidden={self.d_hidden}, activation={self.activation!r}, "
-                f"dropout={self.dropout}, recompute={self.recompute}")
+                f"dropout={self.dropout}, recompute={self.recompute}"
+                + (f", gate_order={self.gate_order!r}" if self.gate_order != "gate_up" else ""))

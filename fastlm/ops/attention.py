@@ -335,6 +335,46 @@ _attention_eager = EagerTwin(_attention, _attention_body, _setup_context, _backw
                              name="attention")
 
 
+@no_autocast
+def _attention_infer_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
+                          cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], block_table: Optional[Tensor],
+                          leftpad: Optional[Tensor], alibi: Optional[Tensor], sinks: Optional[Tensor], scale: float,
+                          window_left: int, window_right: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int,
+                          num_splits: int) -> tuple[Tensor, Tensor]:
+    backend = _pick(q, k, v, None, cu_seqlens_q, seqused_k, softcap, 0.0, None, alibi, sinks)
+    if backend in ("cuda", "triton"):  # "cuda" cannot be picked: its kernels take no cache lengths
+        from fastlm.kernels import attention as kernels
+        if num_splits == 0:
+            rows = q.shape[1] if cu_seqlens_q is None else max_seqlen_q
+            keys = block_table.shape[1] * k.shape[1] if block_table is not None and cu_seqlens_q is None else (
+                max_seqlen_k if cu_seqlens_q is not None else k.shape[1])
+            num_splits = kernels.split_heuristic(q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1,
+                                                 q.shape[-2], rows, keys, q.device)
+        return kernels.attention_fwd(q, k, v, scale, True, window_left, window_right, softcap, None, 0.0, None,
+                                     cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, alibi, sinks,
+                                     block_table, leftpad, num_splits)
+    out, lse = ref.attention_cache(q, k, v, scale, window_left, window_right, softcap, cu_seqlens_q, cu_seqlens_k,
+                                   seqused_k, block_table, leftpad, alibi, sinks)
+    return out.contiguous(), lse.to(_lse_dtype(q))
+
+
+# Inference only (flash_attn_with_kvcache, paged flash_attn_varlen_func): no autograd formula,
+# as flash-attn's (a call that needs a gradient is refused before it gets here).
+_attention_infer = torch.library.custom_op("fastlm::attention_infer", mutates_args=())(_attention_infer_body)
+
+
+@_attention_infer.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, leftpad, alibi, sinks, scale, window_left,
+      window_right, softcap, max_seqlen_q, max_seqlen_k, num_splits):
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    if cu_seqlens_q is not None:
+        return out, q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+    return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_lse_dtype(q))
+
+
+_attention_infer_eager = EagerTwin(_attention_infer, _attention_infer_body, name="attention_infer")
+
+
 # ----------------------------------------------------------------------------- argument checks
 
 def _check_qkv(fn: str, q, k, v, packed: bool = False):
@@ -668,11 +708,18 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     never a read or write outside q, k, v or the output. The lse is (H, total_q).
     return_attn_probs gives (out, lse, None) without dropout; deterministic changes nothing
     (see flash_attn_func). alibi_slopes (H,) or (B, H) and fastlm's ``sinks`` (H,) as in
-    flash_attn_func. Not yet supported, each raising NotImplementedError that names it:
-    block_table (a paged cache), return_attn_probs with dropout."""
+    flash_attn_func. block_table (B, max_pages) int32: k and v are a paged cache (num_pages,
+    page_size, Hk, D), page_size a multiple of 16, sequence b's key j in page
+    block_table[b, j // page_size], slot j % page_size; cu_seqlens_k then only gives the key
+    lengths. As in flash-attn that call is forward-only (no gradient; dropout refused). Not yet
+    supported, raising NotImplementedError that names it: return_attn_probs with dropout."""
     fn = "flash_attn_varlen_func"
     if _autocast_any():
         q, k, v = autocast_inputs(q, k, v)
+    if block_table is not None:
+        return _varlen_paged(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                             softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                             block_table, return_lse, sinks)
     _check_qkv(fn, q, k, v, packed=True)
     cu_q = _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, q)
     cu_k = _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, q)
@@ -688,7 +735,6 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
     left, right = _window_of(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
-    _not_yet(fn, block_table=block_table)
     slopes = _check_slopes(fn, alibi_slopes, cu_q.numel() - 1, q.shape[1], q)
     if return_attn_probs and dropout_p > 0:
         raise NotImplementedError(f"fastlm.{fn}: return_attn_probs with dropout_p > 0 (S_dmask of packed "
@@ -701,13 +747,52 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     return (out, lse) if return_lse else out
 
 
-def _not_yet(fn: str, **arguments) -> None:
-    """NotImplementedError naming the first flash-attn argument given that fastlm does not
-    support yet (a clear refusal, never a silently different answer)."""
-    for name, value in arguments.items():
-        if value is not None:
-            raise NotImplementedError(f"fastlm.{fn}: {name} is not supported yet (fastlm issue 20); "
-                                      f"call without it")
+def _varlen_paged(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                  causal, window_size, softcap, alibi_slopes, return_attn_probs, block_table, return_lse, sinks):
+    """flash_attn_varlen_func over a paged cache: packed queries, keys through block_table."""
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, sinks)):
+        raise NotImplementedError(f"fastlm.{fn}: block_table (a paged cache) is forward-only, as in flash-attn: "
+                                  f"call it under torch.no_grad() or with tensors that do not require grad")
+    if not isinstance(k, Tensor) or k.dim() != 4:
+        raise ValueError(f"fastlm.{fn}: with a block_table k and v are (num_pages, page_size, Hk, D), got "
+                         f"{list(k.shape) if isinstance(k, Tensor) else k!r}")
+    _check_index_tensor(fn, "block_table", block_table, q, dims=2)
+    if k.shape[1] == 0 or k.shape[1] % 16 or k.shape[0] == 0:
+        raise ValueError(f"fastlm.{fn}: a paged cache has at least one page of a multiple of 16 rows, got "
+                         f"{list(k.shape)}")
+    pages = block_table.shape[1] * k.shape[1]
+    _check_qkv(fn, q, k.flatten(0, 1), v.flatten(0, 1), packed=True)
+    cu_q = _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, q)
+    cu_k = _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, q)
+    if cu_q.numel() != cu_k.numel() or block_table.shape[0] != cu_q.numel() - 1:
+        raise ValueError(f"fastlm.{fn}: cu_seqlens_q, cu_seqlens_k (B + 1) and block_table (B rows) must agree, "
+                         f"got {cu_q.numel()}, {cu_k.numel()} and {list(block_table.shape)}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"fastlm.{fn}: {name} must be an int >= 0, got {m!r}")
+    if max_seqlen_k > pages:
+        raise ValueError(f"fastlm.{fn}: max_seqlen_k = {max_seqlen_k} is more than block_table holds "
+                         f"({block_table.shape[1]} pages of {k.shape[1]})")
+    _check_cu_values(fn, "cu_seqlens_q", cu_q, q.shape[0], "q", "max_seqlen_q", max_seqlen_q)
+    if cu_k.device.type == "cpu" and cu_k.numel():
+        _check_cu_values(fn, "cu_seqlens_k", cu_k, int(cu_k[-1]), "k", "max_seqlen_k", max_seqlen_k)
+    if block_table.device.type == "cpu" and block_table.numel() and \
+            not 0 <= int(block_table.min()) <= int(block_table.max()) < k.shape[0]:
+        raise ValueError(f"fastlm.{fn}: block_table must index the cache's {k.shape[0]} pages")
+    if _check_dropout(fn, "dropout_p", dropout_p) > 0:
+        raise ValueError(f"fastlm.{fn}: block_table (a paged cache, inference) takes no dropout")
+    scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
+    left, right = _window_of(fn, causal, window_size)
+    softcap = _check_softcap(fn, softcap)
+    slopes = _check_slopes(fn, alibi_slopes, cu_q.numel() - 1, q.shape[1], q)
+    sinks = _check_sinks(fn, sinks, q.shape[1], q)
+    sinks = None if sinks is None else sinks.to(_lse_dtype(q)).contiguous()
+    with torch.no_grad():
+        out, lse = _attention_infer_eager(q, k, v, cu_q, cu_k, None, block_table, None, slopes, sinks, scale, left,
+                                          right, softcap, max_seqlen_q, max_seqlen_k, 1)
+    if return_attn_probs:
+        return out, lse, None
+    return (out, lse) if return_lse else out
 
 
 def _check_cache_seqlens(fn: str, cache_seqlens, n: int, S_max: int):
@@ -738,28 +823,36 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                             num_splits: int = 0, return_softmax_lse: bool = False, *,
                             sinks: Optional[Tensor] = None):
     """FlashAttention 2.8's flash_attn_with_kvcache, argument for argument (causal defaults to
-    False, as there): q (B, L, H, D), caches (B_cache, S_max, Hk, D).
+    False, as there): q (B, L, H, D), caches (B_cache, S_max, Hk, D), or with block_table
+    (num_pages, page_size, Hk, D).
 
     If k and v (B, L_new, Hk, D) are given they are written into the caches in place at each
     batch's cache_seqlens (an int or a (B,) int tensor; None means the caches are full), then
-    q attends to the first cache_seqlens + L_new keys (causal and window_size aligned
-    bottom-right). rotary_cos/rotary_sin (seqlen_ro, rotary_dim / 2), with k and v: k is
-    rotated at positions cache_seqlens, cache_seqlens + 1, ..., and q too when causal or
-    windowed, else every query at position cache_seqlens (flash-attn's rule);
-    rotary_interleaved pairs (2i, 2i + 1) (its default) or (i, i + rotary_dim / 2).
-    cache_batch_idx (B,): batch b reads and writes cache row cache_batch_idx[b] (today the
-    rows are gathered into a copy for the attention; an index outside the caches raises on
-    CPU tensors and is clamped to a valid row on CUDA ones, where checking would sync). num_splits is accepted (0, or any
-    count) and changes nothing yet: there is no split-KV decoding. return_softmax_lse returns
-    (out, lse (B, H, L) float32). alibi_slopes (H,) or (B, H) as in flash_attn_func, the
-    distance measured from each batch's own last key (i + cache_seqlens + L_new - L - j);
-    fastlm's ``sinks`` (H,) likewise. Not yet supported, raising NotImplementedError that names
-    it: cache_leftpad, block_table (a paged cache).
+    q attends to the cache's keys up to cache_seqlens + L_new (causal and window_size aligned
+    bottom-right). cache_leftpad (B,) int32: batch b's keys start at that row (flash-attn's
+    left padding): it sees rows [cache_leftpad, cache_seqlens + L_new), its key 0 the first of
+    them. block_table (B, max_pages) int32: a paged cache, batch b's row r in page
+    block_table[b, r // page_size], slot r % page_size (page_size any multiple of 16;
+    flash-attn's CUDA kernels need 256); S_max is then max_pages * page_size.
+    rotary_cos/rotary_sin (seqlen_ro, rotary_dim / 2), with k and v: k is rotated at positions
+    cache_seqlens - cache_leftpad, + 1, ..., and q too when causal or windowed, else every query
+    at position cache_seqlens - cache_leftpad (flash-attn's rule; its positions count from the
+    first key); rotary_interleaved pairs (2i, 2i + 1) (its default) or (i, i + rotary_dim / 2).
+    cache_batch_idx (B,): batch b reads and writes cache row cache_batch_idx[b] (the rows are
+    gathered into a copy for the attention; an index outside the caches raises on CPU tensors
+    and is clamped to a valid row on CUDA ones, where checking would sync; not with a
+    block_table, as flash-attn). num_splits: split-KV decoding, each row's keys shared by that
+    many programs and merged (0: fastlm's heuristic, which splits only when batch x heads x
+    query blocks would leave most SMs idle; 1: no split). return_softmax_lse returns (out,
+    lse (B, H, L) float32). alibi_slopes (H,) or (B, H) as in flash_attn_func, the distance
+    measured from each batch's own last key; fastlm's ``sinks`` (H,) likewise.
 
     No gradient flows through this function (it is for inference). 0 <= cache_seqlens and
-    cache_seqlens + L_new <= S_max: an int or a CPU tensor that breaks this raises a
-    ValueError; a CUDA tensor is not checked (that would sync), the write and the kernel clamp
-    to each batch's own cache instead, so a bad length never touches memory outside it."""
+    cache_seqlens + L_new <= S_max (and cache_leftpad <= cache_seqlens): an int or a CPU
+    tensor that breaks this raises a ValueError; a CUDA tensor is not checked (that would
+    sync), the write and the kernel clamp to each batch's own cache instead (its own pages,
+    clamped to the cache, with a block_table), so a bad length never touches memory outside
+    the caches."""
     fn = "flash_attn_with_kvcache"
     simple = rotary_cos is None and rotary_sin is None and cache_batch_idx is None and not return_softmax_lse
     # The CPU decode path; anything it does not serve (a bad num_splits too) goes on to the checks
@@ -769,10 +862,24 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         out = _kvcache_cpu(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal)
         if out is not None:
             return out
-    _not_yet(fn, cache_leftpad=cache_leftpad, block_table=block_table)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"fastlm.{fn}: num_splits must be an int >= 0 (0: choose), got {num_splits!r}")
     q, k, v = autocast_to(k_cache, q, k, v)  # under autocast the caches' dtype is the compute dtype
+    B = q.shape[0] if isinstance(q, Tensor) and q.dim() == 4 else None
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError(f"fastlm.{fn}: block_table and cache_batch_idx cannot be used together (a paged "
+                             f"cache's table already says where each batch's keys are; as flash-attn)")
+        _check_index_tensor(fn, "block_table", block_table, q, dims=2)
+        if B is not None and block_table.shape[0] != B:
+            raise ValueError(f"fastlm.{fn}: block_table must have one row per batch ({B}), got "
+                             f"{list(block_table.shape)}")
+        if isinstance(k_cache, Tensor) and k_cache.dim() == 4 and (k_cache.shape[1] == 0 or k_cache.shape[1] % 16):
+            raise ValueError(f"fastlm.{fn}: with a block_table the caches are (num_pages, page_size, Hk, D) with "
+                             f"page_size a multiple of 16, got {list(k_cache.shape)}")
+        if block_table.device.type == "cpu" and block_table.numel() and isinstance(k_cache, Tensor) and not \
+                0 <= int(block_table.min()) <= int(block_table.max()) < k_cache.shape[0]:
+            raise ValueError(f"fastlm.{fn}: block_table must index the caches' {k_cache.shape[0]} pages")
     if cache_batch_idx is not None:
         if not isinstance(cache_batch_idx, Tensor) or cache_batch_idx.dtype not in (torch.int32, torch.int64) \
                 or cache_batch_idx.shape != (q.shape[0],) or cache_batch_idx.device != q.device:
@@ -786,8 +893,16 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         k_cache, v_cache = k_cache.index_select(0, rows_idx), v_cache.index_select(0, rows_idx)
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError(f"fastlm.{fn}: rotary_cos and rotary_sin must be given together")
-    _check_qkv(fn, q, k_cache, v_cache)
-    B, S_max = k_cache.shape[0], k_cache.shape[1]
+    if block_table is None:
+        _check_qkv(fn, q, k_cache, v_cache)
+        S_max = k_cache.shape[1]
+    else:  # the checks on one page standing for each batch's cache
+        _check_qkv(fn, q, k_cache[:1].expand((B,) + tuple(k_cache.shape[1:])),
+                   v_cache[:1].expand((B,) + tuple(v_cache.shape[1:])))
+        if k_cache.shape[0] == 0:
+            raise ValueError(f"fastlm.{fn}: a paged cache needs at least one page, got {list(k_cache.shape)}")
+        S_max = block_table.shape[1] * k_cache.shape[1]
+    B = q.shape[0]
     if (k is None) != (v is None):
         raise ValueError(f"fastlm.{fn}: k and v must be given together")
     if rotary_cos is not None and k is None:
@@ -812,15 +927,30 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     else:
         raise ValueError(f"fastlm.{fn}: cache_seqlens must be None, an int or a ({B},) int tensor, "
                          f"got {cache_seqlens!r}")
+    leftpad = None
+    if cache_leftpad is not None:
+        _check_index_tensor(fn, "cache_leftpad", cache_leftpad, q, dims=1)
+        if cache_leftpad.shape != (B,):
+            raise ValueError(f"fastlm.{fn}: cache_leftpad must be ({B},), got {list(cache_leftpad.shape)}")
+        leftpad = cache_leftpad.to(torch.int32)
+        if leftpad.device.type == "cpu" and B:
+            ends = seqlens.long() if seqlens is not None else torch.full(
+                (B,), S_max if cache_seqlens is None else cache_seqlens, dtype=torch.long)
+            if not (0 <= leftpad.long()).all() or (leftpad.long() > ends).any():
+                raise ValueError(f"fastlm.{fn}: cache_leftpad must be >= 0 and at most cache_seqlens, got "
+                                 f"{leftpad.tolist()} (cache_seqlens {ends.tolist()})")
     scale = _check_scale(fn, "softmax_scale", softmax_scale, q.shape[-1])
     left, right = _window_of(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
     extras = _extras(fn, _check_slopes(fn, alibi_slopes, q.shape[0], q.shape[2], q), sinks, q)
+    slopes, sinks = (tuple(extras) + (None, None))[:2]
     with torch.no_grad():
         n = 0
         if k is not None:
-            _check_qkv(fn, q, k, v)
-            if k.shape[0] != B or k.shape[2:] != k_cache.shape[2:] or v.shape[2:] != v_cache.shape[2:]:
+            if block_table is None:
+                _check_qkv(fn, q, k, v)
+            if k.shape[0] != B or k.shape[2:] != k_cache.shape[2:] or v.shape[2:] != v_cache.shape[2:] \
+                    or k.dim() != 4 or v.shape[:2] != k.shape[:2] or k.dtype != q.dtype or v.dtype != q.dtype:
                 raise ValueError(f"fastlm.{fn}: k and v must be (B, L_new, Hk, D) like the caches, got "
                                  f"{list(k.shape)} and {list(v.shape)}")
             n = k.shape[1]
@@ -829,14 +959,16 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         _check_cache_seqlens(fn, cache_seqlens, n, S_max)
         if rotary_cos is not None:
             start = seqlens.long() if seqlens is not None else torch.full((B,), cache_seqlens, device=q.device)
+            if leftpad is not None:  # flash-attn counts positions from each batch's first key
+                start = start - leftpad.long()
             k = rotary(k, rotary_cos, rotary_sin, start[:, None] + torch.arange(n, device=q.device),
                        rotary_interleaved)
             windowed = causal or tuple(window_size) != (-1, -1)
             q_pos = start[:, None] + (torch.arange(q.shape[1], device=q.device) if windowed else
                                       torch.zeros(q.shape[1], dtype=torch.long, device=q.device))
             q = rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
-        if simple and not extras and (cache_seqlens is None or type(cache_seqlens) is int) and softcap == 0.0 \
-                and left == -1 \
+        if simple and not extras and block_table is None and leftpad is None \
+                and (cache_seqlens is None or type(cache_seqlens) is int) and softcap == 0.0 and left == -1 \
                 and right <= 0 and not compiling() and q.is_cpu and native_backend("cpu"):
             # The CPU path (a model's decode loop passes an int): the write is a slice, then
             # torch's SDPA over the filled part of the caches, as flash_attn_func's CPU path.
@@ -857,16 +989,31 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
             # Clamped into each batch's own cache rows: on CUDA the lengths are not checked
             # (a host sync), and a bad one must not write into another batch's cache.
             rows = (seqlens.long()[:, None] + torch.arange(n, device=q.device)).clamp_(0, S_max - 1)
-            batch = torch.arange(B, device=q.device)[:, None].expand_as(rows)
-            k_cache[batch, rows] = k
-            v_cache[batch, rows] = v
+            if block_table is not None:  # row r of batch b: page block_table[b, r // P], slot r % P
+                P = k_cache.shape[1]
+                pages = block_table.long().gather(1, rows // P).clamp_(0, k_cache.shape[0] - 1)
+                k_cache[pages, rows % P] = k
+                v_cache[pages, rows % P] = v
+            else:
+                batch = torch.arange(B, device=q.device)[:, None].expand_as(rows)
+                k_cache[batch, rows] = k
+                v_cache[batch, rows] = v
             if cache_batch_idx is not None:  # the gathered copies were written: the caches' rows too
                 caches[0][rows_idx[:, None].expand_as(rows), rows] = k
                 caches[1][rows_idx[:, None].expand_as(rows), rows] = v
             seqlens = seqlens + n
-        out, lse = _attention_eager(q, k_cache, v_cache, None, None, None, seqlens, None, scale, True, left, right,
-                                    softcap, 0.0, 0, 0, *extras)
+        out, lse = _attention_infer_eager(q, k_cache, v_cache, None, None, seqlens, block_table, leftpad, slopes,
+                                          sinks, scale, left, right, softcap, 0, 0, num_splits)
     return (out, lse) if return_softmax_lse else out
+
+
+def _check_index_tensor(fn: str, name: str, t, q: Tensor, dims: int) -> None:
+    """An int32 index tensor (block_table, cache_leftpad) with ``dims`` dims on q's device."""
+    if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != dims:
+        got = f"{t.dtype} {list(t.shape)}" if isinstance(t, Tensor) else repr(t)
+        raise ValueError(f"fastlm.{fn}: {name} must be a {dims}-D int32 tensor, got {got}")
+    if t.device != q.device:
+        raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but q is on {q.device}")
 
 
 def _kvcache_cpu(q, k_cache, v_cache, k, v, start: int, softmax_scale, causal) -> Optional[Tensor]:

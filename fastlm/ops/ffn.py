@@ -4,15 +4,15 @@ Two custom-op pairs:
 
     fastlm::linear(x, w, b?, activation, save) -> (y, saved)
     fastlm::linear_bwd(dy, x, w, saved, activation, has_bias, backend) -> (dx, dw, db)
-    fastlm::feed_forward(x, w_in, b_in?, w_out, b_out?, activation, save) -> (y, h, pre)
-    fastlm::feed_forward_bwd(dy, x, w_in, b_in?, w_out, h, pre, activation, has_b_out, backend)
-        -> (dx, dw_in, db_in, dw_out, db_out)
+    fastlm::feed_forward(x, w_in, b_in?, w_out, b_out?, activation, save, gate_order="gate_up") -> (y, h, pre)
+    fastlm::feed_forward_bwd(dy, x, w_in, b_in?, w_out, h, pre, activation, has_b_out, backend,
+                             gate_order="gate_up") -> (dx, dw_in, db_in, dw_out, db_out)
 
 x is 2-D (tokens, features): the public functions flatten leading dims. Saved activations:
 ``linear`` keeps the pre-activation z for gelu/gelu_tanh/silu (their derivative needs it)
 and nothing else (relu's derivative is read off the output). ``feed_forward`` keeps the
 hidden h = act(z) (the second matmul's input, needed for dW_out) and the pre-activation
-(z, or for the gated activations the gate and up halves gu), unless ``save`` is False
+(z, or for the gated activations gu, both halves in w_in's row order), unless ``save`` is False
 (``recompute=True``): then the backward computes them again from x.
 
 Kernels (backend "triton"): the first matmul's epilogue adds the bias and applies the
@@ -44,7 +44,8 @@ from ..reference import ffn as ref
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = ref.ACTIVATIONS  # relu, gelu (erf), gelu_tanh, silu
-GATED = ref.GATED  # swiglu, geglu, reglu -> the activation of the gate
+GATED = ref.GATED  # swiglu, geglu (erf), geglu_tanh, reglu -> the activation of the gate
+GATE_ORDERS = ref.GATE_ORDERS  # "gate_up" (the gate rows of w_in first), "up_gate" (F.glu's value first)
 
 
 def _triton_unsupported(*tensors: Optional[Tensor]) -> Optional[str]:
@@ -88,23 +89,24 @@ def _ref_linear_bwd(dy, x, w, saved, activation, has_bias):
     return dz @ w, dz.t() @ x, db
 
 
-def _ref_ffn_fwd(x, w_in, b_in, w_out, b_out, activation):
+def _ref_ffn_fwd(x, w_in, b_in, w_out, b_out, activation, gate_order="gate_up"):
     """(y, h, pre) in plain torch, rounding where the kernels round: pre and h in x's dtype."""
     pre = torch.nn.functional.linear(x, w_in, b_in)
     if activation in GATED:
-        g, u = pre.chunk(2, dim=-1)
+        g, u = ref.split_gated(pre, gate_order)
         h = (ref.act(_up(g), GATED[activation]) * _up(u)).to(x.dtype)
     else:
         h = ref.act(_up(pre), activation).to(x.dtype)
     return torch.nn.functional.linear(h, w_out, b_out), h, pre
 
 
-def _ref_dpre(dh, pre, activation):
+def _ref_dpre(dh, pre, activation, gate_order="gate_up"):
     if activation in GATED:
-        g, u = _up(pre).chunk(2, dim=-1)
+        g, u = ref.split_gated(_up(pre), gate_order)
         a = GATED[activation]
         dhf = _up(dh)
-        return torch.cat([dhf * u * ref.act_grad(g, a), dhf * ref.act(g, a)], dim=-1).to(dh.dtype)
+        dg, du = dhf * u * ref.act_grad(g, a), dhf * ref.act(g, a)
+        return torch.cat([dg, du] if gate_order == "gate_up" else [du, dg], dim=-1).to(dh.dtype)
     return (_up(dh) * ref.act_grad(_up(pre), activation)).to(dh.dtype)
 
 
@@ -182,16 +184,16 @@ _linear_eager = EagerTwin(_linear, _linear_body, _linear_setup, _linear_backward
 
 @no_autocast
 def _feed_forward_body(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-                       activation: str, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+                       activation: str, save: bool, gate_order: str = "gate_up") -> tuple[Tensor, Tensor, Tensor]:
     if _pick("feed_forward", x) == "triton":
         from fastlm.kernels import matmul as kernels
         if activation in GATED:
-            h, pre = kernels.gated_fwd(x, w_in, b_in, activation, save_gu=save)
+            h, pre = kernels.gated_fwd(x, w_in, b_in, activation, save_gu=save, gate_order=gate_order)
         else:
             h, pre = kernels.linear_fwd(x, w_in, b_in, activation, save_preact=save and _saves_preact(activation))
         y, _ = kernels.linear_fwd(h, w_out, b_out, None)
     else:
-        y, h, pre = _ref_ffn_fwd(x, w_in, b_in, w_out, b_out, activation)
+        y, h, pre = _ref_ffn_fwd(x, w_in, b_in, w_out, b_out, activation, gate_order)
         if not (activation in GATED or _saves_preact(activation)):
             pre = None
     if not save:
@@ -203,7 +205,7 @@ _feed_forward = torch.library.custom_op("fastlm::feed_forward", mutates_args=())
 
 
 @_feed_forward.register_fake
-def _(x, w_in, b_in, w_out, b_out, activation, save):
+def _(x, w_in, b_in, w_out, b_out, activation, save, gate_order="gate_up"):
     y = x.new_empty(x.shape[0], w_out.shape[0])
     if not save:
         return y, _empty(x), _empty(x)
@@ -214,20 +216,20 @@ def _(x, w_in, b_in, w_out, b_out, activation, save):
 
 @no_autocast
 def _feed_forward_bwd_body(dy: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, h: Tensor,
-                           pre: Tensor, activation: str, has_b_out: bool,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           pre: Tensor, activation: str, has_b_out: bool, backend: str,
+                           gate_order: str = "gate_up") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     gated = activation in GATED
     recompute = h.dim() == 1  # the 1-D placeholder (_empty): h was not saved; a saved h is 2-D, even with 0 rows
     if _pick("feed_forward", x, backend) == "triton":
         from fastlm.kernels import matmul as kernels
         if recompute:
             if gated:
-                h, pre = kernels.gated_fwd(x, w_in, b_in, activation, save_gu=True)
+                h, pre = kernels.gated_fwd(x, w_in, b_in, activation, save_gu=True, gate_order=gate_order)
             else:
                 h, pre = kernels.linear_fwd(x, w_in, b_in, activation, save_preact=_saves_preact(activation))
         # dh = dy @ W_out, times the activation's derivative, in the matmul's epilogue.
         if gated:
-            dpre, db_in = kernels.matmul_dgated(dy, w_out.t(), pre, activation)
+            dpre, db_in = kernels.matmul_dgated(dy, w_out.t(), pre, activation, gate_order)
         else:
             dpre, db_in = kernels.matmul_dact(dy, w_out.t(), pre if _saves_preact(activation) else h, activation)
         dw_out = kernels.matmul(dy.t(), h.t())
@@ -236,10 +238,10 @@ def _feed_forward_bwd_body(dy: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[T
         db_out = dy.float().sum(0) if has_b_out else None
     else:
         if recompute:
-            _, h, pre = _ref_ffn_fwd(x, w_in, b_in, w_out, None, activation)
+            _, h, pre = _ref_ffn_fwd(x, w_in, b_in, w_out, None, activation, gate_order)
         elif not (gated or _saves_preact(activation)):
             pre = h  # relu: the derivative is read off the output
-        dpre = _ref_dpre(dy @ w_out, pre, activation)
+        dpre = _ref_dpre(dy @ w_out, pre, activation, gate_order)
         dw_out, dx, dw_in = dy.t() @ h, dpre @ w_in, dpre.t() @ x
         db_in = _up(dpre).sum(0)
         db_out = _up(dy).sum(0) if has_b_out else None
@@ -252,26 +254,29 @@ _feed_forward_bwd = torch.library.custom_op("fastlm::feed_forward_bwd", mutates_
 
 
 @_feed_forward_bwd.register_fake
-def _(dy, x, w_in, b_in, w_out, h, pre, activation, has_b_out, backend):
+def _(dy, x, w_in, b_in, w_out, h, pre, activation, has_b_out, backend, gate_order="gate_up"):
     db_in = w_in.new_empty(w_in.shape[0]) if b_in is not None else _empty(x)
     db_out = w_out.new_empty(w_out.shape[0]) if has_b_out else _empty(x)
     return torch.empty_like(x), torch.empty_like(w_in), db_in, torch.empty_like(w_out), db_out
 
 
 def _ffn_setup(ctx, inputs, output):
-    x, w_in, b_in, w_out, b_out, activation, save = inputs
+    x, w_in, b_in, w_out, b_out, activation, save = inputs[:7]
     _, h, pre = output
     ctx.save_for_backward(x, w_in, b_in, w_out, h, pre)
     ctx.activation, ctx.has_b_out, ctx.backend = activation, b_out is not None, get_backend()
+    # a call may leave gate_order out (its default); the backward returns one gradient per input
+    ctx.gate_order, ctx.n_inputs = (inputs[7] if len(inputs) > 7 else "gate_up"), len(inputs)
 
 
 def _ffn_backward_with(feed_forward_bwd):
     def backward(ctx, dy, _dh, _dpre):
         x, w_in, b_in, w_out, h, pre = ctx.saved_tensors
         dx, dw_in, db_in, dw_out, db_out = feed_forward_bwd(dy, x, w_in, b_in, w_out, h, pre, ctx.activation,
-                                                            ctx.has_b_out, ctx.backend)
-        return (dx, dw_in, db_in if b_in is not None else None, dw_out, db_out if ctx.has_b_out else None, None,
-                None)
+                                                            ctx.has_b_out, ctx.backend, ctx.gate_order)
+        grads = (dx, dw_in, db_in if b_in is not None else None, dw_out, db_out if ctx.has_b_out else None, None,
+                 None)
+        return grads + (None,) * (ctx.n_inputs - len(grads))
     return backward
 
 
@@ -347,13 +352,14 @@ def _native_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], activa
 
 
 def _native_feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor,
-                         b_out: Optional[Tensor], activation: str) -> Tensor:
+                         b_out: Optional[Tensor], activation: str, gate_order: str = "gate_up") -> Tensor:
     """The "torch" backend: F.linear, the activation (gated: act(gate half) * up half, the gate
-    rows first as fastlm defines them), F.linear, with torch's autograd."""
+    rows first, or second for gate_order "up_gate"), F.linear, with torch's autograd."""
     z = torch.nn.functional.linear(input, w_in, b_in)
     gate = _TORCH_GATE.get(activation)
     if gate is not None:
-        g, u = z.chunk(2, dim=-1)
+        first, second = z.chunk(2, dim=-1)
+        g, u = (first, second) if gate_order == "gate_up" else (second, first)
         h = gate(g) * u
     else:
         h = _TORCH_ACT[activation](z)
@@ -416,12 +422,20 @@ def _check_linear(fn: str, input, weight, bias, activation) -> None:
 
 
 def feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-                 activation: str = "gelu", recompute: bool = False) -> Tensor:
+                 activation: str = "gelu", recompute: bool = False, *, gate_order: str = "gate_up") -> Tensor:
     """The Transformer's feed-forward block, act(input @ w_in.T + b_in) @ w_out.T + b_out.
 
-    input (..., d_model); w_in (hidden, d_model), or for the gated activations "swiglu",
-    "geglu", "reglu" (2 * hidden, d_model) holding the gate rows then the up rows, so the
-    block is (act(x Wg + bg) * (x Wu + bu)) W_out + b_out; w_out (d_model, hidden).
+    input (..., d_model); w_in (hidden, d_model), or for the gated activations "swiglu"
+    (silu), "geglu" (gelu, erf form), "geglu_tanh" (gelu's tanh approximation: Gemma's
+    gelu_pytorch_tanh, Liger's geglu), "reglu" (relu) (2 * hidden, d_model) holding the
+    gate rows and the up rows, so the block is (act(x Wg + bg) * (x Wu + bu)) W_out + b_out;
+    w_out (d_model, hidden). Which half of w_in's rows (and b_in) is the gate is
+    ``gate_order`` (keyword-only): "gate_up" (the default) the first half, as fastlm's
+    FeedForward and a Llama checkpoint's torch.cat([gate_proj, up_proj]) stack them;
+    "up_gate" the second half, the value-first order of torch's F.glu (a * sigmoid(b) for
+    a, b = x.chunk(2, -1)) and flash-attn's GatedMlp (``y, gate = y.chunk(2, dim=-1)``).
+    The kernels swap which half they call the gate; no weight is copied. It has no effect
+    for the plain activations (its value is checked all the same).
     recompute=True saves no hidden activation for the backward and recomputes it from input.
 
     On the "torch" backend (the CPU path) the block is torch's own F.linear, activation
@@ -448,6 +462,9 @@ def feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Ten
                          f"{activation!r}")
     if not isinstance(recompute, bool):
         raise TypeError(f"fastlm.{fn}: recompute must be a bool, got {recompute!r}")
+    if not isinstance(gate_order, str) or gate_order not in GATE_ORDERS:
+        raise ValueError(f"fastlm.{fn}: gate_order must be one of {list(GATE_ORDERS)} (which half of a gated "
+                         f"w_in's rows is the gate), got {gate_order!r}")
     d_model = input.shape[-1] if input.dim() >= 1 else None
     if w_in.dim() != 2 or w_in.shape[1] != d_model:
         raise ValueError(f"fastlm.{fn}: w_in must be (hidden, d_model) with d_model = {d_model} (input's last dim), "
@@ -464,9 +481,9 @@ def feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Ten
     _check_shape(fn, "b_out", b_out, (d_model,), "(d_model,)")
     if not compiling() and native_backend(device.type):
         if not recompute or not _needs_grad(input, w_in, b_in, w_out, b_out):
-            return _native_feed_forward(input, w_in, b_in, w_out, b_out, activation)
+            return _native_feed_forward(input, w_in, b_in, w_out, b_out, activation, gate_order)
         save = False
     else:
         save = not recompute and _needs_grad(input, w_in, b_in, w_out, b_out)
-    y, _, _ = _feed_forward_eager(_flatten(input), w_in, b_in, w_out, b_out, activation, save)
+    y, _, _ = _feed_forward_eager(_flatten(input), w_in, b_in, w_out, b_out, activation, save, gate_order)
     return y.reshape(input.shape)

@@ -246,6 +246,54 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool = Fa
     return dq, dk, dv
 
 
+def attention_cache(q, k, v, scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                    cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                    seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                    leftpad: Optional[Tensor] = None, alibi: Optional[Tensor] = None, sinks: Optional[Tensor] = None):
+    """Inference attention over a cache, bottom-right aligned, as flash-attn's paged and
+    left-padded calls read (no gradient). Sequence b's keys: rows [start, end) of its cache
+    (end: seqused_k[b], the cu_seqlens_k difference, or the cache's length; start: leftpad[b]
+    or 0), key j being row start + j; with block_table (B, pages) and k, v (pages, page size,
+    Hk, D) row r lives in page block_table[b, r // page size], slot r % page size. Queries:
+    q[b] (B, L, H, D) or rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of a packed q. Returns (out,
+    lse (B, H, L) or (H, total_q))."""
+    varlen = cu_seqlens_q is not None
+    B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    dt = _compute_dtype(q)
+    out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+    lse = torch.full((q.shape[-2], q.shape[0]) if varlen else (B, q.shape[2], q.shape[1]), float("inf"), dtype=dt,
+                     device=q.device)
+    page = k.shape[1] if block_table is not None else None
+    for b in range(B):
+        if varlen:
+            rq = slice(int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]))
+            first, end = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+            end -= first
+            first = 0 if block_table is not None else first
+        else:
+            first = 0
+            end = int(seqused_k[b]) if seqused_k is not None else (
+                block_table.shape[1] * page if block_table is not None else k.shape[1])
+        start = int(leftpad[b]) if leftpad is not None else 0
+        rows = first + torch.arange(start, end, device=q.device)
+        if block_table is not None:
+            pages = block_table[b].long()[rows // page]
+            kk, vv = k[pages, rows % page], v[pages, rows % page]
+        elif varlen:
+            kk, vv = k[rows], v[rows]
+        else:
+            kk, vv = k[b, rows], v[b, rows]
+        qq = q[rq] if varlen else q[b]
+        slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi)
+        o, l_ = attention_dense(qq[None], kk[None], vv[None], scale, True, window_left, window_right, softcap, None,
+                                None, 0.0, slopes, sinks)
+        if varlen:
+            out[rq], lse[:, rq] = o[0], l_[0]
+        else:
+            out[b], lse[b] = o[0], l_[0]
+    return out, lse
+
+
 def sink_grad(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor, varlen: bool = False) -> Tensor:
     """d(loss)/d(sinks) (H,): -sum over batches and queries of exp(a_h - lse) * delta, delta =
     rowsum(dO * O) (the sink's probability times minus the row's mean gradient); lse (B, H, L)
