@@ -452,6 +452,401 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(a, b)
 
 
+# ----------------------------------------------------------------------------- HF's apply_rotary_pos_emb
+
+def _hf():
+    """transformers' own apply_rotary_pos_emb (Llama's), the oracle of this interface."""
+    return pytest.importorskip("transformers.models.llama.modeling_llama").apply_rotary_pos_emb
+
+
+def _hf_or_formula():
+    """HF's function as the yardstick where transformers is installed (the GPU machine may
+    not have it), else None: check_pos_emb then uses HF's formula in the test dtype."""
+    try:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    except ImportError:
+        return None
+    return apply_rotary_pos_emb
+
+
+def hf_tables(Bc, S, R, dtype=torch.float32, base=10000.0):
+    """cos, sin (Bc, S, R) as HF's rotary embedding makes them: cat((freqs, freqs)) at random
+    per-sequence positions, computed in float64 then cast."""
+    inv = base ** (-torch.arange(0, R, 2, dtype=torch.float64, device=DEVICE) / R)
+    freqs = torch.randint(0, 4096, (Bc, S), device=DEVICE).double()[..., None] * inv
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def hf_oracle(q, k, cos, sin, unsqueeze_dim):
+    """HF's formula in float64, on the first R = cos.shape[-1] features (the rest pass
+    through: HF itself does not broadcast R < D); (S, R) tables shared by the batch."""
+    c, s = (cos[None] if cos.dim() == 2 else cos), (sin[None] if sin.dim() == 2 else sin)
+    c, s = c.double().unsqueeze(unsqueeze_dim), s.double().unsqueeze(unsqueeze_dim)
+    R = c.shape[-1]
+
+    def one(x):
+        x = x.double()
+        xr = x[..., :R]
+        half = torch.cat((-xr[..., R // 2:], xr[..., : R // 2]), dim=-1)
+        return torch.cat((xr * c + half * s, x[..., R:]), dim=-1)
+    return one(q), one(k)
+
+
+def qk_shape(B, S, H, D, unsqueeze_dim):
+    return (B, H, S, D) if unsqueeze_dim == 1 else (B, S, H, D)
+
+
+def check_pos_emb(backend, q, k, cos, sin, unsqueeze_dim, dq=None, dk=None, eager=None):
+    """fastlm.apply_rotary_pos_emb forward and backward against the float64 oracle, with the
+    oracle's formula in q's dtype (the tables cast to it, as HF runs in bfloat16) as the
+    yardstick, or ``eager`` (a function like HF's) when given."""
+    q, k = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+    dq = make(q.shape, q.dtype) if dq is None else dq
+    dk = make(k.shape, k.dtype) if dk is None else dk
+    with fastlm.use_backend(backend):
+        qe, ke = fastlm.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        gq, gk = torch.autograd.grad((qe, ke), (q, k), (dq, dk))
+    for got, x in ((qe, q), (ke, k), (gq, q), (gk, k)):
+        assert got.shape == x.shape and got.dtype == x.dtype
+    assert qe.is_contiguous() and ke.is_contiguous()
+
+    q64, k64 = (t.detach().double().requires_grad_(True) for t in (q, k))
+    wq, wk = hf_oracle(q64, k64, cos, sin, unsqueeze_dim)
+    w_gq, w_gk = torch.autograd.grad((wq, wk), (q64, k64), (dq.double(), dk.double()))
+    qy, ky = (t.detach().requires_grad_(True) for t in (q, k))
+    run = eager or (lambda a, b, c, s, unsqueeze_dim: tuple(t.to(q.dtype) for t in hf_oracle(a, b, c, s,
+                                                                                            unsqueeze_dim)))
+    yq, yk = run(qy, ky, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=unsqueeze_dim)
+    y_gq, y_gk = torch.autograd.grad((yq, yk), (qy, ky), (dq, dk))
+
+    assert_close(qe, wq, yq, "q_embed")
+    assert_close(ke, wk, yk, "k_embed")
+    assert_close(gq, w_gq, y_gq, "grad of q")
+    assert_close(gk, w_gk, y_gk, "grad of k")
+    R = cos.shape[-1]
+    assert torch.equal(qe[..., R:], q[..., R:].detach()) and torch.equal(ke[..., R:], k[..., R:].detach())
+    assert torch.equal(gq[..., R:], dq[..., R:]) and torch.equal(gk[..., R:], dk[..., R:])
+    return (qe, ke), (gq, gk)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+@pytest.mark.parametrize("cos_batch", ["per-batch", "shared", "2-D"])
+def test_pos_emb_is_hfs_function(backend, dtype, unsqueeze_dim, cos_batch):
+    """Against transformers' own apply_rotary_pos_emb: q and k with GQA head counts (5 and
+    2), an odd seqlen; the tables per sequence, shared (1, S, R), or (S, R) (a form HF's
+    function no longer broadcasts: the float64 oracle only)."""
+    _skip_unrunnable(backend, dtype)
+    hf = _hf()
+    B, S, H, Hk, D = 3, 19, 5, 2, 64
+    cos, sin = hf_tables(B if cos_batch == "per-batch" else 1, S, D)
+    if cos_batch == "2-D":
+        cos, sin = cos[0], sin[0]
+    q = make(qk_shape(B, S, H, D, unsqueeze_dim), dtype)
+    k = make(qk_shape(B, S, Hk, D, unsqueeze_dim), dtype)
+    check_pos_emb(backend, q, k, cos, sin, unsqueeze_dim, eager=None if cos_batch == "2-D" else hf)
+    if cos_batch != "2-D":  # the float64 oracle above is HF's function itself
+        want = hf(q.double(), k.double(), cos.double(), sin.double(), unsqueeze_dim=unsqueeze_dim)
+        for a, b in zip(hf_oracle(q, k, cos, sin, unsqueeze_dim), want):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pos_emb_tables_in_the_input_dtype(backend, dtype):
+    """HF's rotary embedding returns cos and sin in the model's dtype."""
+    _skip_unrunnable(backend, dtype)
+    cos, sin = hf_tables(2, 13, 32, dtype)
+    for ud in (1, 2):
+        check_pos_emb(backend, make(qk_shape(2, 13, 4, 32, ud), dtype), make(qk_shape(2, 13, 4, 32, ud), dtype),
+                      cos, sin, ud, eager=_hf_or_formula())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Dq,Dk,R", [(40, 40, 16), (80, 48, 32), (40, 24, 24), (41, 33, 20)],
+                         ids=["R<D", "q and k head dims differ", "k fully rotated", "odd"])
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_pos_emb_partial_rotary(backend, Dq, Dk, R, unsqueeze_dim):
+    """Tables narrower than the heads (fastlm's extension: HF's formula would not broadcast)
+    rotate the first R features and pass the rest through, bit for bit, in q and k alike."""
+    B, S = 2, 11
+    cos, sin = hf_tables(B, S, R)
+    q = make(qk_shape(B, S, 3, Dq, unsqueeze_dim), torch.float16)
+    k = make(qk_shape(B, S, 1, Dk, unsqueeze_dim), torch.float16)
+    check_pos_emb(backend, q, k, cos, sin, unsqueeze_dim)
+
+
+@pytest.mark.parametrize("D,Dk,R", [(128, 128, 128), (64, 64, 64), (80, 72, 32)])
+def test_pos_emb_seqlen_at_block_edges(D, Dk, R):
+    """Token blocks one short of, at and past BLOCK_S; with R < D the pass-through features
+    take several BLOCK_P tiles (the last one partial)."""
+    block_s, _, block_p = kernels.rotary_blocks(10**6, R, max(D, Dk))
+    assert R == D or block_p < D - R
+    for S in (1, 2, block_s - 1, block_s, block_s + 1):
+        cos, sin = hf_tables(2, S, R)
+        check_pos_emb("triton", make((2, 3, S, D)), make((2, 1, S, Dk)), cos, sin, 1)
+
+
+def test_tiles_stay_within_the_register_budget():
+    """The pass-through tile is never larger than the pair tile (before it was capped, a
+    partial rotary of 32 over head dim 128 copied (256, 128) tiles at about 250 registers)."""
+    for S in (1, 7, 64, 4097):
+        for D, R in ((128, 128), (128, 32), (256, 64), (80, 32), (41, 20), (1024, 2)):
+            block_s, block_r, block_p = kernels.rotary_blocks(S, R, D)
+            assert block_s * block_r <= kernels._TILE and block_s * block_p <= kernels._TILE, (S, D, R)
+            assert block_p == 1 if D == R else block_p >= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_pos_emb_views_of_a_packed_projection(backend, unsqueeze_dim):
+    """q and k as Llama splits one fused qkv projection (B, S, (H + 2 Hk) * D): views, never
+    contiguous, read in place; the incoming gradients non-contiguous too; and a feature stride
+    of 2."""
+    B, S, H, Hk, D = 2, 17, 4, 2, 32
+    qkv = make((B, S, (H + 2 * Hk) * D), torch.float16).unflatten(-1, (H + 2 * Hk, D))
+    q, k = qkv[:, :, :H], qkv[:, :, H:H + Hk]
+    if unsqueeze_dim == 1:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    cos, sin = hf_tables(B, S, D)
+    dq = make((H, B, S, D), torch.float16).permute(1, 0, 2, 3)
+    dk = make((Hk, B, S, D), torch.float16).permute(1, 0, 2, 3)
+    if unsqueeze_dim == 2:
+        dq, dk = dq.transpose(1, 2), dk.transpose(1, 2)
+    assert not dq.is_contiguous()
+    check_pos_emb(backend, q, k, cos, sin, unsqueeze_dim, dq, dk)
+    # every feature second, and tables that are views of wider ones (a column stride of 2)
+    wide = make(qk_shape(B, S, H, 2 * D, unsqueeze_dim))
+    q2, k2 = wide[..., ::2], make(qk_shape(B, S, Hk, 2 * D, unsqueeze_dim))[..., 1::2]
+    c2, s2 = (torch.stack((t, t), dim=-1).flatten(-2)[..., ::2] for t in hf_tables(1, S, D))
+    assert c2.stride(-1) == 2 and q2.stride(-1) == 2
+    check_pos_emb(backend, q2, k2, c2, s2, unsqueeze_dim)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pos_emb_empty_inputs(backend):
+    cos, sin = hf_tables(2, 4, 16)
+    for qs, ks in (((2, 3, 4, 16), (2, 0, 4, 16)), ((2, 0, 4, 16), (2, 2, 4, 16)), ((2, 0, 4, 16), (2, 0, 4, 16))):
+        q, k = make(qs).requires_grad_(True), make(ks).requires_grad_(True)
+        with fastlm.use_backend(backend):
+            qe, ke = fastlm.apply_rotary_pos_emb(q, k, cos, sin)
+            gq, gk = torch.autograd.grad((qe.sum() + ke.sum()), (q, k))
+        assert qe.shape == q.shape and ke.shape == k.shape and gq.shape == q.shape and gk.shape == k.shape
+        if q.numel():
+            torch.testing.assert_close(qe, hf_oracle(q, k, cos, sin, 1)[0].float())
+        if k.numel():
+            torch.testing.assert_close(ke, hf_oracle(q, k, cos, sin, 1)[1].float())
+    q, k = make((0, 3, 4, 16)), make((0, 1, 4, 16))  # no sequence: the tables' batch is 1
+    with fastlm.use_backend(backend):
+        qe, ke = fastlm.apply_rotary_pos_emb(q, k, cos[:1], sin[:1])
+    assert qe.shape == q.shape and ke.shape == k.shape
+
+
+def test_pos_emb_position_ids_is_unused_as_in_transformers():
+    q, k = make((1, 2, 5, 16)), make((1, 2, 5, 16))
+    cos, sin = hf_tables(1, 5, 16)
+    for backend in BACKENDS:
+        with fastlm.use_backend(backend):
+            a = fastlm.apply_rotary_pos_emb(q, k, cos, sin)
+            b = fastlm.apply_rotary_pos_emb(q, k, cos, sin, torch.arange(5, 0, -1, device=DEVICE)[None])
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture
+def kernel_runs(monkeypatch):
+    """Every Triton launch while the test runs: (kernel name, HAS_K, CONJUGATE). The launch
+    itself runs outside any torch dispatch mode (the interpreter's own host copies are not
+    the op's)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    seen = []
+    kind = type(kernels._rotary_kernel)  # InterpretedFunction, or JITFunction on a GPU
+    real = kind.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            seen.append((getattr(self, "fn", self).__name__, kwargs.get("HAS_K"), kwargs.get("CONJUGATE")))
+        with _disable_current_modes():
+            return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(kind, "run", run)
+    return seen
+
+
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_pos_emb_is_one_launch_forward_and_one_backward(kernel_runs, unsqueeze_dim):
+    """Issue 20: q and k are rotated by one Triton launch, and their gradients by one more;
+    nothing else runs on the device but the outputs' allocation (no copy of a strided input,
+    no position arange, no slicing kernel)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    B, S, H, Hk, D = 2, 9, 4, 2, 32
+    qkv = make((B, S, H + 2 * Hk, D)).requires_grad_(True)
+    q, k = qkv[:, :, :H], qkv[:, :, H:H + Hk]
+    if unsqueeze_dim == 1:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = hf_tables(B, S, D)
+    allowed = {"empty", "fill_", "transpose", "slice", "unsqueeze", "view", "alias", "detach", "as_strided",
+               "select", "expand"}
+    if not ON_GPU:
+        allowed.add("equal")  # the check of the tables' halves, on CPU tensors only (no launch)
+    with fastlm.use_backend("triton"):
+        with Ops() as ops:
+            qe, ke = fastlm.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        assert kernel_runs == [("_rotary_kernel", True, False)]
+        assert set(ops.names) <= allowed, sorted(set(ops.names) - allowed)
+        dq, dk = make(qe.shape), make(ke.shape)
+        kernel_runs.clear()
+        with Ops() as ops:
+            gq, gk = torch.autograd.grad((qe, ke), (q, k), (dq, dk))
+        assert kernel_runs == [("_rotary_kernel", True, True)]
+        assert set(ops.names) <= allowed, sorted(set(ops.names) - allowed)
+    want = hf_oracle(q, k, cos, sin, unsqueeze_dim)
+    torch.testing.assert_close(qe, want[0].float())
+    torch.testing.assert_close(ke, want[1].float())
+
+
+def test_pos_emb_only_one_output_used(kernel_runs):
+    """A gradient for q_embed alone (k_embed unused) still flows: zeros for k, one launch."""
+    q, k = make((1, 2, 5, 16)).requires_grad_(True), make((1, 1, 5, 16)).requires_grad_(True)
+    cos, sin = hf_tables(1, 5, 16)
+    with fastlm.use_backend("triton"):
+        qe, _ = fastlm.apply_rotary_pos_emb(q, k, cos, sin)
+        gq, gk = torch.autograd.grad(qe.square().sum(), (q, k), allow_unused=True)
+    assert len(kernel_runs) == 2
+    q64 = q.detach().double().requires_grad_(True)
+    (want,) = torch.autograd.grad(hf_oracle(q64, k, cos, sin, 1)[0].square().sum(), (q64,))
+    torch.testing.assert_close(gq.double(), want, rtol=1e-5, atol=1e-5)
+    assert gk is None or torch.equal(gk, torch.zeros_like(k))
+
+
+def test_pos_emb_backward_uses_the_backend_of_the_forward(monkeypatch):
+    calls = []
+    real = kernels.rotary_fwd
+    monkeypatch.setattr(kernels, "rotary_fwd", lambda *a, **kw: calls.append((a[5], kw["k"] is not None))
+                        or real(*a, **kw))
+    q, k = make((1, 2, 6, 16)).requires_grad_(True), make((1, 1, 6, 16)).requires_grad_(True)
+    cos, sin = hf_tables(1, 6, 16)
+    with fastlm.use_backend("triton"):
+        qe, ke = fastlm.apply_rotary_pos_emb(q, k, cos, sin)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("g", torch.autograd.grad(qe.sum() + ke.sum(), [q, k])))
+    t.start()
+    t.join()
+    assert calls == [(False, True), (True, True)], "the backward did not run the kernel, conjugated, on q and k"
+    assert "g" in result
+
+
+def test_pos_emb_gradcheck_and_gradgradcheck_float64():
+    cos, sin = hf_tables(2, 3, 4, torch.float64)
+    q, k = make((2, 2, 3, 6), torch.float64), make((2, 1, 3, 8), torch.float64)
+    for call in (lambda a, b: fastlm.apply_rotary_pos_emb(a, b, cos, sin),
+                 lambda a, b: rotary_ops._rotary_pos_emb_eager(a, b, cos, sin, 1, False, "torch"),
+                 lambda a, b: rotary_ops._rotary_pos_emb(a, b, cos, sin, 1, False, "torch")):
+        args = (q.requires_grad_(True), k.requires_grad_(True))
+        assert torch.autograd.gradcheck(call, args)
+        assert torch.autograd.gradgradcheck(call, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pos_emb_no_gradient_to_the_tables(backend):
+    q, k = make((1, 2, 6, 16)).requires_grad_(True), make((1, 1, 6, 16)).requires_grad_(True)
+    cos, sin = (t.requires_grad_(True) for t in hf_tables(1, 6, 16))
+    with fastlm.use_backend(backend):
+        qe, ke = fastlm.apply_rotary_pos_emb(q, k, cos, sin)
+        (qe.sum() + ke.sum()).backward()
+    assert q.grad is not None and k.grad is not None
+    assert cos.grad is None and sin.grad is None
+
+
+def test_pos_emb_float64_runs_on_the_reference_and_explicit_triton_refuses():
+    cos, sin = hf_tables(1, 4, 16, torch.float64)
+    q, k = make((1, 2, 4, 16), torch.float64), make((1, 1, 4, 16), torch.float64)
+    got = fastlm.apply_rotary_pos_emb(q, k, cos, sin)
+    for a, b in zip(got, hf_oracle(q, k, cos, sin, 1)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    with fastlm.use_backend("triton"), pytest.raises(fastlm.BackendUnavailableError, match="float64"):
+        fastlm.apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def _pos_emb_bad_cases():
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+    cos, sin = (t.cpu() for t in hf_tables(2, 5, 16))
+    f = fastlm.apply_rotary_pos_emb
+    return [
+        ("q not a tensor", lambda: f(q.tolist(), k, cos, sin), TypeError, "q must be a Tensor"),
+        ("integer q", lambda: f(q.long(), k.long(), cos, sin), TypeError, "q must be a floating"),
+        ("k dtype", lambda: f(q, k.half(), cos, sin), TypeError, "k has dtype"),
+        ("k device", lambda: f(q, k.to("meta"), cos, sin), ValueError, "k is on"),
+        ("cos dtype", lambda: f(q, k, cos.double(), sin.double()), TypeError, "cos has dtype"),
+        ("sin shape", lambda: f(q, k, cos, sin[:, :, :8]), ValueError, "cos and sin"),
+        ("odd rotary dim", lambda: f(q, k, cos[..., :7], sin[..., :7]), ValueError, "rotary_dim even"),
+        ("3-D q", lambda: f(q[0], k, cos, sin), ValueError, "4-D"),
+        ("k batch", lambda: f(q, k[:1], cos[:1], sin[:1]), ValueError, "k has batch"),
+        ("k seqlen", lambda: f(q, k[:, :, :4], cos, sin), ValueError, "k .* does not match cos"),
+        ("cos batch", lambda: f(q[:1], k[:1], cos, sin), ValueError, "q .* does not match cos"),
+        ("rotary dim > head dim", lambda: f(q[..., :8], k[..., :8], cos, sin), ValueError, "at most the head dim"),
+        ("halves differ", lambda: f(q, k, torch.rand(2, 5, 16), sin), ValueError, "halves"),
+        ("unsqueeze_dim", lambda: f(q, k, cos, sin, unsqueeze_dim=0), ValueError, "unsqueeze_dim"),
+        ("unsqueeze_dim bool", lambda: f(q, k, cos, sin, unsqueeze_dim=True), ValueError, "unsqueeze_dim"),
+    ]
+
+
+@pytest.mark.parametrize("case", _pos_emb_bad_cases(), ids=lambda c: c[0])
+def test_pos_emb_bad_input_names_the_argument(case):
+    _, call, exc, word = case
+    with pytest.raises(exc, match=word):
+        call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pos_emb_opcheck(backend):
+    B, S, H, Hk, D = 2, 5, 3, 1, 24
+    qkv = make((B, S, H + 2 * Hk, D))
+    q, k = qkv[:, :, :H].transpose(1, 2).requires_grad_(True), qkv[:, :, H:H + Hk].transpose(1, 2)
+    q = q.detach().requires_grad_(True)
+    k = k.detach().requires_grad_(True)
+    cos, sin = hf_tables(B, S, 16)
+    with fastlm.use_backend(backend):
+        torch.library.opcheck(rotary_ops._rotary_pos_emb, (q, k, cos, sin, 1, False, None))
+        torch.library.opcheck(rotary_ops._rotary_pos_emb, (q.transpose(1, 2), k.transpose(1, 2), cos[:1, :, :],
+                                                           sin[:1], 2, True, backend))
+        torch.library.opcheck(rotary_ops._rotary_pos_emb, (q.detach(), k.detach(), cos[0], sin[0], 1, False, None))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pos_emb_torch_compile_fullgraph(backend):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+    def attention_inputs(qkv, cos, sin):
+        q, k = qkv[:, :, :4].transpose(1, 2), qkv[:, :, 4:6].transpose(1, 2)
+        return fastlm.apply_rotary_pos_emb(q, k, cos, sin)
+
+    qkv = make((2, 7, 8, 32)).requires_grad_(True)
+    cos, sin = hf_tables(2, 7, 32)
+    compiled = torch.compile(attention_inputs, fullgraph=True, backend="aot_eager")
+    with fastlm.use_backend(backend):
+        expected = attention_inputs(qkv, cos, sin)
+        g_expected = torch.autograd.grad(sum(t.square().sum() for t in expected), [qkv])
+        got = compiled(qkv, cos, sin)
+        g_got = torch.autograd.grad(sum(t.square().sum() for t in got), [qkv])
+    for a, b in zip(got + g_got, expected + g_expected):
+        torch.testing.assert_close(a, b)
+
+
 # ----------------------------------------------------------------------------- on a GPU only
 
 @pytest.mark.gpu
@@ -481,3 +876,18 @@ def test_gpu_positions_outside_the_tables_give_nan():
     assert torch.equal(out[1, 2:, :, 16:], x[1, 2:, :, 16:])
     ok = fastlm.rotary(x[:, :2], cos, sin, pos[:, :2])
     assert torch.equal(out[:, :2], ok)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_gpu_pos_emb_llama_sizes(dtype, unsqueeze_dim):
+    """Llama 3 8B's attention inputs (32 query heads, 8 key heads, head dim 128) as views of
+    the fused projection, per-sequence tables in the model's dtype, against HF's function."""
+    B, S, H, Hk, D = 2, 4097, 32, 8, 128
+    qkv = make((B, S, H + 2 * Hk, D), dtype)
+    q, k = qkv[:, :, :H], qkv[:, :, H:H + Hk]
+    if unsqueeze_dim == 1:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = hf_tables(B, S, D, dtype)
+    check_pos_emb("triton", q, k, cos, sin, unsqueeze_dim, eager=_hf_or_formula())

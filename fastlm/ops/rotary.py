@@ -1,14 +1,17 @@
 """Rotary position embedding (RoPE): checks, the custom op, autograd, dispatch.
 
     fastlm::rotary(x, cos, sin, position_ids?, interleaved, conjugate, backend?) -> out
+    fastlm::rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, conjugate, backend?) -> (q_embed, k_embed)
 
-One op serves both directions: the gradient of a rotation is the rotation back, so the
+(the second is Hugging Face's apply_rotary_pos_emb, q and k in one launch; see below.)
+
+Each op serves both directions: the gradient of a rotation is the rotation back, so the
 backward calls the same op with ``conjugate`` flipped (sin negated), on the backend that
 was requested at the forward (autograd may run the backward on another thread, where
 ``use_backend`` would not be seen). The forward passes backend=None: resolved when the op
-runs, not when it is traced. Being linear in x, the op is its own double backward.
+runs, not when it is traced. Being linear in x, each op is its own double backward.
 
-Gradients flow to x only: cos and sin are tables of fixed angles, and no gradient is
+Gradients flow to x (q, k) only: cos and sin are tables of fixed angles, and no gradient is
 propagated to them even when they require one.
 
 Eager calls go through an EagerTwin (fastlm/ops/_eager.py), torch.compile through the custom
@@ -247,42 +250,134 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     return out
 
 
+# ----------------------------------------------------------------------------- HF's apply_rotary_pos_emb
+#
+#     fastlm::rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, conjugate, backend?) -> (q_embed, k_embed)
+#
+# q and k in Hugging Face's layout, cos/sin as HF's rotary embedding makes them (the first half
+# read). One Triton launch rotates both (the kernel's HAS_K), reading q and k through their
+# strides and writing the outputs contiguous in q's and k's shapes, as HF's formula gives them
+# for contiguous inputs. The backward is the same op with ``conjugate`` flipped: one launch
+# for dq and dk.
+
+def _bshd(x: Tensor, unsqueeze_dim: int) -> Tensor:
+    """A view (B, S, H, D) of a tensor in HF's layout: the kernel's order."""
+    return x.transpose(1, 2) if unsqueeze_dim == 1 else x
+
+
+def _pick_pos_emb(q: Tensor, k: Tensor, requested: Optional[str] = None) -> str:
+    why = None
+    if q.dtype not in _KERNEL_DTYPES:
+        why = f"q has dtype {q.dtype}; the kernel takes float32, float16 and bfloat16"
+    elif max(q.shape[-1], k.shape[-1]) > MAX_HEAD_DIM:
+        why = f"head dim {max(q.shape[-1], k.shape[-1])} > {MAX_HEAD_DIM}"
+    return resolve("apply_rotary_pos_emb", q.device.type, {
+        "triton": why,
+        "cuda": "there is no CUDA C++ rotary kernel (the Triton kernel is memory-bound already)",
+    }, requested)
+
+
+@no_autocast
+def _rotary_pos_emb_body(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int, conjugate: bool,
+                         backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    if _pick_pos_emb(q, k, backend) == "triton":
+        from fastlm.kernels import rotary as kernels
+        from fastlm.kernels.launch import empty
+        half = cos.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]  # (B or 1, S, R/2) or (S, R/2): views, no copy
+        q_out, k_out = empty(q.shape, q.dtype, q.device), empty(k.shape, k.dtype, k.device)
+        kernels.rotary_fwd(_bshd(q, unsqueeze_dim), c, s, None, False, conjugate, k=_bshd(k, unsqueeze_dim),
+                           out=_bshd(q_out, unsqueeze_dim), out_k=_bshd(k_out, unsqueeze_dim))
+        return q_out, k_out
+    q_out, k_out = ref.rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, conjugate)
+    return q_out.contiguous(), k_out.contiguous()
+
+
+_rotary_pos_emb = torch.library.custom_op("fastlm::rotary_pos_emb", mutates_args=())(_rotary_pos_emb_body)
+
+
+@_rotary_pos_emb.register_fake
+def _(q, k, cos, sin, unsqueeze_dim, conjugate, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _pos_emb_setup_context(ctx, inputs, output):
+    q, k, cos, sin, unsqueeze_dim, conjugate, backend = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.unsqueeze_dim, ctx.conjugate = unsqueeze_dim, conjugate
+    ctx.backend = backend if backend is not None else get_backend()
+
+
+def _pos_emb_backward_with(op):
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = op(dq, dk, cos, sin, ctx.unsqueeze_dim, not ctx.conjugate, ctx.backend)
+        return dq, dk, None, None, None, None, None
+    return backward
+
+
+_rotary_pos_emb.register_autograd(_pos_emb_backward_with(_rotary_pos_emb), setup_context=_pos_emb_setup_context)
+# Linear in q and k like rotary: the twin's backward calls the twin, so a double backward works.
+_rotary_pos_emb_eager = EagerTwin(_rotary_pos_emb, _rotary_pos_emb_body, _pos_emb_setup_context,
+                                  _pos_emb_backward_with(lambda *a: _rotary_pos_emb_eager(*a)),
+                                  name="apply_rotary_pos_emb", differentiable_backward=True)
+
+
 def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] = None,
                          unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
     """Hugging Face transformers' apply_rotary_pos_emb (Llama's and its kin's), argument for
-    argument, on :func:`rotary`: q (B, H, S, D) and k (B, Hk, S, D) with unsqueeze_dim=1, or
-    (B, S, H, D) with unsqueeze_dim=2; cos, sin (B or 1, S, R) or (S, R) as HF's rotary
-    embedding makes them (the two halves of the last dim equal: HF's cat((freqs, freqs))).
-    Returns (q_embed, k_embed) shaped as q and k (the first R features rotated, "rotate_half"
-    pairing). position_ids is accepted and unused, as in transformers. Gradients flow to q
-    and k. Two launches (q, then k); on CPU tensors cos/sin halves that differ raise."""
+    argument: q (B, H, S, D) and k (B, Hk, S, Dk) with unsqueeze_dim=1, or (B, S, H, D) with
+    unsqueeze_dim=2, any strides (views of a packed projection are read in place); cos, sin
+    (B or 1, S, R) or (S, R) as HF's rotary embedding makes them (the two halves of the last
+    dim equal: HF's cat((freqs, freqs))), float32 or q's dtype. Returns (q_embed, k_embed),
+    contiguous in q's and k's shapes and dtypes: the first R features rotated ("rotate_half"
+    pairing), the rest (R < D, which HF's formula itself does not broadcast) passed through.
+    position_ids is accepted and unused, as in transformers. Gradients flow to q and k, not to
+    cos and sin. On the Triton backend one launch rotates q and k together, and one launch
+    their gradients. On CPU tensors cos/sin halves that differ raise (on CUDA the first half
+    is used unchecked: a check would cost a host sync)."""
     fn = "fastlm.apply_rotary_pos_emb"
-    if unsqueeze_dim not in (1, 2):
+    if isinstance(unsqueeze_dim, bool) or unsqueeze_dim not in (1, 2):
         raise ValueError(f"{fn}: unsqueeze_dim must be 1 (q (B, H, S, D)) or 2 (q (B, S, H, D)), got {unsqueeze_dim!r}")
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"{fn}: q and k must be 4-D, got {list(q.shape)} and {list(k.shape)}")
-    if cos.shape != sin.shape or cos.dim() not in (2, 3) or cos.shape[-1] % 2:
+    if not q.is_floating_point():
+        raise TypeError(f"{fn}: q must be a floating-point tensor, got dtype {q.dtype}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"{fn}: k has dtype {k.dtype} but q has {q.dtype}; they must match")
+    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}")
+    if cos.shape != sin.shape or cos.dim() not in (2, 3) or cos.shape[-1] % 2 or cos.shape[-1] == 0:
         raise ValueError(f"{fn}: cos and sin must be (batch, seqlen, rotary_dim) or (seqlen, rotary_dim) alike, "
                          f"rotary_dim even, got {list(cos.shape)} and {list(sin.shape)}")
-    c3, s3 = (cos[None], sin[None]) if cos.dim() == 2 else (cos, sin)
-    half = c3.shape[-1] // 2
-    if c3.is_cpu and not (torch.equal(c3[..., :half], c3[..., half:]) and torch.equal(s3[..., :half], s3[..., half:])):
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype not in (torch.float32, q.dtype):
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype}; with q of dtype {q.dtype} it must be "
+                            f"torch.float32 or {q.dtype}")
+    R = cos.shape[-1]
+    Bc, S = (1, cos.shape[0]) if cos.dim() == 2 else (cos.shape[0], cos.shape[1])
+    qs, ks = _bshd(q, unsqueeze_dim), _bshd(k, unsqueeze_dim)
+    for name, t, x in (("q", q, qs), ("k", k, ks)):
+        if x.shape[1] != S or Bc not in (1, x.shape[0]):
+            raise ValueError(f"{fn}: {name} {list(t.shape)} does not match cos {list(cos.shape)} (batch and seqlen)")
+        if x.shape[-1] < R:
+            raise ValueError(f"{fn}: cos has {R} columns (the rotary dim) but {name} has head dim {x.shape[-1]}; "
+                             f"the rotary dim must be at most the head dim")
+    if ks.shape[0] != qs.shape[0]:
+        raise ValueError(f"{fn}: k has batch {ks.shape[0]} but q has {qs.shape[0]}; they must match")
+    half = R // 2
+    # A data-dependent check: skipped while torch.compile traces (it would break the graph).
+    if cos.is_cpu and not compiling() and not (torch.equal(cos[..., :half], cos[..., half:])
+                                               and torch.equal(sin[..., :half], sin[..., half:])):
         raise ValueError(f"{fn}: the two halves of cos and sin's last dim must be equal (HF's cat((freqs, freqs)))")
-    Bc, S = c3.shape[0], c3.shape[1]
-    table_cos, table_sin = c3[..., :half].reshape(Bc * S, half), s3[..., :half].reshape(Bc * S, half)
-
-    def one(x: Tensor, name: str) -> Tensor:
-        xs = x.transpose(1, 2) if unsqueeze_dim == 1 else x  # (B, S, H, D)
-        B = xs.shape[0]
-        if xs.shape[1] != S or Bc not in (1, B):
-            raise ValueError(f"{fn}: {name} {list(x.shape)} does not match cos {list(cos.shape)} (batch and seqlen)")
-        steps = torch.arange(S, device=x.device)
-        positions = (steps[None, :] + S * torch.arange(B, device=x.device)[:, None]) if Bc == B and B > 1 \
-            else steps[None, :].expand(B, S)
-        out = rotary(xs, table_cos, table_sin, positions, False)
-        return out.transpose(1, 2) if unsqueeze_dim == 1 else out
-
-    return one(q, "q"), one(k, "k")
+    if cos.requires_grad:
+        cos = cos.detach()
+    if sin.requires_grad:
+        sin = sin.detach()
+    if not compiling() and native_backend(q.device.type):
+        return ref.rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    return _rotary_pos_emb_eager(q, k, cos, sin, unsqueeze_dim, False, None)

@@ -11,6 +11,11 @@ where the pair (a, b) is (j, j + R/2) for GPT-NeoX / Llama ("rotate_half") and (
 for GPT-J (interleaved). cos and sin are tables (S_max, R/2), read at each token's position:
 0..S-1, or position_ids (B, S) or (S,). ``conjugate`` turns by -theta, the inverse rotation,
 which is also the backward (the gradient of a rotation is the rotation back).
+
+:func:`rotary_pos_emb` is Hugging Face's apply_rotary_pos_emb in the same terms: q and k in
+HF's layouts, cos/sin (B or 1, S, R) or (S, R) whose two halves are equal (HF's
+cat((freqs, freqs))), so ``x * cos + rotate_half(x) * sin`` is the (j, j + R/2) rotation
+above with the first half of the tables.
 """
 
 from __future__ import annotations
@@ -47,8 +52,15 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None = No
     else:  # rows at (S,), (1, S) or (B, S) positions: (..., S, R/2)
         pos = position_ids.long()
         c, s = cos[pos], sin[pos]
-    c = _to(c.unsqueeze(-2), cd)  # (..., S, 1, R/2): the same angle for every head
-    s = _to(s.unsqueeze(-2), cd)
+    return _turn(x, c.unsqueeze(-2), s.unsqueeze(-2), interleaved, conjugate, cd)  # the same angle for every head
+
+
+def _turn(x: Tensor, c: Tensor, s: Tensor, interleaved: bool, conjugate: bool, cd: torch.dtype) -> Tensor:
+    """x's first R = 2 * c.shape[-1] features turned by the angles c, s (broadcast against
+    x's pairs), computed in ``cd``; the rest of x passes through."""
+    half = c.shape[-1]
+    R = 2 * half
+    c, s = _to(c, cd), _to(s, cd)
     if conjugate:
         s = -s
     if interleaved:  # pairs (2j, 2j + 1)
@@ -61,3 +73,22 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None = No
     if R == x.shape[-1]:
         return _to(rotated, x.dtype)
     return torch.cat((_to(rotated, x.dtype), x[..., R:]), dim=-1)
+
+
+def rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1, conjugate: bool = False,
+                   upcast: bool = True) -> tuple[Tensor, Tensor]:
+    """Hugging Face's apply_rotary_pos_emb: q (B, H, S, D), k (B, Hk, S, D) with
+    unsqueeze_dim=1, (B, S, H, D) with 2; cos, sin (B or 1, S, R) or (S, R), R <= D (the
+    features past R pass through). Only the first half of the tables is read (the halves are
+    equal). Returns (q_embed, k_embed), contiguous, in q's and k's dtypes; computed in float32
+    when ``upcast`` (float64 stays float64). ``conjugate`` turns back (the backward)."""
+    half = cos.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    if c.dim() == 2:
+        c, s = c[None], s[None]
+    c, s = c.unsqueeze(unsqueeze_dim), s.unsqueeze(unsqueeze_dim)  # broadcast over the heads
+
+    def one(x: Tensor) -> Tensor:
+        cd = torch.float64 if x.dtype == torch.float64 else (torch.float32 if upcast else x.dtype)
+        return _turn(x, c, s, False, conjugate, cd)
+    return one(q), one(k)
