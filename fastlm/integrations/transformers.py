@@ -456,6 +456,7 @@ class Applied:
         self._configs: list[tuple[torch.nn.Module, Any]] = []  # (module, its original config)
         self._config_pairs: list[tuple[Any, Any]] = []  # (original config, the model's private copy)
         self._loss: Optional[tuple[str, Any]] = None  # ("loss_function" | "forward", previous instance value)
+        self._undo: list[Callable[[], None]] = []  # further swaps' undo steps (MLPs, rotary), run last to first
         self.reverted = False
 
     def __iter__(self):
@@ -475,6 +476,8 @@ class Applied:
         if self.reverted:
             raise RuntimeError("fastlm.integrations.transformers.revert: this model was already reverted")
         model = self.model
+        for undo in reversed(self._undo):
+            undo()
         for module, cls in self._classes:
             module.__class__ = cls
         back = {id(new): old for old, new in self._config_pairs}
