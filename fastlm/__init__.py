@@ -41,6 +41,7 @@ from .backend import (  # noqa: E402
     set_backend,
     use_backend,
 )
+from .errors import ArgumentError, ArgumentIndexError, ArgumentTypeError  # noqa: E402
 from .ops.attention import (  # noqa: E402
     flash_attn_func,
     flash_attn_varlen_func,
@@ -56,6 +57,9 @@ from . import nn, ops  # noqa: E402
 from .patching import patch, unpatch  # noqa: E402
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentIndexError",
+    "ArgumentTypeError",
     "BackendUnavailableError",
     "add_layer_norm",
     "apply_rotary_emb",

@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .launch import empty, gpu_tiles, next_power_of_2, tf32_allowed
 
 LOG2E = 1.4426950408889634
@@ -186,6 +187,7 @@ def _kv_rows(BT, keys, ok, PAGE, MAX_PAGES, NUM_PAGES, k_ptr, v_ptr, stride_kb, 
     BT[j // PAGE], row j % PAGE; the table index and the page are clamped to the table and the
     cache (a bad table gives wrong keys, never an access outside them)."""
     if PAGED:
+        keys = keys.to(tl.int32)  # below 2^31 (the lengths are int32): 32-bit division, not 64-bit
         slot = tl.minimum(keys // PAGE, MAX_PAGES - 1)
         page = tl.load(BT + slot, mask=ok, other=0)
         page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)
@@ -342,8 +344,10 @@ def _attn_combine_kernel(
     row_ok = offs_m < len_q
     lp = LSEP + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
     m = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    lps = lp
     for sp in range(0, N_SPLITS):
-        m = tl.maximum(m, tl.load(lp + sp * stride_ls, mask=row_ok, other=-float("inf")))
+        m = tl.maximum(m, tl.load(lps, mask=row_ok, other=-float("inf")))
+        lps += stride_ls
     if SINK:
         m = tl.maximum(m, tl.load(SINKS + h).to(tl.float32))
     m_safe = tl.where(m == -float("inf"), 0.0, m)
@@ -351,10 +355,14 @@ def _attn_combine_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     op = OP + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + q_start * stride_pm
     mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    lps = lp
+    ops = op
     for sp in range(0, N_SPLITS):
-        w = tl.exp(tl.load(lp + sp * stride_ls, mask=row_ok, other=-float("inf")) - m_safe)
-        part = tl.load(op + sp * stride_os + offs_m[:, None].to(tl.int64) * stride_pm + offs_dv[None, :] * stride_pd,
+        w = tl.exp(tl.load(lps, mask=row_ok, other=-float("inf")) - m_safe)
+        part = tl.load(ops + offs_m[:, None].to(tl.int64) * stride_pm + offs_dv[None, :] * stride_pd,
                        mask=mask, other=0.0)
+        lps += stride_ls
+        ops += stride_os
         total += w
         acc += w[:, None] * part
     if SINK:
@@ -791,12 +799,13 @@ def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, w
     num_splits > 1 splits each row's keys over that many programs (then merged)."""
     p = Problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
     page = num_pages = max_pages = 1
+    if block_table is not None and block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
     if block_table is not None:
         page, num_pages, max_pages = k.shape[1], k.shape[0], block_table.shape[1]
         if p.varlen:  # packed queries, but the keys are (pages, page size, Hk, D)
             p.HK, p.DV = k.shape[2], v.shape[3]
             p.group = p.H // p.HK
-            out = empty(q.shape[:-1] + (p.DV,), q.dtype, q.device)
         else:
             p.S = max_pages * page
         p.total_k = 2 ** 31 - 1  # the lengths are clamped to S and the pages to the cache instead
@@ -809,7 +818,7 @@ def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, w
     mask_t, mask_kind, mask_strides = _mask_args(mask, p)
     slopes, alibi_strides = _alibi_args(alibi, p)
     bm, bn, warps, stages = _blocks(p, q.device, q.dtype, masked=mask is not None)
-    num_splits = min(num_splits, triton.cdiv(p.S, bn))
+    num_splits = max(1, min(num_splits, 128, triton.cdiv(p.S, bn)))
     dummy = _dummy(q.device)
     o_dest, lse_dest = out, lse
     if num_splits > 1:  # float32 partials, one slice per split, merged below
@@ -844,7 +853,7 @@ def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, w
             *p.strides(out), *p.strides(o_dest[0]), *p.lse_strides(lse_dest[0]), *p.lse_strides(lse),
             o_dest.stride(0), lse_dest.stride(0), p.H, p.L, p.total_q, p.DV, num_splits,
             VARLEN=p.varlen, SINK=sinks is not None, BLOCK_M=bm_c, BLOCK_DV=max(16, next_power_of_2(p.DV)),
-            num_warps=4 if gpu_tiles(q.device) else 1,
+            num_warps=(8 if p.DV > 128 else 4) if gpu_tiles(q.device) else 1,
         )
     return out, lse
 
@@ -856,12 +865,16 @@ def split_heuristic(B: int, H: int, L: int, S: int, device) -> int:
     least four key blocks of work; 1 on the interpreter and for anything that fills the GPU."""
     if not gpu_tiles(device):
         return 1
-    props = torch.cuda.get_device_properties(device)
+    device = torch.device(device)
+    if device.type == "cuda":
+        sms = launch._sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sms = launch.NOMINAL_SM_COUNT
     bm, bn = 128, 64
     programs = B * H * triton.cdiv(max(L, 1), bm)
-    if programs >= props.multi_processor_count:
+    if programs == 0 or programs >= sms:
         return 1
-    return max(1, min(2 * props.multi_processor_count // programs, triton.cdiv(S, 4 * bn), 128))
+    return max(1, min(2 * sms // programs, triton.cdiv(S, 4 * bn), 128))
 
 
 def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, window_left: int, window_right: int,
@@ -987,6 +1000,16 @@ def gpu_compile_variants():
             variants.append((_attn_fwd_kernel, dict(signature(_attn_fwd_kernel, dt, 0), O="*fp32"), kv, opts))
             kv = dict(kv, SPLIT=False, SINK=True)
             variants.append((_attn_fwd_kernel, signature(_attn_fwd_kernel, dt, 0), kv, opts))
+            variants.append((_attn_fwd_kernel, dict(signature(_attn_fwd_kernel, dt, 0), O="*fp32"),
+                             dict(kv, PAGED=False, LEFTPAD=False, SPLIT=True, SINK=False), opts))
+            variants.append((_attn_fwd_kernel, signature(_attn_fwd_kernel, dt, 0),
+                             dict(kv, VARLEN=True, SEQUSED=False, LEFTPAD=False), opts))
+        if ieee:
+            kv = dict(flags, VARLEN=False, SEQUSED=True, BOTTOM_RIGHT=True, MASK=0, DROPOUT=False, LEFTPAD=False,
+                      SPLIT=True, SINK=False, BLOCK_M=bm, BLOCK_N=bn, **tiles)
+            for paged in (False, True):
+                variants.append((_attn_fwd_kernel, dict(signature(_attn_fwd_kernel, dt, 0), O="*fp32"),
+                                 dict(kv, PAGED=paged), opts))
         if full and ieee:
             # IEEE float32 with every feature and the sinks spilled 8 B at head dim 256 (sm_90): the
             # sinks with everything but dropout (GPT-OSS's calls: a mask, a window, no dropout).
@@ -1008,8 +1031,9 @@ def gpu_compile_variants():
                          DROPOUT=True, SOFTCAP=True, BIAS_GRAD=mode, BIAS_SUM_M=sum_m, BIAS_SUM_N=sum_n,
                          BLOCK_M=bm, BLOCK_N=bn, **tiles)
             variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, 2), const, opts))
-    variants.append((_attn_combine_kernel, signature(_attn_combine_kernel, "bf16", 0),
-                     dict(VARLEN=False, SINK=True, BLOCK_M=64, BLOCK_DV=128), {"num_warps": 4}))
+    for dv in (64, 128, 256):
+        variants.append((_attn_combine_kernel, signature(_attn_combine_kernel, "bf16", 0),
+                         dict(VARLEN=False, SINK=True, BLOCK_M=64, BLOCK_DV=dv), {"num_warps": 8 if dv > 128 else 4}))
     variants.append((_attn_bwd_delta_kernel, signature(_attn_bwd_delta_kernel, "bf16", 0),
                      dict(VARLEN=True, BLOCK_M=64, BLOCK_DV=128), {"num_warps": 8}))
     variants.append((_dropout_mask_kernel, signature(_dropout_mask_kernel, "bf16", 0),

@@ -188,7 +188,8 @@ CASES = {
     "linear_cross_entropy": _linear_cross_entropy,
 }
 NO_LAUNCH = {"rotary_cos_sin"}
-NOT_OPS = {"BackendUnavailableError", "available_backends", "get_backend", "set_backend", "use_backend", "nn",
+NOT_OPS = {"ArgumentError", "ArgumentIndexError", "ArgumentTypeError", "BackendUnavailableError",
+           "available_backends", "get_backend", "set_backend", "use_backend", "nn",
            "patch", "unpatch"}
 
 

@@ -405,7 +405,8 @@ TORCH_LCE_PARAMETERS = [
     ("label_smoothing", _P.KEYWORD_ONLY, 0.0),
     ("options", _P.KEYWORD_ONLY, None),
 ]
-FASTLM_LCE_EXTRAS = [("z_loss", 0.0), ("softcap", None), ("chunk_size", None), ("acc_dtype", None)]
+FASTLM_LCE_EXTRAS = [("z_loss", 0.0), ("softcap", None), ("chunk_size", None), ("acc_dtype", None),
+                     ("out_dtype", None)]
 
 
 def assert_signature(fn, torch_parameters, extras):
@@ -609,3 +610,27 @@ def test_options_results_match_torch_and_retain_graph_works():
     for a, c, r in zip(g1, g2, g_ref):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_dtype_float32_keeps_a_16_bit_loss_unrounded(backend):
+    """out_dtype=torch.float32: a float16 call returns the float32 loss the kernels computed
+    (the float16 result is that value rounded), gradients unchanged; a bad out_dtype names itself."""
+    torch.manual_seed(3)
+    x = torch.randn(37, 16, device=DEVICE).half().requires_grad_(True)
+    w = (torch.randn(50, 16, device=DEVICE) * 0.3).half().requires_grad_(True)
+    t = torch.randint(0, 50, (37,), device=DEVICE)
+    with fastlm.use_backend(backend):
+        l16 = fastlm.linear_cross_entropy(x, w, t, chunk_size=8)
+        l32 = fastlm.linear_cross_entropy(x, w, t, chunk_size=8, out_dtype=torch.float32)
+    assert l16.dtype == torch.float16 and l32.dtype == torch.float32
+    want = F.cross_entropy(x.double() @ w.double().T, t)
+    assert abs(l32.double() - want) <= abs(l16.double() - want) + 1e-6
+    assert abs(l32.double() - want) < 1e-3
+    assert l32.half() == l16
+    g16 = torch.autograd.grad(l16, [x, w])
+    g32 = torch.autograd.grad(l32, [x, w])
+    for a, b in zip(g16, g32):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="out_dtype"):
+        fastlm.linear_cross_entropy(x, w, t, out_dtype=torch.int32)

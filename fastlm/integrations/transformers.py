@@ -34,6 +34,7 @@ from torch import Tensor
 from .. import nn as fnn
 from ..ops.attention import flash_attn_func, scaled_dot_product_attention
 from ..ops.cross_entropy import cross_entropy
+from ..ops.linear_cross_entropy import linear_cross_entropy
 from ..ops.norm import rms_norm
 
 ATTENTION_NAME = "fastlm"
@@ -440,6 +441,123 @@ def _inline_loss_forward(model, original: Callable) -> Optional[Callable]:
     return forward
 
 
+# ============================================================================ fused lm-head + loss
+
+import re  # noqa: E402  (used only below)
+
+_SOFTCAP_LINES = ("if self.config.final_logit_softcapping is not None:",
+                  "{v} = {v} / self.config.final_logit_softcapping", "{v} = torch.tanh({v})",
+                  "{v} = {v} * self.config.final_logit_softcapping")
+
+
+def _head_attribute(model) -> Optional[str]:
+    """The attribute name of the model's output embedding (lm_head, embed_out, ...), if it is
+    a plain nn.Linear child of the model."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:
+        return None
+    for name, child in model.named_children():
+        if child is head:
+            return name
+    return None
+
+
+def _fusable_forward(model) -> Optional[tuple[str, bool]]:
+    """(head attribute, soft-capped) when the model's forward is, from its lm-head on, exactly
+    ``logits = self.<head>(hidden)``, optionally Gemma 2's final soft-cap of the logits,
+    ``loss = self.loss_function(logits, labels, ...)``, and nothing else that reads the logits
+    but the returned output's ``logits=`` field (a later term such as Mixtral's router loss is
+    added to that loss, which stays right). None otherwise: such a model keeps its logits."""
+    head = _head_attribute(model)
+    src = _normalised_source(type(model).forward)
+    if head is None or src is None:
+        return None
+    lines = [line.strip() for line in src.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    call = re.compile(rf"^(\w+) = self\.{head}\(")
+    starts = [i for i, line in enumerate(lines) if call.match(line)]
+    losses = [i for i, line in enumerate(lines) if "self.loss_function(" in line]
+    if len(starts) != 1 or len(losses) != 1 or losses[0] < starts[0]:
+        return None
+    var = call.match(lines[starts[0]]).group(1)
+    allowed = {"loss = None", "if labels is not None:"} | {t.format(v=var) for t in _SOFTCAP_LINES}
+    between = lines[starts[0] + 1:losses[0]]
+    if any(line not in allowed for line in between):
+        return None
+    uses = re.compile(rf"(?<![\w.]){var}\b")
+    call_line = lines[losses[0]]
+    if not (f"logits={var}" in call_line or f"loss_function({var}" in call_line or call_line.endswith("(")):
+        return None
+    for line in lines[losses[0] + 1:]:
+        if uses.search(line) and not re.fullmatch(rf"(logits={var},?|{var},|\)?)", line) \
+                and f"logits={var}" not in line:
+            return None
+    return head, any("final_logit_softcapping" in line for line in between)
+
+
+class _Passthrough(torch.nn.Module):
+    """Stands in for the lm-head during a fused call: the hidden states go on to the loss."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def fused_causal_lm_loss(head: torch.nn.Linear, softcap: Optional[float]):
+    """The loss function of a fused call: transformers' ForCausalLMLoss (labels shifted left by
+    one, or ``shift_labels``; mean over counted tokens, or sum / num_items_in_batch) computed
+    by fastlm.linear_cross_entropy from the hidden states and the head's weight (and bias),
+    with the model's final soft-cap; the (tokens, vocab) logits are never formed. float32."""
+    def loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
+             shift_labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+        hidden = logits  # the passthrough head handed over the hidden states
+        if shift_labels is None:
+            shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        x = hidden.reshape(-1, hidden.shape[-1])
+        target = shift_labels.reshape(-1).to(x.device)
+        return _reduce(lambda r: linear_cross_entropy(x, head.weight, target, linear_bias=head.bias,
+                                                      ignore_index=ignore_index, reduction=r, softcap=softcap,
+                                                      out_dtype=torch.float32),
+                       num_items_in_batch)
+    return loss
+
+
+def _fused_loss_forward(model, original: Callable, head_name: str, softcapped: bool) -> Callable:
+    """model.forward with the lm-head and loss fused when labels are given in training mode
+    with gradients on: the head is bypassed (its hidden states go to fused_causal_lm_loss), the
+    final soft-cap moves into the loss, and the output's logits are None (as Liger's). Other
+    calls (no labels, eval mode, no_grad) run the model's forward as it is."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        labels = bound.get("labels")
+        if labels is None or not model.training or not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        head = getattr(model, head_name)
+        cap = model.config.final_logit_softcapping if softcapped else None
+        previous_loss = model.__dict__.get("_loss_function", _ABSENT)
+        model._modules[head_name] = _Passthrough()
+        model.loss_function = fused_causal_lm_loss(head, cap)
+        if softcapped:
+            model.config.final_logit_softcapping = None
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            model._modules[head_name] = head
+            if previous_loss is _ABSENT:
+                model.__dict__.pop("_loss_function", None)
+            else:
+                model._loss_function = previous_loss
+            if softcapped:
+                model.config.final_logit_softcapping = cap
+        if isinstance(out, dict) and "logits" in out:
+            out["logits"] = None
+        return out
+
+    return forward
+
+
 # ============================================================================ apply / revert
 
 class Applied:
@@ -539,7 +657,8 @@ def _private_configs(model, handle: Applied) -> None:
     handle._config_pairs = [(c, memo[key]) for key, c in originals.items() if key in memo]
 
 
-def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True, loss: bool = True) -> Applied:
+def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True, loss: bool = True,
+          fused_linear_loss: bool = False, rotary: bool = True, mlp: bool = True) -> Applied:
     """Run a Hugging Face model on fastlm's ops, in place; returns an ``Applied`` handle whose
     ``replaced`` lists what changed and whose ``revert()`` undoes it (or call ``revert(model)``).
 
@@ -554,6 +673,26 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True, lo
     loss: the instance's ``loss_function`` becomes fastlm's (causal or masked LM), or, for
         models computing torch's CrossEntropyLoss inside forward (BERT, T5), forward is wrapped
         on the instance. Nothing of torch or transformers is rebound.
+    fused_linear_loss: a causal LM called with labels in training mode (gradients on) computes
+        its loss with fastlm.linear_cross_entropy from the last hidden states and the lm-head
+        weight (bias, Gemma 2's final soft-cap; the label shift, ignore_index and
+        num_items_in_batch as transformers' ForCausalLMLoss): the (tokens x vocab) logits and
+        their gradient are never formed, and the output's ``logits`` is None then (as
+        Liger-Kernel's). Without labels, in eval mode or under no_grad the logits are computed
+        as before. A model whose forward does anything else with its logits before the loss
+        (checked on its source) keeps its head, with a one-time warning.
+    rotary: attention modules calling their modeling file's ``apply_rotary_pos_emb``, when it
+        is HF's rotate_half formula (Llama's, GPT-NeoX's and Phi-3's partial one, OLMo-2's),
+        get a subclass whose forward is HF's own with that name bound to
+        fastlm.apply_rotary_pos_emb (per instance: the module global is untouched; see
+        fastlm.integrations.hf_rotary). cos/sin stay HF's (every rope scaling type). Other
+        rotary functions are left alone with a one-time warning naming the module.
+    mlp: MLPs written as HF's (Llama's and its copies: separate gate_proj / up_proj, read by
+        the kernels where they lie; Phi-3's fused gate_up_proj; GPT-NeoX's; GPT-2's Conv1D
+        pair; Mixtral's experts under the eager experts implementation), with a SiLU, erf
+        GELU, tanh GELU or ReLU activation, get a subclass whose forward runs
+        fastlm.feed_forward (see fastlm.integrations.hf_mlp). Others are left alone with a
+        one-time warning naming the module.
 
     Raises TypeError for a module that is not a transformers PreTrainedModel and RuntimeError
     when ``model`` is already patched (revert first)."""
@@ -603,8 +742,38 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True, lo
                 model.forward = wrapped
                 handle._loss = ("forward", previous)
                 handle.replaced.append(("", "forward: torch CrossEntropyLoss"))
+    if fused_linear_loss:
+        _fuse_head_and_loss(model, handle)
+    if rotary:
+        from .hf_rotary import swap_rotary
+        swap_rotary(model, handle)
+    if mlp:
+        from .hf_mlp import swap_mlps
+        swap_mlps(model, handle)
     model.__dict__[_STATE] = handle
     return handle
+
+
+def _fuse_head_and_loss(model, handle: Applied) -> None:
+    from transformers.loss.loss_utils import LOSS_MAPPING
+    kind = model.loss_type if model.loss_type in LOSS_MAPPING else "ForCausalLM"
+    found = _fusable_forward(model) if kind == "ForCausalLM" and _forward_uses_loss_function(model) else None
+    if found is None:
+        _warn_once(f"fused:{type(model).__name__}", f"fastlm: {type(model).__name__} is not fused "
+                                                    f"(fused_linear_loss): its forward is not the lm-head-then-loss "
+                                                    f"form fastlm reproduces exactly; its logits are formed as before")
+        return
+    if not handle._config_pairs:  # the soft-cap is moved off the config during a call: a private copy
+        _private_configs(model, handle)
+    previous = model.__dict__.get("forward", _ABSENT)
+    model.forward = _fused_loss_forward(model, model.forward, *found)
+
+    def undo():
+        model.__dict__.pop("forward", None)
+        if previous is not _ABSENT:
+            model.forward = previous
+    handle._undo.append(undo)
+    handle.replaced.append((found[0], "forward: lm-head + loss fused (fastlm.linear_cross_entropy)"))
 
 
 def revert(model: torch.nn.Module) -> list[tuple[str, str]]:

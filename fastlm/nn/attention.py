@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import native_backend
+from ..errors import ArgumentError, ArgumentTypeError
 from ..ops._eager import compiling
 from ..ops.attention import _attention_eager, _native_sdpa, _seed_for
 from ..reference.attention import visible
@@ -59,14 +60,14 @@ def _check_mask(name: str, mask: Optional[Tensor], shapes: list[tuple], device) 
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
-        raise TypeError(f"MultiheadAttention: {name} must be a Tensor or None, got {type(mask).__name__}")
+        raise ArgumentTypeError(f"MultiheadAttention: {name} must be a Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"MultiheadAttention: {name} must be boolean or floating point, got {mask.dtype}")
+        raise ArgumentTypeError(f"MultiheadAttention: {name} must be boolean or floating point, got {mask.dtype}")
     if tuple(mask.shape) not in shapes:
-        raise ValueError(f"MultiheadAttention: {name} has shape {list(mask.shape)}; expected "
-                         f"{' or '.join(str(list(s)) for s in shapes)}")
+        raise ArgumentError(f"MultiheadAttention: {name} has shape {list(mask.shape)}; expected "
+                            f"{' or '.join(str(list(s)) for s in shapes)}")
     if mask.device != device:
-        raise ValueError(f"MultiheadAttention: {name} is on {mask.device} but query is on {device}")
+        raise ArgumentError(f"MultiheadAttention: {name} is on {mask.device} but query is on {device}")
     return mask
 
 
@@ -111,14 +112,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, Tensor):
-                raise TypeError(f"MultiheadAttention: {name} must be a Tensor, got {type(t).__name__}")
+                raise ArgumentTypeError(f"MultiheadAttention: {name} must be a Tensor, got {type(t).__name__}")
             if t.dim() not in (2, 3):
-                raise ValueError(f"MultiheadAttention: {name} must be 3-D (batched) or 2-D (unbatched), got shape "
-                                 f"{list(t.shape)}")
+                raise ArgumentError(f"MultiheadAttention: {name} must be 3-D (batched) or 2-D (unbatched), got shape "
+                                    f"{list(t.shape)}")
             if t.dim() != query.dim():
-                raise ValueError(f"MultiheadAttention: query is {query.dim()}-D but {name} is {t.dim()}-D")
+                raise ArgumentError(f"MultiheadAttention: query is {query.dim()}-D but {name} is {t.dim()}-D")
             if t.device != query.device:
-                raise ValueError(f"MultiheadAttention: {name} is on {t.device} but query is on {query.device}")
+                raise ArgumentError(f"MultiheadAttention: {name} is on {t.device} but query is on {query.device}")
         same_kv = key is value
         self_attention = same_kv and query is key
         batched = query.dim() == 3
@@ -132,20 +133,21 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         S = key.shape[1]
         H, D = self.num_heads, self.head_dim
         if E != self.embed_dim:
-            raise ValueError(f"MultiheadAttention: query has embedding dim {E} but the module has {self.embed_dim}")
+            raise ArgumentError(f"MultiheadAttention: query has embedding dim {E} but the module has {self.embed_dim}")
         if key.shape[:2] != value.shape[:2] or key.shape[0] != B:
-            raise ValueError(f"MultiheadAttention: key {list(key.shape)} and value {list(value.shape)} must share "
-                             f"batch and sequence length with each other and the batch of query {list(query.shape)}")
+            raise ArgumentError(f"MultiheadAttention: key {list(key.shape)} and value {list(value.shape)} must share "
+                                f"batch and sequence length with each other and the batch of query {list(query.shape)}")
         if key.shape[2] != self.kdim or value.shape[2] != self.vdim:
-            raise ValueError(f"MultiheadAttention: key and value must have {self.kdim} and {self.vdim} features, "
-                             f"got {key.shape[2]} and {value.shape[2]}")
+            raise ArgumentError(f"MultiheadAttention: key and value must have {self.kdim} and {self.vdim} features, "
+                                f"got {key.shape[2]} and {value.shape[2]}")
         attn_shapes = [(L, S), (B * H, L, S)] if batched else [(L, S), (H, L, S)]
         attn_mask = _check_mask("attn_mask", attn_mask, attn_shapes, query.device)
         key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, [(B, S)], query.device)
         if is_causal:
             if attn_mask is None:
-                raise RuntimeError("MultiheadAttention: is_causal=True needs attn_mask as well (as torch: the "
-                                   "hint stands for the mask; nn.Transformer.generate_square_subsequent_mask makes it)")
+                raise ArgumentError("MultiheadAttention: is_causal=True needs attn_mask as well (as torch: the "
+                                    "hint stands for the mask; nn.Transformer.generate_square_subsequent_mask "
+                                    "makes it)")
             if key_padding_mask is None and not need_weights:
                 attn_mask = None  # the hint: the causal rule stands for the mask
             else:  # torch uses the mask itself here, merged with the padding mask

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError
 from ..ops import ffn as F
 
 
@@ -24,7 +25,7 @@ class Linear(torch.nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Optional[str] = None,
                  device=None, dtype=None) -> None:
         if activation is not None and activation not in F.ACTIVATIONS:
-            raise ValueError(f"Linear: activation must be None or one of {list(F.ACTIVATIONS)}, got {activation!r}")
+            raise ArgumentError(f"Linear: activation must be None or one of {list(F.ACTIVATIONS)}, got {activation!r}")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.activation = activation
 
@@ -40,13 +41,13 @@ class FeedForward(torch.nn.Module):
                  recompute: bool = False, device=None, dtype=None, *, gate_order: str = "gate_up") -> None:
         super().__init__()
         if activation not in F.ACTIVATIONS and activation not in F.GATED:
-            raise ValueError(f"FeedForward: activation must be one of {list(F.ACTIVATIONS) + list(F.GATED)}, got "
-                             f"{activation!r}")
+            raise ArgumentError(f"FeedForward: activation must be one of {list(F.ACTIVATIONS) + list(F.GATED)}, got "
+                                f"{activation!r}")
         if not isinstance(gate_order, str) or gate_order not in F.GATE_ORDERS:
-            raise ValueError(f"FeedForward: gate_order must be one of {list(F.GATE_ORDERS)} (which half of fc_in's "
-                             f"rows is the gate), got {gate_order!r}")
+            raise ArgumentError(f"FeedForward: gate_order must be one of {list(F.GATE_ORDERS)} (which half of fc_in's "
+                                f"rows is the gate), got {gate_order!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"FeedForward: dropout must be in [0, 1), got {dropout!r}")
+            raise ArgumentError(f"FeedForward: dropout must be in [0, 1), got {dropout!r}")
         self.d_model, self.d_hidden = d_model, d_hidden
         self.activation, self.dropout, self.recompute = activation, dropout, recompute
         self.gate_order = gate_order

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError
 from ..ops.cross_entropy import cross_entropy
 from ..ops.linear_cross_entropy import linear_cross_entropy
 
@@ -58,9 +59,9 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or torch.nn.modules.lo
         # torch's checks and torch's order of construction (the same random draws for the
         # Linear's initialisation), written out so it also runs where torch lacks the class.
         if weight is not None and weight.shape != (num_classes,):
-            raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+            raise ArgumentError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
         if label_smoothing < 0 or label_smoothing > 1.0:
-            raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+            raise ArgumentError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
         torch.nn.modules.loss._WeightedLoss.__init__(self, weight=weight, size_average=None, reduce=None,
                                                      reduction=reduction)
         self.num_classes = num_classes

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError
 from ..ops import norm as F
 
 
@@ -21,7 +22,7 @@ class LayerNorm(torch.nn.LayerNorm):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, return_residual: bool = False):
         if residual is None:
             if return_residual:
-                raise ValueError("LayerNorm: return_residual=True needs a residual")
+                raise ArgumentError("LayerNorm: return_residual=True needs a residual")
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
                                 return_residual=return_residual)
@@ -31,7 +32,7 @@ class RMSNorm(torch.nn.RMSNorm):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, return_residual: bool = False):
         if residual is None:
             if return_residual:
-                raise ValueError("RMSNorm: return_residual=True needs a residual")
+                raise ArgumentError("RMSNorm: return_residual=True needs a residual")
             return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
         return F.add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
                               return_residual=return_residual)

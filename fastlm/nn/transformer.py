@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ArgumentError
 from .attention import MultiheadAttention
 from .norm import LayerNorm
 
@@ -79,11 +80,11 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
                         is_causal: bool) -> Tensor:
         """A nested batch (sequences of their own lengths) as a padded one and back."""
         if src_mask is not None or src_key_padding_mask is not None:
-            raise ValueError("TransformerEncoderLayer: a NestedTensor src takes neither src_mask nor "
-                             "src_key_padding_mask (its sequences' lengths are the padding), as in torch")
+            raise ArgumentError("TransformerEncoderLayer: a NestedTensor src takes neither src_mask nor "
+                                "src_key_padding_mask (its sequences' lengths are the padding), as in torch")
         if not self.self_attn.batch_first:
-            raise ValueError("TransformerEncoderLayer: a NestedTensor src needs batch_first=True (a nested batch is "
-                             "batch-first), as in torch")
+            raise ArgumentError("TransformerEncoderLayer: a NestedTensor src needs batch_first=True (a nested batch is "
+                                "batch-first), as in torch")
         lengths = [t.shape[0] for t in src.unbind()]
         padded = src.to_padded_tensor(0.0)  # (B, longest, E)
         padding = torch.arange(padded.shape[1], device=padded.device)[None] \

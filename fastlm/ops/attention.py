@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import native_backend_of, get_backend, native_backend, resolve
+from ..errors import ArgumentError, ArgumentTypeError
 from ..reference import attention as ref
 from .rotary import rotary
 from ._autocast import autocast_inputs, autocast_to, no_autocast
@@ -437,7 +438,7 @@ def _check_dropout(fn: str, name: str, p) -> float:
     if p.__class__ is float and 0.0 <= p < 1.0:  # the usual call
         return p
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0):
-        raise ValueError(f"fastlm.{fn}: {name} must be a number in [0, 1), got {p!r}")
+        raise ArgumentError(f"fastlm.{fn}: {name} must be a number in [0, 1), got {p!r}")
     return float(p)
 
 
@@ -665,7 +666,7 @@ def _check_cu(fn: str, name: str, cu, q: Tensor):
                                  f"e.g. {int(cu[(cu < _INT32_MIN) | (cu > _INT32_MAX)][0])}")
         else:  # saturate rather than wrap (no host sync); the kernels clamp to the rows
             cu = cu.clamp(_INT32_MIN, _INT32_MAX)
-    return cu.to(torch.int32)
+    return cu.to(torch.int32).contiguous()
 
 
 def _check_cu_values(fn: str, name: str, cu: Tensor, rows: int, of: str, max_name: str, max_seqlen: int):
@@ -761,7 +762,7 @@ def _varlen_paged(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         raise ValueError(f"fastlm.{fn}: a paged cache has at least one page of a multiple of 16 rows, got "
                          f"{list(k.shape)}")
     pages = block_table.shape[1] * k.shape[1]
-    _check_qkv(fn, q, k.flatten(0, 1), v.flatten(0, 1), packed=True)
+    _check_qkv(fn, q, k[0], v[0], packed=True)
     cu_q = _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, q)
     cu_k = _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, q)
     if cu_q.numel() != cu_k.numel() or block_table.shape[0] != cu_q.numel() - 1:
@@ -923,7 +924,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         # Saturated, not wrapped, into int32 (2**32 + 3 must not become 3): the CPU check below
         # raises on it; on CUDA the kernel and the cache write clamp it to the cache.
         seqlens = cache_seqlens.clamp(-2 ** 31, 2 ** 31 - 1).to(torch.int32) \
-            if cache_seqlens.dtype == torch.int64 else cache_seqlens
+            if cache_seqlens.dtype == torch.int64 else cache_seqlens.contiguous()
     else:
         raise ValueError(f"fastlm.{fn}: cache_seqlens must be None, an int or a ({B},) int tensor, "
                          f"got {cache_seqlens!r}")
@@ -932,7 +933,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         _check_index_tensor(fn, "cache_leftpad", cache_leftpad, q, dims=1)
         if cache_leftpad.shape != (B,):
             raise ValueError(f"fastlm.{fn}: cache_leftpad must be ({B},), got {list(cache_leftpad.shape)}")
-        leftpad = cache_leftpad.to(torch.int32)
+        leftpad = cache_leftpad.to(torch.int32).contiguous()
         if leftpad.device.type == "cpu" and B:
             ends = seqlens.long() if seqlens is not None else torch.full(
                 (B,), S_max if cache_seqlens is None else cache_seqlens, dtype=torch.long)
@@ -1075,41 +1076,41 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         _check_sdpa_tensors(fn, query, key, value)
     qs, ks = query.shape, key.shape
     if ks[:-1] != value.shape[:-1]:  # L and the batch and head dims
-        raise ValueError(f"fastlm.{fn}: key {list(key.shape)} and value {list(value.shape)} must agree but for E")
+        raise ArgumentError(f"fastlm.{fn}: key {list(key.shape)} and value {list(value.shape)} must agree but for E")
     E = qs[-1]
     if ks[-1] != E:
-        raise ValueError(f"fastlm.{fn}: key has E = {ks[-1]} but query has {E}")
+        raise ArgumentError(f"fastlm.{fn}: key has E = {ks[-1]} but query has {E}")
     if E == 0:
-        raise ValueError(f"fastlm.{fn}: query and key must have E > 0 (the head dim), got shape "
-                         f"{list(query.shape)}")
+        raise ArgumentError(f"fastlm.{fn}: query and key must have E > 0 (the head dim), got shape "
+                            f"{list(query.shape)}")
     if qs[:-3] != ks[:-3]:
-        raise ValueError(f"fastlm.{fn}: query and key batch dims differ: {list(qs[:-3])} and "
-                         f"{list(ks[:-3])}")
+        raise ArgumentError(f"fastlm.{fn}: query and key batch dims differ: {list(qs[:-3])} and "
+                            f"{list(ks[:-3])}")
     dropout_p = _check_dropout(fn, "dropout_p", dropout_p)
     scale = _check_scale(fn, "scale", scale, E)
     if is_causal and attn_mask is not None:
-        raise ValueError(f"fastlm.{fn}: attn_mask and is_causal=True cannot be given together (as in torch)")
+        raise ArgumentError(f"fastlm.{fn}: attn_mask and is_causal=True cannot be given together (as in torch)")
     L, S = qs[-2], ks[-2]
     H, Hk = (qs[-3], ks[-3]) if len(qs) >= 3 else (1, 1)
     if H != Hk:
         if not enable_gqa:
-            raise ValueError(f"fastlm.{fn}: query has {H} heads but key has {Hk}; pass enable_gqa=True for grouped "
-                             f"query attention")
+            raise ArgumentError(f"fastlm.{fn}: query has {H} heads but key has {Hk}; pass enable_gqa=True for "
+                                f"grouped query attention")
         if H % Hk != 0:
-            raise ValueError(f"fastlm.{fn}: query's {H} heads must be a multiple of key's {Hk} (enable_gqa)")
+            raise ArgumentError(f"fastlm.{fn}: query's {H} heads must be a multiple of key's {Hk} (enable_gqa)")
     mask = None
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"fastlm.{fn}: attn_mask must be a Tensor or None")
+            raise ArgumentTypeError(f"fastlm.{fn}: attn_mask must be a Tensor or None")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"fastlm.{fn}: attn_mask must be boolean or floating point, got {attn_mask.dtype}")
+            raise ArgumentTypeError(f"fastlm.{fn}: attn_mask must be boolean or floating point, got {attn_mask.dtype}")
         if attn_mask.device != query.device:
-            raise ValueError(f"fastlm.{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
+            raise ArgumentError(f"fastlm.{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
         full = query.shape[:-1] + (S,)
         if attn_mask.dim() > len(full) or any(m != 1 and m != n for m, n in zip(reversed(attn_mask.shape),
                                                                                reversed(full))):
-            raise ValueError(f"fastlm.{fn}: attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
-                             f"{list(full)}")
+            raise ArgumentError(f"fastlm.{fn}: attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
+                                f"{list(full)}")
     if dropout_p == 0.0 and query.is_cpu and not compiling() and native_backend("cpu"):
         out = _native_sdpa(query, key, value, attn_mask, is_causal, scale, H != Hk)
         if out is not None:
@@ -1144,18 +1145,18 @@ def _check_sdpa_tensors(fn: str, query, key, value) -> None:
     """query, key and value checked one by one: raises the error naming the first bad one."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
-            raise TypeError(f"fastlm.{fn}: {name} must be floating point, got dtype {t.dtype}")
+            raise ArgumentTypeError(f"fastlm.{fn}: {name} must be floating point, got dtype {t.dtype}")
         if t.dim() < 2:
-            raise ValueError(f"fastlm.{fn}: {name} must be at least 2-D (..., L, E), got shape {list(t.shape)}")
+            raise ArgumentError(f"fastlm.{fn}: {name} must be at least 2-D (..., L, E), got shape {list(t.shape)}")
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype:
-            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but query has {query.dtype}")
+            raise ArgumentTypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but query has {query.dtype}")
         if t.device != query.device:
-            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but query is on {query.device}")
+            raise ArgumentError(f"fastlm.{fn}: {name} is on {t.device} but query is on {query.device}")
         if t.dim() != query.dim():
-            raise ValueError(f"fastlm.{fn}: {name} has {t.dim()} dims but query has {query.dim()}")
+            raise ArgumentError(f"fastlm.{fn}: {name} has {t.dim()} dims but query has {query.dim()}")
 
 
 def _native_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import get_backend, native_backend, resolve
+from ..errors import ArgumentError, ArgumentIndexError, ArgumentTypeError
 from ..reference import cross_entropy as ref
 from ._autocast import no_autocast
 from ._eager import EagerTwin, compiling
@@ -41,7 +42,7 @@ def _check_float_option(fn: str, name: str, value, low: float, high: float = mat
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not (low <= value <= high):
         bound = f"in [{low}, {high}]" if math.isfinite(high) else f">= {low}"
-        raise ValueError(f"fastlm.{fn}: {name} must be a finite number {bound}, got {value!r}")
+        raise ArgumentError(f"fastlm.{fn}: {name} must be a finite number {bound}, got {value!r}")
     return float(value)
 
 
@@ -49,9 +50,9 @@ def check_loss_options(fn: str, ignore_index, reduction, label_smoothing, z_loss
     """Validate the options shared by cross_entropy and linear_cross_entropy; returns
     (label_smoothing, z_loss, softcap) as floats, softcap 0.0 meaning none."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"fastlm.{fn}: ignore_index must be an int, got {ignore_index!r}")
+        raise ArgumentTypeError(f"fastlm.{fn}: ignore_index must be an int, got {ignore_index!r}")
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"fastlm.{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise ArgumentError(f"fastlm.{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     label_smoothing = _check_float_option(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = _check_float_option(fn, "z_loss", z_loss, 0.0)
     if softcap is None:
@@ -59,44 +60,45 @@ def check_loss_options(fn: str, ignore_index, reduction, label_smoothing, z_loss
     else:
         softcap = _check_float_option(fn, "softcap", softcap, 0.0)
         if softcap == 0.0:
-            raise ValueError(f"fastlm.{fn}: softcap must be None or > 0, got {softcap!r}")
+            raise ArgumentError(f"fastlm.{fn}: softcap must be None or > 0, got {softcap!r}")
     return label_smoothing, z_loss, softcap
 
 
 def _check_args(input, target, weight):
     fn = "cross_entropy"
     if not isinstance(input, Tensor):
-        raise TypeError(f"fastlm.{fn}: input must be a Tensor, got {type(input).__name__}")
+        raise ArgumentTypeError(f"fastlm.{fn}: input must be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
-        raise TypeError(f"fastlm.{fn}: input must be a floating-point tensor of logits, got dtype {input.dtype}")
+        raise ArgumentTypeError(f"fastlm.{fn}: input must be a floating-point tensor of logits, "
+                                f"got dtype {input.dtype}")
     if input.dim() == 0:
-        raise ValueError(f"fastlm.{fn}: input must have a class dimension, got a 0-d tensor")
+        raise ArgumentError(f"fastlm.{fn}: input must have a class dimension, got a 0-d tensor")
     if not isinstance(target, Tensor):
-        raise TypeError(f"fastlm.{fn}: target must be a Tensor, got {type(target).__name__}")
+        raise ArgumentTypeError(f"fastlm.{fn}: target must be a Tensor, got {type(target).__name__}")
     if target.device != input.device:
-        raise ValueError(f"fastlm.{fn}: target is on {target.device} but input is on {input.device}")
+        raise ArgumentError(f"fastlm.{fn}: target is on {target.device} but input is on {input.device}")
     class_dim = 0 if input.dim() == 1 else 1
     classes = input.shape[class_dim]
     if target.is_floating_point():
         if target.shape != input.shape:
-            raise ValueError(f"fastlm.{fn}: probability targets must have the input's shape {list(input.shape)}, "
-                             f"got {list(target.shape)}")
+            raise ArgumentError(f"fastlm.{fn}: probability targets must have the input's shape {list(input.shape)}, "
+                                f"got {list(target.shape)}")
     elif target.dtype in (torch.int64, torch.int32):
         expected = input.shape[:class_dim] + input.shape[class_dim + 1:]
         if target.shape != expected:
-            raise ValueError(f"fastlm.{fn}: class-index target must have shape {list(expected)} for input of shape "
-                             f"{list(input.shape)}, got {list(target.shape)}")
+            raise ArgumentError(f"fastlm.{fn}: class-index target must have shape {list(expected)} for input of shape "
+                                f"{list(input.shape)}, got {list(target.shape)}")
     else:
-        raise TypeError(f"fastlm.{fn}: target must hold class indices (int64 or int32) or class probabilities "
-                        f"(floating point), got dtype {target.dtype}")
+        raise ArgumentTypeError(f"fastlm.{fn}: target must hold class indices (int64 or int32) or class probabilities "
+                                f"(floating point), got dtype {target.dtype}")
     if weight is not None:
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
-            raise TypeError(f"fastlm.{fn}: weight must be a floating-point Tensor or None")
+            raise ArgumentTypeError(f"fastlm.{fn}: weight must be a floating-point Tensor or None")
         if weight.device != input.device:
-            raise ValueError(f"fastlm.{fn}: weight is on {weight.device} but input is on {input.device}")
+            raise ArgumentError(f"fastlm.{fn}: weight is on {weight.device} but input is on {input.device}")
         if weight.shape != (classes,):
-            raise ValueError(f"fastlm.{fn}: weight must have shape [{classes}] (one per class), "
-                             f"got {list(weight.shape)}")
+            raise ArgumentError(f"fastlm.{fn}: weight must have shape [{classes}] (one per class), "
+                                f"got {list(weight.shape)}")
     return class_dim, classes
 
 
@@ -109,8 +111,8 @@ def check_targets_in_range(fn: str, target: Tensor, classes: int, ignore_index: 
     if lo.item() < 0 or hi.item() >= classes:
         bad = (target != ignore_index) & ((target < 0) | (target >= classes))
         value = int(target[bad][0])
-        raise ValueError(f"fastlm.{fn}: target holds class index {value}, outside [0, {classes}) and not "
-                         f"ignore_index={ignore_index}")
+        raise ArgumentIndexError(f"fastlm.{fn}: target holds class index {value}, outside [0, {classes}) and "
+                                 f"not ignore_index={ignore_index}")
 
 
 def _triton_unsupported(logits: Tensor, weight: Optional[Tensor]) -> Optional[str]:
@@ -332,8 +334,9 @@ def _native(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_inde
       and only a NaN whose divisor is 0 is replaced, by the "sum" (a divisor of 1); elsewhere
       (the "torch" backend on CUDA: no host sync) the loss is formed as sum / divisor.
     - a class index outside [0, C): on CPU torch raises IndexError, re-raised as fastlm's
-      ValueError naming the index (the targets are scanned only then); elsewhere that row's
-      loss and gradient are NaN (torch never sees the index: a device-side assert otherwise).
+      ArgumentIndexError (an IndexError and a ValueError) naming the index (the targets are
+      scanned only then); elsewhere that row's loss and gradient are NaN (torch never sees
+      the index: a device-side assert otherwise).
 
     None where torch has no native equivalent (class weights or probability targets in
     another dtype than 16-bit logits, which the reference takes in float32): the reference
@@ -389,11 +392,6 @@ def _native_device(input: Tensor, target: Tensor, weight: Optional[Tensor], igno
     return loss.to(input.dtype)
 
 
-class _ProbabilityTargetIgnoreIndexError(ValueError, RuntimeError):
-    """torch raises RuntimeError for ignore_index with probability targets; fastlm's errors for
-    bad arguments are ValueErrors: this is both, so either ``except`` catches it."""
-
-
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
                   ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None) -> Tensor:
@@ -405,7 +403,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     probabilities (input's shape). z_loss adds z_loss * logsumexp^2 per counted row;
     softcap applies softcap * tanh(x / softcap) to the logits first. Differences from torch,
     on purpose: when every target is ignored, "mean" gives 0 (torch: NaN); a class index
-    out of range raises ValueError on CPU and gives NaN for that row on CUDA. Infinite and
+    out of range raises fastlm.ArgumentIndexError on CPU (an IndexError as torch's, and a
+    ValueError) and gives NaN for that row on CUDA. Bad arguments raise what torch raises
+    (RuntimeError as a rule: fastlm.errors), naming the argument. Infinite and
     NaN logits (a vocabulary masked with -inf) give torch's result on every backend, its
     inf/NaN included; softcap maps +-inf to +-softcap (fastlm/reference/cross_entropy.py).
     """
@@ -413,8 +413,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     class_dim, classes = _check_args(input, target, weight)
     if target.is_floating_point() and ignore_index != -100:
-        raise _ProbabilityTargetIgnoreIndexError("fastlm.cross_entropy: ignore_index is not supported with "
-                                                 "probability targets (as in torch)")
+        raise ArgumentError("fastlm.cross_entropy: ignore_index is not supported with probability targets "
+                            "(as in torch)")
     label_smoothing, z_loss, softcap = check_loss_options("cross_entropy", ignore_index, reduction,
                                                           label_smoothing, z_loss, softcap)
     if z_loss == 0.0 and softcap == 0.0 and not compiling():

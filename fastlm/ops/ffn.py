@@ -4,9 +4,16 @@ Two custom-op pairs:
 
     fastlm::linear(x, w, b?, activation, save) -> (y, saved)
     fastlm::linear_bwd(dy, x, w, saved, activation, has_bias, backend) -> (dx, dw, db)
-    fastlm::feed_forward(x, w_in, b_in?, w_out, b_out?, activation, save, gate_order="gate_up") -> (y, h, pre)
+    fastlm::feed_forward(x, w_in, b_in?, w_out, b_out?, activation, save, gate_order="gate_up",
+                         w_up?=None, b_up?=None) -> (y, h, pre)
     fastlm::feed_forward_bwd(dy, x, w_in, b_in?, w_out, h, pre, activation, has_b_out, backend,
-                             gate_order="gate_up") -> (dx, dw_in, db_in, dw_out, db_out)
+                             gate_order="gate_up", w_up?=None, b_up?=None)
+                             -> (dx, dw_in, db_in, dw_out, db_out, dw_up, db_up)
+
+w_up: a gated block's up projection as a tensor of its own (Hugging Face checkpoints keep
+gate_proj and up_proj apart); w_in is then the gate alone. The kernels read both where they
+are (a second weight pointer; dx's matmul runs over both as one K loop), so no per-step
+torch.cat of the two weights is made.
 
 x is 2-D (tokens, features): the public functions flatten leading dims. Saved activations:
 ``linear`` keeps the pre-activation z for gelu/gelu_tanh/silu (their derivative needs it)
@@ -38,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ..backend import get_backend, native_backend, native_backend_of, resolve
+from ..errors import ArgumentError, ArgumentTypeError
 from ._autocast import autocast_inputs, no_autocast
 from ._eager import EagerTwin, compiling
 from ..reference import ffn as ref
@@ -89,9 +97,12 @@ def _ref_linear_bwd(dy, x, w, saved, activation, has_bias):
     return dz @ w, dz.t() @ x, db
 
 
-def _ref_ffn_fwd(x, w_in, b_in, w_out, b_out, activation, gate_order="gate_up"):
-    """(y, h, pre) in plain torch, rounding where the kernels round: pre and h in x's dtype."""
+def _ref_ffn_fwd(x, w_in, b_in, w_out, b_out, activation, gate_order="gate_up", w_up=None, b_up=None):
+    """(y, h, pre) in plain torch, rounding where the kernels round: pre and h in x's dtype.
+    With w_up, pre is [x w_in^T + b_in, x w_up^T + b_up] (gate, up)."""
     pre = torch.nn.functional.linear(x, w_in, b_in)
+    if w_up is not None:
+        pre = torch.cat([pre, torch.nn.functional.linear(x, w_up, b_up)], dim=-1)
     if activation in GATED:
         g, u = ref.split_gated(pre, gate_order)
         h = (ref.act(_up(g), GATED[activation]) * _up(u)).to(x.dtype)
@@ -184,16 +195,18 @@ _linear_eager = EagerTwin(_linear, _linear_body, _linear_setup, _linear_backward
 
 @no_autocast
 def _feed_forward_body(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-                       activation: str, save: bool, gate_order: str = "gate_up") -> tuple[Tensor, Tensor, Tensor]:
+                       activation: str, save: bool, gate_order: str = "gate_up", w_up: Optional[Tensor] = None,
+                       b_up: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     if _pick("feed_forward", x) == "triton":
         from fastlm.kernels import matmul as kernels
         if activation in GATED:
-            h, pre = kernels.gated_fwd(x, w_in, b_in, activation, save_gu=save, gate_order=gate_order)
+            h, pre = kernels.gated_fwd(x, w_in, b_in, activation, save_gu=save, gate_order=gate_order, w_up=w_up,
+                                       bias_up=b_up)
         else:
             h, pre = kernels.linear_fwd(x, w_in, b_in, activation, save_preact=save and _saves_preact(activation))
         y, _ = kernels.linear_fwd(h, w_out, b_out, None)
     else:
-        y, h, pre = _ref_ffn_fwd(x, w_in, b_in, w_out, b_out, activation, gate_order)
+        y, h, pre = _ref_ffn_fwd(x, w_in, b_in, w_out, b_out, activation, gate_order, w_up, b_up)
         if not (activation in GATED or _saves_preact(activation)):
             pre = None
     if not save:
@@ -205,26 +218,31 @@ _feed_forward = torch.library.custom_op("fastlm::feed_forward", mutates_args=())
 
 
 @_feed_forward.register_fake
-def _(x, w_in, b_in, w_out, b_out, activation, save, gate_order="gate_up"):
+def _(x, w_in, b_in, w_out, b_out, activation, save, gate_order="gate_up", w_up=None, b_up=None):
     y = x.new_empty(x.shape[0], w_out.shape[0])
     if not save:
         return y, _empty(x), _empty(x)
     h = x.new_empty(x.shape[0], w_out.shape[1])
-    pre = x.new_empty(x.shape[0], w_in.shape[0]) if (activation in GATED or _saves_preact(activation)) else _empty(x)
+    width = 2 * w_out.shape[1] if activation in GATED else w_in.shape[0]
+    pre = x.new_empty(x.shape[0], width) if (activation in GATED or _saves_preact(activation)) else _empty(x)
     return y, h, pre
 
 
 @no_autocast
 def _feed_forward_bwd_body(dy: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, h: Tensor,
                            pre: Tensor, activation: str, has_b_out: bool, backend: str,
-                           gate_order: str = "gate_up") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           gate_order: str = "gate_up", w_up: Optional[Tensor] = None, b_up: Optional[Tensor] = None,
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     gated = activation in GATED
     recompute = h.dim() == 1  # the 1-D placeholder (_empty): h was not saved; a saved h is 2-D, even with 0 rows
+    F = w_in.shape[0]  # with w_up: the hidden width, where dpre's up half starts
+    dw_up = db_up = None
     if _pick("feed_forward", x, backend) == "triton":
         from fastlm.kernels import matmul as kernels
         if recompute:
             if gated:
-                h, pre = kernels.gated_fwd(x, w_in, b_in, activation, save_gu=True, gate_order=gate_order)
+                h, pre = kernels.gated_fwd(x, w_in, b_in, activation, save_gu=True, gate_order=gate_order,
+                                           w_up=w_up, bias_up=b_up)
             else:
                 h, pre = kernels.linear_fwd(x, w_in, b_in, activation, save_preact=_saves_preact(activation))
         # dh = dy @ W_out, times the activation's derivative, in the matmul's epilogue.
@@ -233,50 +251,70 @@ def _feed_forward_bwd_body(dy: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[T
         else:
             dpre, db_in = kernels.matmul_dact(dy, w_out.t(), pre if _saves_preact(activation) else h, activation)
         dw_out = kernels.matmul(dy.t(), h.t())
-        dx = kernels.matmul(dpre, w_in.t())
-        dw_in = kernels.matmul(dpre.t(), x.t())
+        if w_up is None:
+            dx = kernels.matmul(dpre, w_in.t())
+            dw_in = kernels.matmul(dpre.t(), x.t())
+        else:  # dx = dg @ Wg + du @ Wu, one accumulator over both; each weight's gradient its own
+            dg, du = dpre[:, :F], dpre[:, F:]
+            dx = kernels.matmul(dg, w_in.t(), du, w_up.t())
+            dw_in, dw_up = kernels.matmul(dg.t(), x.t()), kernels.matmul(du.t(), x.t())
         db_out = dy.float().sum(0) if has_b_out else None
     else:
         if recompute:
-            _, h, pre = _ref_ffn_fwd(x, w_in, b_in, w_out, None, activation, gate_order)
+            _, h, pre = _ref_ffn_fwd(x, w_in, b_in, w_out, None, activation, gate_order, w_up, b_up)
         elif not (gated or _saves_preact(activation)):
             pre = h  # relu: the derivative is read off the output
         dpre = _ref_dpre(dy @ w_out, pre, activation, gate_order)
-        dw_out, dx, dw_in = dy.t() @ h, dpre @ w_in, dpre.t() @ x
+        dw_out = dy.t() @ h
+        if w_up is None:
+            dx, dw_in = dpre @ w_in, dpre.t() @ x
+        else:
+            dg, du = dpre[:, :F], dpre[:, F:]
+            dx, dw_in, dw_up = dg @ w_in + du @ w_up, dg.t() @ x, du.t() @ x
         db_in = _up(dpre).sum(0)
         db_out = _up(dy).sum(0) if has_b_out else None
+    if b_up is not None:  # copies of the halves: a custom op's outputs may not alias one another
+            db_up = db_in[F:].to(b_up.dtype, copy=True)
+            db_in = db_in[:F].to(w_in.dtype, copy=True)
     db_in = db_in.to(w_in.dtype) if b_in is not None else _empty(x)
     db_out = db_out.to(w_out.dtype) if has_b_out else _empty(x)
-    return dx, dw_in, db_in, dw_out, db_out
+    return (dx, dw_in, db_in, dw_out, db_out, dw_up if dw_up is not None else _empty(x),
+            db_up if db_up is not None else _empty(x))
 
 
 _feed_forward_bwd = torch.library.custom_op("fastlm::feed_forward_bwd", mutates_args=())(_feed_forward_bwd_body)
 
 
 @_feed_forward_bwd.register_fake
-def _(dy, x, w_in, b_in, w_out, h, pre, activation, has_b_out, backend, gate_order="gate_up"):
+def _(dy, x, w_in, b_in, w_out, h, pre, activation, has_b_out, backend, gate_order="gate_up", w_up=None,
+      b_up=None):
     db_in = w_in.new_empty(w_in.shape[0]) if b_in is not None else _empty(x)
     db_out = w_out.new_empty(w_out.shape[0]) if has_b_out else _empty(x)
-    return torch.empty_like(x), torch.empty_like(w_in), db_in, torch.empty_like(w_out), db_out
+    dw_up = torch.empty_like(w_up) if w_up is not None else _empty(x)
+    db_up = b_up.new_empty(b_up.shape[0]) if b_up is not None else _empty(x)
+    return torch.empty_like(x), torch.empty_like(w_in), db_in, torch.empty_like(w_out), db_out, dw_up, db_up
 
 
 def _ffn_setup(ctx, inputs, output):
     x, w_in, b_in, w_out, b_out, activation, save = inputs[:7]
+    # a call may leave gate_order, w_up and b_up out (their defaults); the backward returns one
+    # gradient per input
+    gate_order, w_up, b_up = (tuple(inputs[7:10]) + ("gate_up", None, None)[len(inputs[7:10]):])
     _, h, pre = output
-    ctx.save_for_backward(x, w_in, b_in, w_out, h, pre)
+    ctx.save_for_backward(x, w_in, b_in, w_out, h, pre, w_up, b_up)
     ctx.activation, ctx.has_b_out, ctx.backend = activation, b_out is not None, get_backend()
-    # a call may leave gate_order out (its default); the backward returns one gradient per input
-    ctx.gate_order, ctx.n_inputs = (inputs[7] if len(inputs) > 7 else "gate_up"), len(inputs)
+    ctx.gate_order, ctx.n_inputs = gate_order, len(inputs)
 
 
 def _ffn_backward_with(feed_forward_bwd):
     def backward(ctx, dy, _dh, _dpre):
-        x, w_in, b_in, w_out, h, pre = ctx.saved_tensors
-        dx, dw_in, db_in, dw_out, db_out = feed_forward_bwd(dy, x, w_in, b_in, w_out, h, pre, ctx.activation,
-                                                            ctx.has_b_out, ctx.backend, ctx.gate_order)
+        x, w_in, b_in, w_out, h, pre, w_up, b_up = ctx.saved_tensors
+        extra = () if w_up is None else (w_up, b_up)
+        dx, dw_in, db_in, dw_out, db_out, dw_up, db_up = feed_forward_bwd(
+            dy, x, w_in, b_in, w_out, h, pre, ctx.activation, ctx.has_b_out, ctx.backend, ctx.gate_order, *extra)
         grads = (dx, dw_in, db_in if b_in is not None else None, dw_out, db_out if ctx.has_b_out else None, None,
-                 None)
-        return grads + (None,) * (ctx.n_inputs - len(grads))
+                 None, None, dw_up if w_up is not None else None, db_up if b_up is not None else None)
+        return grads[:ctx.n_inputs]
     return backward
 
 
@@ -297,20 +335,20 @@ def _check_tensor(fn: str, name: str, t, dtype: Optional[torch.dtype] = None, de
     if t is None and optional:
         return
     if not isinstance(t, Tensor):
-        raise TypeError(f"fastlm.{fn}: {name} must be a Tensor{' or None' if optional else ''}, got "
-                        f"{type(t).__name__}")
+        raise ArgumentTypeError(f"fastlm.{fn}: {name} must be a Tensor{' or None' if optional else ''}, got "
+                                f"{type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"fastlm.{fn}: {name} must be floating point, got dtype {t.dtype}")
+        raise ArgumentTypeError(f"fastlm.{fn}: {name} must be floating point, got dtype {t.dtype}")
     if dtype is not None:
         if t.dtype != dtype:
-            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but input has {dtype}; they must match")
+            raise ArgumentTypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but input has {dtype}; they must match")
         if t.device != device:
-            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but input is on {device}")
+            raise ArgumentError(f"fastlm.{fn}: {name} is on {t.device} but input is on {device}")
 
 
 def _check_shape(fn: str, name: str, t: Optional[Tensor], shape: tuple, what: str):
     if t is not None and t.shape != shape:
-        raise ValueError(f"fastlm.{fn}: {name} must be {what} = {list(shape)}, got {list(t.shape)}")
+        raise ArgumentError(f"fastlm.{fn}: {name} must be {what} = {list(shape)}, got {list(t.shape)}")
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
@@ -352,12 +390,16 @@ def _native_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], activa
 
 
 def _native_feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor,
-                         b_out: Optional[Tensor], activation: str, gate_order: str = "gate_up") -> Tensor:
+                         b_out: Optional[Tensor], activation: str, gate_order: str = "gate_up",
+                         w_up: Optional[Tensor] = None, b_up: Optional[Tensor] = None) -> Tensor:
     """The "torch" backend: F.linear, the activation (gated: act(gate half) * up half, the gate
-    rows first, or second for gate_order "up_gate"), F.linear, with torch's autograd."""
+    rows first, or second for gate_order "up_gate"; with w_up, act(x w_in^T) * (x w_up^T), as
+    a Hugging Face MLP writes it), F.linear, with torch's autograd."""
     z = torch.nn.functional.linear(input, w_in, b_in)
     gate = _TORCH_GATE.get(activation)
-    if gate is not None:
+    if w_up is not None:
+        h = gate(z) * torch.nn.functional.linear(input, w_up, b_up)
+    elif gate is not None:
         first, second = z.chunk(2, dim=-1)
         g, u = (first, second) if gate_order == "gate_up" else (second, first)
         h = gate(g) * u
@@ -413,16 +455,19 @@ def _check_linear(fn: str, input, weight, bias, activation) -> None:
     _check_tensor(fn, "weight", weight, dtype, device)
     _check_tensor(fn, "bias", bias, dtype, device, optional=True)
     if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"fastlm.{fn}: activation must be None or one of {list(ACTIVATIONS)}, got {activation!r}"
-                         + (" (the gated ones are feed_forward's)" if activation in GATED else ""))
+        raise ArgumentError(f"fastlm.{fn}: activation must be None or one of {list(ACTIVATIONS)}, got {activation!r}"
+                            + (" (the gated ones are feed_forward's)" if activation in GATED else ""))
     if input.dim() < 1 or weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"fastlm.{fn}: weight must be (out_features, in_features) = (N, {input.shape[-1]}) for "
-                         f"input of shape {list(input.shape)}, got {list(weight.shape)}")
+        if input.dim() < 1:
+            raise ArgumentError(f"fastlm.{fn}: input must be (..., in_features), at least 1-D, got a 0-d tensor")
+        raise ArgumentError(f"fastlm.{fn}: weight must be (out_features, in_features) = (N, {input.shape[-1]}) for "
+                            f"input of shape {list(input.shape)}, got {list(weight.shape)}")
     _check_shape(fn, "bias", bias, (weight.shape[0],), "(out_features,)")
 
 
 def feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-                 activation: str = "gelu", recompute: bool = False, *, gate_order: str = "gate_up") -> Tensor:
+                 activation: str = "gelu", recompute: bool = False, *, gate_order: str = "gate_up",
+                 w_up: Optional[Tensor] = None, b_up: Optional[Tensor] = None) -> Tensor:
     """The Transformer's feed-forward block, act(input @ w_in.T + b_in) @ w_out.T + b_out.
 
     input (..., d_model); w_in (hidden, d_model), or for the gated activations "swiglu"
@@ -436,6 +481,12 @@ def feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Ten
     a, b = x.chunk(2, -1)) and flash-attn's GatedMlp (``y, gate = y.chunk(2, dim=-1)``).
     The kernels swap which half they call the gate; no weight is copied. It has no effect
     for the plain activations (its value is checked all the same).
+    w_up, b_up (keyword-only, gated activations only): the up projection (hidden, d_model)
+    and its bias (hidden,) as tensors of their own, as Hugging Face's gate_proj / up_proj
+    keep them; w_in and b_in are then the gate's (hidden, d_model) and (hidden,), b_in and
+    b_up both given or both None, gate_order "gate_up". The kernels read the two weights
+    where they lie (a second pointer), so no (2 * hidden, d_model) copy is made per call,
+    and each gets its own gradient.
     recompute=True saves no hidden activation for the backward and recomputes it from input.
 
     On the "torch" backend (the CPU path) the block is torch's own F.linear, activation
@@ -450,40 +501,60 @@ def feed_forward(input: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Ten
     """
     fn = "feed_forward"
     if _autocast_may_apply():
-        input, w_in, b_in, w_out, b_out = autocast_inputs(input, w_in, b_in, w_out, b_out)
+        input, w_in, b_in, w_out, b_out, w_up, b_up = autocast_inputs(input, w_in, b_in, w_out, b_out, w_up, b_up)
     _check_tensor(fn, "input", input)
     dtype, device = input.dtype, input.device
     _check_tensor(fn, "w_in", w_in, dtype, device)
     _check_tensor(fn, "b_in", b_in, dtype, device, optional=True)
     _check_tensor(fn, "w_out", w_out, dtype, device)
     _check_tensor(fn, "b_out", b_out, dtype, device, optional=True)
+    _check_tensor(fn, "w_up", w_up, dtype, device, optional=True)
+    _check_tensor(fn, "b_up", b_up, dtype, device, optional=True)
     if not isinstance(activation, str) or (activation not in ACTIVATIONS and activation not in GATED):
-        raise ValueError(f"fastlm.{fn}: activation must be one of {list(ACTIVATIONS) + list(GATED)}, got "
-                         f"{activation!r}")
+        raise ArgumentError(f"fastlm.{fn}: activation must be one of {list(ACTIVATIONS) + list(GATED)}, got "
+                            f"{activation!r}")
     if not isinstance(recompute, bool):
-        raise TypeError(f"fastlm.{fn}: recompute must be a bool, got {recompute!r}")
+        raise ArgumentTypeError(f"fastlm.{fn}: recompute must be a bool, got {recompute!r}")
     if not isinstance(gate_order, str) or gate_order not in GATE_ORDERS:
-        raise ValueError(f"fastlm.{fn}: gate_order must be one of {list(GATE_ORDERS)} (which half of a gated "
-                         f"w_in's rows is the gate), got {gate_order!r}")
+        raise ArgumentError(f"fastlm.{fn}: gate_order must be one of {list(GATE_ORDERS)} (which half of a gated "
+                            f"w_in's rows is the gate), got {gate_order!r}")
     d_model = input.shape[-1] if input.dim() >= 1 else None
     if w_in.dim() != 2 or w_in.shape[1] != d_model:
-        raise ValueError(f"fastlm.{fn}: w_in must be (hidden, d_model) with d_model = {d_model} (input's last dim), "
-                         f"got {list(w_in.shape)}")
+        raise ArgumentError(f"fastlm.{fn}: w_in must be (hidden, d_model) with d_model = {d_model} (input's last dim), "
+                            f"got {list(w_in.shape)}")
     gated = activation in GATED
-    if gated and w_in.shape[0] % 2:
-        raise ValueError(f"fastlm.{fn}: for {activation!r} w_in stacks the gate and up projections, (2 * hidden, "
-                         f"d_model): its {w_in.shape[0]} rows are odd")
-    hidden = w_in.shape[0] // 2 if gated else w_in.shape[0]
+    if w_up is not None or b_up is not None:
+        if w_up is None:
+            raise ArgumentError(f"fastlm.{fn}: b_up goes with w_up (the separate up projection), got b_up alone")
+        if not gated:
+            raise ArgumentError(f"fastlm.{fn}: w_up is the up projection of a gated activation "
+                                f"({list(GATED)}), got activation {activation!r}")
+        if gate_order != "gate_up":
+            raise ArgumentError(f"fastlm.{fn}: with w_up, w_in is the gate: gate_order must be 'gate_up', got "
+                                f"{gate_order!r}")
+        if w_up.shape != w_in.shape:
+            raise ArgumentError(f"fastlm.{fn}: w_up must have w_in's (the gate's) shape {list(w_in.shape)}, got "
+                                f"{list(w_up.shape)}")
+        if (b_in is None) != (b_up is None):
+            raise ArgumentError(f"fastlm.{fn}: with w_up, give the gate's b_in and the up's b_up both or neither")
+        _check_shape(fn, "b_up", b_up, (w_in.shape[0],), "(hidden,)")
+        hidden = w_in.shape[0]
+    elif gated and w_in.shape[0] % 2:
+        raise ArgumentError(f"fastlm.{fn}: for {activation!r} w_in stacks the gate and up projections, (2 * hidden, "
+                            f"d_model): its {w_in.shape[0]} rows are odd")
+    else:
+        hidden = w_in.shape[0] // 2 if gated else w_in.shape[0]
     if w_out.dim() != 2 or w_out.shape[1] != hidden or w_out.shape[0] != d_model:
-        raise ValueError(f"fastlm.{fn}: w_out must be (d_model, hidden) = {[d_model, hidden]}, got "
-                         f"{list(w_out.shape)}")
+        raise ArgumentError(f"fastlm.{fn}: w_out must be (d_model, hidden) = {[d_model, hidden]}, got "
+                            f"{list(w_out.shape)}")
     _check_shape(fn, "b_in", b_in, (w_in.shape[0],), "(w_in's rows,)")
     _check_shape(fn, "b_out", b_out, (d_model,), "(d_model,)")
     if not compiling() and native_backend(device.type):
-        if not recompute or not _needs_grad(input, w_in, b_in, w_out, b_out):
-            return _native_feed_forward(input, w_in, b_in, w_out, b_out, activation, gate_order)
+        if not recompute or not _needs_grad(input, w_in, b_in, w_out, b_out, w_up, b_up):
+            return _native_feed_forward(input, w_in, b_in, w_out, b_out, activation, gate_order, w_up, b_up)
         save = False
     else:
-        save = not recompute and _needs_grad(input, w_in, b_in, w_out, b_out)
-    y, _, _ = _feed_forward_eager(_flatten(input), w_in, b_in, w_out, b_out, activation, save, gate_order)
+        save = not recompute and _needs_grad(input, w_in, b_in, w_out, b_out, w_up, b_up)
+    up = () if w_up is None else (w_up, b_up)
+    y, _, _ = _feed_forward_eager(_flatten(input), w_in, b_in, w_out, b_out, activation, save, gate_order, *up)
     return y.reshape(input.shape)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import get_backend, native_backend
+from ..errors import ArgumentError, ArgumentTypeError
 from . import cross_entropy as _ce
 from ._autocast import autocast_inputs, no_autocast
 from ._eager import EagerTwin, compiling
@@ -271,56 +272,58 @@ def _check_args(input, linear_weight, target, linear_bias, weight):
     fn = "linear_cross_entropy"
     for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
     if not input.is_floating_point():
-        raise TypeError(f"fastlm.{fn}: input must be floating point, got dtype {input.dtype}")
+        raise ArgumentTypeError(f"fastlm.{fn}: input must be floating point, got dtype {input.dtype}")
     if input.dim() < 1:
-        raise ValueError(f"fastlm.{fn}: input must be (N, H) (or (..., H)), got a 0-d tensor")
+        raise ArgumentError(f"fastlm.{fn}: input must be (N, H) (or (..., H)), got a 0-d tensor")
     if linear_weight.dim() < 2 or linear_weight.shape[-1] != input.shape[-1]:
-        raise ValueError(f"fastlm.{fn}: linear_weight must be (C, H) (or (C, d1, ..., dK, H)) with H = "
-                         f"input.shape[-1] = {input.shape[-1]}, got shape {list(linear_weight.shape)}")
+        raise ArgumentError(f"fastlm.{fn}: linear_weight must be (C, H) (or (C, d1, ..., dK, H)) with H = "
+                            f"input.shape[-1] = {input.shape[-1]}, got shape {list(linear_weight.shape)}")
     if linear_weight.dtype != input.dtype:
-        raise TypeError(f"fastlm.{fn}: linear_weight has dtype {linear_weight.dtype} but input has {input.dtype}; "
-                        f"they must match")
+        raise ArgumentTypeError(f"fastlm.{fn}: linear_weight has dtype {linear_weight.dtype} but input has "
+                                f"{input.dtype}; "
+                                f"they must match")
     if linear_weight.device != input.device:
-        raise ValueError(f"fastlm.{fn}: linear_weight is on {linear_weight.device} but input is on {input.device}")
+        raise ArgumentError(f"fastlm.{fn}: linear_weight is on {linear_weight.device} but input is on {input.device}")
     classes, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
     batch = tuple(input.shape[:-1])
     if out_features and not batch:
-        raise ValueError(f"fastlm.{fn}: a K-dimensional loss (linear_weight of shape {list(linear_weight.shape)}) "
-                         f"needs batched input (N, {input.shape[-1]}), got shape {list(input.shape)}")
+        raise ArgumentError(f"fastlm.{fn}: a K-dimensional loss (linear_weight of shape {list(linear_weight.shape)}) "
+                            f"needs batched input (N, {input.shape[-1]}), got shape {list(input.shape)}")
     probabilities = target.is_floating_point()
     if probabilities:
         expected = batch + (classes,) + out_features
         if target.shape != expected:
-            raise ValueError(f"fastlm.{fn}: probability targets must have the logits' shape {list(expected)}, "
-                             f"got {list(target.shape)}")
+            raise ArgumentError(f"fastlm.{fn}: probability targets must have the logits' shape {list(expected)}, "
+                                f"got {list(target.shape)}")
     elif target.dtype in (torch.int64, torch.int32):
         if target.shape != batch + out_features:
-            raise ValueError(f"fastlm.{fn}: target must have shape {list(batch + out_features)} (input without "
-                             f"its last dim, then linear_weight's dims between C and H), got {list(target.shape)}")
+            raise ArgumentError(f"fastlm.{fn}: target must have shape {list(batch + out_features)} (input without "
+                                f"its last dim, then linear_weight's dims between C and H), got {list(target.shape)}")
     else:
-        raise TypeError(f"fastlm.{fn}: target must hold class indices (int64 or int32) or class probabilities "
-                        f"(floating point), got dtype {target.dtype}")
+        raise ArgumentTypeError(f"fastlm.{fn}: target must hold class indices (int64 or int32) or class probabilities "
+                                f"(floating point), got dtype {target.dtype}")
     if target.device != input.device:
-        raise ValueError(f"fastlm.{fn}: target is on {target.device} but input is on {input.device}")
+        raise ArgumentError(f"fastlm.{fn}: target is on {target.device} but input is on {input.device}")
     if linear_bias is not None:
         if not isinstance(linear_bias, Tensor) or linear_bias.shape != linear_weight.shape[:-1]:
-            raise ValueError(f"fastlm.{fn}: linear_bias must be a Tensor of shape {list(linear_weight.shape[:-1])} "
-                             f"or None")
+            raise ArgumentError(f"fastlm.{fn}: linear_bias must be a Tensor of shape {list(linear_weight.shape[:-1])} "
+                                f"or None")
         if linear_bias.dtype != input.dtype:
-            raise TypeError(f"fastlm.{fn}: linear_bias has dtype {linear_bias.dtype} but input has {input.dtype}; "
-                            f"they must match")
+            raise ArgumentTypeError(f"fastlm.{fn}: linear_bias has dtype {linear_bias.dtype} but input has "
+                                    f"{input.dtype}; "
+                                    f"they must match")
         if linear_bias.device != input.device:
-            raise ValueError(f"fastlm.{fn}: linear_bias is on {linear_bias.device} but input is on {input.device}")
+            raise ArgumentError(f"fastlm.{fn}: linear_bias is on {linear_bias.device} but input is on {input.device}")
     if weight is not None:
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
-            raise TypeError(f"fastlm.{fn}: weight (the class weights) must be a floating-point Tensor or None")
+            raise ArgumentTypeError(f"fastlm.{fn}: weight (the class weights) must be a floating-point Tensor or None")
         if weight.shape != (classes,):
-            raise ValueError(f"fastlm.{fn}: weight (the class weights) must have shape [{classes}], one per class, "
-                             f"got {list(weight.shape)}")
+            raise ArgumentError(f"fastlm.{fn}: weight (the class weights) must have shape [{classes}], one per class, "
+                                f"got {list(weight.shape)}")
         if weight.device != input.device:
-            raise ValueError(f"fastlm.{fn}: weight is on {weight.device} but input is on {input.device}")
+            raise ArgumentError(f"fastlm.{fn}: weight is on {weight.device} but input is on {input.device}")
     return out_features, probabilities
 
 
@@ -346,8 +349,8 @@ def _from_options(options, n: int, hidden: int, vocab: int, dtype: torch.dtype, 
     A chunk_size or acc_dtype given beside options must agree with them (ValueError)."""
     fn = "fastlm.linear_cross_entropy"
     if _Options is None or not isinstance(options, _Options):
-        raise TypeError(f"{fn}: options must be None or a torch.nn.LinearCrossEntropyOptions, got "
-                        f"{type(options).__name__}")
+        raise ArgumentTypeError(f"{fn}: options must be None or a torch.nn.LinearCrossEntropyOptions, got "
+                                f"{type(options).__name__}")
     size, method = options.batch_chunk_size, options.chunking_method
     if method == "auto" and size is not None:  # torch's rule: an explicit size turns the heuristic off
         method = None
@@ -359,11 +362,11 @@ def _from_options(options, n: int, hidden: int, vocab: int, dtype: torch.dtype, 
         factor = int(method.partition(":")[2] or 1)  # validated by the dataclass
         mapped_chunk = max(1, min(default_chunk_size(n, hidden, vocab) // factor, n))
         if size is not None and size != mapped_chunk:
-            raise ValueError(f"{fn}: options.batch_chunk_size (={size}) and options.chunking_method ({method!r}) "
-                             f"give different chunk sizes ({size} vs {mapped_chunk}); pass only one")
+            raise ArgumentError(f"{fn}: options.batch_chunk_size (={size}) and options.chunking_method ({method!r}) "
+                                f"give different chunk sizes ({size} vs {mapped_chunk}); pass only one")
     if chunk_size is not None and mapped_chunk is not None and chunk_size != mapped_chunk:
-        raise ValueError(f"{fn}: chunk_size={chunk_size} disagrees with options' chunking ({mapped_chunk} rows); "
-                         f"pass one of them")
+        raise ArgumentError(f"{fn}: chunk_size={chunk_size} disagrees with options' chunking ({mapped_chunk} rows); "
+                            f"pass one of them")
     policy = options.acc_policy
     acc = options.acc_dtype if options.acc_dtype is not None or policy == "auto" else dtype
     if policy == "accurate" and acc is not None and acc != dtype:
@@ -373,8 +376,8 @@ def _from_options(options, n: int, hidden: int, vocab: int, dtype: torch.dtype, 
     if policy == "compact":
         acc = dtype  # no (V, H) scratch: each chunk's product is added into dweight in its own dtype
     if acc is not None and acc_dtype is not None and acc != acc_dtype:
-        raise ValueError(f"{fn}: acc_dtype={acc_dtype} disagrees with options (acc_policy={policy!r}, "
-                         f"acc_dtype={options.acc_dtype}: {acc}); pass one of them")
+        raise ArgumentError(f"{fn}: acc_dtype={acc_dtype} disagrees with options (acc_policy={policy!r}, "
+                            f"acc_dtype={options.acc_dtype}: {acc}); pass one of them")
     if acc is not None and acc_dtype is None and acc == resolve_acc_dtype(dtype, None):
         acc = None  # fastlm's default: keeps the unfused small-logits path open
     return (chunk_size if mapped_chunk is None else mapped_chunk), (acc_dtype if acc is None else acc)
@@ -413,7 +416,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                          reduction: str = "mean", ignore_index: Optional[int] = None, label_smoothing: float = 0.0,
                          options=None, z_loss: float = 0.0, softcap: Optional[float] = None,
-                         chunk_size: Optional[int] = None, acc_dtype: Optional[torch.dtype] = None) -> Tensor:
+                         chunk_size: Optional[int] = None, acc_dtype: Optional[torch.dtype] = None,
+                         out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """torch.nn.functional.linear_cross_entropy (torch 2.13: its arguments, names and defaults)
     without materialising the logits: cross_entropy(linear(input, linear_weight, linear_bias),
     target, weight, ...), plus fastlm's keyword-only z_loss, softcap, chunk_size, acc_dtype.
@@ -433,36 +437,44 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     chunks (float16, bfloat16, float32 or float64), cast to the weight's dtype once at the
     end; default float32 for 16-bit weights, else the weight's dtype. (A float32 sum holds 4
     bytes per weight element while the op runs; acc_dtype=weight.dtype saves that and rounds
-    the sum once per chunk.) A K-dimensional loss or probability targets form the logits
+    the sum once per chunk.) out_dtype: the loss's dtype (default the input's, as torch;
+    torch.float32 gives a 16-bit model its loss unrounded, as Hugging Face's loss is: the
+    kernels compute it in float32 anyway). A K-dimensional loss or probability targets form the logits
     whole (torch's chunked path falls back there too). Differences from torch, as in
     fastlm.cross_entropy: "mean" over no counted target gives 0 (torch: NaN); a class index
-    out of range raises ValueError on CPU, NaN for that row on CUDA.
+    out of range raises fastlm.ArgumentIndexError (an IndexError) on CPU, NaN for that row on
+    CUDA.
     """
     if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         input, linear_weight, linear_bias = autocast_inputs(input, linear_weight, linear_bias)
     out_features, probabilities = _check_args(input, linear_weight, target, linear_bias, weight)
     if probabilities and ignore_index is not None:
-        raise _ce._ProbabilityTargetIgnoreIndexError("fastlm.linear_cross_entropy: ignore_index cannot be "
-                                                     "specified when target contains probabilities (as in torch)")
+        raise ArgumentError("fastlm.linear_cross_entropy: ignore_index cannot be specified when target contains "
+                            "probabilities (as in torch)")
     ignore_index = -100 if ignore_index is None else ignore_index
     label_smoothing, z_loss, softcap = check_loss_options("linear_cross_entropy", ignore_index, reduction,
                                                           label_smoothing, z_loss, softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
-        raise ValueError(f"fastlm.linear_cross_entropy: chunk_size must be a positive int or None, got {chunk_size!r}")
+        raise ArgumentError(f"fastlm.linear_cross_entropy: chunk_size must be a positive int or None, "
+                            f"got {chunk_size!r}")
     if acc_dtype is not None and acc_dtype not in _ACC_DTYPES:
-        raise TypeError(f"fastlm.linear_cross_entropy: acc_dtype must be None or one of "
-                        f"{[str(d) for d in _ACC_DTYPES]}, got {acc_dtype!r}")
+        raise ArgumentTypeError(f"fastlm.linear_cross_entropy: acc_dtype must be None or one of "
+                                f"{[str(d) for d in _ACC_DTYPES]}, got {acc_dtype!r}")
     x = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
     n, vocab = x.shape[0], linear_weight.shape[0]
     if options is not None:
         chunk_size, acc_dtype = _from_options(options, n, x.shape[1], vocab, input.dtype, chunk_size, acc_dtype)
     if out_features or probabilities:
-        return _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+        loss = _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                         label_smoothing, z_loss, softcap or None, probabilities)
+        return loss if out_dtype is None else loss.to(out_dtype)
     t = target if target.dim() == 1 else target.reshape(-1)
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise ArgumentTypeError(f"fastlm.linear_cross_entropy: out_dtype must be None or a floating dtype, "
+                                f"got {out_dtype!r}")
     if z_loss == 0.0 and softcap == 0.0 and acc_dtype is None and not compiling() \
-            and native_backend(input.device.type) \
+            and out_dtype in (None, input.dtype) and native_backend(input.device.type) \
             and (n <= chunk_size if chunk_size is not None else n * vocab <= _SMALL_LOGITS):
         loss = _native(x, linear_weight, t, linear_bias, weight, ignore_index, reduction, label_smoothing)
         if loss is not None:
@@ -483,4 +495,4 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                                 resolve_acc_dtype(linear_weight.dtype, acc_dtype))
     if code == 0:
         loss = loss.reshape(target.shape)
-    return loss.to(input.dtype)
+    return loss.to(out_dtype or input.dtype)

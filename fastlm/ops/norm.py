@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..backend import get_backend, native_backend, native_backend_of, resolve
+from ..errors import ArgumentError, ArgumentTypeError
 from ..reference import norm as ref
 from ._autocast import no_autocast, promote_residual
 from ._eager import EagerTwin, autocast_any, compiling
@@ -40,48 +41,48 @@ def _check_normalized_shape(input: Tensor, normalized_shape: _ShapeArg, fn: str)
     elif isinstance(normalized_shape, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in normalized_shape):
         shape = tuple(normalized_shape)
     else:
-        raise TypeError(f"fastlm.{fn}: normalized_shape must be an int or a sequence of ints, "
-                        f"got {normalized_shape!r}")
+        raise ArgumentTypeError(f"fastlm.{fn}: normalized_shape must be an int or a sequence of ints, "
+                                f"got {normalized_shape!r}")
     if len(shape) == 0:
-        raise ValueError(f"fastlm.{fn}: normalized_shape must not be empty")
+        raise ArgumentError(f"fastlm.{fn}: normalized_shape must not be empty")
     if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
-        raise ValueError(f"fastlm.{fn}: normalized_shape {list(shape)} does not match the trailing dims "
-                         f"of input, whose shape is {list(input.shape)}")
+        raise ArgumentError(f"fastlm.{fn}: normalized_shape {list(shape)} does not match the trailing dims "
+                            f"of input, whose shape is {list(input.shape)}")
     return shape
 
 
 def _check_args(fn: str, input: Tensor, residual: Optional[Tensor], normalized_shape: _ShapeArg,
                 weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[int, ...]:
     if not isinstance(input, Tensor):
-        raise TypeError(f"fastlm.{fn}: input must be a Tensor, got {type(input).__name__}")
+        raise ArgumentTypeError(f"fastlm.{fn}: input must be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
-        raise TypeError(f"fastlm.{fn}: input must be a floating-point tensor, got dtype {input.dtype}")
+        raise ArgumentTypeError(f"fastlm.{fn}: input must be a floating-point tensor, got dtype {input.dtype}")
     shape = _check_normalized_shape(input, normalized_shape, fn)
     if residual is not None:
         if not isinstance(residual, Tensor):
-            raise TypeError(f"fastlm.{fn}: residual must be a Tensor, got {type(residual).__name__}")
+            raise ArgumentTypeError(f"fastlm.{fn}: residual must be a Tensor, got {type(residual).__name__}")
         if residual.device != input.device:
-            raise ValueError(f"fastlm.{fn}: residual is on {residual.device} but input is on {input.device}")
+            raise ArgumentError(f"fastlm.{fn}: residual is on {residual.device} but input is on {input.device}")
         if residual.dtype != input.dtype:
-            raise TypeError(f"fastlm.{fn}: residual has dtype {residual.dtype} but input has {input.dtype}; "
-                            f"they must match")
+            raise ArgumentTypeError(f"fastlm.{fn}: residual has dtype {residual.dtype} but input has {input.dtype}; "
+                                    f"they must match")
         if residual.shape != input.shape:
-            raise ValueError(f"fastlm.{fn}: residual has shape {list(residual.shape)} but input has "
-                             f"{list(input.shape)}; they must match")
+            raise ArgumentError(f"fastlm.{fn}: residual has shape {list(residual.shape)} but input has "
+                                f"{list(input.shape)}; they must match")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"fastlm.{fn}: {name} must be a Tensor or None, got {type(t).__name__}")
+            raise ArgumentTypeError(f"fastlm.{fn}: {name} must be a Tensor or None, got {type(t).__name__}")
         if t.device != input.device:
-            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but input is on {input.device}")
+            raise ArgumentError(f"fastlm.{fn}: {name} is on {t.device} but input is on {input.device}")
         if t.dtype not in (input.dtype, torch.float32):
-            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype}; with input of dtype {input.dtype} "
-                            f"it must be {input.dtype} or torch.float32")
+            raise ArgumentTypeError(f"fastlm.{fn}: {name} has dtype {t.dtype}; with input of dtype {input.dtype} "
+                                    f"it must be {input.dtype} or torch.float32")
         if tuple(t.shape) != shape:
-            raise ValueError(f"fastlm.{fn}: {name} has shape {list(t.shape)} but normalized_shape is {list(shape)}")
+            raise ArgumentError(f"fastlm.{fn}: {name} has shape {list(t.shape)} but normalized_shape is {list(shape)}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"fastlm.{fn}: eps must be a finite number >= 0, got {eps!r}")
+        raise ArgumentError(f"fastlm.{fn}: eps must be a finite number >= 0, got {eps!r}")
     return shape
 
 
@@ -377,7 +378,7 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg,
             if not _mixed(input, weight, bias):
                 raise
     if residual is None:
-        raise TypeError("fastlm.add_layer_norm: residual must be a Tensor, got None")
+        raise ArgumentTypeError("fastlm.add_layer_norm: residual must be a Tensor, got None")
     return _run("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, False, return_residual)
 
 
@@ -398,7 +399,7 @@ def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg, w
                         default_rms_eps(input.dtype) if eps is None else eps)
             raise
     if residual is None:
-        raise TypeError("fastlm.add_rms_norm: residual must be a Tensor, got None")
+        raise ArgumentTypeError("fastlm.add_rms_norm: residual must be a Tensor, got None")
     if eps is None and isinstance(input, Tensor) and input.is_floating_point():
         eps = default_rms_eps(input.dtype)
     return _run("add_rms_norm", input, residual, normalized_shape, weight, None, eps, True, return_residual)
