@@ -109,16 +109,22 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _matmul_kernel(
-    A, B, C, AUX, BIAS, DBIAS,
-    M, N, K,
+    A, B, C, AUX, BIAS, DBIAS, A2, B2, BIAS2,
+    M, N, K, K2,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_xm, stride_xn,
-    stride_bias, stride_dbm,
+    stride_bias, stride_dbm, stride_a2m, stride_a2k, stride_b2n, stride_b2k, stride_bias2,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
-    UP_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UP_FIRST: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """A tile (BLOCK_M, BLOCK_N) of A @ B^T and its epilogue. For GATED and DGATED, N is H:
-    the second half of B's rows (GATED) or of AUX's and C's columns (both) starts N further on;
-    the gate is the first half, or the second when UP_FIRST.
+    GATED's second projection is B2 (H rows; BIAS2 its bias), which is B's second half (a
+    view) or a tensor of its own (a checkpoint's separate up_proj); the second half of AUX's
+    and C's columns (both) starts N further on; the gate is the first half, or the second
+    when UP_FIRST.
+    SPLIT_K (LINEAR): the product runs on over a second K2-long stretch, A2 @ B2^T, as if A
+    and A2, B and B2 were joined along K (dx = dg @ Wg + du @ Wu for separate gate and up
+    weights, one pass, no joined copy).
     AUX: z / gu, written when SAVE (LINEAR, GATED), read (DACT, DGATED).
     DBIAS: the per-row-tile column sums (DACT, DGATED)."""
     pid = tl.program_id(0)
@@ -145,7 +151,8 @@ def _matmul_kernel(
     step_b = tl.full([], BLOCK_K, tl.int64) * stride_bk
     a_ptrs = A + rm[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = B + rk[:, None] * stride_bk + rn[None, :] * stride_bn
-    b2_ptrs = B + rk[:, None] * stride_bk + rn2[None, :] * stride_bn
+    step_b2 = tl.full([], BLOCK_K, tl.int64) * stride_b2k
+    b2_ptrs = B2 + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -156,9 +163,19 @@ def _matmul_kernel(
         if EPILOGUE == 1:
             b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc2 = _dot(a, b2, acc2, IEEE)
-            b2_ptrs += step_b
+            b2_ptrs += step_b2
         a_ptrs += step_a
         b_ptrs += step_b
+    if SPLIT_K:
+        step_a2 = tl.full([], BLOCK_K, tl.int64) * stride_a2k
+        a2_ptrs = A2 + rm[:, None] * stride_a2m + rk[None, :] * stride_a2k
+        for k0 in range(0, K2, BLOCK_K):
+            k_ok = offs_k < K2 - k0
+            a = tl.load(a2_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, IEEE)
+            a2_ptrs += step_a2
+            b2_ptrs += step_b2
 
     mask = m_ok[:, None] & n_ok[None, :]
     c_ptrs = C + rm[:, None] * stride_cm + rn[None, :] * stride_cn
@@ -176,7 +193,7 @@ def _matmul_kernel(
         second = acc2
         if HAS_BIAS:
             first += tl.load(BIAS + rn * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            second += tl.load(BIAS + rn2 * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            second += tl.load(BIAS2 + rn * stride_bias2, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if SAVE:
             tl.store(x_ptrs, first.to(AUX.dtype.element_ty), mask=mask)
             tl.store(x2_ptrs, second.to(AUX.dtype.element_ty), mask=mask)
@@ -304,39 +321,61 @@ def _up_first(fn: str, gate_order) -> bool:
 
 
 def _launch(epilogue: int, a, b, c, aux, bias, M: int, N: int, K: int, act: int, save: bool,
-            up_first: bool = False):
+            up_first: bool = False, b2=None, bias2=None, a2=None):
     """Run the kernel; for DACT and DGATED return the bias gradient (float32, one entry per
-    column of c), finished from the per-row-tile partial sums."""
+    column of c), finished from the per-row-tile partial sums. GATED: b2 / bias2, the second
+    projection and its bias, default to views of b's and bias's second halves. LINEAR with
+    a2 and b2: a @ b^T + a2 @ b2^T (SPLIT_K)."""
     two = epilogue in (GATED, DGATED)
+    if epilogue == GATED and b2 is None:
+        b2, bias2 = b[N:], (bias[N:] if bias is not None else None)
+    split = epilogue == LINEAR and a2 is not None
     bm, bn, bk, group_m, warps, stages = _config(a.device, a.dtype, two)
     dbias = None
     if epilogue in (DACT, DGATED):
         dbias = empty((triton.cdiv(M, bm), c.shape[1]), torch.float32, a.device)
     dummy = c  # never read or written where its flag is off
     aux_t = aux if aux is not None else dummy
+    a2_t = a2 if split else a  # never read unless SPLIT_K
+    b2_t = b2 if b2 is not None else b  # never read unless GATED or SPLIT_K
+    bias2_t = bias2 if bias2 is not None else dummy
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _matmul_kernel[grid](
         a, b, c, aux_t, bias if bias is not None else dummy, dbias if dbias is not None else dummy,
-        M, N, K,
+        a2_t, b2_t, bias2_t,
+        M, N, K, a2.shape[1] if split else 0,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         aux_t.stride(0), aux_t.stride(1),
         bias.stride(0) if bias is not None else 0, dbias.stride(0) if dbias is not None else 0,
+        a2_t.stride(0), a2_t.stride(1), b2_t.stride(0), b2_t.stride(1),
+        bias2.stride(0) if bias2 is not None else 0,
         EPILOGUE=epilogue, ACT=act, HAS_BIAS=bias is not None, SAVE=save, IEEE=_ieee(a.dtype),
-        UP_FIRST=up_first, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages,
+        UP_FIRST=up_first, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps,
+        num_stages=stages,
     )
     return None if dbias is None else dbias.sum(dim=0)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b^T for a (M, K), b (N, K), any strides; (M, N) in a's dtype."""
+def matmul(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor | None = None,
+           b2: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b^T for a (M, K), b (N, K), any strides; (M, N) in a's dtype. With a2 (M, K2) and
+    b2 (N, K2): a @ b^T + a2 @ b2^T in one accumulator, the two products joined along K
+    without a joined copy."""
     _check_operands("matmul", a, b, "a", "b")
+    if (a2 is None) != (b2 is None):
+        raise ValueError("matmul: a2 and b2 go together (the second stretch of K), got one of them")
     M, K = a.shape
     N = b.shape[0]
+    if a2 is not None:
+        _check_operands("matmul", a2, b2, "a2", "b2")
+        if a2.shape[0] != M or b2.shape[0] != N or a2.dtype != a.dtype or a2.device != a.device:
+            raise ValueError(f"matmul: a2 {list(a2.shape)} and b2 {list(b2.shape)} must have a's {M} rows and b's "
+                             f"{N} rows, a's dtype and device")
     c = empty((M, N), a.dtype, a.device)
     if M and N:
-        _launch(LINEAR, a, b, c, None, None, M, N, K, 0, False)
+        _launch(LINEAR, a, b, c, None, None, M, N, K, 0, False, b2=b2, a2=a2)
     return c
 
 
@@ -356,23 +395,42 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, bias=None, activation=None, sav
 
 
 def gated_fwd(x: torch.Tensor, w: torch.Tensor, bias, gated: str, save_gu: bool = False,
-              gate_order: str = "gate_up"):
+              gate_order: str = "gate_up", w_up: torch.Tensor | None = None, bias_up=None):
     """(h, gu): h = act(g) * u (M, H) in x's dtype, with gu = x w^T + b (M, 2H) split into
     g, u = gu[:, :H], gu[:, H:] (gate_order "gate_up": w's gate rows first) or
     u, g = ... ("up_gate": F.glu's value-first order); gu, in w's row order, is returned
-    when save_gu, else None. w (2H, K)."""
+    when save_gu, else None. w (2H, K).
+
+    With w_up (H, K): w (H, K) is the gate projection alone and w_up the up projection, two
+    tensors (a checkpoint's gate_proj and up_proj), read where they are; bias (H,) and
+    bias_up (H,) theirs, both or neither; gu is [g, u] (gate_order must be "gate_up")."""
     _check_operands("gated_fwd", x, w, "x", "w")
     code = _gated_code("gated_fwd", gated)
     up_first = _up_first("gated_fwd", gate_order)
-    if w.shape[0] % 2:
-        raise ValueError(f"gated_fwd: w must have an even number of rows (gate, then up), got {w.shape[0]}")
     M, K = x.shape
-    H = w.shape[0] // 2
-    _check_bias("gated_fwd", bias, 2 * H)
+    if w_up is not None:
+        _check_operands("gated_fwd", x, w_up, "x", "w_up")
+        if w_up.shape != w.shape:
+            raise ValueError(f"gated_fwd: w_up must have the gate's shape {list(w.shape)}, got {list(w_up.shape)}")
+        if up_first:
+            raise ValueError("gated_fwd: with w_up, w is the gate: gate_order must be 'gate_up'")
+        if (bias is None) != (bias_up is None):
+            raise ValueError("gated_fwd: with w_up, give bias and bias_up both or neither")
+        H = w.shape[0]
+        _check_bias("gated_fwd", bias, H)
+        _check_bias("gated_fwd", bias_up, H)
+    else:
+        if bias_up is not None:
+            raise ValueError("gated_fwd: bias_up goes with w_up")
+        if w.shape[0] % 2:
+            raise ValueError(f"gated_fwd: w must have an even number of rows (gate, then up), got {w.shape[0]}")
+        H = w.shape[0] // 2
+        _check_bias("gated_fwd", bias, 2 * H)
     h = empty((M, H), x.dtype, x.device)
     gu = empty((M, 2 * H), x.dtype, x.device) if save_gu else None
     if M and H:
-        _launch(GATED, x, w, h, gu, bias, M, H, K, code, save_gu, up_first)
+        _launch(GATED, x, w, h, gu, bias, M, H, K, code, save_gu, up_first, b2=w_up,
+                bias2=bias_up if w_up is not None else None)
     return h, gu
 
 
@@ -443,8 +501,8 @@ def gpu_compile_variants():
     divisibility hints), so it compiles these without the cp.async pipelining that a launch
     on aligned tensors gets; with the hints, the shared memory is 128 KiB (sm_90) and 96 KiB
     (sm_80) for the 16-bit tiles, under both limits."""
-    pointers = {"A", "B", "C", "AUX", "BIAS", "DBIAS"}
-    unit = ("stride_ak", "stride_bk", "stride_cn", "stride_xn")
+    pointers = {"A", "B", "C", "AUX", "BIAS", "DBIAS", "A2", "B2", "BIAS2"}
+    unit = ("stride_ak", "stride_bk", "stride_cn", "stride_xn", "stride_a2k", "stride_b2k")
 
     def signature(dt, contiguous):
         sig = {}
@@ -460,10 +518,12 @@ def gpu_compile_variants():
         return sig
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    # (epilogue, activation code, has_bias, save, up_first): bf16 every activation and both
-    # gate orders somewhere (geglu_tanh value-first: gelu_tanh's code in GATED, DGATED), the
-    # others one per epilogue.
+    # (epilogue, activation code, has_bias, save, up_first[, split_k]): bf16 every activation
+    # and both gate orders somewhere (geglu_tanh value-first: gelu_tanh's code in GATED,
+    # DGATED) and the split-K product (dx of separate gate and up weights), the others one per
+    # epilogue.
     every = [(LINEAR, 0, False, False, False), (LINEAR, 2, True, True, False), (LINEAR, 3, True, False, False),
+             (LINEAR, 0, False, False, False, True),
              (GATED, 4, True, True, False), (GATED, 2, False, False, False), (GATED, 3, True, True, True),
              (DACT, 2, False, False, False), (DACT, 3, False, False, False), (DGATED, 4, False, False, False),
              (DGATED, 1, False, False, False), (DGATED, 3, False, False, True)]
@@ -473,10 +533,10 @@ def gpu_compile_variants():
     variants = []
     for dt, ieee, epilogues in cases:
         contiguous = dt == "bf16"
-        for epilogue, act, has_bias, save, up_first in epilogues:
+        for epilogue, act, has_bias, save, up_first, *split in epilogues:
             bm, bn, bk, group_m, warps, stages = _gpu_config(torch_dtype[dt], epilogue in (GATED, DGATED))
             const = dict(EPILOGUE=epilogue, ACT=act, HAS_BIAS=has_bias, SAVE=save, IEEE=ieee, UP_FIRST=up_first,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m)
+                         SPLIT_K=bool(split and split[0]), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m)
             if contiguous:
                 const.update({name: 1 for name in unit})
             variants.append((_matmul_kernel, signature(dt, contiguous), const,

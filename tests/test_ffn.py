@@ -511,3 +511,105 @@ def test_gpu_model_sizes(activation):
               rnd(D, dtype=torch.bfloat16)]
     check("triton", lambda *t: fastlm.feed_forward(*t, activation=activation), lambda *t: eager_ffn(*t, activation),
           inputs, max(M, D, H))
+
+
+# ----------------------------------------------------------------------------- separate up projection (w_up)
+
+def eager_split_ffn(x, w_g, w_u, b_g, b_u, w_out, b_out, activation):
+    """A Hugging Face gated MLP as HF writes it: down(act(gate(x)) * up(x))."""
+    return TF.linear(TORCH_GATE[activation](TF.linear(x, w_g, b_g)) * TF.linear(x, w_u, b_u), w_out, b_out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", list(TORCH_GATE))
+@pytest.mark.parametrize("M,D,H,recompute,bias", [(37, 24, 33, False, True), (17, 15, 16, True, True),
+                                                  (1, 7, 17, False, False), (16, 33, 15, True, False)])
+def test_feed_forward_separate_up_weight(backend, activation, M, D, H, recompute, bias):
+    """w_up: the gate and up projections as two tensors (HF's gate_proj / up_proj), against
+    HF's formula in float64, forward and the gradient of each of them. H of 15, 16, 17 and 33
+    end the gate inside, at and past a 16-row tile, where dx's matmul passes from one weight
+    to the other."""
+    x = rnd(M, D, scale=2.0)
+    w_g, w_u = rnd(H, D, scale=D ** -0.5), rnd(H, D, scale=D ** -0.5)
+    b_g, b_u = (rnd(H), rnd(H)) if bias else (None, None)
+    w_out, b_out = rnd(D, H, scale=H ** -0.5), rnd(D) if bias else None
+    check(backend, lambda x, wg, wu, bg, bu, wo, bo: fastlm.feed_forward(x, wg, bg, wo, bo, activation, recompute,
+                                                                         w_up=wu, b_up=bu),
+          lambda *t: eager_split_ffn(*t, activation), [x, w_g, w_u, b_g, b_u, w_out, b_out], max(M, D, H))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_separate_up_weight_is_never_concatenated(backend, monkeypatch):
+    """No per-call (2H, D) copy of the two weights: torch.cat is not called forward or
+    backward, and on the Triton kernels the output, both weights' gradients and the biases'
+    are the same bits as the stacked [W_g; W_u] call (the kernels read the same numbers in
+    the same order; dx is the one sum that runs over the two weights in other blocks)."""
+    M, D, H = 21, 19, 18
+    x, w_g, w_u, b_g, b_u = rnd(M, D), rnd(H, D, scale=D ** -0.5), rnd(H, D, scale=D ** -0.5), rnd(H), rnd(H)
+    w_out, dy = rnd(D, H, scale=H ** -0.5), rnd(M, D)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w_g, w_u, b_g, b_u, w_out)]
+    stacked = [t.clone().requires_grad_(True) for t in (x, torch.cat([w_g, w_u]), torch.cat([b_g, b_u]), w_out)]
+
+    def no_cat(*args, **kwargs):
+        raise AssertionError("torch.cat called")
+
+    with fastlm.use_backend(backend):
+        with monkeypatch.context() as m:
+            m.setattr(torch, "cat", no_cat)
+            y = fastlm.feed_forward(leaves[0], leaves[1], leaves[3], leaves[5], None, "swiglu", w_up=leaves[2],
+                                    b_up=leaves[4])
+            grads = torch.autograd.grad(y, leaves, dy)
+        y2 = fastlm.feed_forward(stacked[0], stacked[1], stacked[2], stacked[3], None, "swiglu")
+        dx2, dw2, db2, dwo2 = torch.autograd.grad(y2, stacked, dy)
+    expect = {"y": y2, "dx": dx2, "dw_g": dw2[:H], "dw_u": dw2[H:], "db_g": db2[:H], "db_u": db2[H:], "dw_out": dwo2}
+    got = dict(zip(expect, (y,) + grads))
+    for name in expect:
+        exact = backend == "triton" and name != "dx"
+        torch.testing.assert_close(got[name], expect[name], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_separate_up_weight(backend):
+    x = rnd(9, 16)
+    w_g, w_u, w_out = (rnd(20, 16).requires_grad_(True), rnd(20, 16).requires_grad_(True),
+                       rnd(16, 20).requires_grad_(True))
+    with fastlm.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastlm.feed_forward.default,
+                              (x, w_g, rnd(20).requires_grad_(True), w_out, rnd(16), "swiglu", True, "gate_up", w_u,
+                               rnd(20).requires_grad_(True)))
+        torch.library.opcheck(torch.ops.fastlm.feed_forward.default,
+                              (x, w_g, None, w_out, None, "geglu_tanh", False, "gate_up", w_u, None))
+
+
+@pytest.mark.parametrize("case", [
+    ("w_up plain activation", dict(activation="gelu"), "gated"),
+    ("w_up up_gate", dict(gate_order="up_gate"), "gate_order"),
+    ("w_up shape", dict(w_up=torch.randn(5, 8)), "w_up"),
+    ("b_up alone", dict(w_up=None), "b_up"),
+    ("b_in without b_up", dict(b_up=None), "both or neither"),
+    ("b_up shape", dict(b_in=torch.randn(6), b_up=torch.randn(5)), "b_up"),
+    ("w_up dtype", dict(w_up=torch.randn(6, 8).double()), "w_up"),
+], ids=lambda c: c[0])
+def test_separate_up_weight_bad_input_names_the_argument(case):
+    _, change, match = case
+    args = dict(w_in=torch.randn(6, 8), b_in=torch.randn(6), w_out=torch.randn(8, 6), activation="swiglu",
+                w_up=torch.randn(6, 8), b_up=torch.randn(6))
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastlm.feed_forward(torch.randn(4, 8), args.pop("w_in"), args.pop("b_in"), args.pop("w_out"), None, **args)
+
+
+def test_split_k_matmul_kernel():
+    """kernels.matmul(a, b, a2, b2) = a @ b^T + a2 @ b2^T, K and K2 inside, at and past a tile,
+    transposed views for operands; a2 without b2 is refused."""
+    mm = _kernels()
+    for M, N, K, K2 in [(17, 15, 16, 17), (33, 16, 1, 31), (1, 17, 15, 16)]:
+        a, b = rnd(M, K), rnd(K, N).t()
+        a2, b2 = rnd(K2, M).t(), rnd(N, K2)
+        ref64 = a.double() @ b.double().t() + a2.double() @ b2.double().t()
+        eager = a @ b.t() + a2 @ b2.t()
+        assert_close(mm.matmul(a, b, a2, b2), ref64, eager, "split-K matmul",
+                     atol=summation_floor(ref64, torch.float32, K + K2))
+    with pytest.raises(ValueError, match="a2 and b2"):
+        mm.matmul(rnd(3, 4), rnd(5, 4), rnd(3, 2))

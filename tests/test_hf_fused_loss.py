@@ -21,7 +21,7 @@ from fastlm.integrations import transformers as ft  # noqa: E402
 
 from .test_integrations_transformers import MAKERS, V, batch, close, grads  # noqa: E402
 
-FUSABLE = ["llama", "mistral", "gemma2", "gpt2", "gpt_oss"]
+FUSABLE = ["llama", "mistral", "gemma2", "gpt2", "gpt_oss", "bert", "roberta", "qwen3", "phi3", "mixtral"]
 
 
 def _labels_run(model, ids, mask, labels, **kwargs):

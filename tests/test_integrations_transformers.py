@@ -111,10 +111,80 @@ def gpt_oss(small: bool = False):
     return model
 
 
+def _decoder(config_cls, model_cls, small: bool, **fields):
+    """A tiny 2-layer decoder-only model of a Llama-like family (GQA where it has it)."""
+    d, h = (32, 2) if small else (64, 4)
+    common = dict(num_hidden_layers=2, num_attention_heads=h, num_key_value_heads=h // 2, hidden_size=d,
+                  intermediate_size=2 * d, vocab_size=V, max_position_embeddings=64, bos_token_id=0,
+                  eos_token_id=0, pad_token_id=0)
+    common.update(fields)
+    return liven(model_cls(config_cls(**common)))
+
+
+def qwen2(small: bool = False):
+    return _decoder(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, small)
+
+
+def qwen3(small: bool = False):
+    d, h = (32, 2) if small else (64, 4)
+    return _decoder(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, small, head_dim=d // h)
+
+
+def gemma(small: bool = False):
+    d, h = (32, 2) if small else (64, 4)
+    return _decoder(transformers.GemmaConfig, transformers.GemmaForCausalLM, small, head_dim=d // h)
+
+
+def gemma3(small: bool = False):
+    """Gemma 3's text model: sliding and global layers, q/k norms, soft-capping off."""
+    d, h = (32, 2) if small else (64, 4)
+    return _decoder(transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, small, head_dim=d // h,
+                    sliding_window=4, query_pre_attn_scalar=d // h,
+                    layer_types=["sliding_attention", "full_attention"])
+
+
+def phi3(small: bool = False):
+    """Phi-3: fused qkv and gate_up projections, partial rotary."""
+    return _decoder(transformers.Phi3Config, transformers.Phi3ForCausalLM, small, partial_rotary_factor=0.5)
+
+
+def olmo2(small: bool = False):
+    return _decoder(transformers.Olmo2Config, transformers.Olmo2ForCausalLM, small)
+
+
+def gpt_neox(small: bool = False):
+    """GPT-NeoX: LayerNorms, parallel residual, partial rotary."""
+    d, h = (32, 2) if small else (64, 4)
+    cfg = transformers.GPTNeoXConfig(num_hidden_layers=2, num_attention_heads=h, hidden_size=d,
+                                     intermediate_size=2 * d, vocab_size=V, max_position_embeddings=64,
+                                     rotary_pct=0.5, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return liven(transformers.GPTNeoXForCausalLM(cfg))
+
+
+def roberta(small: bool = False):
+    d, h = (32, 2) if small else (64, 4)
+    cfg = transformers.RobertaConfig(num_hidden_layers=2, num_attention_heads=h, hidden_size=d,
+                                     intermediate_size=2 * d, vocab_size=V, max_position_embeddings=64,
+                                     pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    return liven(transformers.RobertaForMaskedLM(cfg))
+
+
+def mixtral(small: bool = False):
+    """Mixtral: a mixture of gated experts (top-2 of 4), sliding window off."""
+    cfg_extra = dict(num_local_experts=4, num_experts_per_tok=2)
+    model = _decoder(transformers.MixtralConfig, transformers.MixtralForCausalLM, small, **cfg_extra)
+    model.config._experts_implementation = "eager"  # the float64 oracle: torch's grouped GEMM takes no float64
+    return model
+
+
 MAKERS = {"gpt2": gpt2, "bert": bert, "llama": llama, "t5": t5, "mistral": mistral, "gemma2": gemma2,
-          "gpt_oss": gpt_oss}
+          "gpt_oss": gpt_oss, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma3": gemma3, "phi3": phi3,
+          "olmo2": olmo2, "gpt_neox": gpt_neox, "roberta": roberta, "mixtral": mixtral}
 NORMS = {"gpt2": "LayerNorm", "bert": "LayerNorm", "llama": "LlamaRMSNorm", "t5": "T5LayerNorm",
-         "mistral": "MistralRMSNorm", "gemma2": "Gemma2RMSNorm", "gpt_oss": "GptOssRMSNorm"}
+         "mistral": "MistralRMSNorm", "gemma2": "Gemma2RMSNorm", "gpt_oss": "GptOssRMSNorm",
+         "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm", "gemma": "GemmaRMSNorm", "gemma3": "Gemma3RMSNorm",
+         "phi3": "Phi3RMSNorm", "olmo2": "Olmo2RMSNorm", "gpt_neox": "LayerNorm", "roberta": "LayerNorm",
+         "mixtral": "MixtralRMSNorm"}
 
 
 def batch(B: int = 3, L: int = 11, lengths=(11, 6, 1)):
@@ -375,7 +445,8 @@ def test_apply_twice_non_hf_and_revert_errors_are_clear():
     handle.revert()
     with pytest.raises(RuntimeError, match="already reverted"):
         handle.revert()
-    again = ft.apply(model, norms=False, loss=False)  # after revert, apply works again; parts can be chosen
+    # after revert, apply works again; parts can be chosen
+    again = ft.apply(model, norms=False, loss=False, rotary=False, mlp=False)
     assert [what for _, what in again] == ["attention: sdpa"]
     ft.revert(model)
     assert "fastlm" in transformers.AttentionInterface._global_mapping  # registering is additive and stays

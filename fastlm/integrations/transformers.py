@@ -334,10 +334,23 @@ _swap_classes: dict[type, Optional[type]] = {}
 
 
 def _normalised_source(fn) -> Optional[str]:
+    """fn's source with its comments and blank lines removed (a copied class whose comment
+    differs computes the same thing), or None where there is no source."""
     try:
-        return inspect.getsource(fn).strip()
+        src = inspect.getsource(fn)
     except (OSError, TypeError):
         return None
+    import io
+    import tokenize
+    try:
+        comments = [tok for tok in tokenize.generate_tokens(io.StringIO(src).readline) if tok.type == tokenize.COMMENT]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return src.strip()
+    lines = src.splitlines()
+    for tok in reversed(comments):
+        row, col = tok.start
+        lines[row - 1] = lines[row - 1][:col]
+    return "\n".join(line.rstrip() for line in lines if line.strip())
 
 
 def _signature(cls: type) -> tuple:
@@ -410,6 +423,7 @@ def _forward_uses_loss_function(model) -> bool:
 # Models whose forward builds torch's CrossEntropyLoss itself, checked to take exactly the
 # plain loss below (others may add terms, e.g. router losses, and keep their own loss).
 _INLINE_LOSS = {"BertForMaskedLM": "transformers.models.bert.modeling_bert",
+                "RobertaForMaskedLM": "transformers.models.roberta.modeling_roberta",
                 "T5ForConditionalGeneration": "transformers.models.t5.modeling_t5"}
 
 
@@ -754,8 +768,56 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True, lo
     return handle
 
 
+def _masked_lm_fused_forward(model, current: Callable, parent: torch.nn.Module, attr: str) -> Callable:
+    """BERT's and RoBERTa's masked-LM forward with the decoder and loss fused (training, labels,
+    gradients on): the model runs without labels and with its decoder bypassed, and the loss,
+    torch's CrossEntropyLoss mean over labels != -100 as their forward computes it, comes from
+    fastlm.linear_cross_entropy over the masked positions' transformed hidden states only (the
+    others do not count: their rows are never multiplied by the vocabulary). logits is None."""
+    signature = inspect.signature(current)
+
+    @functools.wraps(current)
+    def forward(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        labels = bound.arguments.get("labels")
+        if labels is None or not model.training or not torch.is_grad_enabled():
+            return current(*args, **kwargs)
+        bound.arguments["labels"] = None
+        head = parent._modules[attr]
+        parent._modules[attr] = _Passthrough()
+        try:
+            out = current(*bound.args, **bound.kwargs)
+        finally:
+            parent._modules[attr] = head
+        hidden = out["logits"]
+        flat = labels.reshape(-1).to(hidden.device)
+        counted = flat != -100
+        x = hidden.reshape(-1, hidden.shape[-1])[counted]
+        out["loss"] = linear_cross_entropy(x, head.weight, flat[counted], linear_bias=head.bias,
+                                           out_dtype=torch.float32)
+        out["logits"] = None
+        return out
+
+    return forward
+
+
 def _fuse_head_and_loss(model, handle: Applied) -> None:
     from transformers.loss.loss_utils import LOSS_MAPPING
+    cls = type(model)
+    if cls.__name__ in ("BertForMaskedLM", "RobertaForMaskedLM") and _INLINE_LOSS.get(cls.__name__) == cls.__module__:
+        head = model.get_output_embeddings()
+        where = next(((m, n) for m in model.modules() for n, c in m.named_children() if c is head), None)
+        if type(head) is torch.nn.Linear and where is not None:
+            previous = model.__dict__.get("forward", _ABSENT)
+            model.forward = _masked_lm_fused_forward(model, model.forward, *where)
+
+            def undo_mlm():
+                model.__dict__.pop("forward", None)
+                if previous is not _ABSENT:
+                    model.forward = previous
+            handle._undo.append(undo_mlm)
+            handle.replaced.append(("", "forward: decoder + masked-LM loss fused (fastlm.linear_cross_entropy)"))
+            return
     kind = model.loss_type if model.loss_type in LOSS_MAPPING else "ForCausalLM"
     found = _fusable_forward(model) if kind == "ForCausalLM" and _forward_uses_loss_function(model) else None
     if found is None:
