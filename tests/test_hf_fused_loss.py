@@ -28,8 +28,12 @@ def _labels_run(model, ids, mask, labels, **kwargs):
     return model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("kind", FUSABLE)
+# On Triton the families whose head or loss differ (soft-capped, tied GPT-2, masked LM, experts).
+CASES = [(kind, "torch") for kind in FUSABLE] + [(kind, "triton") for kind in ("llama", "gemma2", "gpt2", "bert",
+                                                                             "mixtral")]
+
+
+@pytest.mark.parametrize("kind, backend", CASES)
 def test_fused_loss_and_gradients_equal_the_unpatched_model(kind, backend):
     original = MAKERS[kind](small=backend == "triton")
     if kind == "gemma2":  # the final soft-cap moves into the loss: make it bite

@@ -24,7 +24,6 @@ from fastlm.integrations import hf_mlp  # noqa: E402
 from fastlm.integrations import transformers as ft  # noqa: E402
 from fastlm.testing import cancellation_floor  # noqa: E402
 
-from .conftest import DEVICE  # noqa: E402
 from .test_integrations_transformers import (MAKERS, V, batch, close, grads, liven,  # noqa: E402
                                              record_bias_terms, run)
 
@@ -369,3 +368,22 @@ def test_swapped_mlps_trace_without_graph_breaks(kind):
         [r.reason for r in explained.break_reasons]
     code = "\n".join(g.code for g in explained.graphs)
     assert code.count("fastlm.feed_forward") == 2, code[:2000]  # two layers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["llama", "phi3", "gemma", "gpt_neox", "gpt2"])
+def test_bf16_on_gpu_swapped_mlps_error_within_twice_hf_error(kind):
+    """On a GPU (auto backend: the Triton kernels, the separate gate/up weights through the
+    second weight pointer) in bfloat16: the MLP-swapped model's logits are as close to the
+    float64 model's as the unpatched bfloat16 model's are (the project's rule)."""
+    from fastlm.testing import assert_close
+    hf = FAMILIES[kind]()
+    ids, mask, labels = inputs(kind)
+    ref, _ = run(copy.deepcopy(hf).double(), kind, ids, mask, labels)
+    model = hf.to(torch.bfloat16)
+    eager, _ = run(model, kind, ids, mask, labels)
+    handle = ft.apply(model, **MLP_ONLY)
+    assert len(handle.replaced) == 2
+    got, loss = run(model, kind, ids, mask, labels)
+    assert torch.isfinite(loss)
+    assert_close(got, ref, eager, "bf16 logits")

@@ -293,8 +293,8 @@ def swap_mlps(model: torch.nn.Module, handle) -> None:
             # not one: its parts are judged on their own)
             if _LOOKS_LIKE_MLP.search(cls.__name__) and not any(
                     _LOOKS_LIKE_MLP.search(type(c).__name__) or mlp_kind(type(c)) for c in module.children()):
-                why = _LEFT_REASONS.get(cls.__name__, "its forward is not one fastlm.feed_forward reproduces "
-                                                      "exactly")
+                why = _LEFT_REASONS.get(cls.__name__, "its forward is none of the Hugging Face MLP forms fastlm "
+                                                      "reproduces exactly (fastlm.integrations.hf_mlp)")
                 _warn_once(("class", cls), f"fastlm: the MLP {name} ({cls.__name__}) is not swapped: {why}")
             continue
         act, why = _plan(module, kind)
