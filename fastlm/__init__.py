@@ -49,6 +49,7 @@ from .ops.attention import (  # noqa: E402
     scaled_dot_product_attention,
 )
 from .ops.cross_entropy import cross_entropy  # noqa: E402
+from .ops.distill import jsd, kl_div, linear_jsd  # noqa: E402
 from .ops.ffn import feed_forward, linear  # noqa: E402
 from .ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
@@ -72,9 +73,12 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
     "get_backend",
+    "jsd",
+    "kl_div",
     "layer_norm",
     "linear",
     "linear_cross_entropy",
+    "linear_jsd",
     "nn",
     "patch",
     "rms_norm",

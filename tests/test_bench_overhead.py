@@ -16,7 +16,7 @@ CEILINGS = {"copy_gbps": 10.0, "matmul_tflops": 0.05, "matmul_dtype": "fp32"}
 PUBLIC_OPS = {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy",
               "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
               "linear", "feed_forward", "rotary", "apply_rotary_emb",
-              "apply_rotary_pos_emb"}
+              "apply_rotary_pos_emb", "kl_div", "jsd", "linear_jsd"}
 
 
 def _run(**kwargs):

@@ -168,6 +168,22 @@ def _linear_cross_entropy():
     _backward(fastlm.linear_cross_entropy(x, w, target, linear_bias=_rand(17, grad=True)))
 
 
+def _kl_div():
+    x, t = _rand(BIG, 17, grad=True), _rand(BIG, 17, grad=True)
+    _backward(fastlm.kl_div(x, t, reduction="none", log_target=True))
+    _backward(fastlm.kl_div(x, t.exp(), reduction="sum"))
+
+
+def _jsd():
+    s, t = _rand(BIG, 17, grad=True), _rand(BIG, 17)
+    _backward(fastlm.jsd(s, t, torch.randint(0, 17, (BIG,), device=DEVICE), beta=0.3))
+
+
+def _linear_jsd():
+    x, w, xt, wt = _rand(BIG, 16, grad=True), _rand(17, 16, grad=True), _rand(BIG, 8), _rand(17, 8)
+    _backward(fastlm.linear_jsd(x, w, xt, wt, chunk_size=BIG))
+
+
 CASES = {
     "flash_attn_func": _flash_attn_func,
     "flash_attn_varlen_func": _flash_attn_varlen_func,
@@ -186,6 +202,9 @@ CASES = {
     "feed_forward": _feed_forward,
     "cross_entropy": _cross_entropy,
     "linear_cross_entropy": _linear_cross_entropy,
+    "kl_div": _kl_div,
+    "jsd": _jsd,
+    "linear_jsd": _linear_jsd,
 }
 NO_LAUNCH = {"rotary_cos_sin"}
 NOT_OPS = {"ArgumentError", "ArgumentIndexError", "ArgumentTypeError", "BackendUnavailableError",

@@ -164,6 +164,43 @@ def _lce_case(rows: int, hidden: int, vocab: int, device, dtype) -> Case:
                 extra={"hidden": hidden})
 
 
+def _distill_cases(rows: int, hidden: int, vocab: int, device, dtype) -> list[Case]:
+    """kl_div, jsd and linear_jsd; the torch side of jsd is what a user writes (TRL's GKD loss:
+    the mixture's log by logaddexp, then F.kl_div twice)."""
+    import fastlm
+
+    def logp(grad: bool):
+        return torch.log_softmax(_rand(rows, vocab, device=device, dtype=torch.float32, grad=False, scale=2.0),
+                                 -1).to(dtype).requires_grad_(grad)
+
+    def plain_jsd(s, t, beta=0.5):
+        log_m = torch.logaddexp(t + torch.tensor(beta).log(), s + torch.tensor(1 - beta).log())
+        return (beta * F.kl_div(log_m, t, reduction="batchmean", log_target=True)
+                + (1 - beta) * F.kl_div(log_m, s, reduction="batchmean", log_target=True))
+
+    def kl(grad: bool):
+        x, t = logp(grad), logp(False).exp()
+        return ((lambda: fastlm.kl_div(x, t, reduction="batchmean")),
+                (lambda: F.kl_div(x, t, reduction="batchmean")), _grads(x))
+
+    def jsd(grad: bool):
+        s, t = logp(grad), logp(False)
+        return (lambda: fastlm.jsd(s, t)), (lambda: plain_jsd(s, t)), _grads(s)
+
+    def linear_jsd(grad: bool):
+        h = _rand(rows, hidden, device=device, dtype=dtype, grad=grad)
+        w = _rand(vocab, hidden, device=device, dtype=dtype, grad=grad, scale=hidden ** -0.5)
+        ht = _rand(rows, hidden, device=device, dtype=dtype, grad=False)
+        wt = _rand(vocab, hidden, device=device, dtype=dtype, grad=False, scale=hidden ** -0.5)
+        return ((lambda: fastlm.linear_jsd(h, w, ht, wt)),
+                (lambda: plain_jsd(torch.log_softmax(F.linear(h, w).float(), -1),
+                                   torch.log_softmax(F.linear(ht, wt).float(), -1)).to(dtype)), _grads(h, w))
+    return [Case("kl_div", "tiny", f"{rows}x{vocab}", rows, vocab, kl),
+            Case("jsd", "tiny", f"{rows}x{vocab}", rows, vocab, jsd),
+            Case("linear_jsd", "tiny", f"{rows}x{hidden}.{hidden}x{vocab}", rows, vocab, linear_jsd,
+                 extra={"hidden": hidden})]
+
+
 def _attention_cases(B: int, H: int, L: int, D: int, device, dtype) -> list[Case]:
     import fastlm
 
@@ -327,6 +364,7 @@ def tiny_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     cases.append(_ce_case("cross_entropy", 8, 32, "tiny", device, dtype))
     cases.append(_ce_case("cross_entropy z_loss+softcap", 8, 32, "tiny", device, dtype, z_loss=1e-4, softcap=30.0))
     cases.append(_lce_case(8, 64, 32, device, dtype))
+    cases += _distill_cases(8, 64, 32, device, dtype)
     cases += _attention_cases(1, 2, 8, 16, device, dtype)
     cases += _linear_cases(4, 64, 64, device, dtype)
     cases += _ffn_cases(4, 64, 128, device, dtype)

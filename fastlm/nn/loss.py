@@ -1,5 +1,5 @@
 """Loss modules: CrossEntropyLoss and LinearCrossEntropyLoss (the fused lm-head + loss), drop-ins
-for their torch.nn twins."""
+for their torch.nn twins; KLDivLoss (torch's twin), JSDLoss and LinearJSDLoss (distillation)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError
 from ..ops.cross_entropy import cross_entropy
+from ..ops.distill import jsd, kl_div, linear_jsd
 from ..ops.linear_cross_entropy import linear_cross_entropy
 
 
@@ -97,3 +98,54 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or torch.nn.modules.lo
 # fastlm's extras and their "off" values: what fastlm.patch sets on a swapped torch module,
 # and what the repr leaves out (so an unconfigured module prints as torch's does).
 _LCE_EXTRAS = {"z_loss": 0.0, "softcap": None, "chunk_size": None, "acc_dtype": None}
+
+
+# ----------------------------------------------------------------------------- distillation (issue 22)
+
+class KLDivLoss(torch.nn.KLDivLoss):
+    """torch.nn.KLDivLoss on fastlm.kl_div (same arguments, legacy size_average and reduce
+    included, same state and repr)."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return kl_div(input, target, None, None, self.reduction, self.log_target)
+
+
+class JSDLoss(torch.nn.Module):
+    """fastlm.jsd as a module (Liger-Kernel's LigerJSD): the generalised Jensen-Shannon
+    divergence of GKD between student and teacher log-probabilities, beta weighting the
+    teacher (beta = 0: KL(teacher || student), beta = 1: KL(student || teacher)), the mean over
+    rows whose target is not ignore_index. Holds no parameters."""
+
+    def __init__(self, beta: float = 0.5, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.beta = beta
+        self.ignore_index = ignore_index
+
+    def forward(self, student_logprobs: Tensor, teacher_logprobs: Tensor, target: Optional[Tensor] = None) -> Tensor:
+        return jsd(student_logprobs, teacher_logprobs, target, self.beta, self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, ignore_index={self.ignore_index}"
+
+
+class LinearJSDLoss(torch.nn.Module):
+    """fastlm.linear_jsd as a module (Liger-Kernel's LigerFusedLinearJSD): the JSD of the two
+    models' lm-heads (logits / temperature) without materialising either's logits; the
+    weights are passed to forward, as the models own them. Holds no parameters."""
+
+    def __init__(self, beta: float = 0.5, ignore_index: int = -100, temperature: float = 1.0, *,
+                 chunk_size: Optional[int] = None) -> None:
+        super().__init__()
+        self.beta = beta
+        self.ignore_index = ignore_index
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+
+    def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
+                target: Optional[Tensor] = None) -> Tensor:
+        return linear_jsd(student_input, student_weight, teacher_input, teacher_weight, target, self.beta,
+                          self.ignore_index, self.temperature, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        text = f"beta={self.beta}, ignore_index={self.ignore_index}, temperature={self.temperature}"
+        return text + (f", chunk_size={self.chunk_size}" if self.chunk_size is not None else "")
