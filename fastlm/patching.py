@@ -18,6 +18,7 @@ SWAPS = {
     torch.nn.RMSNorm: fnn.RMSNorm,
     torch.nn.MultiheadAttention: fnn.MultiheadAttention,
     torch.nn.CrossEntropyLoss: fnn.CrossEntropyLoss,
+    torch.nn.KLDivLoss: fnn.KLDivLoss,
     # torch 2.13's; an older torch has no LinearCrossEntropyLoss to swap
     **({torch.nn.LinearCrossEntropyLoss: fnn.LinearCrossEntropyLoss} if hasattr(torch.nn, "LinearCrossEntropyLoss")
        else {}),
@@ -32,8 +33,8 @@ _ORIGINAL = "_fastlm_original_class"
 
 def patch(model: torch.nn.Module, linear: bool = False) -> list[tuple[str, str]]:
     """Replace, in place, every torch.nn.LayerNorm, RMSNorm, MultiheadAttention,
-    TransformerEncoderLayer (whose inference fast path would bypass its attention) and
-    CrossEntropyLoss in ``model`` (itself included) by fastlm's, and with linear=True every
+    TransformerEncoderLayer (whose inference fast path would bypass its attention),
+    CrossEntropyLoss, LinearCrossEntropyLoss (torch 2.13) and KLDivLoss in ``model`` (itself included) by fastlm's, and with linear=True every
     torch.nn.Linear by fastlm.nn.Linear. Returns [(qualified name, torch class name)] of what
     was replaced ("" names the model itself)."""
     if not isinstance(model, torch.nn.Module):

@@ -488,3 +488,21 @@ def test_fastlm_encoder_layer_built_directly(attention_calls):
         out = ours(x)
         assert attention_calls == [ours.self_attn]
         torch.testing.assert_close(out, theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_swaps_kl_div_loss():
+    """torch.nn.KLDivLoss becomes fastlm's (fastlm.kl_div), same numbers and gradients; unpatch restores it."""
+    model = torch.nn.Module()
+    model.loss = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 7, dtype=torch.float64).log_softmax(-1)
+    want = model.loss(x.log_softmax(-1), t)
+    (gw,) = torch.autograd.grad(want, x)
+    replaced = fastlm.patch(model)
+    assert ("loss", "KLDivLoss") in replaced and type(model.loss) is fastlm.nn.KLDivLoss
+    got = model.loss(x.log_softmax(-1), t)
+    (gg,) = torch.autograd.grad(got, x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gg, gw)
+    fastlm.unpatch(model)
+    assert type(model.loss) is torch.nn.KLDivLoss
