@@ -204,11 +204,18 @@ def rows_fwd_bwd(backend: str, dloss, logits, target, weight, ignore_index, labe
                  out=None):
     """(loss, lse, coef, grad) of rows whose upstream gradient ``dloss`` is known at the forward:
     one kernel launch on Triton (each row's logits read for the loss and at once for the
-    gradient), rows_fwd then rows_bwd elsewhere."""
+    gradient); on the reference, when ``out`` is the logits, both formed over the logits in
+    place (ref.cross_entropy_rows_fwd_bwd); rows_fwd then rows_bwd elsewhere."""
     if backend == "triton":
         from fastlm.kernels import cross_entropy as kernels
         return kernels.cross_entropy_fwd_bwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
                                              softcap, dloss, out=out)
+    if backend == "torch" and out is logits and ref.fwd_bwd_in_place(logits, target, softcap):
+        # The CPU path: the loss and gradient in the logits' own memory, one (R, C) tensor held
+        # (``dloss`` None there: the loss alone, the logits overwritten all the same).
+        return ref.cross_entropy_rows_fwd_bwd(dloss, logits, target, weight, ignore_index, label_smoothing, z_loss)
+    if dloss is None:
+        return rows_fwd(backend, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap) + (None,)
     loss, lse, coef = rows_fwd(backend, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
     grad = rows_bwd(backend, dloss, logits, target, weight, lse, coef, ignore_index, label_smoothing, softcap,
                     out=out)

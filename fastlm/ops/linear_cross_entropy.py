@@ -153,9 +153,14 @@ def _linear_cross_entropy_body(x: Tensor, weight: Tensor, target: Tensor, bias: 
             loss_rows[start:end] = loss
             _accumulate_grads(d, x_chunk, weight, dx[start:end], dweight,
                               dbias if bias is not None else None)
+        elif backend == "torch":  # the CPU path: the loss over the logits in place, one chunk held
+            loss_rows[start:end] = rows_fwd_bwd(backend, None, logits, t_chunk, class_weight, ignore_index,
+                                                label_smoothing, z_loss, softcap, out=logits)[0]
         else:
             loss_rows[start:end] = rows_fwd(backend, logits, t_chunk, class_weight, ignore_index, label_smoothing,
                                             z_loss, softcap)[0]
+        # Let this chunk's logits go before the next chunk's are formed (else two are held at once).
+        logits = d = None
     if reduction == 0:
         loss_out = loss_rows
     else:
@@ -197,11 +202,16 @@ def _linear_cross_entropy_bwd_body(dloss: Tensor, x: Tensor, weight: Tensor, tar
     for start, end in _chunks(x.shape[0], chunk_size):
         x_chunk, t_chunk = x[start:end], target[start:end]
         logits = _logits(x_chunk, weight, bias)
-        _, lse, coef = rows_fwd(chosen, logits, t_chunk, class_weight, ignore_index, label_smoothing, z_loss,
-                                softcap)
-        d = rows_bwd(chosen, dloss[start:end], logits, t_chunk, class_weight, lse, coef, ignore_index,
-                     label_smoothing, softcap, out=logits)
+        if chosen == "torch":  # the CPU path: loss and gradient over the logits in place, one chunk held
+            d = rows_fwd_bwd(chosen, dloss[start:end], logits, t_chunk, class_weight, ignore_index, label_smoothing,
+                             z_loss, softcap, out=logits)[3]
+        else:
+            _, lse, coef = rows_fwd(chosen, logits, t_chunk, class_weight, ignore_index, label_smoothing, z_loss,
+                                    softcap)
+            d = rows_bwd(chosen, dloss[start:end], logits, t_chunk, class_weight, lse, coef, ignore_index,
+                         label_smoothing, softcap, out=logits)
         _accumulate_grads(d, x_chunk, weight, dx[start:end], dweight, dbias)
+        logits = d = None  # (one chunk of logits held at a time, as in the forward)
     return dx, dweight.to(weight.dtype), (dbias.to(bias.dtype) if bias is not None else x.new_empty(0))
 
 
@@ -221,6 +231,10 @@ def _setup_context(ctx, inputs, output):
     x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size, reduction, \
         compute_grads, acc_dtype = inputs
     _, dx, dweight, dbias = output
+    # The three gradient outputs are internal (the public function returns the loss only), so
+    # theirs never carry a gradient: left unmaterialised, autograd does not fill a (V, H) zeros
+    # for dweight's (and an (N, H) one for dx's) before every backward.
+    ctx.set_materialize_grads(False)
     ctx.precomputed = compute_grads
     ctx.has_bias = bias is not None
     if compute_grads:
@@ -233,12 +247,27 @@ def _setup_context(ctx, inputs, output):
         ctx.acc_dtype = acc_dtype
 
 
-def _backward_with(linear_cross_entropy_bwd):
+# Whether the running backward keeps its graph (retain_graph); torch builds without it always copy.
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _backward_with(linear_cross_entropy_bwd, eager: bool = False):
+    """The autograd formula. ``eager`` (the EagerTwin's, never traced): on a CPU an upstream
+    gradient of exactly 1 (a plain loss.backward(), read on the host for free) hands the
+    precomputed gradients on as they are, without a scaled copy: a (V, H) dweight less at the
+    backward's peak (autograd moves it into weight.grad). Only when the graph is not kept: with
+    retain_graph the saved gradients would be weight.grad itself, and a grad zeroed in place
+    would change what the next backward hands on."""
     def backward(ctx, dloss, _ddx, _ddweight, _ddbias):
+        if dloss is None:  # (only the internal outputs were used: nothing flows to the inputs)
+            return (None,) * 13
         if ctx.precomputed:
             dx, dweight, dbias = ctx.saved_tensors
-            dx, dweight = dx * dloss.to(dx.dtype), dweight * dloss.to(dweight.dtype)
-            dbias = dbias * dloss.to(dbias.dtype) if ctx.has_bias else None
+            if not (eager and dloss.device.type == "cpu" and _keep_graph is not None and not _keep_graph()
+                    and dloss.item() == 1.0):
+                dx, dweight = dx * dloss.to(dx.dtype), dweight * dloss.to(dweight.dtype)
+                dbias = dbias * dloss.to(dbias.dtype)
+            dbias = dbias if ctx.has_bias else None
         else:
             x, weight, target, bias, class_weight = ctx.saved_tensors
             if ctx.reduction != 0:  # a scalar loss whose gradients were not formed in the forward
@@ -256,7 +285,8 @@ def _backward_with(linear_cross_entropy_bwd):
 _linear_cross_entropy.register_autograd(_backward_with(_linear_cross_entropy_bwd), setup_context=_setup_context)
 # Eager calls skip the custom-op dispatch (fastlm/ops/_eager.py); torch.compile sees the custom op.
 _linear_cross_entropy_eager = EagerTwin(_linear_cross_entropy, _linear_cross_entropy_body, _setup_context,
-                                        _backward_with(_linear_cross_entropy_bwd_body), name="linear_cross_entropy")
+                                        _backward_with(_linear_cross_entropy_bwd_body, eager=True),
+                                        name="linear_cross_entropy")
 
 
 # torch 2.13's options dataclass; older torch (the GPU machine's 2.11) has none, and then

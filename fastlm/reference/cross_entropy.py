@@ -35,8 +35,11 @@ term and sums the smoothing term per row, with the products formed in place in i
 log_softmax; the backward forms p * coef * dloss in one (R, C) tensor and takes q * dloss off
 where it lives: at the target (a scatter) and, for label smoothing, as a broadcast (C,) row.
 So a call holds the logits plus about one (R, C) tensor in the compute dtype (two with
-softcap), as torch's own cross_entropy does; probability targets in another dtype, or with
-label smoothing, add slices of a few MiB.
+softcap), against torch's own cross_entropy's three (its log-probabilities, their gradient,
+the logits' gradient); probability targets in another dtype, or with label smoothing, add
+slices of a few MiB. The fused linear cross-entropy's chunks on CPU go further:
+cross_entropy_rows_fwd_bwd forms the loss and the gradient over the chunk's logits in place,
+so each chunk holds its logits and nothing else of that size.
 """
 
 from __future__ import annotations
@@ -188,16 +191,86 @@ def cross_entropy_rows_bwd(dloss: Tensor, logits: Tensor, target: Tensor, weight
             grad[r].sub_(q.mul_(g[r, None]))
             del q  # one slice at a time
     else:
-        gv = torch.where(valid, g, 0.0)  # (an invalid row is NaN already, through p * coef * g)
-        if eps > 0:                                     # - (eps / C) w dloss on every class
-            if w is not None:
-                grad.addr_(gv, w, alpha=-eps / classes)
-            else:
-                grad.sub_(gv.mul(eps / classes)[:, None])
-        at_target = gv * -(1 - eps)                     # - (1 - eps) w[y] dloss at the target
-        if w is not None:
-            at_target.mul_(w[safe])
-        grad.scatter_add_(1, safe[:, None], at_target[:, None])
+        _take_index_mass(grad, g, w, valid, safe, eps)
     if th is not None:                                  # the cap's derivative 1 - tanh^2
         grad.mul_(th.square_().neg_().add_(1))
     return grad.to(logits.dtype)
+
+
+def _take_index_mass(grad: Tensor, g: Tensor, w: Tensor | None, valid: Tensor, safe: Tensor, eps: float) -> None:
+    """grad (holding p * coef * dloss) -= q * dloss for class-index targets, where q lives:
+    the smoothing share (eps / C) w on every class as a broadcast row, (1 - eps) w[y] at the
+    target by a scatter. No (R, C) temporary."""
+    classes = grad.shape[1]
+    gv = torch.where(valid, g, 0.0)  # (an invalid row is NaN already, through p * coef * g)
+    if eps > 0:                                         # - (eps / C) w dloss on every class
+        if w is not None:
+            grad.addr_(gv, w, alpha=-eps / classes)
+        else:
+            grad.sub_(gv.mul(eps / classes)[:, None])
+    at_target = gv * -(1 - eps)                         # - (1 - eps) w[y] dloss at the target
+    if w is not None:
+        at_target.mul_(w[safe])
+    grad.scatter_add_(1, safe[:, None], at_target[:, None])
+
+
+def fwd_bwd_in_place(logits: Tensor, target: Tensor, softcap: float) -> bool:
+    """Whether cross_entropy_rows_fwd_bwd can run over these logits: float32/float64 (their
+    own compute dtype), rows of unit stride, class-index targets, no softcap, not empty."""
+    return (logits.dtype in (torch.float32, torch.float64) and not target.is_floating_point() and softcap == 0
+            and logits.dim() == 2 and logits.shape[0] > 0 and logits.shape[1] > 0 and logits.is_contiguous())
+
+
+def cross_entropy_rows_fwd_bwd(dloss: Tensor | None, logits: Tensor, target: Tensor, weight: Tensor | None,
+                               ignore_index: int, label_smoothing: float,
+                               z_loss: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, lse, coef, grad) of class-index rows whose upstream gradient ``dloss`` is known at
+    the forward (the fused linear cross-entropy's chunks), formed in the logits' own memory:
+    they become their log-probabilities (an in-place log_softmax), the loss is read off those,
+    then they become the gradient (p = exp(logp), then as cross_entropy_rows_bwd). So the call
+    holds one (R, C) tensor, the logits, where rows_fwd then rows_bwd hold two. The logits are
+    overwritten: only for logits the caller drops (see fwd_bwd_in_place for what it takes).
+    ``dloss`` None: the loss alone (grad None), the logits left as log-probabilities.
+
+    The same numbers as cross_entropy_rows then cross_entropy_rows_bwd, to rounding: lse is read
+    at each row's largest logit (its log-probability there is -log(sum exp(x - max)), so
+    max - logp[argmax] is logsumexp's own max + log(sum)), +-inf where logsumexp gives +-inf
+    (a row with +inf, or only -inf: its loss and gradient are NaN either way)."""
+    dtype = logits.dtype
+    rows, classes = logits.shape
+    eps = label_smoothing
+    w = _class_weight(weight, dtype)
+    counted, invalid, valid, safe = _index_rows(target, ignore_index, classes)
+    top = logits.argmax(-1, keepdim=True)                   # (a NaN row: its NaN)
+    top_logit = logits.gather(-1, top)[:, 0]
+    logp = torch.log_softmax(logits, -1, out=logits)        # in place: NaN across a row as torch
+    lse = top_logit - logp.gather(-1, top)[:, 0]
+    lse = torch.where(torch.isinf(top_logit), top_logit, lse)
+    # The loss as cross_entropy_rows forms it: the target's term gathered, the smoothing sum
+    # per row (by row slices where the class weights multiply in, logp being kept).
+    w_t = w[safe] if w is not None else None
+    loss = logp.gather(-1, safe[:, None])[:, 0].mul_(-(1 - eps))
+    if w_t is not None:
+        loss.mul_(w_t)
+    if eps > 0:
+        if w is None:
+            smooth = logp.sum(-1)
+        else:
+            smooth = torch.cat([(logp[r] * w).sum(-1) for r in _row_slices(rows, classes)])
+        loss.sub_(smooth.mul_(eps / classes))
+    if w is None:
+        coef = valid.to(dtype)
+    else:
+        coef = (w_t * (1 - eps) + (eps / classes) * w.sum()) * valid
+    if z_loss > 0:
+        loss = loss + z_loss * lse.square()
+        coef = torch.where(counted, torch.add(coef, lse, alpha=2 * z_loss), 0.0)
+    loss = torch.where(counted, loss, 0.0).masked_fill_(invalid, float("nan"))
+    if dloss is None:  # the loss alone (the logits are left holding their log-probabilities)
+        return loss, lse, coef, None
+    # The gradient, in the same memory: p * coef * dloss - q * dloss.
+    g = dloss.to(dtype).masked_fill(invalid, float("nan"))
+    grad = logp.exp_()                                      # p
+    grad.mul_((coef * g)[:, None])                          # p * coef * dloss
+    _take_index_mass(grad, g, w, valid, safe, eps)
+    return loss, lse, coef, grad
