@@ -360,7 +360,7 @@ def spy(monkeypatch):
 # The families whose Llama-like layers the interpreter would only repeat (their MLP and rotary
 # swaps run on Triton in tests/test_hf_mlp.py and tests/test_hf_rotary.py) run on the reference
 # backend here; every family with a layer of its own runs on both.
-_TORCH_ONLY = {"qwen2", "qwen3", "gemma", "gemma3", "olmo2", "roberta"}
+_TORCH_ONLY = {"qwen2", "qwen3", "gemma", "gemma3", "olmo2"}
 APPLY_CASES = [(kind, backend) for kind in MAKERS for backend in ("torch", "triton")
                if backend == "torch" or kind not in _TORCH_ONLY]
 
