@@ -140,3 +140,25 @@ def test_a_forward_that_uses_its_logits_is_not_fused():
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.logits is not None
     torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fusable_forward_reads_the_source_strictly():
+    """The source check accepts the HF forms and refuses a forward that transforms its logits
+    in the returned output (here: `logits=logits * 2`)."""
+    model = MAKERS["llama"]()
+    assert ft._fusable_forward(model) == ("lm_head", False)
+    assert ft._fusable_forward(MAKERS["gpt2"]()) == ("lm_head", False)
+    assert ft._fusable_forward(MAKERS["gemma2"]()) == ("lm_head", True)
+
+    class Doubled(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            hidden_states = self.model(input_ids=input_ids).last_hidden_state
+            logits = self.lm_head(hidden_states)
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+            return transformers.modeling_outputs.CausalLMOutputWithPast(
+                loss=loss,
+                logits=logits * 2,
+            )
+    assert ft._fusable_forward(Doubled(model.config)) is None

@@ -502,9 +502,9 @@ def _fusable_forward(model) -> Optional[tuple[str, bool]]:
     call_line = lines[losses[0]]
     if not (f"logits={var}" in call_line or f"loss_function({var}" in call_line or call_line.endswith("(")):
         return None
+    as_field = re.compile(rf"\blogits={var}\s*[,)]|\blogits={var}$")  # the output's field, nothing applied
     for line in lines[losses[0] + 1:]:
-        if uses.search(line) and not re.fullmatch(rf"(logits={var},?|{var},|\)?)", line) \
-                and f"logits={var}" not in line:
+        if uses.search(line) and not re.fullmatch(rf"{var},", line) and not as_field.search(line):
             return None
     return head, any("final_logit_softcapping" in line for line in between)
 
