@@ -49,6 +49,7 @@ from .ops.attention import (  # noqa: E402
     scaled_dot_product_attention,
 )
 from .ops.cross_entropy import cross_entropy  # noqa: E402
+from .ops.cross_entropy_stats import CrossEntropyStats, cross_entropy_with_stats  # noqa: E402
 from .ops.distill import jsd, kl_div, linear_jsd  # noqa: E402
 from .ops.ffn import feed_forward, linear  # noqa: E402
 from .ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
@@ -68,6 +69,7 @@ __all__ = [
     "add_rms_norm",
     "available_backends",
     "cross_entropy",
+    "cross_entropy_with_stats",
     "feed_forward",
     "flash_attn_func",
     "flash_attn_varlen_func",

@@ -26,7 +26,8 @@ SWAPS = {
     torch.nn.TransformerEncoderLayer: fnn.TransformerEncoderLayer,
     torch.nn.Linear: None,  # not swapped by default: see patch(linear=True)
 }
-_EXTRA_DEFAULTS = {fnn.CrossEntropyLoss: {"z_loss": 0.0, "softcap": None}, fnn.Linear: {"activation": None}}
+_EXTRA_DEFAULTS = {fnn.CrossEntropyLoss: {"z_loss": 0.0, "softcap": None, "process_group": None},
+                   fnn.Linear: {"activation": None}}
 _EXTRA_DEFAULTS[fnn.LinearCrossEntropyLoss] = dict(fnn.loss._LCE_EXTRAS)  # z_loss, softcap, chunk_size, acc_dtype
 _ORIGINAL = "_fastlm_original_class"
 

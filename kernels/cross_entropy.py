@@ -51,10 +51,13 @@ def _softcapped(x, softcap, SOFTCAP: tl.constexpr):
 def _row_loss(x_row, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
               C, ignore_index, smoothing, z_loss, softcap,
               SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
-              WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One row's (loss, lse, coef): one online-softmax pass over its logits."""
+              WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr, STATS: tl.constexpr = False):
+    """One row's (loss, lse, coef, argmax): one online-softmax pass over its logits. The
+    argmax (of the soft-capped logits, first index of the max as torch.argmax; 0 for a row of
+    -inf) is tracked only with STATS (cross_entropy_with_stats), else it is 0."""
     cols = tl.arange(0, BLOCK_C)
     m = -float("inf")
+    arg = tl.full([], 0, tl.int32)
     s = 0.0
     sum_qx = tl.zeros([BLOCK_C], dtype=tl.float32)  # sum of q * x over the classes q covers
     sum_q = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -65,6 +68,9 @@ def _row_loss(x_row, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
         x = tl.load(x_row + c_off * stride_xc, mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, _softcapped(x, softcap, SOFTCAP), -float("inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
+        if STATS:
+            # Strictly greater: an earlier chunk keeps a tie (first index wins, as torch).
+            arg = tl.where(m_new > m, start + tl.argmax(x, axis=0, tie_break_left=True), arg)
         # While every logit seen is -inf the max is -inf: subtract 0 then, so each exp(-inf)
         # is a clean 0 (exp(-inf - -inf) would be NaN).
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -112,7 +118,7 @@ def _row_loss(x_row, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
         loss = tl.where(counted, loss, 0.0)
         loss = tl.where(counted & (valid == 0), float("nan"), loss)
         coef = tl.where(valid, coef, 0.0)
-    return loss, lse, coef
+    return loss, lse, coef, arg
 
 
 @triton.jit
@@ -163,19 +169,22 @@ def _row_grad(x_row, dx_row, T, W, row, lse, coef, g, stride_xc, stride_tr, stri
 
 @triton.jit
 def _cross_entropy_fwd_kernel(
-    X, T, W, SumW, Loss, Lse, Coef,
+    X, T, W, SumW, Loss, Lse, Coef, Arg,
     stride_xr, stride_xc, stride_tr, stride_tc,
     C, ignore_index, smoothing, z_loss, softcap,
     SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
-    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr,
+    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr, STATS: tl.constexpr,
 ):
+    """With STATS, also each row's argmax into Arg (int32); without, Arg is never touched."""
     row = tl.program_id(0).to(tl.int64)
-    loss, lse, coef = _row_loss(X + row * stride_xr, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
-                                C, ignore_index, smoothing, z_loss, softcap,
-                                SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C)
+    loss, lse, coef, arg = _row_loss(X + row * stride_xr, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
+                                     C, ignore_index, smoothing, z_loss, softcap,
+                                     SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C, STATS)
     tl.store(Loss + row, loss)
     tl.store(Lse + row, lse)
     tl.store(Coef + row, coef)
+    if STATS:
+        tl.store(Arg + row, arg.to(tl.int32))
 
 
 @triton.jit
@@ -206,7 +215,7 @@ def _cross_entropy_fwd_bwd_kernel(
     launches read every row from memory twice."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xr
-    loss, lse, coef = _row_loss(x_row, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
+    loss, lse, coef, _ = _row_loss(x_row, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
                                 C, ignore_index, smoothing, z_loss, softcap,
                                 SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C)
     tl.store(Loss + row, loss)
@@ -246,15 +255,18 @@ def _flags(logits, target, weight, label_smoothing, softcap):
 
 
 def cross_entropy_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
-                      softcap: float):
+                      softcap: float, stats: bool = False):
     """logits (R, C) with any strides; target (R,) indices or (R, C) probabilities.
-    Returns per-row float32 (loss, lse, coef)."""
+    Returns per-row float32 (loss, lse, coef), and with ``stats`` also each row's int32 argmax
+    of the (soft-capped) logits, from the same pass (the STATS variant; the plain call
+    compiles the kernel without it)."""
     rows, classes = logits.shape
     loss = empty((rows,), torch.float32, logits.device)
     lse = empty((rows,), torch.float32, logits.device)
     coef = empty((rows,), torch.float32, logits.device)
+    arg = empty((rows,), torch.int32, logits.device) if stats else None
     if rows == 0:
-        return loss, lse, coef
+        return (loss, lse, coef, arg) if stats else (loss, lse, coef)
     block = _block(classes)
     # Class weights are read at unit stride: a strided (C,) view costs one tiny copy.
     weight = weight.contiguous() if weight is not None else None
@@ -262,12 +274,13 @@ def cross_entropy_fwd(logits, target, weight, ignore_index: int, label_smoothing
     w = weight if weight is not None else loss
     t_strides = (target.stride(0), target.stride(1) if target.dim() == 2 else 0)
     _cross_entropy_fwd_kernel[(rows,)](
-        logits, target, w, sum_w, loss, lse, coef,
+        logits, target, w, sum_w, loss, lse, coef, arg if stats else coef,
         logits.stride(0), logits.stride(1), *t_strides,
         classes, ignore_index, label_smoothing, z_loss, softcap,
-        BLOCK_C=block, num_warps=_warps(block), **_flags(logits, target, weight, label_smoothing, softcap),
+        BLOCK_C=block, num_warps=_warps(block), STATS=stats,
+        **_flags(logits, target, weight, label_smoothing, softcap),
     )
-    return loss, lse, coef
+    return (loss, lse, coef, arg) if stats else (loss, lse, coef)
 
 
 def cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index: int, label_smoothing: float,
@@ -337,7 +350,12 @@ def gpu_compile_variants():
                            "Lse": "*fp32", "Coef": "*fp32", "stride_xr": "i64", "stride_xc": "i32",
                            "stride_tr": "i64", "stride_tc": "i32", "C": "i32", "ignore_index": "i64",
                            "smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32"}
-                variants.append((_cross_entropy_fwd_kernel, fwd_sig, dict(flags, BLOCK_C=8192), 16))
+                fwd_stats_sig = {**fwd_sig, "Arg": "*i32"}
+                fwd_stats_sig = {k: fwd_stats_sig[k] for k in _cross_entropy_fwd_kernel.arg_names if k in fwd_stats_sig}
+                variants.append((_cross_entropy_fwd_kernel, fwd_stats_sig, dict(flags, BLOCK_C=8192, STATS=False), 16))
+                if not soft:
+                    variants.append((_cross_entropy_fwd_kernel, fwd_stats_sig,
+                                     dict(flags, BLOCK_C=8192, STATS=True), 16))
                 bwd_sig = {"X": f"*{dt}", "T": tgt, "W": "*fp32", "Lse": "*fp32", "Coef": "*fp32",
                            "DLoss": "*fp32", "DX": f"*{dt}", "stride_xr": "i64", "stride_xc": "i32",
                            "stride_tr": "i64", "stride_tc": "i32", "stride_dl": "i64", "stride_dxr": "i64",

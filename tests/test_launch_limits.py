@@ -162,6 +162,13 @@ def _cross_entropy():
     _backward(fastlm.cross_entropy(xt, target, reduction="sum"))
 
 
+def _cross_entropy_with_stats():
+    x = _rand(BIG, 17, grad=True)
+    target = torch.randint(0, 17, (BIG,), device=DEVICE)
+    loss, _ = fastlm.cross_entropy_with_stats(x, target, z_loss=1e-4, softcap=5.0)
+    _backward(loss)
+
+
 def _linear_cross_entropy():
     x, w = _rand(BIG, 16, grad=True), _rand(17, 16, grad=True)
     target = torch.randint(0, 17, (BIG,), device=DEVICE)
@@ -201,6 +208,7 @@ CASES = {
     "linear": _linear,
     "feed_forward": _feed_forward,
     "cross_entropy": _cross_entropy,
+    "cross_entropy_with_stats": _cross_entropy_with_stats,
     "linear_cross_entropy": _linear_cross_entropy,
     "kl_div": _kl_div,
     "jsd": _jsd,

@@ -151,6 +151,24 @@ def _ce_case(op: str, rows: int, vocab: int, group: str, device, dtype, z_loss: 
     return Case(op, group, f"{rows}x{vocab}", rows, vocab, make, extra=extra)
 
 
+def _ce_stats_case(rows: int, vocab: int, device, dtype) -> Case:
+    import fastlm
+
+    def make(grad: bool):
+        logits = _rand(rows, vocab, device=device, dtype=dtype, grad=grad, scale=2.0)
+        target = torch.randint(0, vocab, (rows,), device=device)
+
+        def ours():
+            loss, stats = fastlm.cross_entropy_with_stats(logits, target)
+            return loss, stats.lse, stats.accuracy
+
+        def plain():  # what a training loop logs beside the loss: two more passes over the logits
+            lse = torch.logsumexp(logits.detach().float(), dim=-1)
+            return F.cross_entropy(logits, target), lse, (logits.detach().argmax(-1) == target).float().mean()
+        return ours, plain, _grads(logits)
+    return Case("cross_entropy_with_stats", "tiny", f"{rows}x{vocab}", rows, vocab, make)
+
+
 def _lce_case(rows: int, hidden: int, vocab: int, device, dtype) -> Case:
     import fastlm
 
@@ -363,6 +381,7 @@ def tiny_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
              for op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")]
     cases.append(_ce_case("cross_entropy", 8, 32, "tiny", device, dtype))
     cases.append(_ce_case("cross_entropy z_loss+softcap", 8, 32, "tiny", device, dtype, z_loss=1e-4, softcap=30.0))
+    cases.append(_ce_stats_case(8, 32, device, dtype))
     cases.append(_lce_case(8, 64, 32, device, dtype))
     cases += _distill_cases(8, 64, 32, device, dtype)
     cases += _attention_cases(1, 2, 8, 16, device, dtype)

@@ -17,24 +17,29 @@ from ..ops.linear_cross_entropy import linear_cross_entropy
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """torch.nn.CrossEntropyLoss on fastlm's kernels (same arguments, buffers and state_dict),
-    plus the keyword-only extensions z_loss and softcap of fastlm.cross_entropy."""
+    plus the keyword-only extensions z_loss, softcap and process_group of fastlm.cross_entropy
+    (process_group: vocabulary-parallel, the input and ``weight`` this rank's block of classes)."""
 
     def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
-                 softcap: Optional[float] = None) -> None:
+                 softcap: Optional[float] = None, process_group=None) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
+        self.process_group = process_group
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         # Positional arguments: keyword binding costs a call (issue 17); the order is cross_entropy's.
         return cross_entropy(input, target, self.weight, None, self.ignore_index, None, self.reduction,
-                             self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap)
+                             self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                             process_group=self.process_group)
 
     def extra_repr(self) -> str:
         extras = [f"z_loss={self.z_loss}"] if self.z_loss else []
         if self.softcap is not None:
             extras.append(f"softcap={self.softcap}")
+        if self.process_group is not None:
+            extras.append("vocab_parallel=True")
         return ", ".join(extras)
 
 

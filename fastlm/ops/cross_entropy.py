@@ -401,7 +401,8 @@ def _native_device(input: Tensor, target: Tensor, weight: Optional[Tensor], igno
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
                   ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
-                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None) -> Tensor:
+                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None,
+                  process_group=None) -> Tensor:
     """torch.nn.functional.cross_entropy on fastlm's kernels (torch 2.13's arguments in its
     order, the deprecated size_average and reduce included: given, they set the reduction as
     torch's legacy rule does, with torch's warning), plus the keyword-only z_loss and softcap.
@@ -415,9 +416,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     (RuntimeError as a rule: fastlm.errors), naming the argument. Infinite and
     NaN logits (a vocabulary masked with -inf) give torch's result on every backend, its
     inf/NaN included; softcap maps +-inf to +-softcap (fastlm/reference/cross_entropy.py).
+    process_group (a torch.distributed group): vocabulary-parallel, input this rank's contiguous
+    block of the classes in rank order, targets global class ids (fastlm/ops/vocab_parallel.py).
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if process_group is not None:
+        from . import vocab_parallel
+        return vocab_parallel.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                            z_loss, softcap, process_group)
     class_dim, classes = _check_args(input, target, weight)
     if target.is_floating_point() and ignore_index != -100:
         raise ArgumentError("fastlm.cross_entropy: ignore_index is not supported with probability targets "
