@@ -32,19 +32,7 @@ from fastlm.kernels import attention as kern
 from fastlm.kernels import launch
 
 from .conftest import DEVICE
-
-
-def _paged(k_cache, v_cache, page):
-    """Dense (B, S_max, Hk, D) caches scattered into shuffled pages: (k pages, v pages, table)."""
-    B, S_max, Hk, D = k_cache.shape
-    per = S_max // page
-    order = torch.randperm(B * per, device=DEVICE)
-    table = order.reshape(B, per).to(torch.int32)
-    kp = torch.empty(B * per, page, Hk, D, device=DEVICE)
-    vp = torch.empty(B * per, page, Hk, D, device=DEVICE)
-    kp[order] = k_cache.reshape(B * per, page, Hk, D)
-    vp[order] = v_cache.reshape(B * per, page, Hk, D)
-    return kp, vp, table
+from .test_attention_kvcache import _paged
 
 
 def _kvcache(backend, q, k_cache, v_cache, **kw):

@@ -808,14 +808,7 @@ def _fuse_head_and_loss(model, handle: Applied) -> None:
         head = model.get_output_embeddings()
         where = next(((m, n) for m in model.modules() for n, c in m.named_children() if c is head), None)
         if type(head) is torch.nn.Linear and where is not None:
-            previous = model.__dict__.get("forward", _ABSENT)
-            model.forward = _masked_lm_fused_forward(model, model.forward, *where)
-
-            def undo_mlm():
-                model.__dict__.pop("forward", None)
-                if previous is not _ABSENT:
-                    model.forward = previous
-            handle._undo.append(undo_mlm)
+            _wrap_forward(model, handle, _masked_lm_fused_forward(model, model.forward, *where))
             handle.replaced.append(("", "forward: decoder + masked-LM loss fused (fastlm.linear_cross_entropy)"))
             return
     kind = model.loss_type if model.loss_type in LOSS_MAPPING else "ForCausalLM"
@@ -827,15 +820,20 @@ def _fuse_head_and_loss(model, handle: Applied) -> None:
         return
     if not handle._config_pairs:  # the soft-cap is moved off the config during a call: a private copy
         _private_configs(model, handle)
+    _wrap_forward(model, handle, _fused_loss_forward(model, model.forward, *found))
+    handle.replaced.append((found[0], "forward: lm-head + loss fused (fastlm.linear_cross_entropy)"))
+
+
+def _wrap_forward(model, handle: Applied, forward: Callable) -> None:
+    """Sets ``forward`` on the instance, with an undo step that puts back what was there."""
     previous = model.__dict__.get("forward", _ABSENT)
-    model.forward = _fused_loss_forward(model, model.forward, *found)
+    model.forward = forward
 
     def undo():
         model.__dict__.pop("forward", None)
         if previous is not _ABSENT:
             model.forward = previous
     handle._undo.append(undo)
-    handle.replaced.append((found[0], "forward: lm-head + loss fused (fastlm.linear_cross_entropy)"))
 
 
 def revert(model: torch.nn.Module) -> list[tuple[str, str]]:
