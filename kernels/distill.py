@@ -59,6 +59,15 @@ def _xlogx(t):
 
 
 @triton.jit
+def _row_xt(X, T, row, c_off, mask, stride_xr, stride_xc, stride_tr, stride_tc):
+    """A block of a row of the input and the target in float32 (masked target lanes 1: log(1)
+    = 0 and 1 log 1 = 0, so they add nothing and raise no warning)."""
+    x = tl.load(X + row * stride_xr + c_off * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(T + row * stride_tr + c_off * stride_tc, mask=mask, other=1.0).to(tl.float32)
+    return x, t
+
+
+@triton.jit
 def _kl_div_fwd_kernel(X, T, Out, RowSum, stride_xr, stride_xc, stride_tr, stride_tc, stride_or, C,
                        LOG_TARGET: tl.constexpr, ELEMENTWISE: tl.constexpr, WIDE_C: tl.constexpr,
                        BLOCK_C: tl.constexpr):
@@ -69,8 +78,7 @@ def _kl_div_fwd_kernel(X, T, Out, RowSum, stride_xr, stride_xc, stride_tr, strid
         c = start + cols
         mask = c < C
         c_off = c.to(tl.int64) if WIDE_C else c
-        x = tl.load(X + row * stride_xr + c_off * stride_xc, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(T + row * stride_tr + c_off * stride_tc, mask=mask, other=1.0).to(tl.float32)  # log(1): no warning
+        x, t = _row_xt(X, T, row, c_off, mask, stride_xr, stride_xc, stride_tr, stride_tc)
         if LOG_TARGET:
             loss = tl.exp(t) * (t - x)
         else:
@@ -93,8 +101,7 @@ def _kl_div_bwd_kernel(X, T, G, DX, DT, stride_xr, stride_xc, stride_tr, stride_
         c = start + cols
         mask = c < C
         c_off = c.to(tl.int64) if WIDE_C else c
-        x = tl.load(X + row * stride_xr + c_off * stride_xc, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(T + row * stride_tr + c_off * stride_tc, mask=mask, other=1.0).to(tl.float32)  # log(1): no warning
+        x, t = _row_xt(X, T, row, c_off, mask, stride_xr, stride_xc, stride_tr, stride_tc)
         g = tl.load(G + row * stride_gr + c_off * stride_gc, mask=mask, other=0.0).to(tl.float32)
         if LOG_TARGET:
             p = tl.exp(t)

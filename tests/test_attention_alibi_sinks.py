@@ -158,6 +158,38 @@ def test_sinks_match_hugging_face_gpt_oss_eager():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
 
 
+def test_sinks_reference_with_neginf_and_nan_matches_hugging_face():
+    """The reference with sinks against transformers' GPT-OSS eager attention where the inputs
+    are not finite: a query row whose keys are all masked (-inf: head 0's sink alone takes the
+    row, output 0 and lse the sink, as HF), a -inf sink (head 1: that row sees nothing at all,
+    fastlm's 0 where HF's softmax gives NaN, the documented convention), and a NaN in one query
+    (NaN in that row in both, the other rows untouched)."""
+    gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+    B, H, L, D = 1, 2, 5, 8
+    q = torch.randn(B, H, L, D, dtype=torch.float64)
+    k = torch.randn(B, H, L, D, dtype=torch.float64)
+    v = torch.randn(B, H, L, D, dtype=torch.float64)
+    q[0, 1, 3, 2] = float("nan")
+    mask = torch.zeros(L, L, dtype=torch.float64)
+    mask[2] = float("-inf")  # query 2 sees no key
+    module = torch.nn.Module()
+    module.sinks = torch.nn.Parameter(torch.tensor([0.7, float("-inf")], dtype=torch.float64))
+    module.num_key_value_groups = 1
+    module.training = False
+    theirs, _ = gpt_oss.eager_attention_forward(module, q, k, v, mask[None, None], scaling=D ** -0.5)
+    out, lse = ref.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), D ** -0.5,
+                             mask=(mask == 0)[None, None], sinks=module.sinks.detach())
+    assert torch.isnan(theirs[0, 2, 1]).all()  # HF: no key and no sink
+    assert torch.equal(out[0, 2, 1], torch.zeros(D, dtype=torch.float64))  # fastlm: 0
+    assert lse[0, 1, 2] == float("inf")
+    theirs = theirs.clone()
+    theirs[0, 2, 1] = 0.0
+    torch.testing.assert_close(out, theirs, equal_nan=True)  # everything else equal, NaNs where HF's
+    assert torch.equal(out[0, 2, 0], torch.zeros(D, dtype=torch.float64))  # the sink alone took the row
+    torch.testing.assert_close(lse[0, 0, 2], module.sinks[0].detach())
+    assert torch.isnan(out[0, 3, 1]).all() and torch.isfinite(out[0, :3]).all()
+
+
 def test_sink_grad_formula_against_autograd():
     """ref.sink_grad (the op's formula for the sinks' gradient) against autograd through the
     oracle, dense and packed (lse (H, total))."""

@@ -399,6 +399,18 @@ def _native_device(input: Tensor, target: Tensor, weight: Optional[Tensor], igno
     return loss.to(input.dtype)
 
 
+def as_rows(input: Tensor, target: Tensor, classes: int) -> tuple[Tensor, Tensor, tuple]:
+    """(logits (rows, C), targets by row, the per-row loss's shape): the class dim last, a view
+    for (N, C) and (C,), a copy for (N, C, d...)."""
+    if input.dim() == 1:
+        return input.unsqueeze(0), target.unsqueeze(0), ()
+    if input.dim() == 2:
+        return input, target, target.shape[:1]
+    logits = input.movedim(1, -1).reshape(-1, classes)
+    tgt = target.movedim(1, -1).reshape(-1, classes) if target.is_floating_point() else target.reshape(-1)
+    return logits, tgt, input.shape[:1] + input.shape[2:]
+
+
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
                   ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None,
@@ -437,17 +449,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                       device_type == "cpu") if native_backend(device_type) else None
         if out is not None:
             return out
-    # Rows of logits, the class dim last: a view for (N, C) and (C,); a copy for (N, C, d...).
-    if input.dim() == 1:
-        logits, tgt = input.unsqueeze(0), target.unsqueeze(0)
-        out_shape = ()
-    elif input.dim() == 2:
-        logits, tgt = input, target
-        out_shape = target.shape[:1]
-    else:
-        logits = input.movedim(1, -1).reshape(-1, classes)
-        tgt = target.movedim(1, -1).reshape(-1, classes) if target.is_floating_point() else target.reshape(-1)
-        out_shape = input.shape[:1] + input.shape[2:]
+    logits, tgt, out_shape = as_rows(input, target, classes)
     loss_rows, _, _ = _cross_entropy_eager(logits, tgt, weight, ignore_index, label_smoothing, z_loss, softcap)
     return reduce_rows(loss_rows, reduction, lambda: mean_divisor(tgt, weight, ignore_index, logits.shape[0]),
                   out_shape, input.dtype)

@@ -32,6 +32,7 @@ from .cross_entropy import (
     _check_args,
     _cross_entropy_bwd,
     _cross_entropy_bwd_body,
+    as_rows,
     check_loss_options,
     check_targets_in_range,
     mean_divisor,
@@ -135,16 +136,7 @@ def cross_entropy_with_stats(input: Tensor, target: Tensor, weight: Optional[Ten
                             f"accuracy (use fastlm.cross_entropy)")
     label_smoothing, z_loss, softcap = check_loss_options(_FN, ignore_index, reduction, label_smoothing,
                                                           z_loss, softcap)
-    if input.dim() == 1:
-        logits, tgt = input.unsqueeze(0), target.unsqueeze(0)
-        out_shape = ()
-    elif input.dim() == 2:
-        logits, tgt = input, target
-        out_shape = target.shape[:1]
-    else:
-        logits = input.movedim(1, -1).reshape(-1, classes)
-        tgt = target.reshape(-1)
-        out_shape = input.shape[:1] + input.shape[2:]
+    logits, tgt, out_shape = as_rows(input, target, classes)
     loss_rows, lse, _, arg = _stats_eager(logits, tgt, weight, ignore_index, label_smoothing, z_loss, softcap)
     divisor = []
 

@@ -294,6 +294,15 @@ _linear_cross_entropy_eager = EagerTwin(_linear_cross_entropy, _linear_cross_ent
 _Options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
 
 
+def _like_input(fn: str, name: str, t: Tensor, input: Tensor) -> None:
+    """t has input's dtype and device (the matmul takes no mixed operands)."""
+    if t.dtype != input.dtype:
+        raise ArgumentTypeError(f"fastlm.{fn}: {name} has dtype {t.dtype} but input has {input.dtype}; "
+                                f"they must match")
+    if t.device != input.device:
+        raise ArgumentError(f"fastlm.{fn}: {name} is on {t.device} but input is on {input.device}")
+
+
 def _check_args(input, linear_weight, target, linear_bias, weight):
     """Shapes as torch 2.13's F.linear_cross_entropy takes them, with fastlm's one extension:
     input may have any number of batch dims (..., H), not only (H,) or (N, H). Returns
@@ -310,12 +319,7 @@ def _check_args(input, linear_weight, target, linear_bias, weight):
     if linear_weight.dim() < 2 or linear_weight.shape[-1] != input.shape[-1]:
         raise ArgumentError(f"fastlm.{fn}: linear_weight must be (C, H) (or (C, d1, ..., dK, H)) with H = "
                             f"input.shape[-1] = {input.shape[-1]}, got shape {list(linear_weight.shape)}")
-    if linear_weight.dtype != input.dtype:
-        raise ArgumentTypeError(f"fastlm.{fn}: linear_weight has dtype {linear_weight.dtype} but input has "
-                                f"{input.dtype}; "
-                                f"they must match")
-    if linear_weight.device != input.device:
-        raise ArgumentError(f"fastlm.{fn}: linear_weight is on {linear_weight.device} but input is on {input.device}")
+    _like_input(fn, "linear_weight", linear_weight, input)
     classes, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
     batch = tuple(input.shape[:-1])
     if out_features and not batch:
@@ -338,14 +342,10 @@ def _check_args(input, linear_weight, target, linear_bias, weight):
         raise ArgumentError(f"fastlm.{fn}: target is on {target.device} but input is on {input.device}")
     if linear_bias is not None:
         if not isinstance(linear_bias, Tensor) or linear_bias.shape != linear_weight.shape[:-1]:
+            got = list(linear_bias.shape) if isinstance(linear_bias, Tensor) else type(linear_bias).__name__
             raise ArgumentError(f"fastlm.{fn}: linear_bias must be a Tensor of shape {list(linear_weight.shape[:-1])} "
-                                f"or None")
-        if linear_bias.dtype != input.dtype:
-            raise ArgumentTypeError(f"fastlm.{fn}: linear_bias has dtype {linear_bias.dtype} but input has "
-                                    f"{input.dtype}; "
-                                    f"they must match")
-        if linear_bias.device != input.device:
-            raise ArgumentError(f"fastlm.{fn}: linear_bias is on {linear_bias.device} but input is on {input.device}")
+                                f"or None, got {got}")
+        _like_input(fn, "linear_bias", linear_bias, input)
     if weight is not None:
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
             raise ArgumentTypeError(f"fastlm.{fn}: weight (the class weights) must be a floating-point Tensor or None")
