@@ -52,7 +52,7 @@ from .ops.cross_entropy import cross_entropy  # noqa: E402
 from .ops.cross_entropy_stats import CrossEntropyStats, cross_entropy_with_stats  # noqa: E402
 from .ops.distill import jsd, kl_div, linear_jsd  # noqa: E402
 from .ops.ffn import feed_forward, linear  # noqa: E402
-from .ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from .ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_with_stats  # noqa: E402
 from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
 from .ops.rotary import apply_rotary_emb, apply_rotary_pos_emb, rotary, rotary_cos_sin  # noqa: E402
 from . import nn, ops  # noqa: E402
@@ -80,6 +80,7 @@ __all__ = [
     "layer_norm",
     "linear",
     "linear_cross_entropy",
+    "linear_cross_entropy_with_stats",
     "linear_jsd",
     "nn",
     "patch",

@@ -27,7 +27,7 @@ import time
 
 # Shared memory a block may use (opt-in maximum): A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-FAMILIES = ["norm", "cross_entropy", "attention", "matmul", "rotary", "distill"]  # each fastlm.kernels.<family> module exposes gpu_compile_variants()
+FAMILIES = ["norm", "cross_entropy", "attention", "matmul", "rotary", "distill", "lce_matmul"]  # each fastlm.kernels.<family> module exposes gpu_compile_variants()
 
 
 def stack_bytes(cubin: bytes) -> int:

@@ -168,18 +168,32 @@ def _row_grad(x_row, dx_row, T, W, row, lse, coef, g, stride_xc, stride_tr, stri
 
 
 @triton.jit
+def _live(Count, row0, row, LIMIT: tl.constexpr):
+    """Whether this row is computed: with LIMIT, only rows row0 + row < *Count (the rows a
+    caller sorted to the front: the fused linear cross-entropy's counted targets; the count
+    stays on the device, no host sync); without, every row."""
+    if LIMIT:
+        return row0 + row < tl.load(Count)
+    return row >= 0
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(
-    X, T, W, SumW, Loss, Lse, Coef, Arg,
+    X, T, W, SumW, Loss, Lse, Coef, Arg, Count,
     stride_xr, stride_xc, stride_tr, stride_tc,
-    C, ignore_index, smoothing, z_loss, softcap,
+    C, ignore_index, smoothing, z_loss, softcap, row0,
     SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
-    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr, STATS: tl.constexpr,
+    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr, STATS: tl.constexpr, LIMIT: tl.constexpr = False,
 ):
-    """With STATS, also each row's argmax into Arg (int32); without, Arg is never touched."""
+    """With STATS, also each row's argmax into Arg (int32); without, Arg is never touched.
+    With LIMIT, a row past the live count reads nothing and gets 0 everywhere (_live)."""
     row = tl.program_id(0).to(tl.int64)
-    loss, lse, coef, arg = _row_loss(X + row * stride_xr, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
-                                     C, ignore_index, smoothing, z_loss, softcap,
-                                     SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C, STATS)
+    if _live(Count, row0, row, LIMIT):
+        loss, lse, coef, arg = _row_loss(X + row * stride_xr, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
+                                         C, ignore_index, smoothing, z_loss, softcap,
+                                         SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C, STATS)
+    else:
+        loss, lse, coef, arg = 0.0, 0.0, 0.0, tl.full([], 0, tl.int32)
     tl.store(Loss + row, loss)
     tl.store(Lse + row, lse)
     tl.store(Coef + row, coef)
@@ -189,48 +203,61 @@ def _cross_entropy_fwd_kernel(
 
 @triton.jit
 def _cross_entropy_bwd_kernel(
-    X, T, W, Lse, Coef, DLoss, DX,
+    X, T, W, Lse, Coef, DLoss, DX, Count,
     stride_xr, stride_xc, stride_tr, stride_tc, stride_dl, stride_dxr,
-    C, ignore_index, smoothing, softcap,
+    C, ignore_index, smoothing, softcap, row0,
     SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
-    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr,
+    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr, LIMIT: tl.constexpr = False,
 ):
+    """With LIMIT, a row past the live count is neither read nor written (its gradient row is
+    left as it was: the caller never reads it)."""
     row = tl.program_id(0).to(tl.int64)
-    g = tl.load(DLoss + row * stride_dl).to(tl.float32)
-    _row_grad(X + row * stride_xr, DX + row * stride_dxr, T, W, row, tl.load(Lse + row), tl.load(Coef + row), g,
-              stride_xc, stride_tr, stride_tc, C, ignore_index, smoothing, softcap,
-              SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C)
+    if _live(Count, row0, row, LIMIT):
+        g = tl.load(DLoss + row * stride_dl).to(tl.float32)
+        _row_grad(X + row * stride_xr, DX + row * stride_dxr, T, W, row, tl.load(Lse + row), tl.load(Coef + row),
+                  g, stride_xc, stride_tr, stride_tc, C, ignore_index, smoothing, softcap,
+                  SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C)
 
 
 @triton.jit
 def _cross_entropy_fwd_bwd_kernel(
-    X, T, W, SumW, Loss, Lse, Coef, DLoss, DX,
+    X, T, W, SumW, Loss, Lse, Coef, DLoss, DX, Arg, Count,
     stride_xr, stride_xc, stride_tr, stride_tc, stride_dl, stride_dxr,
-    C, ignore_index, smoothing, z_loss, softcap,
+    C, ignore_index, smoothing, z_loss, softcap, row0,
     SOFT: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
-    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr,
+    WIDE_C: tl.constexpr, BLOCK_C: tl.constexpr, STATS: tl.constexpr = False, LIMIT: tl.constexpr = False,
 ):
     """Both in one program: the loss pass, then at once the gradient pass over the same row,
     whose re-read a GPU's L2 serves (one row of logits each program, just read), where two
-    launches read every row from memory twice."""
+    launches read every row from memory twice. STATS and LIMIT as in the forward kernel (a
+    row past the live count: zeros stored, its gradient row left unwritten)."""
     row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_xr
-    loss, lse, coef, _ = _row_loss(x_row, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
-                                C, ignore_index, smoothing, z_loss, softcap,
-                                SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C)
-    tl.store(Loss + row, loss)
-    tl.store(Lse + row, lse)
-    tl.store(Coef + row, coef)
-    # With DX over X, the gradient pass's stores must wait for every read of the loss pass.
-    # The loop's reads are done once lse exists (its reductions cross warps), but the target
-    # logit x_t is read after them, by thread 0 (whose value the loss store takes), while the
-    # warp that holds column t could already write its gradient there: the loss would then
-    # be lse - grad_t. This barrier orders that read before any gradient store.
-    tl.debug_barrier()
-    g = tl.load(DLoss + row * stride_dl).to(tl.float32)
-    _row_grad(x_row, DX + row * stride_dxr, T, W, row, lse, coef, g,
-              stride_xc, stride_tr, stride_tc, C, ignore_index, smoothing, softcap,
-              SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C)
+    if _live(Count, row0, row, LIMIT):
+        x_row = X + row * stride_xr
+        loss, lse, coef, arg = _row_loss(x_row, T, W, SumW, row, stride_xc, stride_tr, stride_tc,
+                                         C, ignore_index, smoothing, z_loss, softcap,
+                                         SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C, STATS)
+        tl.store(Loss + row, loss)
+        tl.store(Lse + row, lse)
+        tl.store(Coef + row, coef)
+        if STATS:
+            tl.store(Arg + row, arg.to(tl.int32))
+        # With DX over X, the gradient pass's stores must wait for every read of the loss pass.
+        # The loop's reads are done once lse exists (its reductions cross warps), but the target
+        # logit x_t is read after them, by thread 0 (whose value the loss store takes), while the
+        # warp that holds column t could already write its gradient there: the loss would then
+        # be lse - grad_t. This barrier orders that read before any gradient store.
+        tl.debug_barrier()
+        g = tl.load(DLoss + row * stride_dl).to(tl.float32)
+        _row_grad(x_row, DX + row * stride_dxr, T, W, row, lse, coef, g,
+                  stride_xc, stride_tr, stride_tc, C, ignore_index, smoothing, softcap,
+                  SOFT, HAS_W, SMOOTH, SOFTCAP, WIDE_C, BLOCK_C)
+    else:
+        tl.store(Loss + row, 0.0)
+        tl.store(Lse + row, 0.0)
+        tl.store(Coef + row, 0.0)
+        if STATS:
+            tl.store(Arg + row, 0)
 
 
 def _block(c: int, max_block: int | None = None) -> int:
@@ -255,11 +282,13 @@ def _flags(logits, target, weight, label_smoothing, softcap):
 
 
 def cross_entropy_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
-                      softcap: float, stats: bool = False):
+                      softcap: float, stats: bool = False, limit=None):
     """logits (R, C) with any strides; target (R,) indices or (R, C) probabilities.
     Returns per-row float32 (loss, lse, coef), and with ``stats`` also each row's int32 argmax
     of the (soft-capped) logits, from the same pass (the STATS variant; the plain call
-    compiles the kernel without it)."""
+    compiles the kernel without it). ``limit`` (count, row0): only rows with
+    row0 + row < count (a one-element int tensor on the device) are computed; the others
+    read nothing and get zeros (the LIMIT variant)."""
     rows, classes = logits.shape
     loss = empty((rows,), torch.float32, logits.device)
     lse = empty((rows,), torch.float32, logits.device)
@@ -273,20 +302,22 @@ def cross_entropy_fwd(logits, target, weight, ignore_index: int, label_smoothing
     sum_w = weight.float().sum().reshape(1) if (weight is not None and label_smoothing > 0) else loss
     w = weight if weight is not None else loss
     t_strides = (target.stride(0), target.stride(1) if target.dim() == 2 else 0)
+    count, row0 = limit if limit is not None else (coef, 0)
     _cross_entropy_fwd_kernel[(rows,)](
-        logits, target, w, sum_w, loss, lse, coef, arg if stats else coef,
+        logits, target, w, sum_w, loss, lse, coef, arg if stats else coef, count,
         logits.stride(0), logits.stride(1), *t_strides,
-        classes, ignore_index, label_smoothing, z_loss, softcap,
-        BLOCK_C=block, num_warps=_warps(block), STATS=stats,
+        classes, ignore_index, label_smoothing, z_loss, softcap, row0,
+        BLOCK_C=block, num_warps=_warps(block), STATS=stats, LIMIT=limit is not None,
         **_flags(logits, target, weight, label_smoothing, softcap),
     )
     return (loss, lse, coef, arg) if stats else (loss, lse, coef)
 
 
 def cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index: int, label_smoothing: float,
-                      softcap: float, out=None):
+                      softcap: float, out=None, limit=None):
     """Gradient of the per-row losses with respect to logits, given their gradient ``dloss``
-    (R,) (any stride, 0 included). ``out`` may be ``logits`` itself (overwritten in place)."""
+    (R,) (any stride, 0 included). ``out`` may be ``logits`` itself (overwritten in place).
+    ``limit`` as in cross_entropy_fwd: rows past it are left unwritten."""
     rows, classes = logits.shape
     if out is None:
         out = empty((rows, classes), logits.dtype, logits.device)
@@ -295,30 +326,34 @@ def cross_entropy_bwd(dloss, logits, target, weight, lse, coef, ignore_index: in
     block = _block(classes)
     w = weight.contiguous() if weight is not None else lse
     t_strides = (target.stride(0), target.stride(1) if target.dim() == 2 else 0)
+    count, row0 = limit if limit is not None else (lse, 0)
     _cross_entropy_bwd_kernel[(rows,)](
-        logits, target, w, lse, coef, dloss, out,
+        logits, target, w, lse, coef, dloss, out, count,
         logits.stride(0), logits.stride(1), *t_strides, dloss.stride(0), out.stride(0),
-        classes, ignore_index, label_smoothing, softcap,
-        BLOCK_C=block, num_warps=_warps(block), **_flags(logits, target, weight, label_smoothing, softcap),
+        classes, ignore_index, label_smoothing, softcap, row0,
+        BLOCK_C=block, num_warps=_warps(block), LIMIT=limit is not None, **_flags(logits, target, weight, label_smoothing, softcap),
     )
     return out
 
 
 def cross_entropy_fwd_bwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
-                          softcap: float, dloss, out=None):
+                          softcap: float, dloss, out=None, stats: bool = False, limit=None):
     """cross_entropy_fwd and cross_entropy_bwd in one launch, for a caller that knows each row's
     upstream gradient ``dloss`` (R,) at the forward (the fused linear cross-entropy's chunks):
     each program reads its row of logits for the loss and again, at once, for the gradient,
     where the two launches read every row from memory twice. ``out`` may be ``logits``.
-    Returns (loss, lse, coef, grad)."""
+    Returns (loss, lse, coef, grad), and with ``stats`` also the int32 argmax per row (as
+    cross_entropy_fwd). ``limit`` as in cross_entropy_fwd: rows past it get zero loss, lse
+    and coef (argmax 0) and their gradient rows are left unwritten."""
     rows, classes = logits.shape
     loss = empty((rows,), torch.float32, logits.device)
     lse = empty((rows,), torch.float32, logits.device)
     coef = empty((rows,), torch.float32, logits.device)
+    arg = empty((rows,), torch.int32, logits.device) if stats else None
     if out is None:
         out = empty((rows, classes), logits.dtype, logits.device)
     if rows == 0:
-        return loss, lse, coef, out
+        return (loss, lse, coef, out, arg) if stats else (loss, lse, coef, out)
     # Rows that are not 16-byte aligned (GPT-2's 50257 classes) load element by element, and
     # the two passes' 64-bit addresses then take 72 registers at 8192 classes a chunk on sm_90:
     # one CTA (16 warps) an SM. Chunks of 2048 take 56: 9 CTAs of 4 warps (fastlm bench static).
@@ -328,17 +363,22 @@ def cross_entropy_fwd_bwd(logits, target, weight, ignore_index: int, label_smoot
     sum_w = weight.float().sum().reshape(1) if (weight is not None and label_smoothing > 0) else loss
     w = weight if weight is not None else loss
     t_strides = (target.stride(0), target.stride(1) if target.dim() == 2 else 0)
+    count, row0 = limit if limit is not None else (coef, 0)
     _cross_entropy_fwd_bwd_kernel[(rows,)](
-        logits, target, w, sum_w, loss, lse, coef, dloss, out,
+        logits, target, w, sum_w, loss, lse, coef, dloss, out, arg if stats else coef, count,
         logits.stride(0), logits.stride(1), *t_strides, dloss.stride(0), out.stride(0),
-        classes, ignore_index, label_smoothing, z_loss, softcap,
-        BLOCK_C=block, num_warps=_warps(block), **_flags(logits, target, weight, label_smoothing, softcap),
+        classes, ignore_index, label_smoothing, z_loss, softcap, row0,
+        BLOCK_C=block, num_warps=_warps(block), STATS=stats, LIMIT=limit is not None,
+        **_flags(logits, target, weight, label_smoothing, softcap),
     )
-    return loss, lse, coef, out
+    return (loss, lse, coef, out, arg) if stats else (loss, lse, coef, out)
 
 
 def gpu_compile_variants():
     """Kernel variants for kernels/compile_check.py (compiled for real GPU targets in CI)."""
+    def ordered(kernel, sig):
+        return {k: sig[k] for k in kernel.arg_names if k in sig}
+
     variants = []
     for dt in ("fp32", "bf16"):
         for soft in (False, True):
@@ -347,21 +387,28 @@ def gpu_compile_variants():
                 flags = dict(SOFT=soft, HAS_W=extras, SMOOTH=extras, SOFTCAP=extras, WIDE_C=wide)
                 tgt = f"*{dt}" if soft else "*i64"
                 fwd_sig = {"X": f"*{dt}", "T": tgt, "W": "*fp32", "SumW": "*fp32", "Loss": "*fp32",
-                           "Lse": "*fp32", "Coef": "*fp32", "stride_xr": "i64", "stride_xc": "i32",
-                           "stride_tr": "i64", "stride_tc": "i32", "C": "i32", "ignore_index": "i64",
-                           "smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32"}
-                fwd_stats_sig = {**fwd_sig, "Arg": "*i32"}
-                fwd_stats_sig = {k: fwd_stats_sig[k] for k in _cross_entropy_fwd_kernel.arg_names if k in fwd_stats_sig}
-                variants.append((_cross_entropy_fwd_kernel, fwd_stats_sig, dict(flags, BLOCK_C=8192, STATS=False), 16))
-                if not soft:
-                    variants.append((_cross_entropy_fwd_kernel, fwd_stats_sig,
-                                     dict(flags, BLOCK_C=8192, STATS=True), 16))
+                           "Lse": "*fp32", "Coef": "*fp32", "Arg": "*i32", "Count": "*i64", "stride_xr": "i64",
+                           "stride_xc": "i32", "stride_tr": "i64", "stride_tc": "i32", "C": "i32",
+                           "ignore_index": "i64", "smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32",
+                           "row0": "i64"}
+                fwd = ordered(_cross_entropy_fwd_kernel, fwd_sig)
+                variants.append((_cross_entropy_fwd_kernel, fwd, dict(flags, BLOCK_C=8192, STATS=False), 16))
+                if not soft:  # (the statistics and the live-row limit take class indices)
+                    variants.append((_cross_entropy_fwd_kernel, fwd, dict(flags, BLOCK_C=8192, STATS=True), 16))
+                    variants.append((_cross_entropy_fwd_kernel, fwd,
+                                     dict(flags, BLOCK_C=8192, STATS=True, LIMIT=True), 16))
                 bwd_sig = {"X": f"*{dt}", "T": tgt, "W": "*fp32", "Lse": "*fp32", "Coef": "*fp32",
-                           "DLoss": "*fp32", "DX": f"*{dt}", "stride_xr": "i64", "stride_xc": "i32",
+                           "DLoss": "*fp32", "DX": f"*{dt}", "Count": "*i64", "stride_xr": "i64", "stride_xc": "i32",
                            "stride_tr": "i64", "stride_tc": "i32", "stride_dl": "i64", "stride_dxr": "i64",
-                           "C": "i32", "ignore_index": "i64", "smoothing": "fp32", "softcap": "fp32"}
-                variants.append((_cross_entropy_bwd_kernel, bwd_sig, dict(flags, BLOCK_C=8192), 16))
-                both_sig = {**fwd_sig, "DLoss": "*fp32", "DX": f"*{dt}", "stride_dl": "i64", "stride_dxr": "i64"}
-                both_sig = {k: both_sig[k] for k in _cross_entropy_fwd_bwd_kernel.arg_names if k in both_sig}
-                variants.append((_cross_entropy_fwd_bwd_kernel, both_sig, dict(flags, BLOCK_C=8192), 16))
+                           "C": "i32", "ignore_index": "i64", "smoothing": "fp32", "softcap": "fp32", "row0": "i64"}
+                bwd = ordered(_cross_entropy_bwd_kernel, bwd_sig)
+                variants.append((_cross_entropy_bwd_kernel, bwd, dict(flags, BLOCK_C=8192), 16))
+                both = ordered(_cross_entropy_fwd_bwd_kernel,
+                               {**fwd_sig, "DLoss": "*fp32", "DX": f"*{dt}", "stride_dl": "i64", "stride_dxr": "i64"})
+                variants.append((_cross_entropy_fwd_bwd_kernel, both, dict(flags, BLOCK_C=8192), 16))
+                if not soft:
+                    variants.append((_cross_entropy_bwd_kernel, bwd, dict(flags, BLOCK_C=8192, LIMIT=True), 16))
+                    for block in (8192, 2048):  # (2048: the unaligned rows' chunk, GPT-2's 50257 classes)
+                        variants.append((_cross_entropy_fwd_bwd_kernel, both,
+                                         dict(flags, BLOCK_C=block, STATS=True, LIMIT=True), 16))
     return variants

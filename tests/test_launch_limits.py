@@ -175,6 +175,14 @@ def _linear_cross_entropy():
     _backward(fastlm.linear_cross_entropy(x, w, target, linear_bias=_rand(17, grad=True)))
 
 
+def _linear_cross_entropy_with_stats():
+    x, w = _rand(BIG, 16, grad=True), _rand(17, 16, grad=True)
+    target = torch.randint(0, 17, (BIG,), device=DEVICE)
+    target[::3] = -100  # (the skipped rows: sorted behind the counted ones, the kernels stop at the count)
+    loss, _ = fastlm.linear_cross_entropy_with_stats(x, w, target, linear_bias=_rand(17, grad=True), chunk_size=BIG)
+    _backward(loss)
+
+
 def _kl_div():
     x, t = _rand(BIG, 17, grad=True), _rand(BIG, 17, grad=True)
     _backward(fastlm.kl_div(x, t, reduction="none", log_target=True))
@@ -210,6 +218,7 @@ CASES = {
     "cross_entropy": _cross_entropy,
     "cross_entropy_with_stats": _cross_entropy_with_stats,
     "linear_cross_entropy": _linear_cross_entropy,
+    "linear_cross_entropy_with_stats": _linear_cross_entropy_with_stats,
     "kl_div": _kl_div,
     "jsd": _jsd,
     "linear_jsd": _linear_jsd,

@@ -155,18 +155,29 @@ def test_all_ignored_gives_zero_and_zero_gradients(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_never_holds_more_than_a_chunk_of_logits(backend, monkeypatch):
-    """Every logits tensor formed is one chunk: (chunk, V), never (N, V)."""
+@pytest.mark.parametrize("skip_ignored", [True, False])
+def test_never_holds_more_than_a_chunk_of_logits(backend, skip_ignored, monkeypatch):
+    """Every logits tensor formed is one chunk: (chunk, V), never (N, V). Skipping ignored
+    rows: on CPU tensors the chunks hold the counted rows only (fewer chunks); on Triton all
+    rows are chunked (the count stays on the device) and the logits come from the rows-limited
+    matmul (kernels/lce_matmul.py)."""
+    from fastlm.kernels import lce_matmul
     shapes = []
-    real = lce_ops._logits
+    real, real_rows = lce_ops._logits, lce_matmul.logits_rows
     monkeypatch.setattr(lce_ops, "_logits", lambda *a: shapes.append(tuple(real(*a).shape)) or real(*a))
-    x, w, _, t = make(n=50, v=80)
+    monkeypatch.setattr(lce_matmul, "logits_rows",
+                        lambda *a: shapes.append(tuple(real_rows(*a).shape)) or real_rows(*a))
+    x, w, _, t = make(n=50, v=80, ignore=0.3)
+    counted = int((t != -100).sum())
+    assert 0 < counted < 50
     x.requires_grad_(True)
     with fastlm.use_backend(backend):
-        loss = fastlm.linear_cross_entropy(x, w, t, chunk_size=16, reduction="none")
+        loss = fastlm.linear_cross_entropy(x, w, t, chunk_size=16, reduction="none", skip_ignored=skip_ignored)
     loss.backward(torch.ones_like(loss))  # "none": the backward recomputes chunk by chunk
     assert shapes and all(s[0] <= 16 and s[1] == 80 for s in shapes), shapes
-    assert len(shapes) == 2 * 4  # 4 chunks in the forward, 4 again in the backward
+    rows = counted if skip_ignored and backend == "torch" and not ON_GPU else 50
+    chunks = -(-rows // 16)
+    assert len(shapes) == 2 * chunks  # the chunks in the forward, again in the backward
 
 
 # ----------------------------------------------------------------------------- dweight's accumulator
@@ -406,7 +417,7 @@ TORCH_LCE_PARAMETERS = [
     ("options", _P.KEYWORD_ONLY, None),
 ]
 FASTLM_LCE_EXTRAS = [("z_loss", 0.0), ("softcap", None), ("chunk_size", None), ("acc_dtype", None),
-                     ("out_dtype", None)]
+                     ("out_dtype", None), ("skip_ignored", True), ("process_group", None)]
 
 
 def assert_signature(fn, torch_parameters, extras):
@@ -540,7 +551,9 @@ def test_options_map_onto_chunking(monkeypatch):
 
     def rows_with(**kwargs):
         with fastlm.use_backend("torch"):
-            return _chunks_formed(monkeypatch, lambda: fastlm.linear_cross_entropy(x, w, t, z_loss=1e-4, **kwargs))
+            # (skip_ignored=False: every row chunked, so the chunks are the options' alone)
+            return _chunks_formed(monkeypatch, lambda: fastlm.linear_cross_entropy(x, w, t, z_loss=1e-4,
+                                                                                   skip_ignored=False, **kwargs))
 
     assert rows_with(options=Options(batch_chunk_size=16)) == [16, 16, 16, 2]
     assert rows_with(options=Options(batch_chunk_size=16, chunking_method=None)) == [16, 16, 16, 2]

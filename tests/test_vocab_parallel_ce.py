@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 import fastlm
 from fastlm.errors import ArgumentError
+from fastlm.ops import vocab_parallel
 
 CASES = [
     dict(),
@@ -147,6 +148,64 @@ def _worker(rank: int, world: int, init: str, sizes: list[int]):
         want.backward()
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(xs.grad, xf.grad[:, lo:hi], rtol=1e-10, atol=1e-12)
+
+        # cross_entropy_with_stats: one process's loss, gradient and statistics (lse, z-loss term,
+        # accuracy against the GLOBAL argmax), every case; half the counted rows aimed at their argmax
+        for options in CASES:
+            for reduction in REDUCTIONS:
+                seed += 1
+                x, t, w, dy = _inputs(classes, options, seed)
+                ignore_index = options.get("ignore_index", -100)
+                aim = (torch.arange(len(t)) % 2 == 1) & (t != ignore_index)
+                t = torch.where(aim, x.argmax(-1), t)
+                kw = {k: options[k] for k in ("label_smoothing", "z_loss", "softcap", "ignore_index") if k in options}
+                xf = x.clone().requires_grad_()
+                want, want_stats = fastlm.cross_entropy_with_stats(xf, t, w, reduction=reduction, **kw)
+                (want * dy).sum().backward() if reduction == "none" else (want * dy[0]).backward()
+                xs = x[:, lo:hi].clone().requires_grad_()
+                got, stats = fastlm.cross_entropy_with_stats(  # the public call, process_group given
+                    xs, t, w[lo:hi] if w is not None else None, reduction=reduction, process_group=group, **kw)
+                (got * dy).sum().backward() if reduction == "none" else (got * dy[0]).backward()
+                what = f"stats, rank {rank}/{world} sizes {sizes} {options} {reduction}"
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"loss, {what}: {m}")
+                torch.testing.assert_close(xs.grad, xf.grad[:, lo:hi], rtol=1e-10, atol=1e-12,
+                                           msg=lambda m: f"grad, {what}: {m}")
+                for name in ("lse", "z_loss", "accuracy"):
+                    torch.testing.assert_close(getattr(stats, name), getattr(want_stats, name), rtol=1e-10,
+                                               atol=1e-12, msg=lambda m: f"{name}, {what}: {m}")
+                assert not any(s.requires_grad for s in stats), what
+                if not options.get("all_ignored"):
+                    assert 0 < float(want_stats.accuracy) < 1, what
+
+        # ties and block edges, row by row: the first index of the max wins wherever the blocks split
+        b = sizes[0]  # the first class after rank 0's block (the next non-empty block's first)
+        x, t, _, _ = _inputs(classes, {}, 600)
+        crafted = [([b], b), ([b - 1, b], b), ([b - 1, b], b - 1), ([b, b + 1], b + 1), ([0, classes - 1], classes - 1),
+                   ([0, classes - 1], 0), ([classes - 1], classes - 1), ([b, classes - 1], classes - 1)]
+        for row, (peaks, target) in enumerate(crafted):
+            x[row, peaks] = 50.0
+            t[row] = target
+        for row in range(len(crafted)):
+            for softcap in (None, 4.0):  # (capping keeps the ties and makes none)
+                _, want_stats = fastlm.cross_entropy_with_stats(x[row:row + 1], t[row:row + 1], softcap=softcap)
+                _, stats = vocab_parallel.cross_entropy_with_stats(x[row:row + 1, lo:hi], t[row:row + 1], None, -100,
+                                                                   "mean", 0.0, 0.0, softcap, group)
+                assert float(stats.accuracy) == float(want_stats.accuracy), (row, crafted[row], softcap, sizes)
+                torch.testing.assert_close(stats.lse, want_stats.lse, rtol=1e-10, atol=1e-12)
+        _, want_stats = fastlm.cross_entropy_with_stats(x, t, reduction="none")
+        _, stats = vocab_parallel.cross_entropy_with_stats(x[:, lo:hi], t, None, -100, "none", 0.0, 0.0, None, group)
+        assert float(stats.accuracy) == float(want_stats.accuracy) and stats.lse.shape == want_stats.lse.shape
+
+        # masked logits: the statistics as one process's (+inf lse for a row with +inf, NaN with NaN)
+        x, t, _, _ = _inputs(classes, {}, 400)
+        t[1:4] = 3
+        x[1, 5] = x[1, classes - 2] = -torch.inf
+        x[2, classes - 1] = torch.inf
+        x[3, 0] = torch.nan
+        _, want_stats = fastlm.cross_entropy_with_stats(x, t, reduction="sum", z_loss=1e-2)
+        _, stats = vocab_parallel.cross_entropy_with_stats(x[:, lo:hi], t, None, -100, "sum", 0.0, 1e-2, None, group)
+        torch.testing.assert_close(stats.lse, want_stats.lse, rtol=1e-10, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(stats.z_loss, want_stats.z_loss, rtol=1e-10, atol=1e-12, equal_nan=True)
 
         # probability targets are refused, naming the argument
         try:

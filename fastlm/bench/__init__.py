@@ -3,7 +3,9 @@
     python -m fastlm.bench norm [--out DIR] [--quick] [--rows R ...] [--widths N ...]
                                 [--dtype bf16|fp16|fp32] [--reps N] [--compile auto|on|off]
     python -m fastlm.bench ce   [--rows N ...] [--widths VOCAB ...]   cross_entropy
-    python -m fastlm.bench lce  [--rows N ...] [--widths VOCAB ...]   linear_cross_entropy (H from the defaults)
+    python -m fastlm.bench lce  [--rows N ...] [--widths VOCAB ...] [--ignored F ...]   linear_cross_entropy (H from
+                                 the defaults), each case with these fractions of the targets ignored (default 0 0.85)
+    python -m fastlm.bench distill [--rows N ...] [--widths VOCAB ...]   kl_div, jsd, linear_jsd
     python -m fastlm.bench attention [--rows SEQLEN ...] [--widths HEAD_DIM ...]   flash attention
     python -m fastlm.bench ffn  [--rows TOKENS ...] [--widths D_MODEL ...]   feed_forward (gelu_tanh, swiglu)
     python -m fastlm.bench rope [--rows BATCH ...] [--widths SEQLEN ...]     rotary
@@ -37,6 +39,7 @@ from typing import Optional, Sequence
 
 # Suite name -> module under fastlm.bench with run(config, harness) and the names it accepts.
 SUITES = {"norm": "fastlm.bench.norm", "ce": "fastlm.bench.ce", "lce": "fastlm.bench.lce",
+          "distill": "fastlm.bench.distill",
           "attention": "fastlm.bench.attention", "ffn": "fastlm.bench.ffn", "model": "fastlm.bench.model", "rope": "fastlm.bench.rope",
           "overhead": "fastlm.bench.overhead", "static": "fastlm.bench.static"}
 
@@ -47,6 +50,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
     return value
 
 
@@ -77,10 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "model: hf-gpt2, hf-gpt2-fastlm)")
     p.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (norm: layer_norm, rms_norm, "
                                                           "add_layer_norm, add_rms_norm; ce: cross_entropy; "
-                                                          "lce: linear_cross_entropy; model: gpt2-124m, gpt2-350m, "
+                                                          "lce: linear_cross_entropy; distill: kl_div, jsd, "
+                                                          "linear_jsd; model: gpt2-124m, gpt2-350m, "
                                                           "gpt-tiny, tiny-gpt-train, tiny-gpt-decode; overhead: "
                                                           "tiny, large (the groups) or any public op's name)")
     p.add_argument("--modes", nargs="+", choices=["fwd", "bwd", "fwd+bwd"], help="only these modes")
+    p.add_argument("--ignored", type=_fraction, nargs="+", metavar="F",
+                   help="lce: fractions of the targets set to ignore_index, one row per fraction, each timed "
+                        "against the fraction-0 row (default: 0 0.85)")
     p.add_argument("--calls", type=_positive_int,
                    help="overhead: calls per timed loop (default 2000; --quick 200)")
     p.add_argument("--threads", type=_positive_int,
@@ -121,6 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ops=args.ops,
         modes=args.modes,
         calls=args.calls,
+        ignored=args.ignored,
     )
     if on_cuda:
         torch.cuda.set_device(device)

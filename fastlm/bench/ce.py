@@ -11,10 +11,17 @@ Implementations (each where it can run):
     liger                        Liger-Kernel's cross-entropy / fused linear cross-entropy,
                                  when liger_kernel is installed (imported only then)
 
-Targets are class indices with about 5% ignore_index, reduction "mean". "ce" reports GB/s
-counting one read of the logits (fwd) and one read plus one write of their gradient (bwd),
-as the issue counts it; "lce" reports TFLOP/s (2 N H V for the logits, 3x that for
-fwd+bwd) and the peak memory above the inputs, forward plus backward.
+Targets are class indices, reduction "mean". "ce" sets about 5% of them to ignore_index and
+reports GB/s counting one read of the logits (fwd) and one read plus one write of their
+gradient (bwd), as the issue counts it. "lce" times each case once per fraction in its ignored
+setting (--ignored; default 0 and 0.85, the share of prompt tokens in a fine-tuning batch
+whose loss is masked): exactly that fraction of the targets, at random positions drawn from a
+fixed seed (the larger fraction's positions include the smaller's), is ignore_index. It
+reports each row's time over the time of the fraction-0 row of the same implementation,
+shape and mode (below 1: the implementation skips work on ignored rows), TFLOP/s counting the
+matmul flops of the counted rows only (2 N_counted H V for the logits, 3x that fwd+bwd: the
+work an implementation that skips ignored rows cannot avoid; one that computes every row
+shows it as a lower rate), and the peak memory above the inputs, forward plus backward.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from .runner import COMPILE, EAGER, Config, Harness, dtype_name, relative_check, standard_implementations
 
 IGNORE_FRACTION = 0.05
+LCE_IGNORED = (0.0, 0.85)  # the lce suite's default fractions of ignored targets
 MODES = ("fwd", "bwd", "fwd+bwd")
 # (rows, vocab): real vocabularies (Llama 2, GPT-2, Llama 3, Gemma) at real token counts.
 GPU_CE = [(4096, 32000), (4096, 50257), (4096, 128256), (16384, 128256), (4096, 256000)]
@@ -64,6 +72,16 @@ def _targets(rows: int, vocab: int, device) -> torch.Tensor:
     t = torch.randint(0, vocab, (rows,), device=device)
     t[torch.rand(rows, device=device) < IGNORE_FRACTION] = -100
     return t
+
+
+def ignored_targets(rows: int, vocab: int, fraction: float, device, seed: int = 0) -> torch.Tensor:
+    """Class targets with exactly round(fraction * rows) of them ignore_index, at random positions.
+    The same seed gives the same classes and the same order of positions for every fraction, so
+    rows differ only in which targets are ignored, and a larger fraction ignores a superset."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    t[torch.randperm(rows, generator=g)[:round(fraction * rows)]] = -100
+    return t.to(device)
 
 
 def _call(mode: str, forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], Any]:
@@ -174,9 +192,17 @@ def run(config: Config, harness: Harness) -> None:
 
 
 def run_lce(config: Config, harness: Harness) -> None:
-    """The "lce" suite: time, TFLOP/s and peak memory of the whole lm-head + loss."""
+    """The "lce" suite: time, TFLOP/s and peak memory of the whole lm-head + loss, per fraction
+    of ignored targets, with each row's time over the fraction-0 row's."""
     impls = implementations(config, harness, "lce")
     modes = [m for m in ("fwd", "fwd+bwd") if config.wants("mode", m)]
+    fractions = list(dict.fromkeys(config.ignored if config.ignored is not None else LCE_IGNORED))
+    if 0.0 not in fractions:
+        harness.note("lce: 0 is not among the ignored fractions, so no row has a time ratio to the fraction-0 row")
+    if any(f > 0 for f in fractions):
+        harness.note("lce: TFLOP/s counts the flops of the counted rows only (2 N_counted H V forward, 3x that "
+                     "forward+backward); ms / ms at 0% ignored compares each row with the same implementation, "
+                     "shape and mode with no target ignored")
     check = _check(config.dtype)
     peak = harness.ceilings.get("matmul_tflops")
     for tokens, hidden, vocab in _shapes(config, GPU_LCE, CPU_LCE):
@@ -186,18 +212,27 @@ def run_lce(config: Config, harness: Harness) -> None:
         torch.manual_seed(0)
         x = torch.randn(tokens, hidden, device=config.device).to(config.dtype).requires_grad_()
         w = (torch.randn(vocab, hidden, device=config.device) / hidden ** 0.5).to(config.dtype).requires_grad_()
-        t = _targets(tokens, vocab, config.device)
+        shape_rows = []
         for mode in modes:
-            fns = {name: _call(mode, (lambda f: lambda: f(x, w, t))(_lce_forward(name, compiled)), [x, w])
-                   for name in impls}
-            meta = {"op": "linear_cross_entropy", "mode": mode, "rows": tokens, "width": vocab, "hidden": hidden,
-                    "dtype": dtype_name(config.dtype)}
-            elem = torch.empty(0, dtype=config.dtype).element_size()
-            nbytes = (tokens * hidden + vocab * hidden) * elem * (1 if mode == "fwd" else 2)
-            done = harness.run_case(meta, fns, nbytes, check)
-            flops = lce_flops(mode, tokens, hidden, vocab)
-            for row in done:
-                row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
-                row["frac_matmul"] = row["tflops"] / peak if peak else None
-            print(f"lce: {mode} {tokens}x{hidden}x{vocab}: {len(done)} implementations timed", file=sys.stderr)
-        del x, w, t, compiled
+            for fraction in fractions:
+                t = ignored_targets(tokens, vocab, fraction, config.device)
+                counted = int((t != -100).sum())
+                fns = {name: _call(mode, (lambda f, t: lambda: f(x, w, t))(_lce_forward(name, compiled), t), [x, w])
+                       for name in impls}
+                meta = {"op": "linear_cross_entropy", "mode": mode, "rows": tokens, "width": vocab, "hidden": hidden,
+                        "dtype": dtype_name(config.dtype), "ignored": fraction, "counted_rows": counted}
+                elem = torch.empty(0, dtype=config.dtype).element_size()
+                nbytes = (tokens * hidden + vocab * hidden) * elem * (1 if mode == "fwd" else 2)
+                done = harness.run_case(meta, fns, nbytes, check)
+                flops = lce_flops(mode, counted, hidden, vocab)
+                for row in done:
+                    row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                    row["frac_matmul"] = row["tflops"] / peak if peak else None
+                shape_rows += done
+                print(f"lce: {mode} {tokens}x{hidden}x{vocab}, {fraction:.0%} ignored: {len(done)} implementations "
+                      f"timed", file=sys.stderr)
+        base = {(r["impl"], r["mode"]): r["ms"] for r in shape_rows if r["ignored"] == 0.0}
+        for row in shape_rows:
+            ms0 = base.get((row["impl"], row["mode"]))
+            row["ms_vs_ignored0"] = row["ms"] / ms0 if ms0 else None
+        del x, w, compiled

@@ -182,6 +182,26 @@ def _lce_case(rows: int, hidden: int, vocab: int, device, dtype) -> Case:
                 extra={"hidden": hidden})
 
 
+def _lce_stats_case(rows: int, hidden: int, vocab: int, device, dtype) -> Case:
+    import fastlm
+
+    def make(grad: bool):
+        h = _rand(rows, hidden, device=device, dtype=dtype, grad=grad)
+        w = _rand(vocab, hidden, device=device, dtype=dtype, grad=grad, scale=hidden ** -0.5)
+        target = torch.randint(0, vocab, (rows,), device=device)
+
+        def ours():
+            loss, stats = fastlm.linear_cross_entropy_with_stats(h, w, target)
+            return loss, stats.accuracy
+
+        def plain():  # the loss and the token accuracy a training loop logs, from the logits
+            logits = F.linear(h, w)
+            return F.cross_entropy(logits, target), (logits.detach().argmax(-1) == target).float().mean()
+        return ours, plain, _grads(h, w)
+    return Case("linear_cross_entropy_with_stats", "tiny", f"{rows}x{hidden}.{hidden}x{vocab}", rows, vocab, make,
+                extra={"hidden": hidden})
+
+
 def _distill_cases(rows: int, hidden: int, vocab: int, device, dtype) -> list[Case]:
     """kl_div, jsd and linear_jsd; the torch side of jsd is what a user writes (TRL's GKD loss:
     the mixture's log by logaddexp, then F.kl_div twice)."""
@@ -383,6 +403,7 @@ def tiny_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     cases.append(_ce_case("cross_entropy z_loss+softcap", 8, 32, "tiny", device, dtype, z_loss=1e-4, softcap=30.0))
     cases.append(_ce_stats_case(8, 32, device, dtype))
     cases.append(_lce_case(8, 64, 32, device, dtype))
+    cases.append(_lce_stats_case(8, 64, 32, device, dtype))
     cases += _distill_cases(8, 64, 32, device, dtype)
     cases += _attention_cases(1, 2, 8, 16, device, dtype)
     cases += _linear_cases(4, 64, 64, device, dtype)

@@ -38,7 +38,8 @@ MiB = 1 << 20
 # Columns of the markdown table: (row key, header).
 TABLE_COLUMNS = (
     ("op", "op"), ("mode", "mode"), ("impl", "impl"), ("shape", "shape"), ("rows", "rows"), ("hidden", "hidden"),
-    ("width", "width"), ("dtype", "dtype"), ("ms", "median ms"),
+    ("teacher_hidden", "teacher hidden"), ("width", "width"), ("dtype", "dtype"), ("ignored", "ignored"),
+    ("ms", "median ms"), ("ms_vs_ignored0", "ms / ms at 0% ignored"),
     ("us_per_call", "µs/call"), ("extra_us", "extra µs"), ("ratio", "× torch"), ("goal", "goal"),
     ("gbps", "GB/s"), ("frac_copy_bw", "of copy BW"),
     ("tokens_per_s", "tokens/s"), ("tflops", "TFLOP/s"), ("frac_matmul", "of matmul peak"), ("vs_matmuls", "vs bare matmuls"),
@@ -69,6 +70,7 @@ class Config:
     ops: Optional[list[str]] = None
     modes: Optional[list[str]] = None
     calls: Optional[int] = None         # overhead suite: calls per timed loop (None: its default)
+    ignored: Optional[list[float]] = None  # lce: fractions of the targets set to ignore_index (None: its default)
 
     @property
     def on_cuda(self) -> bool:
@@ -387,7 +389,8 @@ class Harness:
         comparable across them. An implementation that fails its warm-up is dropped with
         a note. ``check(impl, out, eager_out)`` may return a note when outputs disagree.
         """
-        label = "/".join(str(meta[k]) for k in ("op", "mode", "rows", "width", "dtype"))
+        label = "/".join(str(meta[k]) for k in ("op", "mode", "rows", "width", "dtype")) \
+            + (f"/{meta['ignored']:.0%} ignored" if meta.get("ignored") is not None else "")
         live: dict[str, Callable[[], Any]] = {}
         first_out: dict[str, Any] = {}
         for name, fn in fns.items():
@@ -446,7 +449,7 @@ def _first_line(exc: BaseException) -> str:
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if key in ("frac_copy_bw", "frac_matmul"):
+    if key in ("frac_copy_bw", "frac_matmul", "ignored"):
         return f"{100 * value:.0f}%"
     if key.startswith("speedup"):
         return f"{value:.2f}x"

@@ -119,17 +119,24 @@ _stats_eager = EagerTwin(_stats_op, _stats_body, _setup_context, _backward_with_
 def cross_entropy_with_stats(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                              size_average: Optional[bool] = None, ignore_index: int = -100,
                              reduce: Optional[bool] = None, reduction: str = "mean", label_smoothing: float = 0.0,
-                             *, z_loss: float = 0.0, softcap: Optional[float] = None
+                             *, z_loss: float = 0.0, softcap: Optional[float] = None, process_group=None
                              ) -> tuple[Tensor, CrossEntropyStats]:
     """fastlm.cross_entropy (every argument, same loss) and its :class:`CrossEntropyStats`
     (lse, z_loss term, accuracy) from the same kernel pass, with no host sync.
 
     Class-index targets only: probability targets raise fastlm.ArgumentError (an accuracy
     against a distribution has no single meaning). Rows with NaN logits have an unspecified
-    argmax. Gradients flow through ``loss`` only.
+    argmax. Gradients flow through ``loss`` only. process_group: vocabulary-parallel, as
+    fastlm.cross_entropy's (input this rank's block of the classes); the statistics are the
+    single-process ones, the same on every rank (the global argmax rides in the loss's own
+    all-reduce: fastlm/ops/vocab_parallel.py).
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if process_group is not None:
+        from . import vocab_parallel
+        return vocab_parallel.cross_entropy_with_stats(input, target, weight, ignore_index, reduction,
+                                                       label_smoothing, z_loss, softcap, process_group)
     class_dim, classes = _check_args(input, target, weight)
     if target.is_floating_point():
         raise ArgumentError(f"fastlm.{_FN}: target must hold class indices; probability targets have no "
@@ -146,13 +153,22 @@ def cross_entropy_with_stats(input: Tensor, target: Tensor, weight: Optional[Ten
         return divisor[0]
 
     loss = reduce_rows(loss_rows, reduction, divisor_fn, out_shape, input.dtype)
+    return loss, statistics(lse, arg == tgt, tgt, ignore_index, z_loss, reduction, divisor_fn, out_shape,
+                            input.dtype)
+
+
+def statistics(lse: Tensor, correct: Tensor, tgt: Tensor, ignore_index: int, z_loss: float, reduction: str,
+               divisor_fn, out_shape, dtype) -> CrossEntropyStats:
+    """CrossEntropyStats from per-row lse and whether each row's argmax is its target
+    (device ops on (R,) vectors, no sync); ``divisor_fn`` gives the loss's own "mean"
+    divisor. (The single-process ops and the vocabulary-parallel ones share it.)"""
     lse = lse.detach()
     counted = tgt != ignore_index
     if z_loss > 0:
         z_rows = torch.where(counted, z_loss * lse * lse, 0.0)  # an ignored row's lse may be inf
     else:
         z_rows = torch.zeros_like(lse)
-    z_term = reduce_rows(z_rows, reduction, divisor_fn, out_shape, input.dtype)
-    correct = (arg == tgt) & counted
+    z_term = reduce_rows(z_rows, reduction, divisor_fn, out_shape, dtype)
+    correct = correct & counted
     accuracy = correct.sum(dtype=torch.float32) / counted.sum(dtype=torch.float32).clamp_min(1.0)
-    return loss, CrossEntropyStats(lse.reshape(out_shape), z_term, accuracy)
+    return CrossEntropyStats(lse.reshape(out_shape), z_term, accuracy)

@@ -55,6 +55,7 @@ from ._autocast import autocast_inputs, no_autocast
 from ._eager import EagerTwin, compiling
 from .cross_entropy import (check_loss_options, check_targets_in_range, mean_divisor, pick_backend, rows_bwd,
                             rows_fwd, rows_fwd_bwd)
+from .cross_entropy_stats import CrossEntropyStats, _argmax_rows, statistics
 
 _REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 # Logits of at most this many elements (1 MiB in float32) are formed whole on the CPU path
@@ -125,62 +126,193 @@ def _accumulate_grads(d: Tensor, x_chunk: Tensor, weight: Tensor, dx_chunk: Tens
         dbias += d.sum(0, dtype=dbias.dtype)
 
 
+def _skip_mode(backend: str, x: Tensor, skip: bool) -> Optional[str]:
+    """How ignored rows are skipped: "device" (Triton: the counted rows sorted to the front and
+    counted on the device, the kernels stop at the count; no host sync), "host" (a CPU tensor:
+    the count is known for free, the counted rows are gathered), or None (every row computed:
+    skip_ignored=False, or the reference on a GPU, where finding the rows would sync)."""
+    if not skip:
+        return None
+    if backend == "torch":
+        return "host" if x.device.type == "cpu" else None
+    return "device"
+
+
+class _Rows:
+    """The rows a call computes: all of them, or the counted ones (see _skip_mode).
+
+    ``x``, ``target``: the rows in the order the chunks take them; ``count``: a one-element
+    int64 device tensor (device mode: only sorted rows before it are live) or None; ``index``:
+    where each of those rows goes back to (None: in place)."""
+
+    def __init__(self, mode: Optional[str], x: Tensor, target: Tensor, ignore_index: int):
+        self.mode, self.count, self.index = mode, None, None
+        self.x, self.target = x, target
+        if mode is None:
+            return
+        counted = target != ignore_index
+        if mode == "host":
+            index = counted.nonzero().squeeze(1)  # a CPU tensor: nothing to wait for
+            if index.numel() == x.shape[0]:
+                self.mode = None
+                return
+        else:
+            # Counted rows first, each group in row order: a stable sort of a 0/1 key, all on
+            # the device (sort's own temporary storage aside, two (N,) tensors).
+            index = torch.sort(torch.logical_not(counted).to(torch.uint8), stable=True).indices
+            self.count = counted.sum(dtype=torch.int64).reshape(1)
+        self.index = index
+        self.x, self.target = x.index_select(0, index), target.index_select(0, index)
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    def limit(self, start: int):
+        """The kernels' ``limit`` argument for the chunk starting at ``start``."""
+        return (self.count, start) if self.mode == "device" else None
+
+    def gather(self, rows: Tensor) -> Tensor:
+        """A per-row (N,) tensor in the chunks' order."""
+        return rows if self.index is None else rows.index_select(0, self.index)
+
+    def scatter(self, rows: Tensor, n: int) -> Tensor:
+        """Per-row results (chunks' order) back in the input's order; rows never computed
+        (host mode) are 0, as an ignored row's loss, lse and gradient."""
+        if self.index is None:
+            return rows
+        if self.mode == "host":
+            out = rows.new_zeros((n,) + rows.shape[1:])
+        else:
+            out = torch.empty((n,) + rows.shape[1:], dtype=rows.dtype, device=rows.device)
+        return out.index_copy_(0, self.index, rows)
+
+
+def _chunk_loss(backend: str, dloss: Optional[Tensor], logits: Tensor, target: Tensor, class_weight, ignore_index,
+                label_smoothing, z_loss, softcap, stats: bool, limit):
+    """One chunk's (loss, lse, grad, argmax): grad (over the logits, in place) only with
+    ``dloss``, argmax (int32) only with ``stats``; the kernels' LIMIT with ``limit``."""
+    if backend == "triton":
+        from fastlm.kernels import cross_entropy as kernels
+        if dloss is not None:
+            r = kernels.cross_entropy_fwd_bwd(logits, target, class_weight, ignore_index, label_smoothing, z_loss,
+                                              softcap, dloss, out=logits, stats=stats, limit=limit)
+            return r[0], r[1], r[3], (r[4] if stats else None)
+        r = kernels.cross_entropy_fwd(logits, target, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+                                      stats=stats, limit=limit)
+        return r[0], r[1], None, (r[3] if stats else None)
+    # The reference (CPU path) and the CUDA backend: the argmax before the logits are overwritten.
+    arg = _argmax_rows(logits, softcap) if stats else None
+    if dloss is None and backend != "torch":
+        loss, lse, _ = rows_fwd(backend, logits, target, class_weight, ignore_index, label_smoothing, z_loss, softcap)
+        return loss, lse, None, arg
+    # (dloss None on the reference: the loss over the logits in place, one chunk held.)
+    loss, lse, _, d = rows_fwd_bwd(backend, dloss, logits, target, class_weight, ignore_index, label_smoothing,
+                                   z_loss, softcap, out=logits)
+    return loss, lse, d, arg
+
+
+def _plan(fn: str, x: Tensor, class_weight, stats: bool, skip_ignored: bool,
+          requested: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """(backend, skip mode) of a call. The statistics' argmax and the live-row limit are in the
+    Triton kernels only: the CUDA backend's choice runs them there."""
+    backend = pick_backend(fn, x, class_weight, requested)
+    skip = _skip_mode("triton" if backend == "cuda" else backend, x, skip_ignored)
+    if backend == "cuda" and (stats or skip == "device"):
+        backend = "triton"
+    return backend, skip
+
+
 @no_autocast
-def _linear_cross_entropy_body(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-                               class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
-                               z_loss: float, softcap: float, chunk_size: int, reduction: int, compute_grads: bool,
-                               acc_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_targets_in_range("linear_cross_entropy", target, weight.shape[0], ignore_index)
-    backend = pick_backend("linear_cross_entropy", x, class_weight)
+def _lce_forward(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], class_weight: Optional[Tensor],
+                 ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+                 reduction: int, compute_grads: bool, acc_dtype: Optional[torch.dtype], skip_ignored: bool,
+                 stats: bool):
+    """(loss, dx, dweight, dbias, lse_rows, argmax_rows); the last two empty unless ``stats``."""
+    fn = "linear_cross_entropy_with_stats" if stats else "linear_cross_entropy"
+    check_targets_in_range(fn, target, weight.shape[0], ignore_index)
+    backend, skip = _plan(fn, x, class_weight, stats, skip_ignored)
     n = x.shape[0]
-    loss_rows = torch.empty(n, dtype=_row_dtype(x), device=x.device)
+    rdt = _row_dtype(x)
+    rows = _Rows(skip, x, target, ignore_index)
+    loss_rows = torch.empty(rows.n, dtype=rdt, device=x.device)
+    lse_rows = torch.empty(rows.n if stats else 0, dtype=rdt, device=x.device)
+    arg_rows = torch.empty(rows.n if stats else 0, dtype=torch.int32, device=x.device)
     empty = x.new_empty(0)
     dx, dweight, dbias = empty, empty.clone(), empty.clone()
     divisor = mean_divisor(target, class_weight, ignore_index, n) if reduction == 2 else None
+    device_rows = rows.mode == "device"
+    if device_rows:
+        from fastlm.kernels import lce_matmul
     if compute_grads:
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dx = torch.empty((rows.n, x.shape[1]), dtype=x.dtype, device=x.device)
         dweight = torch.zeros(weight.shape, dtype=resolve_acc_dtype(weight.dtype, acc_dtype), device=x.device)
-        dbias = torch.zeros(weight.shape[0], dtype=_row_dtype(x), device=x.device) if bias is not None else empty
+        dbias = torch.zeros(weight.shape[0], dtype=rdt, device=x.device) if bias is not None else empty
         # Upstream gradient of each row's loss for a loss gradient of 1: 1/divisor for "mean".
-        scale = (1.0 / divisor.to(_row_dtype(x))) if reduction == 2 else \
-            torch.ones((), dtype=_row_dtype(x), device=x.device)
-    for start, end in _chunks(n, chunk_size):
-        x_chunk, t_chunk = x[start:end], target[start:end]
-        logits = _logits(x_chunk, weight, bias)
-        if compute_grads:  # the loss and its gradient (over the logits, in place) in one launch
-            loss, _, _, d = rows_fwd_bwd(backend, scale.expand(end - start), logits, t_chunk, class_weight,
-                                         ignore_index, label_smoothing, z_loss, softcap, out=logits)
-            loss_rows[start:end] = loss
-            _accumulate_grads(d, x_chunk, weight, dx[start:end], dweight,
-                              dbias if bias is not None else None)
-        elif backend == "torch":  # the CPU path: the loss over the logits in place, one chunk held
-            loss_rows[start:end] = rows_fwd_bwd(backend, None, logits, t_chunk, class_weight, ignore_index,
-                                                label_smoothing, z_loss, softcap, out=logits)[0]
-        else:
-            loss_rows[start:end] = rows_fwd(backend, logits, t_chunk, class_weight, ignore_index, label_smoothing,
-                                            z_loss, softcap)[0]
+        scale = (1.0 / divisor.to(rdt)) if reduction == 2 else torch.ones((), dtype=rdt, device=x.device)
+    for start, end in _chunks(rows.n, chunk_size):
+        x_chunk, t_chunk = rows.x[start:end], rows.target[start:end]
+        limit = rows.limit(start)
+        logits = lce_matmul.logits_rows(x_chunk, weight, bias, *limit) if device_rows \
+            else _logits(x_chunk, weight, bias)
+        dl = scale.expand(end - start) if compute_grads else None
+        loss, lse, d, arg = _chunk_loss(backend, dl, logits, t_chunk, class_weight, ignore_index, label_smoothing,
+                                        z_loss, softcap, stats, limit)
+        loss_rows[start:end] = loss
+        if stats:
+            lse_rows[start:end] = lse
+            arg_rows[start:end] = arg
+        if compute_grads:
+            if device_rows:
+                lce_matmul.dx_rows(d, weight, *limit, out=dx[start:end])
+                lce_matmul.dweight_rows(d, x_chunk, *limit, dweight, dbias if bias is not None else None)
+            else:
+                _accumulate_grads(d, x_chunk, weight, dx[start:end], dweight, dbias if bias is not None else None)
         # Let this chunk's logits go before the next chunk's are formed (else two are held at once).
         logits = d = None
+    loss_rows = rows.scatter(loss_rows, n)
     if reduction == 0:
         loss_out = loss_rows
     else:
         loss_out = loss_rows.sum()
         if reduction == 2:
             loss_out = loss_out / divisor
-    if bias is not None and compute_grads:
-        dbias = dbias.to(bias.dtype)
     if compute_grads:
+        dx = rows.scatter(dx, n)
         dweight = dweight.to(weight.dtype)  # the one rounding of the sum
-    return loss_out, dx, dweight, dbias
+        if bias is not None:
+            dbias = dbias.to(bias.dtype)
+    if stats:
+        lse_rows, arg_rows = rows.scatter(lse_rows, n), rows.scatter(arg_rows, n)
+    return loss_out, dx, dweight, dbias, lse_rows, arg_rows
+
+
+def _linear_cross_entropy_body(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                               class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                               z_loss: float, softcap: float, chunk_size: int, reduction: int, compute_grads: bool,
+                               acc_dtype: Optional[torch.dtype] = None,
+                               skip_ignored: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _lce_forward(x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+                        chunk_size, reduction, compute_grads, acc_dtype, skip_ignored, False)[:4]
+
+
+def _linear_cross_entropy_stats_body(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                                     class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                                     z_loss: float, softcap: float, chunk_size: int, reduction: int,
+                                     compute_grads: bool, acc_dtype: Optional[torch.dtype] = None,
+                                     skip_ignored: bool = True
+                                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _lce_forward(x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+                        chunk_size, reduction, compute_grads, acc_dtype, skip_ignored, True)
 
 
 _linear_cross_entropy = torch.library.custom_op("fastlm::linear_cross_entropy",
                                                 mutates_args=())(_linear_cross_entropy_body)
+_linear_cross_entropy_stats = torch.library.custom_op("fastlm::linear_cross_entropy_with_stats",
+                                                      mutates_args=())(_linear_cross_entropy_stats_body)
 
 
-@_linear_cross_entropy.register_fake
-def _(x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size, reduction,
-      compute_grads, acc_dtype=None):
+def _fake(x, weight, target, bias, compute_grads, reduction):
     loss = x.new_empty(x.shape[0] if reduction == 0 else (), dtype=_row_dtype(x))
     if not compute_grads:
         return loss, x.new_empty(0), x.new_empty(0), x.new_empty(0)
@@ -189,30 +321,62 @@ def _(x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_lo
             torch.empty_like(weight, memory_format=torch.contiguous_format), dbias)
 
 
+@_linear_cross_entropy.register_fake
+def _(x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size, reduction,
+      compute_grads, acc_dtype=None, skip_ignored=True):
+    return _fake(x, weight, target, bias, compute_grads, reduction)
+
+
+@_linear_cross_entropy_stats.register_fake
+def _(x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size, reduction,
+      compute_grads, acc_dtype=None, skip_ignored=True):
+    n = x.shape[0]
+    return _fake(x, weight, target, bias, compute_grads, reduction) + (
+        x.new_empty(n, dtype=_row_dtype(x)), x.new_empty(n, dtype=torch.int32))
+
+
 @no_autocast
 def _linear_cross_entropy_bwd_body(dloss: Tensor, x: Tensor, weight: Tensor, target: Tensor,
                                    bias: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: int,
                                    label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
-                                   backend: str,
-                                   acc_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
-    chosen = pick_backend("linear_cross_entropy", x, class_weight, backend)
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+                                   backend: str, acc_dtype: Optional[torch.dtype] = None,
+                                   skip_ignored: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    fn = "linear_cross_entropy"
+    chosen, skip = _plan(fn, x, class_weight, False, skip_ignored, backend)
+    rows = _Rows(skip, x, target, ignore_index)
+    device_rows = rows.mode == "device"
+    if device_rows:
+        from fastlm.kernels import lce_matmul
+    dloss = rows.gather(dloss.expand(x.shape[0]))
+    dx = torch.empty((rows.n, x.shape[1]), dtype=x.dtype, device=x.device)
     dweight = torch.zeros(weight.shape, dtype=resolve_acc_dtype(weight.dtype, acc_dtype), device=x.device)
     dbias = torch.zeros(weight.shape[0], dtype=_row_dtype(x), device=x.device) if bias is not None else None
-    for start, end in _chunks(x.shape[0], chunk_size):
-        x_chunk, t_chunk = x[start:end], target[start:end]
-        logits = _logits(x_chunk, weight, bias)
-        if chosen == "torch":  # the CPU path: loss and gradient over the logits in place, one chunk held
-            d = rows_fwd_bwd(chosen, dloss[start:end], logits, t_chunk, class_weight, ignore_index, label_smoothing,
-                             z_loss, softcap, out=logits)[3]
+    for start, end in _chunks(rows.n, chunk_size):
+        x_chunk, t_chunk = rows.x[start:end], rows.target[start:end]
+        limit = rows.limit(start)
+        if device_rows:
+            from fastlm.kernels import cross_entropy as kernels
+            logits = lce_matmul.logits_rows(x_chunk, weight, bias, *limit)
+            _, lse, coef = kernels.cross_entropy_fwd(logits, t_chunk, class_weight, ignore_index, label_smoothing,
+                                                     z_loss, softcap, limit=limit)
+            d = kernels.cross_entropy_bwd(dloss[start:end], logits, t_chunk, class_weight, lse, coef, ignore_index,
+                                          label_smoothing, softcap, out=logits, limit=limit)
+            lce_matmul.dx_rows(d, weight, *limit, out=dx[start:end])
+            lce_matmul.dweight_rows(d, x_chunk, *limit, dweight, dbias)
         else:
-            _, lse, coef = rows_fwd(chosen, logits, t_chunk, class_weight, ignore_index, label_smoothing, z_loss,
-                                    softcap)
-            d = rows_bwd(chosen, dloss[start:end], logits, t_chunk, class_weight, lse, coef, ignore_index,
-                         label_smoothing, softcap, out=logits)
-        _accumulate_grads(d, x_chunk, weight, dx[start:end], dweight, dbias)
+            logits = _logits(x_chunk, weight, bias)
+            if chosen == "torch":  # the CPU path: loss and gradient over the logits in place, one chunk held
+                d = rows_fwd_bwd(chosen, dloss[start:end], logits, t_chunk, class_weight, ignore_index,
+                                 label_smoothing, z_loss, softcap, out=logits)[3]
+            else:
+                _, lse, coef = rows_fwd(chosen, logits, t_chunk, class_weight, ignore_index, label_smoothing,
+                                        z_loss, softcap)
+                d = rows_bwd(chosen, dloss[start:end], logits, t_chunk, class_weight, lse, coef, ignore_index,
+                             label_smoothing, softcap, out=logits)
+            _accumulate_grads(d, x_chunk, weight, dx[start:end], dweight, dbias)
         logits = d = None  # (one chunk of logits held at a time, as in the forward)
-    return dx, dweight.to(weight.dtype), (dbias.to(bias.dtype) if bias is not None else x.new_empty(0))
+    return rows.scatter(dx, x.shape[0]), dweight.to(weight.dtype), \
+        (dbias.to(bias.dtype) if bias is not None else x.new_empty(0))
 
 
 _linear_cross_entropy_bwd = torch.library.custom_op("fastlm::linear_cross_entropy_bwd",
@@ -221,17 +385,20 @@ _linear_cross_entropy_bwd = torch.library.custom_op("fastlm::linear_cross_entrop
 
 @_linear_cross_entropy_bwd.register_fake
 def _(dloss, x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-      backend, acc_dtype=None):
+      backend, acc_dtype=None, skip_ignored=True):
     dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format), dbias)
 
 
+_N_INPUTS = 14  # the forward ops' arguments (one None each in the backward)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size, reduction, \
-        compute_grads, acc_dtype = inputs
-    _, dx, dweight, dbias = output
-    # The three gradient outputs are internal (the public function returns the loss only), so
+        compute_grads, acc_dtype, skip_ignored = inputs
+    dx, dweight, dbias = output[1:4]
+    # The gradient outputs are internal (the public function returns the loss only), so
     # theirs never carry a gradient: left unmaterialised, autograd does not fill a (V, H) zeros
     # for dweight's (and an (N, H) one for dx's) before every backward.
     ctx.set_materialize_grads(False)
@@ -245,6 +412,7 @@ def _setup_context(ctx, inputs, output):
         ctx.reduction = reduction
         ctx.backend = get_backend()
         ctx.acc_dtype = acc_dtype
+        ctx.skip_ignored = skip_ignored
 
 
 # Whether the running backward keeps its graph (retain_graph); torch builds without it always copy.
@@ -257,10 +425,11 @@ def _backward_with(linear_cross_entropy_bwd, eager: bool = False):
     precomputed gradients on as they are, without a scaled copy: a (V, H) dweight less at the
     backward's peak (autograd moves it into weight.grad). Only when the graph is not kept: with
     retain_graph the saved gradients would be weight.grad itself, and a grad zeroed in place
-    would change what the next backward hands on."""
-    def backward(ctx, dloss, _ddx, _ddweight, _ddbias):
+    would change what the next backward hands on. The with-stats op's extra outputs (lse,
+    argmax) carry no gradient."""
+    def backward(ctx, dloss, *_internal):
         if dloss is None:  # (only the internal outputs were used: nothing flows to the inputs)
-            return (None,) * 13
+            return (None,) * _N_INPUTS
         if ctx.precomputed:
             dx, dweight, dbias = ctx.saved_tensors
             if not (eager and dloss.device.type == "cpu" and _keep_graph is not None and not _keep_graph()
@@ -275,18 +444,24 @@ def _backward_with(linear_cross_entropy_bwd, eager: bool = False):
                     dloss = dloss / mean_divisor(target, class_weight, ctx.options[0], x.shape[0])
                 dloss = dloss.expand(x.shape[0])
             dx, dweight, dbias = linear_cross_entropy_bwd(dloss, x, weight, target, bias, class_weight, *ctx.options,
-                                                          ctx.backend, ctx.acc_dtype)
+                                                          ctx.backend, ctx.acc_dtype, ctx.skip_ignored)
             dbias = dbias if ctx.has_bias else None
         # No gradient for the class weights: torch has none either (nll_loss's weight is not differentiable).
-        return dx, dweight, None, dbias, None, None, None, None, None, None, None, None, None
+        return (dx, dweight, None, dbias) + (None,) * (_N_INPUTS - 4)
     return backward
 
 
 _linear_cross_entropy.register_autograd(_backward_with(_linear_cross_entropy_bwd), setup_context=_setup_context)
+_linear_cross_entropy_stats.register_autograd(_backward_with(_linear_cross_entropy_bwd),
+                                              setup_context=_setup_context)
 # Eager calls skip the custom-op dispatch (fastlm/ops/_eager.py); torch.compile sees the custom op.
 _linear_cross_entropy_eager = EagerTwin(_linear_cross_entropy, _linear_cross_entropy_body, _setup_context,
                                         _backward_with(_linear_cross_entropy_bwd_body, eager=True),
                                         name="linear_cross_entropy")
+_linear_cross_entropy_stats_eager = EagerTwin(_linear_cross_entropy_stats, _linear_cross_entropy_stats_body,
+                                              _setup_context,
+                                              _backward_with(_linear_cross_entropy_bwd_body, eager=True),
+                                              name="linear_cross_entropy_with_stats")
 
 
 # torch 2.13's options dataclass; older torch (the GPU machine's 2.11) has none, and then
@@ -447,7 +622,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          reduction: str = "mean", ignore_index: Optional[int] = None, label_smoothing: float = 0.0,
                          options=None, z_loss: float = 0.0, softcap: Optional[float] = None,
                          chunk_size: Optional[int] = None, acc_dtype: Optional[torch.dtype] = None,
-                         out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                         out_dtype: Optional[torch.dtype] = None, skip_ignored: bool = True,
+                         process_group=None) -> Tensor:
     """torch.nn.functional.linear_cross_entropy (torch 2.13: its arguments, names and defaults)
     without materialising the logits: cross_entropy(linear(input, linear_weight, linear_bias),
     target, weight, ...), plus fastlm's keyword-only z_loss, softcap, chunk_size, acc_dtype.
@@ -474,36 +650,105 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     fastlm.cross_entropy: "mean" over no counted target gives 0 (torch: NaN); a class index
     out of range raises fastlm.ArgumentIndexError (an IndexError) on CPU, NaN for that row on
     CUDA.
+
+    skip_ignored (default True): rows whose target is ignore_index cost no lm-head matmul
+    and no loss work. On a GPU (the Triton kernels) the counted rows are sorted to the front
+    and counted on the device and every kernel stops at the count: no host sync, so a batch
+    with 15% counted rows does about 15% of the work; the three matmuls are then fastlm's
+    Triton ones (kernels/lce_matmul.py), not cuBLAS. False keeps cuBLAS and computes every
+    row (for batches with few or no ignored targets). On a CPU the counted rows are gathered
+    (the count is free there).
+
+    process_group (a torch.distributed group): a vocabulary-parallel lm-head. linear_weight
+    (and linear_bias, weight) are this rank's contiguous block of the classes, in rank order;
+    input and target (global class ids) are the same on every rank. The loss, the same on
+    every rank, is the single-process loss over the whole head; linear_weight's (and
+    linear_bias') gradients are this rank's blocks, and input's gradient is the full one,
+    already summed over the group (do not all-reduce it again). fastlm/ops/vocab_parallel.py.
     """
+    return _linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                      label_smoothing, options, z_loss, softcap, chunk_size, acc_dtype, out_dtype,
+                                      skip_ignored, process_group, False)
+
+
+def linear_cross_entropy_with_stats(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                                    linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                                    reduction: str = "mean", ignore_index: Optional[int] = None,
+                                    label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
+                                    softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                                    acc_dtype: Optional[torch.dtype] = None, out_dtype: Optional[torch.dtype] = None,
+                                    skip_ignored: bool = True, process_group=None
+                                    ) -> tuple[Tensor, CrossEntropyStats]:
+    """fastlm.linear_cross_entropy (every argument, the same loss and gradients) and its
+    :class:`~fastlm.CrossEntropyStats` (lse, z-loss term, accuracy), as
+    fastlm.cross_entropy_with_stats gives them, from the same pass over each chunk of logits
+    (the loss kernel's STATS variant tracks each row's argmax) and with no host sync.
+
+    Class-index targets only (ArgumentError for probabilities). An ignored row's lse is 0
+    when its logits are skipped (skip_ignored, the default): they are never formed.
+    """
+    return _linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                      label_smoothing, options, z_loss, softcap, chunk_size, acc_dtype, out_dtype,
+                                      skip_ignored, process_group, True)
+
+
+def _linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                               label_smoothing, options, z_loss, softcap, chunk_size, acc_dtype, out_dtype,
+                               skip_ignored, process_group, stats):
+    fn = "linear_cross_entropy_with_stats" if stats else "linear_cross_entropy"
     if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         input, linear_weight, linear_bias = autocast_inputs(input, linear_weight, linear_bias)
     out_features, probabilities = _check_args(input, linear_weight, target, linear_bias, weight)
+    if probabilities and stats:
+        raise ArgumentError(f"fastlm.{fn}: target must hold class indices; probability targets have no accuracy "
+                            f"(use fastlm.linear_cross_entropy)")
     if probabilities and ignore_index is not None:
-        raise ArgumentError("fastlm.linear_cross_entropy: ignore_index cannot be specified when target contains "
+        raise ArgumentError(f"fastlm.{fn}: ignore_index cannot be specified when target contains "
                             "probabilities (as in torch)")
     ignore_index = -100 if ignore_index is None else ignore_index
-    label_smoothing, z_loss, softcap = check_loss_options("linear_cross_entropy", ignore_index, reduction,
-                                                          label_smoothing, z_loss, softcap)
+    label_smoothing, z_loss, softcap = check_loss_options(fn, ignore_index, reduction, label_smoothing, z_loss,
+                                                          softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
-        raise ArgumentError(f"fastlm.linear_cross_entropy: chunk_size must be a positive int or None, "
-                            f"got {chunk_size!r}")
+        raise ArgumentError(f"fastlm.{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if acc_dtype is not None and acc_dtype not in _ACC_DTYPES:
-        raise ArgumentTypeError(f"fastlm.linear_cross_entropy: acc_dtype must be None or one of "
+        raise ArgumentTypeError(f"fastlm.{fn}: acc_dtype must be None or one of "
                                 f"{[str(d) for d in _ACC_DTYPES]}, got {acc_dtype!r}")
+    if not isinstance(skip_ignored, bool):
+        raise ArgumentTypeError(f"fastlm.{fn}: skip_ignored must be a bool, got {skip_ignored!r}")
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise ArgumentTypeError(f"fastlm.{fn}: out_dtype must be None or a floating dtype, got {out_dtype!r}")
     x = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
     n, vocab = x.shape[0], linear_weight.shape[0]
     if options is not None:
         chunk_size, acc_dtype = _from_options(options, n, x.shape[1], vocab, input.dtype, chunk_size, acc_dtype)
-    if out_features or probabilities:
+    if process_group is not None:
+        if out_features or probabilities:
+            raise ArgumentError(f"fastlm.{fn}: process_group takes a (C, H) linear_weight and class-index targets")
+        from . import vocab_parallel
+        t = target if target.dim() == 1 else target.reshape(-1)
+        result = vocab_parallel.linear_cross_entropy(x, linear_weight, t, linear_bias, weight, ignore_index,
+                                                     reduction, label_smoothing, z_loss, softcap or None,
+                                                     chunk_size, process_group, stats=stats)
+        loss, st = result if stats else (result, None)
+        if reduction == "none":
+            loss = loss.reshape(target.shape)
+        loss = loss.to(out_dtype or input.dtype)
+        if not stats:
+            return loss
+        return loss, st._replace(lse=st.lse.reshape(target.shape))
+    if out_features:
+        if stats:
+            raise ArgumentError(f"fastlm.{fn}: a K-dimensional loss is not supported with statistics")
+        loss = _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                        label_smoothing, z_loss, softcap or None, probabilities)
+        return loss if out_dtype is None else loss.to(out_dtype)
+    if probabilities:
         loss = _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                         label_smoothing, z_loss, softcap or None, probabilities)
         return loss if out_dtype is None else loss.to(out_dtype)
     t = target if target.dim() == 1 else target.reshape(-1)
-    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
-        raise ArgumentTypeError(f"fastlm.linear_cross_entropy: out_dtype must be None or a floating dtype, "
-                                f"got {out_dtype!r}")
-    if z_loss == 0.0 and softcap == 0.0 and acc_dtype is None and not compiling() \
+    if not stats and z_loss == 0.0 and softcap == 0.0 and acc_dtype is None and not compiling() \
             and out_dtype in (None, input.dtype) and native_backend(input.device.type) \
             and (n <= chunk_size if chunk_size is not None else n * vocab <= _SMALL_LOGITS):
         loss = _native(x, linear_weight, t, linear_bias, weight, ignore_index, reduction, label_smoothing)
@@ -519,10 +764,17 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     code = _REDUCTION_CODES[reduction]
     wants_grad = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (input, linear_weight, linear_bias))
-    loss, _, _, _ = _linear_cross_entropy_eager(x, linear_weight, t, linear_bias, weight, ignore_index,
-                                                label_smoothing, z_loss, softcap, chunk, code,
-                                                wants_grad and code != 0,
-                                                resolve_acc_dtype(linear_weight.dtype, acc_dtype))
+    op = _linear_cross_entropy_stats_eager if stats else _linear_cross_entropy_eager
+    out = op(x, linear_weight, t, linear_bias, weight, ignore_index, label_smoothing, z_loss, softcap, chunk, code,
+             wants_grad and code != 0, resolve_acc_dtype(linear_weight.dtype, acc_dtype), skip_ignored)
+    loss = out[0]
     if code == 0:
         loss = loss.reshape(target.shape)
-    return loss.to(out_dtype or input.dtype)
+    loss = loss.to(out_dtype or input.dtype)
+    if not stats:
+        return loss
+
+    def divisor_fn():  # (formed only for "mean")
+        return mean_divisor(t, weight, ignore_index, n)
+    return loss, statistics(out[4], out[5] == t, t, ignore_index, z_loss, reduction, divisor_fn, target.shape,
+                            out_dtype or input.dtype)
