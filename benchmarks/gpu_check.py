@@ -79,7 +79,8 @@ NOT_OP_TESTS = [
     "test_train_checkpoint.py", "test_train_cli.py", "test_train_compare.py", "test_train_data.py",
     "test_train_distributed.py", "test_train_metrics.py", "test_train_resume.py", "test_convergence.py",
     "test_models_lstm.py", "test_ngram.py", "test_cli.py", "test_testing.py",
-    "test_bench_attention.py", "test_bench_model.py", "test_bench_overhead.py",
+    "test_bench_attention.py", "test_bench_model.py", "test_bench_overhead.py", "test_bench_distill.py",
+    "test_bench_lce.py",
     "test_gpu_check.py", "test_triton36.py",
 ]
 # The dry run's correctness selection: a few quick tests per kind, a gpu-marked one among them
@@ -92,8 +93,10 @@ DRY_CUDA_TESTS = ["tests/test_cuda_backend.py", "-k", "test_cuda_backend_is_buil
 COMMON_GPU = ["--reps", "30", "--warmup", "3", "--compile", "on"]
 BENCH = [
     ("attention", ["--rows", "2048", "8192", "--widths", "128", "--modes", "fwd", "bwd"], 75),
-    ("lce", ["--rows", "8192", "--widths", "128256"], 45),
+    # (0% and 85% ignored targets: the second shows the skipped rows' saving, issue 22)
+    ("lce", ["--rows", "8192", "--widths", "128256", "--ignored", "0", "0.85"], 60),
     ("ce", ["--rows", "4096", "--widths", "128256", "--modes", "fwd", "bwd"], 35),
+    ("distill", ["--rows", "8192", "--widths", "128256", "--modes", "fwd+bwd"], 45),
     ("norm", ["--rows", "16384", "--widths", "4096", "--ops", "rms_norm", "layer_norm",
               "--modes", "fwd", "bwd"], 45),
     ("ffn", ["--rows", "8192", "--widths", "4096", "--modes", "fwd+bwd"], 40),
@@ -541,7 +544,9 @@ def headline(suite: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if not r.get("ms"):
             continue
-        key = (r.get("op"), r.get("mode"), r.get("rows"), r.get("width"), r.get("hidden"))
+        ignored = r.get("ignored")
+        key = (r.get("op"), r.get("mode"), r.get("rows"), r.get("width"), r.get("hidden"),
+               f"ign{round(100 * ignored)}%" if ignored else None)
         case = cases.setdefault(key, {"case": " ".join(str(k) for k in key if k is not None), "ms": {}})
         case["ms"][r["impl"]] = round(r["ms"], 4)
         if r.get("peak_mib") is not None:

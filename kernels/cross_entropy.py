@@ -384,7 +384,9 @@ def gpu_compile_variants():
         for soft in (False, True):
             # (WIDE_C, the rare int64 class offsets, with the light flags: it spills nowhere there.)
             for extras, wide in ((False, False), (True, False), (False, True)):
-                flags = dict(SOFT=soft, HAS_W=extras, SMOOTH=extras, SOFTCAP=extras, WIDE_C=wide)
+                # Every constexpr named, defaulted ones included: ASTSource does not apply a
+                # kernel's defaults (a missing LIMIT or STATS fails with a NoneType error).
+                flags = dict(SOFT=soft, HAS_W=extras, SMOOTH=extras, SOFTCAP=extras, WIDE_C=wide, LIMIT=False)
                 tgt = f"*{dt}" if soft else "*i64"
                 fwd_sig = {"X": f"*{dt}", "T": tgt, "W": "*fp32", "SumW": "*fp32", "Loss": "*fp32",
                            "Lse": "*fp32", "Coef": "*fp32", "Arg": "*i32", "Count": "*i64", "stride_xr": "i64",
@@ -405,7 +407,7 @@ def gpu_compile_variants():
                 variants.append((_cross_entropy_bwd_kernel, bwd, dict(flags, BLOCK_C=8192), 16))
                 both = ordered(_cross_entropy_fwd_bwd_kernel,
                                {**fwd_sig, "DLoss": "*fp32", "DX": f"*{dt}", "stride_dl": "i64", "stride_dxr": "i64"})
-                variants.append((_cross_entropy_fwd_bwd_kernel, both, dict(flags, BLOCK_C=8192), 16))
+                variants.append((_cross_entropy_fwd_bwd_kernel, both, dict(flags, BLOCK_C=8192, STATS=False), 16))
                 if not soft:
                     variants.append((_cross_entropy_bwd_kernel, bwd, dict(flags, BLOCK_C=8192, LIMIT=True), 16))
                     for block in (8192, 2048):  # (2048: the unaligned rows' chunk, GPT-2's 50257 classes)

@@ -285,3 +285,14 @@ def test_plugin_counts_the_kernel_specialisations_a_gpu_would_compile(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:]
     counted = json.loads((tmp_path / "count.json").read_text())
     assert counted["specialisations"] == 3 and counted["per_kernel"] == {"test_k._copy": 3}
+
+
+def test_headline_keeps_ignored_fractions_apart():
+    """The lce suite times each shape at 0% and 85% ignored targets: two headline cases,
+    not one overwritten by the other."""
+    rows = [{"op": "linear_cross_entropy", "mode": "fwd+bwd", "rows": 8192, "width": 128256, "hidden": 4096,
+             "impl": "fastlm-triton", "ms": ms, "ignored": ignored} for ms, ignored in ((10.0, 0.0), (2.0, 0.85))]
+    cases = gpu_check.headline("lce", rows)
+    assert [c["case"] for c in cases] == ["linear_cross_entropy fwd+bwd 8192 128256 4096",
+                                          "linear_cross_entropy fwd+bwd 8192 128256 4096 ign85%"]
+    assert [c["ms"]["fastlm-triton"] for c in cases] == [10.0, 2.0]

@@ -42,7 +42,7 @@ GPU_CE = [(4096, 32000), (4096, 50257), (4096, 128256), (16384, 128256), (4096, 
 CPU_CE = [(128, 1000), (256, 4096)]
 # (tokens, hidden, vocab): the memory case, its speed case, and a smaller vocabulary.
 GPU_LCE = [(8192, 4096, 128256), (32768, 4096, 128256), (8192, 4096, 32000)]
-CPU_LCE = [(256, 64, 1000)]
+CPU_LCE = [(256, 64, 1000), (2048, 128, 8000)]  # (the second large enough to take the chunked path)
 
 
 def _liger(kind: str) -> Optional[Callable]:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import nn as fnn
 from ..ops.attention import flash_attn_varlen_func
-from ..ops.linear_cross_entropy import linear_cross_entropy
+from ..ops.linear_cross_entropy import linear_cross_entropy_with_stats
 
 
 @dataclass
@@ -93,7 +93,7 @@ class EncoderLayer(torch.nn.Module):
 
 class BertForMaskedLM(torch.nn.Module):
     """forward(input_ids, attention_mask=None, token_type_ids=None, labels=None, return_logits=None)
-    -> dict(loss, logits, hidden_states)."""
+    -> dict(loss, logits, hidden_states, accuracy)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -169,8 +169,9 @@ class BertForMaskedLM(torch.nn.Module):
                 return_logits: Optional[bool] = None, ignore_index: int = -100) -> dict:
         """labels (B, L): the original token at masked positions, ignore_index elsewhere. Logits
         (B, L, vocab; zeros at padding) are formed only when return_logits is True (default:
-        only without labels); the loss is the mean over labelled positions. hidden_states
-        (B, L, d_model) are zeros at padding too."""
+        only without labels); the loss is the mean over labelled positions, and "accuracy" (a
+        detached float32 scalar tensor, from the loss kernel's pass) the fraction of them whose
+        argmax is the label. hidden_states (B, L, d_model) are zeros at padding too."""
         B, L = input_ids.shape
         h, index = self.encode(input_ids, attention_mask, token_type_ids)
         out: dict = {"loss": None, "logits": None}
@@ -184,8 +185,9 @@ class BertForMaskedLM(torch.nn.Module):
             picked = (flat != ignore_index).nonzero()[:, 0]
             rows = hidden[picked]  # the head runs only where there is a label
             t = self.head_norm(self.head_dense(rows))
-            out["loss"] = linear_cross_entropy(t, self.word_embeddings.weight, flat[picked],
-                                               linear_bias=self.head_bias, ignore_index=ignore_index)
+            out["loss"], stats = linear_cross_entropy_with_stats(t, self.word_embeddings.weight, flat[picked],
+                                                                 linear_bias=self.head_bias, ignore_index=ignore_index)
+            out["accuracy"] = stats.accuracy
         if return_logits or (return_logits is None and labels is None):
             logits = self._logits(h)  # the packed rows only
             out["logits"] = logits.new_zeros(B * L, logits.shape[-1]).index_copy(0, index, logits).view(B, L, -1)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import nn as fnn
 from ..ops.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-from ..ops.linear_cross_entropy import linear_cross_entropy
+from ..ops.linear_cross_entropy import linear_cross_entropy_with_stats
 from .gpt import cache_dtype, decode, sinusoidal_table
 
 
@@ -173,10 +173,12 @@ class DecoderLayer(_Sublayers):
 
 
 class EncoderDecoder(torch.nn.Module):
-    """forward(src_ids, tgt_ids, src_mask=None, labels=None, return_logits=None) -> dict(loss, logits).
+    """forward(src_ids, tgt_ids, src_mask=None, labels=None, return_logits=None) -> dict(loss, logits, accuracy).
 
     tgt_ids is the decoder's input (starting with bos_token_id); labels (B, T) are the tokens
-    it should produce at each position (ignore_index where none), not shifted inside."""
+    it should produce at each position (ignore_index where none), not shifted inside. With
+    labels, "accuracy" is the token accuracy (detached float32 scalar, from the loss kernel's
+    pass: the fraction of counted labels that are their row's argmax)."""
 
     def __init__(self, config: EncoderDecoderConfig):
         super().__init__()
@@ -256,8 +258,9 @@ class EncoderDecoder(torch.nn.Module):
             if labels.shape != tgt_ids.shape:
                 raise ValueError(f"EncoderDecoder: labels {list(labels.shape)} must match tgt_ids "
                                  f"{list(tgt_ids.shape)}")
-            out["loss"] = linear_cross_entropy(y.reshape(-1, y.shape[-1]), self.embed.weight, labels.reshape(-1),
-                                               ignore_index=ignore_index)
+            out["loss"], stats = linear_cross_entropy_with_stats(y.reshape(-1, y.shape[-1]), self.embed.weight,
+                                                                 labels.reshape(-1), ignore_index=ignore_index)
+            out["accuracy"] = stats.accuracy
         if return_logits or (return_logits is None and labels is None):
             out["logits"] = F.linear(y, self.embed.weight)
         return out

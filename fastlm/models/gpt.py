@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import nn as fnn
 from ..ops.attention import flash_attn_func, flash_attn_with_kvcache
 from ..ops.cross_entropy import cross_entropy
-from ..ops.linear_cross_entropy import linear_cross_entropy
+from ..ops.linear_cross_entropy import linear_cross_entropy_with_stats
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")
 GATED = ("swiglu", "geglu", "reglu")
@@ -162,7 +162,7 @@ class Block(torch.nn.Module):
 
 
 class GPT(torch.nn.Module):
-    """forward(input_ids, labels=None, return_logits=None) -> dict(loss, logits)."""
+    """forward(input_ids, labels=None, return_logits=None) -> dict(loss, logits, accuracy)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -256,15 +256,18 @@ class GPT(torch.nn.Module):
                 ignore_index: int = -100) -> dict:
         """labels (B, L) aligned with input_ids (shifted inside, as Hugging Face does); the loss
         goes through fastlm.linear_cross_entropy, so the logits are formed only when
-        return_logits is True (default: only when no labels are given)."""
+        return_logits is True (default: only when no labels are given). With labels, "accuracy"
+        is the token accuracy (a detached float32 scalar tensor: the fraction of counted labels
+        that are their row's argmax), from the loss kernel's own pass: no logits, no host sync."""
         h = self.hidden_states(input_ids)
         out: dict = {"loss": None, "logits": None}
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"GPT: labels {list(labels.shape)} must match input_ids {list(input_ids.shape)}")
             target = labels[:, 1:].reshape(-1)
-            out["loss"] = linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.head_weight, target,
-                                               ignore_index=ignore_index)
+            out["loss"], stats = linear_cross_entropy_with_stats(h[:, :-1].reshape(-1, h.shape[-1]),
+                                                                 self.head_weight, target, ignore_index=ignore_index)
+            out["accuracy"] = stats.accuracy
         if return_logits or (return_logits is None and labels is None):
             out["logits"] = F.linear(h, self.head_weight)
         return out

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.cross_entropy import cross_entropy
-from ..ops.linear_cross_entropy import linear_cross_entropy
+from ..ops.linear_cross_entropy import linear_cross_entropy_with_stats
 from .gpt import decode
 
 
@@ -143,7 +143,8 @@ class LSTMLM(torch.nn.Module):
                 ignore_index: int = -100) -> dict:
         """labels (B, L) aligned with input_ids (shifted inside, as GPT and Hugging Face do);
         the loss (mean over the counted tokens, nats) goes through fastlm.linear_cross_entropy,
-        so the logits are formed only when return_logits is True (default: only without labels)."""
+        so the logits are formed only when return_logits is True (default: only without labels).
+        With labels, "accuracy" is the token accuracy, as GPT's."""
         h, _ = self.hidden_states(input_ids)
         out: dict = {"loss": None, "logits": None}
         if labels is not None:
@@ -151,8 +152,9 @@ class LSTMLM(torch.nn.Module):
                 raise ValueError(f"LSTMLM: labels {list(labels.shape)} must match input_ids "
                                  f"{list(input_ids.shape)}")
             target = labels[:, 1:].reshape(-1)
-            out["loss"] = linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.head_weight, target,
-                                               ignore_index=ignore_index)
+            out["loss"], stats = linear_cross_entropy_with_stats(h[:, :-1].reshape(-1, h.shape[-1]),
+                                                                 self.head_weight, target, ignore_index=ignore_index)
+            out["accuracy"] = stats.accuracy
         if return_logits or (return_logits is None and labels is None):
             out["logits"] = F.linear(h, self.head_weight)
         return out

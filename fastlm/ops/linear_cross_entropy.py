@@ -597,6 +597,31 @@ def _native(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], c
                        weight.shape[0], x.device.type == "cpu", "linear_cross_entropy")
 
 
+def _native_with_stats(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                       class_weight: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float,
+                       skip_ignored: bool, out_shape) -> Optional[tuple[Tensor, CrossEntropyStats]]:
+    """_native and the statistics from its logits, which that path forms whole anyway (they
+    are small): the loss and gradients are then exactly linear_cross_entropy's, where the
+    chunked path's loss can differ from torch's in the last bit. No host sync beyond _native's."""
+    logits = F.linear(x, weight, bias)
+    loss = _ce._native(logits, target, class_weight, ignore_index, reduction, label_smoothing, weight.shape[0],
+                       x.device.type == "cpu", "linear_cross_entropy_with_stats")
+    if loss is None:
+        return None
+    with torch.no_grad():
+        d = logits.detach()
+        lse = torch.logsumexp(d.to(_row_dtype(x)), dim=-1)
+        if skip_ignored:  # as the fused path: an ignored row's logits are skipped there, its lse 0
+            lse = torch.where(target != ignore_index, lse, 0.0)
+        correct = _argmax_rows(d, 0.0) == target
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+
+    def divisor_fn():
+        return mean_divisor(target, class_weight, ignore_index, x.shape[0])
+    return loss, statistics(lse, correct, target, ignore_index, 0.0, reduction, divisor_fn, out_shape, x.dtype)
+
+
 def _unfused(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor],
              weight: Optional[Tensor], reduction: str, ignore_index: int, label_smoothing: float, z_loss: float,
              softcap: Optional[float], probabilities: bool) -> Tensor:
@@ -748,12 +773,18 @@ def _linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight
                         label_smoothing, z_loss, softcap or None, probabilities)
         return loss if out_dtype is None else loss.to(out_dtype)
     t = target if target.dim() == 1 else target.reshape(-1)
-    if not stats and z_loss == 0.0 and softcap == 0.0 and acc_dtype is None and not compiling() \
+    if z_loss == 0.0 and softcap == 0.0 and acc_dtype is None and not compiling() \
             and out_dtype in (None, input.dtype) and native_backend(input.device.type) \
             and (n <= chunk_size if chunk_size is not None else n * vocab <= _SMALL_LOGITS):
-        loss = _native(x, linear_weight, t, linear_bias, weight, ignore_index, reduction, label_smoothing)
-        if loss is not None:
-            return loss.reshape(target.shape) if reduction == "none" else loss
+        if stats:  # the same path, so that the loss and gradients stay linear_cross_entropy's bit for bit
+            result = _native_with_stats(x, linear_weight, t, linear_bias, weight, ignore_index, reduction,
+                                        label_smoothing, skip_ignored, target.shape)
+            if result is not None:
+                return result
+        else:
+            loss = _native(x, linear_weight, t, linear_bias, weight, ignore_index, reduction, label_smoothing)
+            if loss is not None:
+                return loss.reshape(target.shape) if reduction == "none" else loss
     chunk = chunk_size or default_chunk_size(n, x.shape[1], vocab)
     if chunk_size is None and x.is_cpu and not compiling():
         # On a CPU every chunk re-reads and re-writes the whole (V, H) weight gradient: with a

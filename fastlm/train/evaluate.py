@@ -1,4 +1,4 @@
-"""Evaluation (loss, perplexity, bits per byte) and generation, for every model kind, and
+"""Evaluation (loss, perplexity, bits per byte, token accuracy) and generation, for every model kind, and
 opening a checkpoint for either (the `fastlm eval` and `fastlm generate` commands)."""
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 def evaluate(model, kind: str, stream: TokenStream, tokenizer: Tokenizer, options: TrainOptions, device,
              max_tokens: int, batch_size: Optional[int] = None, rank: int = 0, world: int = 1) -> dict:
     """Mean loss over evenly spaced windows of the stream (all when max_tokens <= 0); each rank
-    takes every world-th window. Bits per byte for the causal objectives."""
+    takes every world-th window. Bits per byte for the causal objectives; "accuracy", the
+    fraction of labelled tokens whose argmax is the label, for models that return it."""
     L = options.seq_len
     index = eval_window_indices(len(stream), L, max_tokens)
     if world > 1 and len(index) >= world:  # equal shares: FSDP's forwards are collectives
@@ -53,19 +54,29 @@ def evaluate(model, kind: str, stream: TokenStream, tokenizer: Tokenizer, option
     B = batch_size or options.batch_size
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, correct, count, has_accuracy = 0.0, 0.0, 0, True
     for i in range(0, len(mine), B):
         idx = mine[i:i + B]
         rows = windows(stream.tokens, idx, L)
         batch, n = make_batch(kind, rows, idx + EVAL_POSITION_BASE, tokenizer, options)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, options.amp):
-            loss = model(**batch)["loss"]
-        total += float(loss) * n
+            out = model(**batch)
+        accuracy = out.get("accuracy")
+        has_accuracy = has_accuracy and accuracy is not None
+        if has_accuracy:  # one host read for both
+            loss, accuracy = torch.stack([out["loss"].float(), accuracy.float()]).tolist()
+            correct += accuracy * n
+        else:
+            loss = float(out["loss"])
+        total += loss * n
         count += n
     model.train(was_training)
-    total, count = _all_reduce_sum([total, float(count)], device)
-    return _result(kind, total, count, stream)
+    total, correct, count = _all_reduce_sum([total, correct, float(count)], device)
+    result = _result(kind, total, count, stream)
+    if has_accuracy:
+        result["accuracy"] = correct / count
+    return result
 
 
 def evaluate_ngram(lm, stream: TokenStream, options: TrainOptions, max_tokens: int) -> dict:
@@ -222,6 +233,8 @@ def describe(result: dict) -> str:
     text = f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}"
     if "bits_per_byte" in result:
         text += f"  bits/byte {result['bits_per_byte']:.4f}"
+    if "accuracy" in result:
+        text += f"  accuracy {result['accuracy']:.2%}"
     return text + f"  ({result['tokens']:,} tokens)"
 
 

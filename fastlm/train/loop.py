@@ -6,7 +6,10 @@ in the global batch is known), then each micro-batch's loss is weighted by its s
 those tokens. The gradient is therefore the gradient of the mean loss over all labelled
 tokens of the global batch, whatever the split into processes and micro-batches: a run on 2
 processes matches a run on 1 with the same global batch, and MLM's varying number of masked
-tokens per row is weighted right.
+tokens per row is weighted right. The token accuracy the models return beside the loss (from
+the loss kernel's pass) is weighted the same way, so it is the fraction of all labelled
+tokens of the global batch predicted right; both stay on the device until the logging step
+reads them in the one sync it already made for the loss.
 """
 
 from __future__ import annotations
@@ -216,6 +219,8 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
             counts.append(n)
         total = all_reduce_sum(torch.tensor(float(sum(counts)), device=env.device), env)
         loss_sum = torch.zeros((), device=env.device)
+        acc_sum = torch.zeros((), device=env.device)  # each micro-batch's accuracy x its share of labels
+        has_accuracy = True
         for m, batch in enumerate(batches):
             last = m == A - 1
             batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
@@ -226,9 +231,15 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
                 wrapped.set_requires_gradient_sync(last)
             with sync:
                 with autocast(env.device, o.amp):
-                    loss = forward(**batch)["loss"].float() * (counts[m] / total)
+                    result = forward(**batch)
+                    loss = result["loss"].float() * (counts[m] / total)
                 (loss * W).backward()  # DDP and FSDP average over processes; the weights already do
             loss_sum += loss.detach()
+            accuracy = result.get("accuracy")
+            if accuracy is None:
+                has_accuracy = False
+            else:
+                acc_sum += accuracy.float() * (counts[m] / total)
         grad_norm = None
         if o.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), o.grad_clip)
@@ -239,15 +250,20 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
         step += 1
 
         if step % o.log_every == 0 or step == stop_at:
-            loss_value = float(all_reduce_sum(loss_sum, env))
+            # One all-reduce and one host read for the loss and the accuracy together.
+            loss_value, acc_value = all_reduce_sum(torch.stack([loss_sum, acc_sum]), env).tolist()
             now = time.perf_counter()
             rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
             record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "tokens": step * tokens_per_step,
                       "tokens_per_s": rate, "time_s": now - started}
+            if has_accuracy:
+                record["accuracy"] = acc_value
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                                             else grad_norm)
             postfix = {"loss": f"{loss_value:.4f}", "tok/s": f"{rate:,.0f}"}
+            if has_accuracy:
+                postfix["acc"] = f"{acc_value:.1%}"
             if peak:
                 record["mfu"] = rate * fpt / W / (peak * 1e12)
                 postfix["mfu"] = f"{record['mfu']:.1%}"
