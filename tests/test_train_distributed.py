@@ -69,3 +69,9 @@ def test_two_processes_match_one(model, fsdp, corpus, tmp_path):
     first, second = losses(one), losses(two)
     assert len(first) == 5 and first[-1][1] < first[0][1]
     _close(second, first)
+    # The token accuracy is reduced as the loss: the fraction of the whole global batch's labels
+    # (one rank's share alone would be about half of it).
+    acc_one, acc_two = losses(one, "accuracy"), losses(two, "accuracy")
+    assert [s for s, _ in acc_two] == [s for s, _ in acc_one] and any(a > 0 for _, a in acc_one)
+    for (step, x), (_, y) in zip(acc_two, acc_one):
+        assert abs(x - y) <= 1e-6, f"step {step}: accuracy {x} vs {y}"

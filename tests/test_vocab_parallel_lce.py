@@ -11,7 +11,6 @@ a worker raises on a mismatch and torch.multiprocessing.spawn re-raises it here.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,8 @@ import torch.multiprocessing as mp
 import fastlm
 from fastlm.errors import ArgumentError, ArgumentTypeError
 from fastlm.ops import vocab_parallel as vp
+
+from .test_vocab_parallel_ce import _free_port
 
 ROWS, HIDDEN = 13, 8
 CASES = [
@@ -208,10 +209,6 @@ def _worker(rank: int, world: int, init: str, layouts: list[list[int]]):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("layouts", [[[9, 8]], [[6, 1, 10], [7, 0, 10]]],

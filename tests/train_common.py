@@ -39,7 +39,8 @@ def train_args(model: str, data: str, out: str, steps: int = 4, *extra, tiny: bo
             *(TINY[model] if tiny else []), *extra]
 
 
-def losses(run_dir: str) -> list:
+def losses(run_dir: str, key: str = "loss") -> list:
+    """(step, value of ``key``) of every train record of the run's metrics.jsonl."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    return [(r["step"], r[key]) for r in records if r["kind"] == "train"]

@@ -308,6 +308,15 @@ def cross_entropy_with_stats(input: Tensor, target: Tensor, weight: Optional[Ten
 
 # ----------------------------------------------------------------------------- linear_cross_entropy
 
+def _grad_buffers(x: Tensor, linear_weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype):
+    """dx, the dweight accumulator (float32 for 16-bit weights), dbias (or None) of one call."""
+    from .linear_cross_entropy import resolve_acc_dtype
+
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.zeros(linear_weight.shape, dtype=resolve_acc_dtype(linear_weight.dtype, None), device=x.device),
+            torch.zeros(linear_weight.shape[0], dtype=dtype, device=x.device) if bias is not None else None)
+
+
 class _VocabParallelLCE(torch.autograd.Function):
     """The sharded lm-head + loss (module docstring). Returns the loss (reduced, compute dtype),
     each row's lse (logsumexp's), the "mean" divisor and, with ``stats``, whether each row's
@@ -317,7 +326,7 @@ class _VocabParallelLCE(torch.autograd.Function):
     def forward(ctx, x: Tensor, linear_weight: Tensor, bias: Optional[Tensor], target: Tensor,
                 class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
                 softcap: float, chunk: int, reduction: str, compute_grads: bool, stats: bool, group):
-        from .linear_cross_entropy import _accumulate_grads, _chunks, _logits, resolve_acc_dtype
+        from .linear_cross_entropy import _accumulate_grads, _chunks, _logits
 
         dtype = _compute_dtype(x)
         n, local = x.shape[0], linear_weight.shape[0]
@@ -327,10 +336,7 @@ class _VocabParallelLCE(torch.autograd.Function):
         correct = torch.empty(n if stats else 0, dtype=torch.bool, device=x.device)
         counted = target != ignore_index
         if compute_grads:  # the gradients of the summed rows; the backward scales them
-            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-            dweight = torch.zeros(linear_weight.shape, dtype=resolve_acc_dtype(linear_weight.dtype, None),
-                                  device=x.device)
-            dbias = torch.zeros(local, dtype=dtype, device=x.device) if bias is not None else None
+            dx, dweight, dbias = _grad_buffers(x, linear_weight, bias, dtype)
         for start, end in _chunks(n, chunk):
             x_chunk = x[start:end]
             t = _targets(target[start:end], ignore_index, offset, local, classes)
@@ -366,7 +372,7 @@ class _VocabParallelLCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss: Optional[Tensor], _dlse, _ddivisor, _dcorrect):
-        from .linear_cross_entropy import _accumulate_grads, _chunks, _logits, resolve_acc_dtype
+        from .linear_cross_entropy import _accumulate_grads, _chunks, _logits
 
         none = (None,) * 14
         if dloss is None:  # only the statistics were used
@@ -387,10 +393,7 @@ class _VocabParallelLCE(torch.autograd.Function):
             if reduction != "none":  # (a scalar loss whose gradients were not formed in the forward)
                 g = (g / divisor if reduction == "mean" else g).expand(n)
             w = class_weight.to(dtype) if class_weight is not None else None
-            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-            dweight = torch.zeros(linear_weight.shape, dtype=resolve_acc_dtype(linear_weight.dtype, None),
-                                  device=x.device)
-            dbias = torch.zeros(local, dtype=dtype, device=x.device) if bias is not None else None
+            dx, dweight, dbias = _grad_buffers(x, linear_weight, bias, dtype)
             for start, end in _chunks(n, chunk):
                 x_chunk = x[start:end]
                 t = _targets(target[start:end], ignore_index, offset, local, classes)
