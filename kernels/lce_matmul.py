@@ -146,24 +146,34 @@ def dweight_rows(d: torch.Tensor, x: torch.Tensor, count: torch.Tensor, row0: in
 
 def gpu_compile_variants():
     """Each mode at the tiles kernels/matmul.py picks, bf16 (contiguous operands: unit strides
-    constant, as a launch specialises them) and fp32 (IEEE and TF32)."""
+    constant, as a launch specialises them) and fp32 (IEEE and TF32; every stride a variable,
+    as kernels/matmul.py's fp32 variants). Without Triton's 16-byte divisibility hints, which
+    a launch on aligned tensors adds, nothing is pipelined here: with them (sm_90, bf16) the
+    modes take 128 KiB of shared memory (112 KiB for the dW + dbias mode) and do not spill."""
     pointers = {"A": None, "B": None, "C": None, "BIAS": None, "DB": "*fp32", "Count": "*i64"}
+    # The unit strides of each mode's operands (the launchers' views of contiguous tensors):
+    # logits x (R, H) and W (V, H); dx d (R, V) and W^T; dW d^T and x^T (unit along M and N).
+    unit = {LOGITS: ("stride_ak", "stride_bk", "stride_cn", "stride_bias"), DX: ("stride_ak", "stride_bn", "stride_cn"),
+            DWEIGHT: ("stride_am", "stride_bn", "stride_cn")}
     variants = []
     for dt, ieee in (("bf16", False), ("fp32", True), ("fp32", False)):
         bm, bn, bk, group_m, warps, stages = _gpu_config({"bf16": torch.bfloat16, "fp32": torch.float32}[dt], False)
         for mode, has_bias, has_db in ((LOGITS, False, False), (LOGITS, True, False), (DX, False, False),
                                        (DWEIGHT, False, False), (DWEIGHT, False, True)):
             sig = {}
+            const = dict(MODE=mode, HAS_BIAS=has_bias, HAS_DB=has_db, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                         GROUP_M=group_m)
             for p in _rows_matmul_kernel.params:
                 if p.is_constexpr:
                     continue
-                if p.name in pointers:
+                if dt == "bf16" and p.name in unit[mode] and (p.name != "stride_bias" or has_bias):
+                    sig[p.name] = "constexpr"
+                    const[p.name] = 1
+                elif p.name in pointers:
                     sig[p.name] = pointers[p.name] or ("*fp32" if (p.name == "C" and mode == DWEIGHT) else f"*{dt}")
                 elif p.name == "row0":
                     sig[p.name] = "i64"
                 else:
                     sig[p.name] = "i32"
-            const = dict(MODE=mode, HAS_BIAS=has_bias, HAS_DB=has_db, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                         GROUP_M=group_m)
             variants.append((_rows_matmul_kernel, sig, const, {"num_warps": warps, "num_stages": stages}))
     return variants

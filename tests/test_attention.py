@@ -22,12 +22,14 @@ from .conftest import DEVICE, ON_GPU
 BACKENDS = ["torch", "triton"]
 
 
-def naive(q, k, v, scale=None, bottom_right=True, window=(-1, -1), causal=False, softcap=0.0, mask=None,
-          keep=None, dropout_p=0.0):
-    """Attention as the formula reads, (B, L, H, D) layout, by autograd-able torch ops.
-    A query that sees no key gets 0."""
+def scores_and_mask(q, k, v, scale, softcap=0.0, shift=None, window=(-1, -1), causal=False, slopes=None):
+    """The formula's scores (B, H, L, S): q k^T * scale, soft-capped, minus ALiBi's
+    slope * |i + shift - j| (slopes (H,) or (B, H)); the window/causal mask (L, S) with queries
+    aligned ``shift`` keys on (default S - L, bottom-right); and k's and v's heads repeated for
+    GQA. Returns (s, ok, vv)."""
     B, L, H, D = q.shape
     S, Hk = k.shape[1], k.shape[2]
+    shift = S - L if shift is None else shift
     scale = D ** -0.5 if scale is None else scale
     kk = k.repeat_interleave(H // Hk, dim=2)
     vv = v.repeat_interleave(H // Hk, dim=2)
@@ -36,7 +38,8 @@ def naive(q, k, v, scale=None, bottom_right=True, window=(-1, -1), causal=False,
         s = softcap * torch.tanh(s / softcap)
     i = torch.arange(L, device=q.device)[:, None]
     j = torch.arange(S, device=q.device)[None, :]
-    shift = S - L if bottom_right else 0
+    if slopes is not None:
+        s = s - slopes.to(s.dtype).reshape(-1, H, 1, 1) * (i + shift - j).abs().to(s.dtype)
     ok = torch.ones(L, S, dtype=torch.bool, device=q.device)
     left, right = window
     if causal:
@@ -45,6 +48,16 @@ def naive(q, k, v, scale=None, bottom_right=True, window=(-1, -1), causal=False,
         ok = ok & (j >= i + shift - left)
     if right >= 0:
         ok = ok & (j <= i + shift + right)
+    return s, ok, vv
+
+
+def naive(q, k, v, scale=None, bottom_right=True, window=(-1, -1), causal=False, softcap=0.0, mask=None,
+          keep=None, dropout_p=0.0):
+    """Attention as the formula reads, (B, L, H, D) layout, by autograd-able torch ops.
+    A query that sees no key gets 0."""
+    B, L, H, D = q.shape
+    S = k.shape[1]
+    s, ok, vv = scores_and_mask(q, k, v, scale, softcap, S - L if bottom_right else 0, window, causal)
     ok = ok.expand(B, H, L, S)
     if mask is not None:
         if mask.dtype == torch.bool:

@@ -18,6 +18,7 @@ from fastlm.reference import attention as ref
 from fastlm.testing import assert_close, summation_floor
 
 from .conftest import DEVICE, ON_GPU
+from .test_attention import scores_and_mask
 
 BACKENDS = ["torch", "triton"]
 
@@ -26,25 +27,7 @@ def oracle(q, k, v, sinks=None, slopes=None, causal=False, window=(-1, -1), soft
     """(out, lse) by autograd-able ops in q's dtype, (B, L, H, D) layout, bottom-right aligned:
     the sink as one more column of the softmax (GPT-OSS's construction), ALiBi as its bias."""
     B, L, H, D = q.shape
-    S, Hk = k.shape[1], k.shape[2]
-    scale = D ** -0.5 if scale is None else scale
-    kk = k.repeat_interleave(H // Hk, dim=2)
-    vv = v.repeat_interleave(H // Hk, dim=2)
-    s = torch.einsum("blhd,bshd->bhls", q, kk) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(L, device=q.device)[:, None]
-    j = torch.arange(S, device=q.device)[None, :]
-    if slopes is not None:
-        s = s - slopes.to(s.dtype).reshape(-1, H, 1, 1) * (i + S - L - j).abs().to(s.dtype)
-    left, right = window
-    if causal:
-        right = 0
-    ok = torch.ones(L, S, dtype=torch.bool, device=q.device)
-    if left >= 0:
-        ok = ok & (j >= i + S - L - left)
-    if right >= 0:
-        ok = ok & (j <= i + S - L + right)
+    s, ok, vv = scores_and_mask(q, k, v, scale, softcap, None, window, causal, slopes)
     s = s.masked_fill(~ok, float("-inf"))
     if sinks is not None:
         s = torch.cat([s, sinks.to(s.dtype).reshape(1, H, 1, 1).expand(B, H, L, 1)], dim=-1)

@@ -5,6 +5,11 @@ the Triton path's freedom from host syncs."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,6 +258,34 @@ def test_rows_matmul_kernels_stop_at_the_count(count, row0):
     torch.testing.assert_close(db, db0 + d[:live].sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("count,row0", [(127, 0), (128, 0), (129, 0), (300, 0), (200, 128), (0, 0)])
+def test_rows_matmul_kernels_at_the_gpu_tiles(count, row0, monkeypatch):
+    """The three modes with the tiles a GPU launches (FASTLM_GPU_TILES: float32 128 x 64 x 32,
+    GROUP_M 8, a partial group) at the 128-row tile edge: a live count inside, at and past a
+    row-tile, and a chunk starting at sorted row 128. (float32: the interpreter's bfloat16
+    dot is not a reference.)"""
+    from fastlm.kernels import launch
+    monkeypatch.setenv(launch.GPU_TILES_ENV, "1")
+    g = torch.Generator().manual_seed(count + 3 * row0)
+    r, h, v = 300, 72, 200
+    x, w, b = (torch.randn(*s, generator=g).to(DEVICE) for s in ((r, h), (v, h), (v,)))
+    c = torch.tensor([count], device=DEVICE)
+    live = max(0, min(count - row0, r))
+    tol = dict(rtol=1e-4, atol=1e-4)
+    out = lce_matmul.logits_rows(x, w, b, c, row0)
+    torch.testing.assert_close(out[:live], x[:live] @ w.t() + b, **tol)
+    d = torch.randn(r, v, generator=g).to(DEVICE)
+    dx = torch.full((r, h), float("nan"), device=DEVICE)
+    lce_matmul.dx_rows(d, w, c, row0, dx)
+    torch.testing.assert_close(dx[:live], d[:live] @ w, **tol)
+    assert (dx[live:] == 0).all()
+    dw0, db0 = torch.randn(v, h, generator=g).to(DEVICE), torch.randn(v, generator=g).to(DEVICE)
+    dw, db = dw0.clone(), db0.clone()
+    lce_matmul.dweight_rows(d, x, c, row0, dw, db)
+    torch.testing.assert_close(dw, dw0 + d[:live].t() @ x[:live], **tol)
+    torch.testing.assert_close(db, db0 + d[:live].sum(0), **tol)
+
+
 @pytest.mark.parametrize("count,row0", [(9, 0), (3, 8), (0, 0), (20, 0)])
 def test_loss_kernels_limit(count, row0):
     """The cross-entropy kernels' LIMIT: rows past the count get zeros (loss, lse, coef,
@@ -281,6 +314,45 @@ def test_loss_kernels_limit(count, row0):
                         limit=limit)
     torch.testing.assert_close(grad2[:live], full[3][:live])
     assert grad2[live:].isnan().all()
+
+
+_VARIANTS = """
+import json
+from fastlm.kernels import cross_entropy, lce_matmul
+rows = []
+for family in (cross_entropy, lce_matmul):
+    for kernel, sig, const, _ in family.gpu_compile_variants():
+        rows.append([kernel.__name__, [[p.name, bool(p.is_constexpr)] for p in kernel.params], sorted(sig),
+                     {k: v for k, v in const.items() if isinstance(v, (bool, int))}, sig.get("A")])
+print(json.dumps(rows))
+"""
+
+# The unit strides of each row-limited matmul's operands, as its launchers pass them.
+_UNIT_STRIDES = {lce_matmul.LOGITS: {"stride_ak", "stride_bk", "stride_cn"},
+                 lce_matmul.DX: {"stride_ak", "stride_bn", "stride_cn"},
+                 lce_matmul.DWEIGHT: {"stride_am", "stride_bn", "stride_cn"}}
+
+
+def test_compile_variants_name_every_parameter():
+    """kernels/compile_check.py compiles gpu_compile_variants() through
+    triton.compile(ASTSource(...)), which does not apply a kernel's default constexprs: one left
+    out (the loss kernels' LIMIT, the fused kernel's STATS) fails that variant with "'NoneType'
+    object has no attribute '_unflatten_ir'" for every target, though a launch, which applies
+    the defaults, runs. So every parameter must be named: the runtime ones in the signature,
+    the constexprs among the constants. The bf16 row-limited matmuls take their operands'
+    unit strides as constants, as a launch on contiguous tensors specialises them. (A
+    subprocess: the interpreter's kernels have no parameter list.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _VARIANTS], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.splitlines()[-1])
+    assert {r[0] for r in rows} == {"_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel",
+                                    "_cross_entropy_fwd_bwd_kernel", "_rows_matmul_kernel"}
+    for name, params, sig, const, a in rows:
+        for param, is_constexpr in params:
+            assert param in (const if is_constexpr else set(sig) | set(const)), (name, param, const)
+        if name == "_rows_matmul_kernel" and a == "*bf16":
+            assert all(const.get(s) == 1 for s in _UNIT_STRIDES[const["MODE"]]), const
 
 
 # ----------------------------------------------------------------------------- arguments
