@@ -38,6 +38,7 @@ from .launch import empty
 from .matmul import _config, _dot, _gpu_config, _ieee, grouped_tile
 
 LOGITS, DX, DWEIGHT = 0, 1, 2
+ROW_PAD = 64  # elements: a logits row starts on a 128-byte boundary (16-bit) whatever V is
 
 
 @triton.jit
@@ -125,8 +126,16 @@ def _launch(mode: int, a, b, c, count, row0: int, bias=None, db=None) -> None:
 
 def logits_rows(x: torch.Tensor, weight: torch.Tensor, bias, count: torch.Tensor, row0: int) -> torch.Tensor:
     """x (R, H) @ weight (V, H)^T (+ bias) in x's dtype for the live rows of a chunk starting
-    at sorted row ``row0``; the rows of wholly dead tiles are left unwritten."""
-    out = empty((x.shape[0], weight.shape[0]), x.dtype, x.device)
+    at sorted row ``row0``; the rows of wholly dead tiles are left unwritten.
+
+    The rows are laid out ROW_PAD elements apart at least (a view of the first V columns):
+    with a vocabulary that is not a multiple of 8 (GPT-2's 50257) unpadded 16-bit rows would
+    start off 16-byte boundaries, and the two kernels that read this buffer back as the
+    gradient d (dx: d @ W, dW: d^T @ x) would lose their asynchronous copies and spill
+    (compiled for sm_80/sm_90); the loss kernel also takes its wide blocks on aligned rows."""
+    vocab = weight.shape[0]
+    padded = -(-vocab // ROW_PAD) * ROW_PAD
+    out = empty((x.shape[0], padded), x.dtype, x.device)[:, :vocab]
     _launch(LOGITS, x, weight, out, count, row0, bias=bias)
     return out
 

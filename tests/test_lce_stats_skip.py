@@ -409,3 +409,12 @@ def test_gpu_captured_in_a_cuda_graph_with_skipped_rows(dtype):
     torch.testing.assert_close(loss.double(), ref, **tol)
     torch.testing.assert_close(dx.double(), rdx, **tol)
     assert float(stats.accuracy) == pytest.approx(float(acc), abs=5e-2 if dtype == torch.bfloat16 else 1e-6)  # (bf16 logits: near-ties may flip)
+
+
+def test_logits_rows_are_padded_to_aligned_rows():
+    """An odd vocabulary (GPT-2's 50257 is odd): the logits chunk, later the gradient d that dx
+    and dW read, has rows 64 elements apart at least (16-byte aligned), values unchanged."""
+    x, w = torch.randn(20, 16, device=DEVICE), torch.randn(33, 16, device=DEVICE)
+    out = lce_matmul.logits_rows(x, w, None, torch.tensor([20], device=DEVICE), 0)
+    assert out.shape == (20, 33) and out.stride() == (64, 1)
+    torch.testing.assert_close(out, x @ w.t(), rtol=1e-5, atol=1e-5)

@@ -28,6 +28,7 @@ from fastlm.train import loop as loop_module
 from fastlm.train.commands import eval_main, train_main
 from fastlm.train.evaluate import load
 
+from .conftest import DEVICE
 from .train_common import train_args, write_corpus
 
 IGNORE = -100
@@ -172,6 +173,7 @@ def test_models_return_accuracy_and_keep_the_loss_and_gradients(kind, ignored, c
 def test_gpt_accuracy_on_the_triton_kernels():
     """The same accuracy from the Triton kernels' STATS pass (the interpreter here)."""
     model, batch = _model_and_batch("gpt", 0.2)
+    model, batch = model.to(DEVICE), {k: v.to(DEVICE) for k, v in batch.items()}
     with fastlm.use_backend("triton"):
         out = model(**batch)
     correct, counted = correct_and_counted(model, "gpt", batch)

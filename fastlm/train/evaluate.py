@@ -1,5 +1,6 @@
-"""Evaluation (loss, perplexity, bits per byte, token accuracy) and generation, for every model kind, and
-opening a checkpoint for either (the `fastlm eval` and `fastlm generate` commands)."""
+"""Evaluation (loss, perplexity, bits per byte, token accuracy) and generation, for every
+model kind, and opening a checkpoint for either (the `fastlm eval` and `fastlm generate`
+commands)."""
 
 from __future__ import annotations
 
