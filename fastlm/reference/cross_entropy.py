@@ -123,7 +123,7 @@ def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Tensor | None, ig
             mass = torch.cat([target[r].to(dtype) @ w for r in _row_slices(rows, classes)]) if rows \
                 else lse.new_zeros(0)
             coef = mass * (1 - eps) + (eps / classes) * w.sum()
-        counted = None
+        counted = invalid = None
     else:
         counted, invalid, valid, safe = _index_rows(target, ignore_index, classes)
         # The target's term alone, gathered: the other classes' zero mass never meets their
@@ -138,11 +138,22 @@ def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Tensor | None, ig
                 logp.mul_(w)
             loss.sub_(logp.sum(-1).mul_(eps / classes))
         del logp
-        # coef = sum_c q[c] = (1 - eps) * w[y] + (eps / C) * sum(w), for the valid rows
-        if w is None:
-            coef = valid.to(dtype)
-        else:
-            coef = (w_t * (1 - eps) + (eps / classes) * w.sum()) * valid
+        coef = _index_coef(w, w_t, valid, eps, classes, dtype)
+    loss, coef = _finish_rows(loss, coef, lse, z_loss, counted, invalid)
+    return loss, lse, coef
+
+
+def _index_coef(w, w_t, valid, eps: float, classes: int, dtype) -> Tensor:
+    """coef = sum_c q[c] = (1 - eps) * w[y] + (eps / C) * sum(w) for class-index rows, 0 off
+    the valid ones."""
+    if w is None:
+        return valid.to(dtype)
+    return (w_t * (1 - eps) + (eps / classes) * w.sum()) * valid
+
+
+def _finish_rows(loss: Tensor, coef: Tensor, lse: Tensor, z_loss: float, counted, invalid):
+    """The z-loss term on loss and coef, then class-index rows' masking (``counted`` None for
+    probability targets): an ignored row's loss and coef 0, an out-of-range index's loss NaN."""
     if z_loss > 0:
         loss = loss + z_loss * lse.square()
         coef = torch.add(coef, lse, alpha=2 * z_loss)
@@ -150,7 +161,7 @@ def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Tensor | None, ig
             coef = torch.where(counted, coef, 0.0)
     if counted is not None:  # (without z_loss coef is 0 off the valid rows already)
         loss = torch.where(counted, loss, 0.0).masked_fill_(invalid, float("nan"))
-    return loss, lse, coef
+    return loss, coef
 
 
 def cross_entropy_rows_bwd(dloss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None,
@@ -258,14 +269,7 @@ def cross_entropy_rows_fwd_bwd(dloss: Tensor | None, logits: Tensor, target: Ten
         else:
             smooth = torch.cat([(logp[r] * w).sum(-1) for r in _row_slices(rows, classes)])
         loss.sub_(smooth.mul_(eps / classes))
-    if w is None:
-        coef = valid.to(dtype)
-    else:
-        coef = (w_t * (1 - eps) + (eps / classes) * w.sum()) * valid
-    if z_loss > 0:
-        loss = loss + z_loss * lse.square()
-        coef = torch.where(counted, torch.add(coef, lse, alpha=2 * z_loss), 0.0)
-    loss = torch.where(counted, loss, 0.0).masked_fill_(invalid, float("nan"))
+    loss, coef = _finish_rows(loss, _index_coef(w, w_t, valid, eps, classes, dtype), lse, z_loss, counted, invalid)
     if dloss is None:  # the loss alone (the logits are left holding their log-probabilities)
         return loss, lse, coef, None
     # The gradient, in the same memory: p * coef * dloss - q * dloss.
