@@ -53,8 +53,8 @@ from .ops.cross_entropy_stats import CrossEntropyStats, cross_entropy_with_stats
 from .ops.distill import jsd, kl_div, linear_jsd  # noqa: E402
 from .ops.ffn import feed_forward, linear  # noqa: E402
 from .ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_with_stats  # noqa: E402
-from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
-from .ops.rotary import apply_rotary_emb, apply_rotary_pos_emb, rotary, rotary_cos_sin  # noqa: E402
+from .ops.norm import add_layer_norm, add_rms_norm, layer_norm, layer_norm_fn, rms_norm  # noqa: E402
+from .ops.rotary import apply_rotary_emb, apply_rotary_pos_emb, qk_norm_rotary, rotary, rotary_cos_sin  # noqa: E402
 from . import nn, ops  # noqa: E402
 from .patching import patch, unpatch  # noqa: E402
 
@@ -78,12 +78,14 @@ __all__ = [
     "jsd",
     "kl_div",
     "layer_norm",
+    "layer_norm_fn",
     "linear",
     "linear_cross_entropy",
     "linear_cross_entropy_with_stats",
     "linear_jsd",
     "nn",
     "patch",
+    "qk_norm_rotary",
     "rms_norm",
     "rotary",
     "rotary_cos_sin",

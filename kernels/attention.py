@@ -34,6 +34,10 @@ regenerates exactly the forward's mask, and ``dropout_mask`` exposes it for test
 is a one-element int64 tensor on the inputs' device (drawn there by the op, from that
 device's generator) that each kernel loads: no host value, so a CUDA graph replays the draw.
 
+Rotary inside attention (constexpr ROTARY, flash_attn_func's rotary_cos): q and k are turned
+as their tiles are loaded, and dQ, dK (gradients of the turned tiles) turned back in
+registers before they are stored; nothing else changes (docs/rotary_in_attention.md).
+
 Layouts: q (B, L, H, D), k and v (B, S, Hk, D), any strides; packed sequences (varlen) are
 (total, H, D) with cu_seqlens, and the KV cache passes the used length per batch.
 
@@ -171,6 +175,131 @@ def _key_range(m_lo, m_hi, len_k, shift, window_left, window_right,
     return lo, hi
 
 
+@triton.jit
+def _rope_pairs(offs_d, R_half, INTERLEAVED: tl.constexpr):
+    """Rotary's pairing of the head dim's features: (partner feature, frequency index j,
+    whether d is its pair's first member, whether d rotates at all (d < R = 2 * R_half)).
+    GPT-NeoX / Llama pair (j, j + R/2), GPT-J (2j, 2j + 1); features past R pass through
+    (their partner is themselves)."""
+    if INTERLEAVED:
+        first = (offs_d % 2) == 0
+        partner = tl.where(first, offs_d + 1, offs_d - 1)
+        j = offs_d // 2
+    else:
+        first = offs_d < R_half
+        partner = tl.where(first, offs_d + R_half, offs_d - R_half)
+        j = tl.where(first, offs_d, offs_d - R_half)
+    rot = offs_d < 2 * R_half
+    return tl.where(rot, partner, offs_d), j, first, rot
+
+
+@triton.jit
+def _rope_angles(COS, SIN, pos, row_ok, j, first, rot, stride_rs, stride_rd, S_ROT):
+    """(cos, signed sin) of a (rows, BLOCK_D) tile in float32, rows at positions ``pos``: the
+    sin is negated on a pair's first member, so a turn is x * c + partner * s for every
+    feature alike. Rows that are masked off or outside the table [0, S_ROT) turn by 0 (the
+    op refuses positions outside the table; a padded row is 0 anyway)."""
+    ok = (row_ok & (pos >= 0) & (pos < S_ROT))[:, None] & rot[None, :]
+    off = pos[:, None].to(tl.int64) * stride_rs + j[None, :] * stride_rd
+    c = tl.load(COS + off, mask=ok, other=1.0).to(tl.float32)
+    s = tl.load(SIN + off, mask=ok, other=0.0).to(tl.float32)
+    return c, tl.where(first[None, :], -s, s)
+
+
+@triton.jit
+def _rope_load(rows, stride_d, row_ok, D, offs_d, partner, rot, c, s):
+    """A (rows, BLOCK_D) tile of q or k turned by rotary as it is loaded (rows: (rows, 1)
+    pointers to each row's feature 0): the tile, and a second strided load of each feature's
+    partner (the same cache lines), turned in float32 and rounded to the input's dtype, as
+    the separate rotary launch would have stored it."""
+    x = tl.load(rows + offs_d[None, :] * stride_d, mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    xp = tl.load(rows + partner[None, :] * stride_d, mask=row_ok[:, None] & rot[None, :], other=0.0)
+    y = x.to(tl.float32) * c + xp.to(tl.float32) * s
+    return tl.where(rot[None, :], y.to(x.dtype), x)
+
+
+@triton.jit
+def _rope_back(g, partner, rot, c, s):
+    """The gradient of a rotated tile turned back (the inverse rotation, float32, in
+    registers): each feature's partner gathered from the accumulator itself."""
+    gp = tl.gather(g, partner[None, :] + tl.zeros(g.shape, tl.int32), 1)
+    return tl.where(rot[None, :], g * c - gp * s, g)
+
+
+@triton.jit
+def _rope_half_angles(COS, SIN, pos, row_ok, j, stride_rs, stride_rd, S_ROT):
+    """(cos, sin) (rows, R/2) in float32 at positions ``pos`` (0 turn outside the table)."""
+    ok = (row_ok & (pos >= 0) & (pos < S_ROT))[:, None]
+    off = pos[:, None].to(tl.int64) * stride_rs + j[None, :] * stride_rd
+    return (tl.load(COS + off, mask=ok, other=1.0).to(tl.float32),
+            tl.load(SIN + off, mask=ok, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _rope_merge(a, b, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (rows, BLOCK_D) tile whose pairs' first members are a and second members b."""
+    y = tl.join(a, b)  # (rows, BLOCK_D / 2, 2): y[r, j, 0] = a[r, j]
+    if not INTERLEAVED:
+        y = tl.permute(y, (0, 2, 1))  # feature t * R/2 + j
+    return tl.reshape(y, (a.shape[0], BLOCK_D))
+
+
+@triton.jit
+def _rope_split(g, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_rope_merge's inverse: (first members, second members) of a (rows, BLOCK_D) tile."""
+    if INTERLEAVED:
+        g3 = tl.reshape(g, (g.shape[0], BLOCK_D // 2, 2))
+    else:
+        g3 = tl.permute(tl.reshape(g, (g.shape[0], 2, BLOCK_D // 2)), (0, 2, 1))
+    return tl.split(g3)
+
+
+@triton.jit
+def _rope_tile(rows, stride_d, row_ok, pos, D, COS, SIN, stride_rs, stride_rd, R_half, S_ROT,
+               INTERLEAVED: tl.constexpr, HALVES: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile of q or k turned by rotary as it is loaded (rows: (rows, 1)
+    pointers to each row's feature 0; ``pos`` the rows' positions), in the input's dtype.
+
+    HALVES (the whole head rotates and fills the tile: R = D = BLOCK_D): the pairs' first and
+    second members are loaded as two (rows, BLOCK_D / 2) tiles, each element once, turned
+    against one (rows, R/2) cos and sin tile, and interleaved back into the head's order
+    (tl.join, and for GPT-NeoX's pairing a permute). Otherwise (partial rotary, a padded
+    head dim): the tile, a second strided load of each feature's partner (the same cache
+    lines) and (rows, BLOCK_D) cos and sin tiles (_rope_load)."""
+    if HALVES:
+        j = tl.arange(0, BLOCK_D // 2)
+        if INTERLEAVED:
+            ia = 2 * j
+        else:
+            ia = j
+        ib = ia + (1 if INTERLEAVED else BLOCK_D // 2)
+        xa = tl.load(rows + ia[None, :] * stride_d, mask=row_ok[:, None], other=0.0)
+        xb = tl.load(rows + ib[None, :] * stride_d, mask=row_ok[:, None], other=0.0)
+        c, s = _rope_half_angles(COS, SIN, pos, row_ok, j, stride_rs, stride_rd, S_ROT)
+        fa, fb = xa.to(tl.float32), xb.to(tl.float32)
+        return _rope_merge((fa * c - fb * s).to(xa.dtype), (fb * c + fa * s).to(xa.dtype), INTERLEAVED, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    partner, j, first, rot = _rope_pairs(offs_d, R_half, INTERLEAVED)
+    c, s = _rope_angles(COS, SIN, pos, row_ok, j, first, rot, stride_rs, stride_rd, S_ROT)
+    return _rope_load(rows, stride_d, row_ok, D, offs_d, partner, rot, c, s)
+
+
+@triton.jit
+def _rope_back_tile(g, pos, row_ok, COS, SIN, stride_rs, stride_rd, R_half, S_ROT,
+                    INTERLEAVED: tl.constexpr, HALVES: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The float32 gradient g (rows, BLOCK_D) of a turned tile, turned back (the inverse
+    rotation, in registers): split into the pairs' members (HALVES) or each feature's
+    partner gathered from g itself (_rope_back)."""
+    if HALVES:
+        ga, gb = _rope_split(g, INTERLEAVED, BLOCK_D)
+        c, s = _rope_half_angles(COS, SIN, pos, row_ok, tl.arange(0, BLOCK_D // 2), stride_rs, stride_rd, S_ROT)
+        return _rope_merge(ga * c + gb * s, gb * c - ga * s, INTERLEAVED, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    partner, j, first, rot = _rope_pairs(offs_d, R_half, INTERLEAVED)
+    c, s = _rope_angles(COS, SIN, pos, row_ok, j, first, rot, stride_rs, stride_rd, S_ROT)
+    return _rope_back(g, partner, rot, c, s)
+
+
 # Lengths change from call to call (and the lse's strides with them): not specialised, so a
 # new length reuses the compiled kernel (Triton specialises ints equal to 1 or divisible by 16).
 _VARYING = ["L", "S", "TOTAL_Q", "TOTAL_K", "stride_lb", "stride_lh",
@@ -199,19 +328,20 @@ def _kv_rows(BT, keys, ok, PAGE, MAX_PAGES, NUM_PAGES, k_ptr, v_ptr, stride_kb, 
 @triton.jit(do_not_specialize=_VARYING + ["PAGE", "MAX_PAGES", "NUM_PAGES", "N_SPLITS", "stride_btb",
                                           "stride_os", "stride_ls"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, M, CU_Q, CU_K, SEQUSED_K, SEED, SLOPES, SINKS, BLOCK_TABLE, LEFTPAD_K,
+    Q, K, V, O, LSE, M, CU_Q, CU_K, SEQUSED_K, SEED, SLOPES, SINKS, BLOCK_TABLE, LEFTPAD_K, COS, SIN,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn, stride_ab, stride_ah,
-    stride_btb, stride_os, stride_ls,
+    stride_btb, stride_os, stride_ls, stride_rs, stride_rd,
     H, GROUP, L, S, TOTAL_Q, TOTAL_K, D, DV, scale, softcap, window_left, window_right, dropout_p,
-    PAGE, MAX_PAGES, NUM_PAGES, N_SPLITS,
+    PAGE, MAX_PAGES, NUM_PAGES, N_SPLITS, R_half, S_ROT,
     VARLEN: tl.constexpr, SEQUSED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
     PAGED: tl.constexpr, LEFTPAD: tl.constexpr, SPLIT: tl.constexpr,
+    ROTARY: tl.constexpr, ROT_INTERLEAVED: tl.constexpr, ROT_HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The forward; for inference also (flash_attn_with_kvcache, paged varlen) a paged cache
@@ -219,7 +349,11 @@ def _attn_fwd_kernel(
     the length is then SEQUSED_K[b] - LEFTPAD_K[b], key 0 the first one after the padding) and
     split-KV (SPLIT: program_id(1) of N_SPLITS takes its share of the key blocks and writes a
     float32 partial output and its lse, -inf where it saw no key, into slice program_id(1) of
-    O and LSE; _attn_combine_kernel merges them)."""
+    O and LSE; _attn_combine_kernel merges them). ROTARY: q and k turned by rotary as their
+    tiles are loaded (_rope_tile; query i at position i + shift, key j at j; tables COS, SIN
+    (S_ROT, R_half), strides stride_rs, stride_rd; ROT_INTERLEAVED: GPT-J's pairs;
+    ROT_HALVES: the whole head turns, loaded as two half tiles). The backward kernels take
+    the same flags and turn dQ, dK back before storing them (_rope_back_tile)."""
     pid_m, b, h = _tile(L, H, BLOCK_M)
     q_start, len_q, k_start, len_k = _seq_bounds(b, CU_Q, CU_K, SEQUSED_K, L, S, TOTAL_Q, TOTAL_K, VARLEN, SEQUSED)
     if PAGED:
@@ -247,8 +381,12 @@ def _attn_fwd_kernel(
         v_ptr += b.to(tl.int64) * stride_vb
     bt_ptr = BLOCK_TABLE + b.to(tl.int64) * stride_btb
     m_ptr = M + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-    q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < D), other=0.0)
+    if ROTARY:
+        q = _rope_tile(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm, stride_qd, offs_m < len_q, offs_m + shift, D,
+                       COS, SIN, stride_rs, stride_rd, R_half, S_ROT, ROT_INTERLEAVED, ROT_HALVES, BLOCK_D)
+    else:
+        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < D), other=0.0)
     seed = tl.load(SEED) if DROPOUT else 0
     slope = tl.load(SLOPES + b.to(tl.int64) * stride_ab + h * stride_ah) if ALIBI else 0.0
 
@@ -270,8 +408,11 @@ def _attn_fwd_kernel(
         offs_n = n0 + offs_n0
         k_rows, v_rows = _kv_rows(bt_ptr, k_start + offs_n, offs_n < len_k, PAGE, MAX_PAGES, NUM_PAGES, k_ptr, v_ptr,
                                   stride_kb, stride_kn, stride_vb, stride_vn, PAGED)
-        k = tl.load(k_rows[:, None] + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
+        if ROTARY:
+            k = _rope_tile(k_rows[:, None], stride_kd, offs_n < len_k, offs_n, D, COS, SIN, stride_rs, stride_rd, R_half, S_ROT, ROT_INTERLEAVED, ROT_HALVES, BLOCK_D)
+        else:
+            k = tl.load(k_rows[:, None] + offs_d[None, :] * stride_kd,
+                        mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
         s, _ = _scores(q, k, offs_m[:, None], offs_n[None, :], len_q, len_k, shift, window_left, window_right,
                        scale, softcap, slope, m_ptr, stride_mm, stride_mn, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK, IEEE,
                        ALIBI)
@@ -403,18 +544,20 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit(do_not_specialize=_VARYING)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV_, M, CU_Q, CU_K, SEED, SLOPES,
+    Q, K, V, DO, LSE, DELTA, DK, DV_, M, CU_Q, CU_K, SEED, SLOPES, COS, SIN,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-    stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn, stride_ab, stride_ah,
+    stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn, stride_ab, stride_ah, stride_rs, stride_rd,
     H, HK, GROUP, L, S, TOTAL_Q, TOTAL_K, D, DV, scale, softcap, window_left, window_right, dropout_p,
+    R_half, S_ROT,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
+    ROTARY: tl.constexpr, ROT_INTERLEAVED: tl.constexpr, ROT_HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_n, b, hk = _tile(S, HK, BLOCK_N)
@@ -429,8 +572,13 @@ def _attn_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kn
     v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vn
-    k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
+    if ROTARY:
+        # dK is the gradient of the turned keys: turned back at the end (_rope_back_tile).
+        k = _rope_tile(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn, stride_kd, offs_n < len_k, offs_n, D,
+                       COS, SIN, stride_rs, stride_rd, R_half, S_ROT, ROT_INTERLEAVED, ROT_HALVES, BLOCK_D)
+    else:
+        k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
     v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
     seed = tl.load(SEED) if DROPOUT else 0
@@ -459,8 +607,12 @@ def _attn_bwd_dkdv_kernel(
         m_ptr = M + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
         offs_m = m0 + offs_m0
         row_ok = offs_m < len_q
-        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if ROTARY:
+            q = _rope_tile(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm, stride_qd, row_ok, offs_m + shift, D,
+                           COS, SIN, stride_rs, stride_rd, R_half, S_ROT, ROT_INTERLEAVED, ROT_HALVES, BLOCK_D)
+        else:
+            q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         do = tl.load(do_ptr + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + l_ptr + offs_m, mask=row_ok, other=float("inf"))
@@ -494,6 +646,8 @@ def _attn_bwd_dkdv_kernel(
         else:
             dk += tl.dot(dst.to(q.dtype), q)
 
+    if ROTARY:  # the angles again rather than two tiles kept live through the loop
+        dk = _rope_back_tile(dk, offs_n, offs_n < len_k, COS, SIN, stride_rs, stride_rd, R_half, S_ROT, ROT_INTERLEAVED, ROT_HALVES, BLOCK_D)
     dk_ptr = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + k_start * stride_dkn
     dv_ptr = DV_ + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + k_start * stride_dvn
     tl.store(dk_ptr + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -527,18 +681,20 @@ def _bias_grad(G, ds, offs_m, offs_n, row_ok, col_ok, stride_gm, stride_gn,
 
 @triton.jit(do_not_specialize=_VARYING + ["stride_sb", "stride_sh", "stride_sm"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, M, CU_Q, CU_K, SEED, DS, SLOPES,
+    Q, K, V, DO, LSE, DELTA, DQ, M, CU_Q, CU_K, SEED, DS, SLOPES, COS, SIN,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
     stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_sb, stride_sh, stride_sm, stride_sn, stride_ab, stride_ah,
+    stride_sb, stride_sh, stride_sm, stride_sn, stride_ab, stride_ah, stride_rs, stride_rd,
     H, GROUP, L, S, TOTAL_Q, TOTAL_K, D, DV, scale, softcap, window_left, window_right, dropout_p,
+    R_half, S_ROT,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
+    ROTARY: tl.constexpr, ROT_INTERLEAVED: tl.constexpr, ROT_HALVES: tl.constexpr,
     BIAS_GRAD: tl.constexpr, BIAS_SUM_M: tl.constexpr, BIAS_SUM_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -567,8 +723,13 @@ def _attn_bwd_dq_kernel(
     v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vn
     m_ptr = M + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     l_ptr = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
-    q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if ROTARY:
+        # dQ is the gradient of the turned queries: turned back before it is stored.
+        q = _rope_tile(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm, stride_qd, row_ok, offs_m + shift, D,
+                       COS, SIN, stride_rs, stride_rd, R_half, S_ROT, ROT_INTERLEAVED, ROT_HALVES, BLOCK_D)
+    else:
+        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(do_ptr + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + l_ptr + offs_m, mask=row_ok, other=float("inf"))
@@ -579,8 +740,12 @@ def _attn_bwd_dq_kernel(
     lo, hi = _key_range(m0, m0 + BLOCK_M - 1, len_k, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + offs_n0
-        k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
+        if ROTARY:
+            k = _rope_tile(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn, stride_kd, offs_n < len_k, offs_n, D,
+                           COS, SIN, stride_rs, stride_rd, R_half, S_ROT, ROT_INTERLEAVED, ROT_HALVES, BLOCK_D)
+        else:
+            k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < D), other=0.0)
         v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
         s, th = _scores(q, k, offs_m[:, None], offs_n[None, :], len_q, len_k, shift, window_left, window_right,
@@ -604,6 +769,8 @@ def _attn_bwd_dq_kernel(
             dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
         else:
             dq += tl.dot(ds.to(k.dtype), k)
+    if ROTARY:
+        dq = _rope_back_tile(dq, offs_m + shift, row_ok, COS, SIN, stride_rs, stride_rd, R_half, S_ROT, ROT_INTERLEAVED, ROT_HALVES, BLOCK_D)
     dq_ptr = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + q_start * stride_dqm
     tl.store(dq_ptr + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -769,6 +936,40 @@ def _alibi_args(alibi, p: Problem):
     return alibi, tuple(alibi.stride())
 
 
+def _rotary_bwd_blocks(p, device, dtype, dkdv_tiles, dq_tiles):
+    """The backward's tiles with rotary (16-bit, head dims 65-128, on a GPU): each turned tile
+    adds its cos and sin and the turn itself to the registers the loop already fills. With
+    _bwd_blocks' tiles (16 x 128 and 128 x 32) dK/dV spilled 552-624 B on sm_90 and dQ 264-304
+    B (and ptxas fell back to 32 registers and 4 KB of stack for dQ on sm_80); 64 keys for
+    dK/dV and 64 queries for dQ spill nothing on sm_90 and 136 B / 24 B on sm_80 (compile_check
+    listing in docs/rotary_in_attention.md). The price: dK/dV's 64 keys over 8 warps compute
+    S^T in both warp groups (see _bwd_blocks), and dQ reads every key tile twice as often."""
+    if gpu_tiles(device) and dtype != torch.float32 and 64 < max(p.D, p.DV) <= 128:
+        return (16, 64, 8, 2), (64, 32, 8, 2)
+    return dkdv_tiles, dq_tiles
+
+
+def _rotary_fwd_stages(stages: int) -> int:
+    """The forward's pipeline depth with rotary: each stage also holds the keys' partner
+    features and the (BLOCK_N, BLOCK_D) float32 cos and sin tiles; three stages at head dim
+    128 needed 180 KB of shared memory, more than sm_80's 163 KB (compile_check)."""
+    return min(stages, 2)
+
+
+def _rotary_args(rotary, dummy, block_d: int = 0):
+    """(cos, sin, (row stride, column stride), R/2, table rows, constexprs) of rotary =
+    (cos, sin, interleaved) or None. cos and sin (S_ROT, R/2) share one pair of strides (a
+    sin laid out otherwise is copied: a small table)."""
+    if rotary is None:
+        return dummy, dummy, (0, 0), 1, 0, dict(ROTARY=False, ROT_INTERLEAVED=False, ROT_HALVES=False)
+    cos, sin, interleaved = rotary
+    if sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    # HALVES (see _rope_tile): the whole head turns and fills the tile (R = D = BLOCK_D).
+    flags = dict(ROTARY=True, ROT_INTERLEAVED=bool(interleaved), ROT_HALVES=2 * cos.shape[1] == block_d)
+    return cos, sin, tuple(cos.stride()), cos.shape[1], cos.shape[0], flags
+
+
 def _ieee(dtype) -> bool:
     """float32 dots in IEEE float32 (FMA on CUDA cores) unless torch allows TF32."""
     return dtype == torch.float32 and not tf32_allowed()
@@ -791,12 +992,14 @@ def _dummy(device):
 def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, window_right: int, softcap: float,
                   mask, dropout_p: float, seed, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
                   max_seqlen_q: int = 0, max_seqlen_k: int = 0, alibi=None, sinks=None, block_table=None,
-                  leftpad=None, num_splits: int = 1):
+                  leftpad=None, num_splits: int = 1, rotary=None):
     """Returns (out (like q, with v's head dim), lse float32 (B, H, L) or (H, total)).
     alibi: float32 slopes (H,) or (B, H); sinks: (H,) logits in the softmax's denominator (the
     lse includes them). Inference only (no backward takes these): block_table (B, max pages)
     int32 with k and v (num pages, page size, Hk, D); leftpad (B,) int32, keys starting there;
-    num_splits > 1 splits each row's keys over that many programs (then merged)."""
+    num_splits > 1 splits each row's keys over that many programs (then merged). rotary:
+    (cos, sin, interleaved) with tables (S_ROT, R/2): q and k are turned as they are loaded,
+    query i at position i + shift (S - L bottom-right, else 0), key j at j."""
     p = Problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
     page = num_pages = max_pages = 1
     if block_table is not None and block_table.stride(-1) != 1:
@@ -818,8 +1021,11 @@ def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, w
     mask_t, mask_kind, mask_strides = _mask_args(mask, p)
     slopes, alibi_strides = _alibi_args(alibi, p)
     bm, bn, warps, stages = _blocks(p, q.device, q.dtype, masked=mask is not None)
+    if rotary is not None:
+        stages = _rotary_fwd_stages(stages)
     num_splits = max(1, min(num_splits, 128, triton.cdiv(p.S, bn)))
     dummy = _dummy(q.device)
+    rcos, rsin, rstrides, r_half, s_rot, rflags = _rotary_args(rotary, dummy, max(16, next_power_of_2(p.D)))
     o_dest, lse_dest = out, lse
     if num_splits > 1:  # float32 partials, one slice per split, merged below
         o_dest = empty((num_splits,) + tuple(out.shape), torch.float32, q.device)
@@ -830,15 +1036,15 @@ def attention_fwd(q, k, v, scale: float, bottom_right: bool, window_left: int, w
         cu_seqlens_q if p.varlen else dummy, cu_seqlens_k if p.varlen else dummy,
         seqused_k if seqused_k is not None else dummy, seed if seed is not None else dummy,
         slopes if slopes is not None else dummy, sinks if sinks is not None else dummy,
-        block_table if block_table is not None else dummy, leftpad if leftpad is not None else dummy,
+        block_table if block_table is not None else dummy, leftpad if leftpad is not None else dummy, rcos, rsin,
         *p.strides(q), *(k.stride() if block_table is not None else p.strides(k)),
         *(v.stride() if block_table is not None else p.strides(v)),
         *p.strides(o_dest[0] if num_splits > 1 else out), *p.lse_strides(lse_dest[0] if num_splits > 1 else lse),
         *mask_strides, *alibi_strides,
         block_table.stride(0) if block_table is not None else 0,
-        o_dest.stride(0) if num_splits > 1 else 0, lse_dest.stride(0) if num_splits > 1 else 0,
+        o_dest.stride(0) if num_splits > 1 else 0, lse_dest.stride(0) if num_splits > 1 else 0, *rstrides,
         p.H, p.group, p.L, p.S, p.total_q, p.total_k, p.D, p.DV, scale, softcap, window_left, window_right,
-        dropout_p, page, max_pages, num_pages, num_splits,
+        dropout_p, page, max_pages, num_pages, num_splits, r_half, s_rot, **rflags,
         SEQUSED=seqused_k is not None, SINK=sinks is not None and num_splits == 1,
         PAGED=block_table is not None, LEFTPAD=leftpad is not None, SPLIT=num_splits > 1,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, next_power_of_2(p.D)), BLOCK_DV=max(16, next_power_of_2(p.DV)),
@@ -879,11 +1085,13 @@ def split_heuristic(B: int, H: int, L: int, S: int, device) -> int:
 
 def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, window_left: int, window_right: int,
                   softcap: float, mask, dropout_p: float, seed, cu_seqlens_q=None, cu_seqlens_k=None,
-                  max_seqlen_q: int = 0, max_seqlen_k: int = 0, bias_grad: bool = False, alibi=None):
+                  max_seqlen_q: int = 0, max_seqlen_k: int = 0, bias_grad: bool = False, alibi=None, rotary=None):
     """Returns (dq, dk, dv), each laid out like its input; with bias_grad (a dense call with an
     additive mask) also the mask's gradient in float32, in the mask's own shape (made 4-D with
     leading 1s): the kernel sums dS over the dims the mask is broadcast along. Attention sinks
-    need nothing here: the forward's lse includes them (their own gradient is the op's)."""
+    need nothing here: the forward's lse includes them (their own gradient is the op's).
+    rotary (cos, sin, interleaved) as attention_fwd's: q and k are turned again as they are
+    loaded, and dq, dk (the gradients of the turned q, k) turned back before they are stored."""
     p = Problem(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k)
     if bias_grad and (p.varlen or mask is None or mask.dtype == torch.bool):
         raise ValueError("attention_bwd: bias_grad needs a dense call with an additive (float) mask")
@@ -898,6 +1106,8 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
         return grads + (ds.zero_(),) if bias_grad else grads
     mask_t, mask_kind, mask_strides = _mask_args(mask, p)
     dkdv_tiles, dq_tiles = _bwd_blocks(p, q.device, q.dtype, masked=mask is not None)
+    if rotary is not None:
+        dkdv_tiles, dq_tiles = _rotary_bwd_blocks(p, q.device, q.dtype, dkdv_tiles, dq_tiles)
     block_d, block_dv = max(16, next_power_of_2(p.D)), max(16, next_power_of_2(p.DV))
     dummy = _dummy(q.device)
     cu_q = cu_seqlens_q if p.varlen else dummy
@@ -914,23 +1124,25 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, bottom_right: bool, win
     common = (mask_t if mask_t is not None else dummy, cu_q, cu_k, seed if seed is not None else dummy)
     slopes, alibi_strides = _alibi_args(alibi, p)
     slopes = slopes if slopes is not None else dummy
+    rcos, rsin, rstrides, r_half, s_rot, rflags = _rotary_args(rotary, dummy, block_d)
+    flags.update(rflags)
     # dK, dV: blocks of keys own their rows, so no two programs write the same element.
     bm, bn, warps, stages = dkdv_tiles
     _attn_bwd_dkdv_kernel[_grid(triton.cdiv(p.S, bn), p.B * p.HK)](
-        q, k, v, dout, lse, delta, dk, dv, *common, slopes,
+        q, k, v, dout, lse, delta, dk, dv, *common, slopes, rcos, rsin,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(dout), *p.strides(dk), *p.strides(dv),
-        *p.lse_strides(lse), *mask_strides, *alibi_strides,
+        *p.lse_strides(lse), *mask_strides, *alibi_strides, *rstrides,
         p.H, p.HK, p.group, p.L, p.S, p.total_q, p.total_k, p.D, p.DV, scale, softcap, window_left, window_right,
-        dropout_p,
+        dropout_p, r_half, s_rot,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages, **flags,
     )
     bm, bn, warps, stages = dq_tiles
     _attn_bwd_dq_kernel[_grid(triton.cdiv(p.L, bm), p.B * p.H)](
-        q, k, v, dout, lse, delta, dq, *common, ds if bias_grad else dummy, slopes,
+        q, k, v, dout, lse, delta, dq, *common, ds if bias_grad else dummy, slopes, rcos, rsin,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(dout), *p.strides(dq),
-        *p.lse_strides(lse), *mask_strides, *ds_strides, *alibi_strides,
+        *p.lse_strides(lse), *mask_strides, *ds_strides, *alibi_strides, *rstrides,
         p.H, p.group, p.L, p.S, p.total_q, p.total_k, p.D, p.DV, scale, softcap, window_left, window_right,
-        dropout_p, **ds_flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        dropout_p, r_half, s_rot, **ds_flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=warps, num_stages=stages, **flags,
     )
     return (dq, dk, dv, ds) if bias_grad else (dq, dk, dv)
@@ -954,7 +1166,8 @@ def gpu_compile_variants():
     pointer = {"Q": "dt", "K": "dt", "V": "dt", "O": "dt", "DO": "dt", "DQ": "dt", "DK": "dt", "DV_": "dt",
                "LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "SEQUSED_K": "*i32",
                "SEED": "*i64", "KEEP": "*i8", "DS": "*fp32", "SLOPES": "*fp32", "SINKS": "*fp32",
-               "BLOCK_TABLE": "*i32", "LEFTPAD_K": "*i32", "OP": "*fp32", "LSEP": "*fp32"}
+               "BLOCK_TABLE": "*i32", "LEFTPAD_K": "*i32", "OP": "*fp32", "LSEP": "*fp32", "COS": "*fp32",
+               "SIN": "*fp32"}
     floats = {"scale", "softcap", "dropout_p"}
 
     def signature(kernel, dt, mask_kind):
@@ -986,7 +1199,8 @@ def gpu_compile_variants():
         bm, bn, warps, stages = _blocks(SimpleNamespace(D=d, DV=d), gpu, dtypes[dt], ieee=ieee, masked=full)
         dkdv_tiles, dq_tiles = _bwd_blocks(SimpleNamespace(D=d, DV=d), gpu, dtypes[dt], ieee=ieee, masked=full)
         flags = dict(VARLEN=full, BOTTOM_RIGHT=full, HAS_LEFT=full, HAS_RIGHT=True, SOFTCAP=full, MASK=2 if full else 0,
-                     DROPOUT=full, IEEE=ieee, ALIBI=full)
+                     DROPOUT=full, IEEE=ieee, ALIBI=full, ROTARY=False, ROT_INTERLEAVED=False,
+                     ROT_HALVES=False)
         tiles = dict(BLOCK_D=d, BLOCK_DV=d)
         opts = {"num_warps": warps, "num_stages": stages}
         const = dict(flags, SEQUSED=full, SINK=full and not ieee, PAGED=False, LEFTPAD=False, SPLIT=False,
@@ -1033,6 +1247,29 @@ def gpu_compile_variants():
                          DROPOUT=True, SOFTCAP=True, BIAS_GRAD=mode, BIAS_SUM_M=sum_m, BIAS_SUM_N=sum_n,
                          BLOCK_M=bm, BLOCK_N=bn, **tiles)
             variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, 2), const, opts))
+    # Rotary inside attention (flash_attn_func's rotary_cos): a GPT's calls, causal, 16-bit, head
+    # dims 64 and 128, both pairings; forward and both backward kernels at the tiles they get.
+    # (dtype, head dim, interleaved, halves: the whole head turns; else a partial rotary dim)
+    for dt, d, interleaved, halves in (("bf16", 64, False, True), ("bf16", 128, False, True), ("bf16", 128, True, True),
+                                       ("fp16", 128, False, True), ("bf16", 64, False, False)):
+        bm, bn, warps, stages = _blocks(SimpleNamespace(D=d, DV=d), gpu, dtypes[dt])
+        stages = _rotary_fwd_stages(stages)  # as attention_fwd and attention_bwd launch them
+        dkdv_tiles, dq_tiles = _rotary_bwd_blocks(SimpleNamespace(D=d, DV=d), gpu, dtypes[dt],
+                                                  *_bwd_blocks(SimpleNamespace(D=d, DV=d), gpu, dtypes[dt]))
+        flags = dict(VARLEN=False, BOTTOM_RIGHT=True, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, MASK=0,
+                     DROPOUT=False, IEEE=False, ALIBI=False, ROTARY=True, ROT_INTERLEAVED=interleaved,
+                     ROT_HALVES=halves)
+        tiles = dict(BLOCK_D=d, BLOCK_DV=d)
+        variants.append((_attn_fwd_kernel, signature(_attn_fwd_kernel, dt, 0),
+                         dict(flags, SEQUSED=False, SINK=False, PAGED=False, LEFTPAD=False, SPLIT=False, BLOCK_M=bm,
+                              BLOCK_N=bn, **tiles), {"num_warps": warps, "num_stages": stages}))
+        bm, bn, warps, stages = dkdv_tiles
+        variants.append((_attn_bwd_dkdv_kernel, signature(_attn_bwd_dkdv_kernel, dt, 0),
+                         dict(flags, BLOCK_M=bm, BLOCK_N=bn, **tiles), {"num_warps": warps, "num_stages": stages}))
+        bm, bn, warps, stages = dq_tiles
+        variants.append((_attn_bwd_dq_kernel, signature(_attn_bwd_dq_kernel, dt, 0),
+                         dict(flags, BIAS_GRAD=0, BIAS_SUM_M=False, BIAS_SUM_N=False, BLOCK_M=bm, BLOCK_N=bn, **tiles),
+                         {"num_warps": warps, "num_stages": stages}))
     for dv in (64, 128, 256):
         variants.append((_attn_combine_kernel, signature(_attn_combine_kernel, "bf16", 0),
                          dict(VARLEN=False, SINK=True, BLOCK_M=64, BLOCK_DV=dv), {"num_warps": 8 if dv > 128 else 4}))

@@ -17,6 +17,15 @@ are deterministic (same inputs, same bits), with no atomics. A row wider than
 MAX_BWD_FUSED_BLOCK (below the forward's cap: the backward holds more per element) is walked
 in chunks, two passes, with the partials read-modified-written in this program's own row.
 
+Dropout (issue 23): with DROPOUT the input is dropped before the residual add,
+    s = dropout(x) + residual,   y = norm(s),
+the mask drawn in the kernel by tl.rand(seed, row * N + col) from a one-element int64 seed
+tensor (ops/attention.py's draw_dropout_seed: no host sync), never stored: the backward draws
+it again from the same seed, so dx = keep * scale * ds where ds is the gradient of s, and
+``dropout_mask`` launches the same draw alone for tests. SUM_F32 keeps the residual stream s in
+float32 (flash-attn's residual_in_fp32) while x and y are 16-bit: s is then not rounded to x's
+dtype, and the backward writes the gradient of the stream (DR, float32) apart from dx.
+
 Row offsets are int64 (row index * stride can pass 2^31); the math is float32.
 """
 
@@ -47,24 +56,44 @@ BWD_TILE = 8192
 BWD_PROGRAMS_PER_SM = 1
 
 
-def bwd_rows_block(block_n: int, rows_per_program: int) -> int:
-    """Rows a step of the fused backward: BWD_TILE elements, at most a program's rows."""
-    return max(1, min(BWD_TILE // block_n, launch.next_power_of_2(rows_per_program)))
+# With dropout (or a float32 stream) a step draws the mask and writes two gradients: half the
+# tile keeps it from spilling (at 768 wide, 8192-element steps spilled 80-210 B a thread).
+BWD_TILE_DROPOUT = BWD_TILE // 2
+
+
+def bwd_rows_block(block_n: int, rows_per_program: int, tile: int = BWD_TILE) -> int:
+    """Rows a step of the fused backward: ``tile`` elements, at most a program's rows."""
+    return max(1, min(tile // block_n, launch.next_power_of_2(rows_per_program)))
 
 
 @triton.jit
-def _load_input(x_row, r_row, s_row, c, mask, stride_xn, stride_rn,
-                HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr):
-    """One chunk of the input to normalise, x or x + residual, as float32.
+def _keep(seed, offsets, dropout_p):
+    """The dropout mask at flat element offsets row * N + col: a counter-based draw, so the
+    forward, the backward and dropout_mask draw the same bits from the same seed. Seven Philox
+    rounds (flash-attn's choice for its norm's dropout) instead of ten: fewer registers."""
+    return tl.rand(seed, offsets, n_rounds=7) >= dropout_p
 
-    The sum is rounded to the input dtype first (and stored when asked): the output is then
-    exactly the norm of the residual stream that is stored and that the backward reads."""
+
+@triton.jit
+def _load_input(x_row, r_row, s_row, c, mask, stride_xn, stride_rn, seed, keep_base, dropout_p, scale,
+                HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr, DROPOUT: tl.constexpr, SUM_F32: tl.constexpr):
+    """One chunk of the input to normalise, dropout(x) + residual (each part optional), as float32.
+
+    The sum is rounded to the stream's dtype first (x's, or float32 with SUM_F32) and stored
+    when asked: the output is then exactly the norm of the residual stream that is stored and
+    that the backward reads."""
     x = tl.load(x_row + c * stride_xn, mask=mask, other=0.0)
-    if HAS_RES:
-        r = tl.load(r_row + c * stride_rn, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    if HAS_RES or DROPOUT or SUM_F32:
+        xf = x.to(tl.float32)
+        if DROPOUT:
+            xf = tl.where(_keep(seed, keep_base + c, dropout_p), xf * scale, 0.0)
+        if HAS_RES:
+            xf += tl.load(r_row + c * stride_rn, mask=mask, other=0.0).to(tl.float32)
+        if not SUM_F32:
+            xf = xf.to(x.dtype).to(tl.float32)
         if STORE_SUM:
-            tl.store(s_row + c, x, mask=mask)
+            tl.store(s_row + c, xf.to(s_row.dtype.element_ty), mask=mask)
+        return xf
     return x.to(tl.float32)
 
 
@@ -79,13 +108,16 @@ def _affine(y, W, B, c, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
 
 @triton.jit
 def _norm_fwd_kernel(
-    X, R, S, Y, W, B, Mean, Rstd,
+    X, R, S, Y, W, B, Mean, Rstd, SEED,
     stride_xm, stride_xn, stride_rm, stride_rn,
-    N, eps,
+    N, eps, dropout_p, scale,
     HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     RMS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+    DROPOUT: tl.constexpr = False, SUM_F32: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
+    seed = tl.load(SEED) if DROPOUT else 0
+    keep_base = row * N
     x_row = X + row * stride_xm
     r_row = R + row * stride_rm
     s_row = S + row * N  # S and Y are written contiguous
@@ -93,7 +125,8 @@ def _norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
         mask = cols < N
-        x = _load_input(x_row, r_row, s_row, cols, mask, stride_xn, stride_rn, HAS_RES, STORE_SUM)
+        x = _load_input(x_row, r_row, s_row, cols, mask, stride_xn, stride_rn, seed, keep_base, dropout_p, scale,
+                        HAS_RES, STORE_SUM, DROPOUT, SUM_F32)
         if RMS:
             xc = x
         else:
@@ -109,7 +142,8 @@ def _norm_fwd_kernel(
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
-            acc += _load_input(x_row, r_row, s_row, c, c < N, stride_xn, stride_rn, HAS_RES, STORE_SUM)
+            acc += _load_input(x_row, r_row, s_row, c, c < N, stride_xn, stride_rn, seed, keep_base, dropout_p, scale,
+                               HAS_RES, STORE_SUM, DROPOUT, SUM_F32)
         mean = 0.0
         if not RMS:
             mean = tl.sum(acc, axis=0) / N
@@ -118,7 +152,8 @@ def _norm_fwd_kernel(
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
-            x = _load_input(x_row, r_row, s_row, c, c < N, stride_xn, stride_rn, HAS_RES, False)
+            x = _load_input(x_row, r_row, s_row, c, c < N, stride_xn, stride_rn, seed, keep_base, dropout_p, scale,
+                            HAS_RES, False, DROPOUT, SUM_F32)
             xc = tl.where(c < N, x - mean, 0.0)
             acc += xc * xc
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
@@ -126,7 +161,8 @@ def _norm_fwd_kernel(
         # Pass 3: normalise and write.
         for start in range(0, N, BLOCK_N):
             c = start + cols
-            x = _load_input(x_row, r_row, s_row, c, c < N, stride_xn, stride_rn, HAS_RES, False)
+            x = _load_input(x_row, r_row, s_row, c, c < N, stride_xn, stride_rn, seed, keep_base, dropout_p, scale,
+                            HAS_RES, False, DROPOUT, SUM_F32)
             y = _affine((x - mean) * rstd, W, B, c, c < N, HAS_W, HAS_B)
             tl.store(y_row + c, y.to(Y.dtype.element_ty), mask=c < N)
 
@@ -140,14 +176,38 @@ def _load_xhat_dy(X, DY, row, c, mask, stride_xm, stride_xn, stride_dym, stride_
 
 
 @triton.jit
+def _store_dx(DX, DR, offs, ds, mask, seed, dropout_p, scale, DROPOUT: tl.constexpr, STORE_DR: tl.constexpr):
+    """Write the gradients of a chunk whose stream gradient is ``ds`` (offs: row * N + col, the
+    outputs being contiguous, which are also the mask's offsets)."""
+    if STORE_DR:
+        tl.store(DR + offs, ds.to(DR.dtype.element_ty), mask=mask)
+    if DROPOUT:
+        ds = tl.where(_keep(seed, offs, dropout_p), ds * scale, 0.0)
+    tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(KEEP, SEED, numel, dropout_p, BLOCK: tl.constexpr):
+    """The mask alone (1 = kept), for tests and for layer_norm_fn's return_dropout_mask."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = _keep(tl.load(SEED), offs, dropout_p)
+    tl.store(KEEP + offs, keep.to(tl.int8), mask=offs < numel)
+
+
+@triton.jit
 def _norm_bwd_kernel(
-    X, W, Mean, Rstd, DY, DS, DX, DW, DB,
+    X, W, Mean, Rstd, DY, DS, DX, DW, DB, DR, SEED,
     stride_xm, stride_xn, stride_dym, stride_dyn, stride_dsm, stride_dsn,
-    M, N, rows_per_program,
+    M, N, rows_per_program, dropout_p, scale,
     HAS_DS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+    DROPOUT: tl.constexpr = False, STORE_DR: tl.constexpr = False,
 ):
+    # DX receives the gradient of the stream s (dx + ds) with no dropout; with DROPOUT the
+    # input's gradient keep * scale * (dx + ds), the mask drawn again from the forward's seed.
+    # STORE_DR: DR receives the stream's gradient too (the residual's, in its own dtype).
     pid = tl.program_id(0)
+    seed = tl.load(SEED) if DROPOUT else 0
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     cols = tl.arange(0, BLOCK_N)
@@ -181,7 +241,8 @@ def _norm_bwd_kernel(
             if HAS_DS:
                 dx += tl.load(DS + rows[:, None] * stride_dsm + cols[None, :] * stride_dsn, mask=mask,
                               other=0.0).to(tl.float32)
-            tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            offs = rows[:, None] * N + cols[None, :]
+            _store_dx(DX, DR, offs, dx, mask, seed, dropout_p, scale, DROPOUT, STORE_DR)
             if HAS_W:
                 dw += tl.sum(dy * xhat, axis=0)
             if HAS_B:
@@ -230,7 +291,7 @@ def _norm_bwd_kernel(
                 dx = (g - xhat * c1 - c2) * rstd
                 if HAS_DS:
                     dx += tl.load(DS + row * stride_dsm + c * stride_dsn, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + row * N + c, dx.to(DX.dtype.element_ty), mask=mask)
+                _store_dx(DX, DR, row * N + c, dx, mask, seed, dropout_p, scale, DROPOUT, STORE_DR)
                 if HAS_W:
                     tl.store(dw_row + c, tl.load(dw_row + c, mask=mask, other=0.0) + dy * xhat, mask=mask)
                 if HAS_B:
@@ -249,8 +310,13 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def norm_fwd(x, residual, weight, bias, normalized_ndim: int, eps: float, rms: bool,
-             keep_sum: bool, max_block: int | None = None):
-    """Launch the forward. Returns (y, sum, mean, rstd); sum and mean may be empty."""
+             keep_sum: bool, max_block: int | None = None, *, seed=None, dropout_p: float = 0.0,
+             sum_fp32: bool = False):
+    """Launch the forward. Returns (y, sum, mean, rstd); sum and mean may be empty.
+
+    ``sum`` is the residual stream dropout(x) + residual (with dropout_p > 0, drawn from the
+    one-element int64 ``seed`` tensor), in float32 when ``sum_fp32``, else in x's dtype; it is
+    formed (and stored, with keep_sum) whenever there is a residual, dropout or sum_fp32."""
     n = 1
     for d in x.shape[x.dim() - normalized_ndim:]:
         n *= d
@@ -258,9 +324,11 @@ def norm_fwd(x, residual, weight, bias, normalized_ndim: int, eps: float, rms: b
     m = x2.shape[0]
     r2 = _rows(residual, n) if residual is not None else x2
     has_res = residual is not None
-    store_sum = has_res and keep_sum
+    dropout = dropout_p > 0.0
+    sum_f32 = sum_fp32 and x.dtype != torch.float32
+    store_sum = (has_res or dropout or sum_fp32) and keep_sum
     y = empty(x.shape, x.dtype, x.device)
-    s = empty(x.shape, x.dtype, x.device) if store_sum else x.new_empty(0)
+    s = empty(x.shape, torch.float32 if sum_fp32 else x.dtype, x.device) if store_sum else x.new_empty(0)
     mean = empty((m,), torch.float32, x.device) if not rms else x.new_empty(0, dtype=torch.float32)
     rstd = empty((m,), torch.float32, x.device)
     w = weight.reshape(-1).contiguous() if weight is not None else x2
@@ -269,20 +337,24 @@ def norm_fwd(x, residual, weight, bias, normalized_ndim: int, eps: float, rms: b
         return y, s, mean, rstd
     block, single = row_block(n, max_block)
     _norm_fwd_kernel[(m,)](
-        x2, r2, s if store_sum else y, y, w, b, mean if not rms else rstd, rstd,
+        x2, r2, s if store_sum else y, y, w, b, mean if not rms else rstd, rstd, seed if dropout else rstd,
         x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1),
-        n, eps,
+        n, eps, dropout_p, 1.0 / (1.0 - dropout_p),
         HAS_RES=has_res, STORE_SUM=store_sum, HAS_W=weight is not None, HAS_B=bias is not None,
-        RMS=rms, BLOCK_N=block, SINGLE=single, num_warps=row_warps(block),
+        RMS=rms, BLOCK_N=block, SINGLE=single, DROPOUT=dropout, SUM_F32=sum_f32, num_warps=row_warps(block),
     )
     return y, s, mean, rstd
 
 
 def norm_bwd(dy, ds, x, weight, bias, mean, rstd, normalized_ndim: int, rms: bool,
-             max_block: int | None = None):
+             max_block: int | None = None, *, seed=None, dropout_p: float = 0.0, dx_dtype=None, dres_dtype=None):
     """Launch the backward. ``x`` is the normalised input (the residual stream when a
     residual was added); ``ds``, if given, is the gradient flowing into that stream
-    from elsewhere. Returns (dx, dweight, dbias), the last two None when absent."""
+    from elsewhere. Returns (dx, dweight, dbias), the last two None when absent.
+
+    With dropout (``seed``, ``dropout_p`` > 0: the forward's) dx is the gradient of the
+    dropped input, in ``dx_dtype`` (default x's dtype), the mask drawn again from the seed; with
+    ``dres_dtype`` the gradient of the stream itself (the residual's) comes fourth, in that dtype."""
     n = 1
     for d in x.shape[x.dim() - normalized_ndim:]:
         n *= d
@@ -290,7 +362,9 @@ def norm_bwd(dy, ds, x, weight, bias, mean, rstd, normalized_ndim: int, rms: boo
     dy2 = _rows(dy, n)
     ds2 = _rows(ds, n) if ds is not None else dy2
     m = x2.shape[0]
-    dx = empty(x.shape, x.dtype, x.device)
+    dropout = dropout_p > 0.0
+    dx = empty(x.shape, dx_dtype or x.dtype, x.device)
+    dres = empty(x.shape, dres_dtype, x.device) if dres_dtype is not None else None
     programs = persistent_programs(x.device, m, per_sm=BWD_PROGRAMS_PER_SM)
     has_w, has_b = weight is not None, bias is not None
     dw_part = empty((programs, n), torch.float32, x.device) if has_w else None
@@ -303,15 +377,18 @@ def norm_bwd(dy, ds, x, weight, bias, mean, rstd, normalized_ndim: int, rms: boo
             block = min(block, BWD_CHUNK)
         rows_per_program = triton.cdiv(m, programs)
         programs = triton.cdiv(m, rows_per_program)  # every program gets at least one row
-        block_m = bwd_rows_block(block, rows_per_program) if single else 1
+        tile = BWD_TILE_DROPOUT if (dropout or dres is not None) else BWD_TILE
+        block_m = bwd_rows_block(block, rows_per_program, tile) if single else 1
         w = weight.reshape(-1).contiguous() if has_w else x2
         _norm_bwd_kernel[(programs,)](
             x2, w, mean if not rms else rstd, rstd, dy2, ds2, dx,
             dw_part if has_w else dx, db_part if has_b else dx,
+            dres if dres is not None else rstd, seed if dropout else rstd,  # unused pointers: never touched
             x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), ds2.stride(0), ds2.stride(1),
-            m, n, rows_per_program,
+            m, n, rows_per_program, dropout_p, 1.0 / (1.0 - dropout_p),
             HAS_DS=ds is not None, HAS_W=has_w, HAS_B=has_b, RMS=rms,
-            BLOCK_M=block_m, BLOCK_N=block, SINGLE=single, num_warps=row_warps(block_m * block),
+            BLOCK_M=block_m, BLOCK_N=block, SINGLE=single, DROPOUT=dropout, STORE_DR=dres is not None,
+            num_warps=row_warps(block_m * block),
         )
         dw_part = dw_part[:programs] if has_w else None
         db_part = db_part[:programs] if has_b else None
@@ -321,31 +398,53 @@ def norm_bwd(dy, ds, x, weight, bias, mean, rstd, normalized_ndim: int, rms: boo
                 part.zero_()
     dw = dw_part.sum(0).to(weight.dtype).reshape(weight.shape) if has_w else None
     db = db_part.sum(0).to(bias.dtype).reshape(bias.shape) if has_b else None
-    return dx, dw, db
+    return (dx, dw, db) if dres is None else (dx, dw, db, dres)
+
+
+DROPOUT_MASK_BLOCK = 1024
+
+
+def dropout_mask(seed, shape, dropout_p: float, device) -> torch.Tensor:
+    """The boolean mask of kept elements that the kernels draw for ``seed`` over a tensor of
+    ``shape`` (element i of the flattened tensor, i = row * N + col)."""
+    keep = torch.empty(shape, dtype=torch.int8, device=device)
+    if keep.numel() == 0:
+        return keep.bool()
+    _dropout_mask_kernel[(triton.cdiv(keep.numel(), DROPOUT_MASK_BLOCK),)](
+        keep, seed, keep.numel(), dropout_p, BLOCK=DROPOUT_MASK_BLOCK)
+    return keep.bool()
 
 
 def gpu_compile_variants():
     """(kernel, signature, constexprs, num_warps) for the GPU compile check
     (kernels/compile_check.py): the interpreter never compiles, so CI compiles every
-    variant for real GPU targets instead."""
+    variant for real GPU targets instead. Each shape comes plain and with dropout, the
+    latter with the float32 residual stream for 16-bit inputs (residual_in_fp32)."""
     variants = []
     for dt in ("fp32", "fp16", "bf16"):
         for single in (True, False):
             for rms in (False, True):
-                block = 1024 if single else 4096
-                fwd_sig = {"X": f"*{dt}", "R": f"*{dt}", "S": f"*{dt}", "Y": f"*{dt}", "W": "*fp32", "B": "*fp32",
-                           "Mean": "*fp32", "Rstd": "*fp32", "stride_xm": "i64", "stride_xn": "i32",
-                           "stride_rm": "i64", "stride_rn": "i32", "N": "i32", "eps": "fp32"}
-                fwd_const = {"HAS_RES": True, "STORE_SUM": True, "HAS_W": True, "HAS_B": not rms, "RMS": rms,
-                             "BLOCK_N": block, "SINGLE": single}
-                variants.append((_norm_fwd_kernel, fwd_sig, fwd_const, row_warps(block)))
-                bwd_sig = {"X": f"*{dt}", "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "DY": f"*{dt}",
-                           "DS": f"*{dt}", "DX": f"*{dt}", "DW": "*fp32", "DB": "*fp32",
-                           "stride_xm": "i64", "stride_xn": "i32", "stride_dym": "i64", "stride_dyn": "i32",
-                           "stride_dsm": "i64", "stride_dsn": "i32", "M": "i32", "N": "i32",
-                           "rows_per_program": "i32"}
-                block_m = bwd_rows_block(block, 32) if single else 1
-                bwd_const = {"HAS_DS": True, "HAS_W": True, "HAS_B": not rms, "RMS": rms,
-                             "BLOCK_M": block_m, "BLOCK_N": block, "SINGLE": single}
-                variants.append((_norm_bwd_kernel, bwd_sig, bwd_const, row_warps(block_m * block)))
+                for drop in (False, True):
+                    st = "fp32" if drop else dt  # the stream's dtype
+                    block = 1024 if single else 4096
+                    fwd_sig = {"X": f"*{dt}", "R": f"*{st}", "S": f"*{st}", "Y": f"*{dt}", "W": "*fp32",
+                               "B": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "SEED": "*i64",
+                               "stride_xm": "i64", "stride_xn": "i32", "stride_rm": "i64", "stride_rn": "i32",
+                               "N": "i32", "eps": "fp32", "dropout_p": "fp32", "scale": "fp32"}
+                    fwd_const = {"HAS_RES": True, "STORE_SUM": True, "HAS_W": True, "HAS_B": not rms, "RMS": rms,
+                                 "BLOCK_N": block, "SINGLE": single, "DROPOUT": drop,
+                                 "SUM_F32": drop and dt != "fp32"}
+                    variants.append((_norm_fwd_kernel, fwd_sig, fwd_const, row_warps(block)))
+                    bwd_sig = {"X": f"*{st}", "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "DY": f"*{dt}",
+                               "DS": f"*{st}", "DX": f"*{dt}", "DW": "*fp32", "DB": "*fp32", "DR": f"*{st}",
+                               "SEED": "*i64", "stride_xm": "i64", "stride_xn": "i32", "stride_dym": "i64",
+                               "stride_dyn": "i32", "stride_dsm": "i64", "stride_dsn": "i32", "M": "i32", "N": "i32",
+                               "rows_per_program": "i32", "dropout_p": "fp32", "scale": "fp32"}
+                    block_m = bwd_rows_block(block, 32, BWD_TILE_DROPOUT if drop else BWD_TILE) if single else 1
+                    bwd_const = {"HAS_DS": True, "HAS_W": True, "HAS_B": not rms, "RMS": rms,
+                                 "BLOCK_M": block_m, "BLOCK_N": block, "SINGLE": single, "DROPOUT": drop,
+                                 "STORE_DR": drop}
+                    variants.append((_norm_bwd_kernel, bwd_sig, bwd_const, row_warps(block_m * block)))
+    variants.append((_dropout_mask_kernel, {"KEEP": "*i8", "SEED": "*i64", "numel": "i64", "dropout_p": "fp32"},
+                     {"BLOCK": DROPOUT_MASK_BLOCK}, 4))
     return variants

@@ -14,10 +14,10 @@ CEILINGS = {"copy_gbps": 10.0, "matmul_tflops": 0.05, "matmul_dtype": "fp32"}
 
 # Every public op of fastlm (rotary_cos_sin builds rotary's tables and is not an op).
 PUBLIC_OPS = {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_entropy", "cross_entropy_with_stats",
-              "linear_cross_entropy", "linear_cross_entropy_with_stats",
+              "layer_norm_fn", "linear_cross_entropy", "linear_cross_entropy_with_stats",
               "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
               "linear", "feed_forward", "rotary", "apply_rotary_emb",
-              "apply_rotary_pos_emb", "kl_div", "jsd", "linear_jsd"}
+              "apply_rotary_pos_emb", "qk_norm_rotary", "kl_div", "jsd", "linear_jsd"}
 
 
 def _run(**kwargs):

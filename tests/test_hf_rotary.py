@@ -132,17 +132,25 @@ def inputs(kind: str, B: int = 3, L: int = 11):
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
+# Families whose q_norm / k_norm and rotary become one fastlm.qk_norm_rotary call (issue 23).
+QK_NORM = {"qwen3", "gemma3", "olmo2"}
+
+
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts the calls of fastlm.apply_rotary_pos_emb made by the swapped forwards."""
-    calls = {"n": 0}
-    real = hr.apply_rotary_pos_emb
+    """Counts the calls of fastlm.apply_rotary_pos_emb made by the swapped forwards, and of the
+    fused q/k norm + rotary (calls["qk"] counts those alone)."""
+    calls = {"n": 0, "qk": 0}
 
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
+    def counter(real, key):
+        def counted(*args, **kwargs):
+            calls["n"] += 1
+            calls[key] = calls.get(key, 0) + 1
+            return real(*args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(hr, "apply_rotary_pos_emb", counted)
+    monkeypatch.setattr(hr, "apply_rotary_pos_emb", counter(hr.apply_rotary_pos_emb, "rotary"))
+    monkeypatch.setattr(hr, "qk_norm_rotary_heads_first", counter(hr.qk_norm_rotary_heads_first, "qk"))
     return calls
 
 
@@ -191,7 +199,8 @@ def test_rotary_matches_the_unpatched_model_and_revert_restores_it(kind, backend
         handle = swap(original)
     attn = [n for n, m in original.named_modules() if classes[n].__name__ == ATTENTION[kind]]
     assert len(attn) == n_layers(original)
-    assert sorted(handle.replaced) == sorted((n, f"rotary: {ATTENTION[kind]}") for n in attn)
+    what = "qk_norm_rotary" if kind in QK_NORM else "rotary"
+    assert sorted(handle.replaced) == sorted((n, f"{what}: {ATTENTION[kind]}") for n in attn)
     for n in attn:
         m = original.get_submodule(n)
         assert type(m) is not classes[n] and isinstance(m, classes[n])
@@ -201,6 +210,7 @@ def test_rotary_matches_the_unpatched_model_and_revert_restores_it(kind, backend
         logits, loss = run(original, kind, ids, mask, labels)
         g = grads(original, loss)
     assert spy["n"] == n_layers(original) and hf_calls["n"] == 0  # fastlm's function ran, once per layer; HF's not
+    assert spy["qk"] == (n_layers(original) if kind in QK_NORM else 0)  # the fused call where q and k are normed
     terms = original.config.hidden_size * 4 * 2
     close(logits, logits64, logits32, "logits", terms)
     close(loss, loss64, loss32, "loss", terms)

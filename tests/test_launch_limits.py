@@ -114,6 +114,12 @@ def _add_rms_norm():
     _backward(*fastlm.add_rms_norm(x, r, (16,), w, return_residual=True))
 
 
+def _layer_norm_fn():  # dropout + residual + norm (issue 23) and its mask
+    x, r, w, b = _rand(BIG, 16, grad=True), _rand(BIG, 16, grad=True), _rand(16, grad=True), _rand(16, grad=True)
+    y, s, _, _ = fastlm.layer_norm_fn(x, w, b, r, dropout_p=0.25, prenorm=True, return_dropout_mask=True)
+    _backward(y, s)
+
+
 def _rotary():
     cos, sin = fastlm.rotary_cos_sin(8, 16, device=DEVICE)
     for B, S, H in ((BIG, 1, 1), (BIG // 16 + 1, 3, 16)):
@@ -199,6 +205,16 @@ def _linear_jsd():
     _backward(fastlm.linear_jsd(x, w, xt, wt, chunk_size=BIG))
 
 
+def _qk_norm_rotary():  # q/k RMSNorm + rotary (issue 23), per head and over all heads
+    cos, sin = fastlm.rotary_cos_sin(8, 16, device=DEVICE)
+    for B, S, H, Hk, norm_over in ((BIG, 1, 1, 1, "heads"), (BIG // 16 + 1, 3, 16, 4, "heads"),
+                                   (BIG, 1, 2, 1, "all")):
+        q, k = _rand(B, S, H, 32, grad=True), _rand(B, S, Hk, 32, grad=True)
+        width = (lambda h: 32 if norm_over == "heads" else h * 32)
+        qw, kw = _rand(width(H), grad=True), _rand(width(Hk), grad=True)
+        _backward(*fastlm.qk_norm_rotary(q, k, qw, kw, cos, sin, norm_over=norm_over))
+
+
 CASES = {
     "flash_attn_func": _flash_attn_func,
     "flash_attn_varlen_func": _flash_attn_varlen_func,
@@ -209,9 +225,11 @@ CASES = {
     "rms_norm": _rms_norm,
     "add_layer_norm": _add_layer_norm,
     "add_rms_norm": _add_rms_norm,
+    "layer_norm_fn": _layer_norm_fn,
     "rotary": _rotary,
     "apply_rotary_emb": _apply_rotary_emb,
     "apply_rotary_pos_emb": _apply_rotary_pos_emb,
+    "qk_norm_rotary": _qk_norm_rotary,
     "rotary_cos_sin": _rotary_cos_sin,
     "linear": _linear,
     "feed_forward": _feed_forward,

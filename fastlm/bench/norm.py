@@ -14,6 +14,14 @@ once (retain_graph, so every call runs the same backward); "fwd+bwd" is both.
 
 The fused variants return the residual stream x + r as well as the norm, as a pre-norm
 block needs it for the next add, and the backward gets a gradient for both outputs.
+
+dropout_add_layer_norm / dropout_add_rms_norm (issue 23) are the same with dropout on the
+sublayer output first, p = 0.1: fastlm's one kernel (add_layer_norm(..., dropout_p=0.1), the
+mask drawn from a seed and drawn again in the backward) against the unfused chain
+F.dropout, add, norm that eager and torch.compile run. The masks differ by construction (each
+draws its own), so their outputs are checked for shape and finiteness only (tests compare
+masks). Each row's ``bytes`` is the fused op's least traffic; ``chain_bytes`` counts what the
+eager chain moves (bytes_moved_chain), so the saving reads off one row.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ import torch.nn.functional as F
 
 from .runner import COMPILE, EAGER, Config, Harness, dtype_name, standard_implementations
 
-OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
+OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "dropout_add_layer_norm", "dropout_add_rms_norm")
+DROPOUT_P = 0.1
 MODES = ("fwd", "bwd", "fwd+bwd")
 IMPLS = ("fastlm-triton", "fastlm-cuda", "fastlm-torch", EAGER, COMPILE)
 EPS = 1e-5
@@ -53,7 +62,11 @@ def default_shapes(config: Config) -> tuple[list[int], list[int]]:
 
 
 def _fused(op: str) -> bool:
-    return op.startswith("add_")
+    return op.startswith("add_") or op.startswith("dropout_add_")
+
+
+def _dropout(op: str) -> bool:
+    return op.startswith("dropout_add_")
 
 
 def _has_bias(op: str) -> bool:
@@ -79,6 +92,16 @@ def eager_forward(op: str, width: int) -> Forward:
             s = x + r
             return F.rms_norm(s, shape, w, EPS), s
         return add_rms_norm
+    if op == "dropout_add_layer_norm":
+        def dropout_add_layer_norm(x, r, w, b):
+            s = F.dropout(x, DROPOUT_P) + r
+            return F.layer_norm(s, shape, w, b, EPS), s
+        return dropout_add_layer_norm
+    if op == "dropout_add_rms_norm":
+        def dropout_add_rms_norm(x, r, w, b):
+            s = F.dropout(x, DROPOUT_P) + r
+            return F.rms_norm(s, shape, w, EPS), s
+        return dropout_add_rms_norm
     raise ValueError(f"op: expected one of {OPS}, got {op!r}")
 
 
@@ -91,6 +114,10 @@ def fastlm_forward(op: str, width: int, backend: str) -> Forward:
         "rms_norm": lambda x, r, w, b: fastlm.rms_norm(x, shape, w, EPS),
         "add_layer_norm": lambda x, r, w, b: fastlm.add_layer_norm(x, r, shape, w, b, EPS, return_residual=True),
         "add_rms_norm": lambda x, r, w, b: fastlm.add_rms_norm(x, r, shape, w, EPS, return_residual=True),
+        "dropout_add_layer_norm": lambda x, r, w, b: fastlm.add_layer_norm(x, r, shape, w, b, EPS, return_residual=True,
+                                                                           dropout_p=DROPOUT_P),
+        "dropout_add_rms_norm": lambda x, r, w, b: fastlm.add_rms_norm(x, r, shape, w, EPS, return_residual=True,
+                                                                       dropout_p=DROPOUT_P),
     }
     call = calls[op]
 
@@ -142,14 +169,36 @@ def bytes_moved(op: str, mode: str, rows: int, width: int, dtype: torch.dtype) -
 
     fwd reads x (and r) and writes y (and s = x + r); bwd reads x (s), dy (and ds) and writes
     dx (the same values are dr); the weights are read once and their gradients written once.
-    The per-row statistics (mean, rstd: 4 bytes a row) are left out.
+    The per-row statistics (mean, rstd: 4 bytes a row) are left out. With dropout the forward
+    moves the same (the mask is drawn, not read), and the backward writes dx and dr apart
+    (dx is dr masked and scaled): one activation more.
     """
     elem = torch.empty(0, dtype=dtype).element_size()
     act = rows * width * elem
     vec = width * elem
     n_params = 2 if _has_bias(op) else 1
     fwd = act * (4 if _fused(op) else 2) + vec * n_params
-    bwd = act * (4 if _fused(op) else 3) + vec * (1 + n_params)
+    bwd = act * ((5 if _dropout(op) else 4) if _fused(op) else 3) + vec * (1 + n_params)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def bytes_moved_chain(op: str, mode: str, rows: int, width: int, dtype: torch.dtype) -> int:
+    """What the unfused eager chain of a dropout op moves, each op reading its inputs and
+    writing its outputs once (torch's dropout keeps a one-byte mask for its backward).
+
+    fwd: dropout reads x, writes x' and the mask (2 activations + mask); the add reads x', r,
+    writes s (3); the norm reads s, writes y (2): 7 activations + mask. bwd: the norm's
+    backward reads s, dy, writes g (3); autograd adds ds to it (reads 2, writes 1: 3); the add's
+    gradient passes to r as is, and dropout's backward reads g and the mask, writes dx (2 +
+    mask): 8 activations + mask. Parameters as in bytes_moved.
+    """
+    elem = torch.empty(0, dtype=dtype).element_size()
+    act = rows * width * elem
+    mask = rows * width
+    vec = width * elem
+    n_params = 2 if _has_bias(op) else 1
+    fwd = 7 * act + mask + vec * n_params
+    bwd = 8 * act + mask + vec * (1 + n_params)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
@@ -176,8 +225,9 @@ def mode_call(mode: str, forward: Forward, inputs: Inputs, grads: tuple[torch.Te
     raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
 
 
-def compare(dtype: torch.dtype) -> Callable[[str, Any, Any], Optional[str]]:
-    """An output check for Harness.run_case: a note when an output strays from eager's."""
+def compare(dtype: torch.dtype, values: bool = True) -> Callable[[str, Any, Any], Optional[str]]:
+    """An output check for Harness.run_case: a note when an output strays from eager's
+    (values=False: shapes and finiteness only, for outputs under different dropout masks)."""
     def check(name: str, out: Any, ref: Any) -> Optional[str]:
         worst = 0.0
         for a, b in zip(out, ref):
@@ -186,6 +236,8 @@ def compare(dtype: torch.dtype) -> Callable[[str, Any, Any], Optional[str]]:
             a, b = a.detach().float(), b.detach().float()
             if not torch.isfinite(a).all():
                 return "returned NaN or inf"
+            if not values:
+                continue
             worst = max(worst, ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item())
         if worst > _TOLERANCE.get(dtype, 1e-4):
             return f"differs from torch-eager: max |diff| / max |eager| = {worst:.2e}"
@@ -199,7 +251,7 @@ def run(config: Config, harness: Harness) -> None:
     impls = implementations(config, harness)
     ops = [op for op in OPS if config.wants("op", op)]
     modes = [mode for mode in MODES if config.wants("mode", mode)]
-    check = compare(config.dtype)
+    check, check_shapes = compare(config.dtype), compare(config.dtype, values=False)
     succeeded: set[str] = set()
     for op in ops:
         for width in widths:
@@ -216,7 +268,10 @@ def run(config: Config, harness: Harness) -> None:
                            for name in impls}
                     meta = {"op": op, "mode": mode, "rows": rows, "width": width,
                             "dtype": dtype_name(config.dtype)}
-                    done = harness.run_case(meta, fns, bytes_moved(op, mode, rows, width, config.dtype), check)
+                    if _dropout(op):
+                        meta["chain_bytes"] = bytes_moved_chain(op, mode, rows, width, config.dtype)
+                    done = harness.run_case(meta, fns, bytes_moved(op, mode, rows, width, config.dtype),
+                                            check_shapes if _dropout(op) else check)
                     succeeded |= {row["impl"] for row in done}
                     best = min(done, key=lambda row: row["ms"]) if done else None
                     print(f"norm: {op} {mode} {rows}x{width}: " +

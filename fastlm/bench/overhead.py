@@ -4,7 +4,7 @@ torch function it replaces, at tiny shapes where the work is nothing and the hos
     fastlm bench overhead --device cpu --threads 1      # the CPU path, one torch thread
     fastlm bench overhead --quick                       # 200 calls a loop, the small large-cases
 
-Every public op of ``fastlm`` (layer_norm, rms_norm, add_layer_norm, add_rms_norm,
+Every public op of ``fastlm`` (layer_norm, rms_norm, add_layer_norm, add_rms_norm, layer_norm_fn,
 cross_entropy, cross_entropy with z_loss and softcap, linear_cross_entropy,
 scaled_dot_product_attention (causal), flash_attn_func, flash_attn_varlen_func,
 flash_attn_with_kvcache, linear with and without an activation, feed_forward with a plain
@@ -110,7 +110,7 @@ def _norm_case(op: str, rows: int, width: int, group: str, device, dtype) -> Cas
     import fastlm
 
     shape = (width,)
-    fused, bias = op.startswith("add_"), op.endswith("layer_norm")
+    fused, bias = op.startswith("add_") or op == "layer_norm_fn", op.endswith("layer_norm") or op == "layer_norm_fn"
 
     def make(grad: bool):
         x = _rand(rows, width, device=device, dtype=dtype, grad=grad)
@@ -125,6 +125,9 @@ def _norm_case(op: str, rows: int, width: int, group: str, device, dtype) -> Cas
             return (lambda: fastlm.rms_norm(x, shape, w, EPS)), (lambda: F.rms_norm(x, shape, w, EPS)), leaves
         if op == "add_layer_norm":
             return ((lambda: fastlm.add_layer_norm(x, r, shape, w, b, EPS)),
+                    (lambda: F.layer_norm(x + r, shape, w, b, EPS)), leaves)
+        if op == "layer_norm_fn":  # flash-attn's signature, no dropout: the same call as add_layer_norm
+            return ((lambda: fastlm.layer_norm_fn(x, w, b, r, eps=EPS)),
                     (lambda: F.layer_norm(x + r, shape, w, b, EPS)), leaves)
         return ((lambda: fastlm.add_rms_norm(x, r, shape, w, EPS)), (lambda: F.rms_norm(x + r, shape, w, EPS)),
                 leaves)
@@ -395,10 +398,27 @@ def _apply_rotary_pos_emb_case(B: int, L: int, H: int, D: int, device, dtype) ->
     return Case("apply_rotary_pos_emb", "tiny", f"{B}x{H}x{L}x{D} q and k", L, D, make, heads=H)
 
 
+def _qk_norm_rotary_case(B: int, L: int, H: int, D: int, device, dtype) -> Case:
+    """q/k RMSNorm + rotary (issue 23) against HF's chain: two RMSNorms, then the rotary."""
+    import fastlm
+
+    from .rope import eager_qk_norm_rope
+
+    def make(grad: bool):
+        q = _rand(B, L, H, D, device=device, dtype=dtype, grad=grad)
+        k = _rand(B, L, H, D, device=device, dtype=dtype, grad=grad)
+        qw = _rand(D, device=device, dtype=dtype, grad=grad, scale=0.1, shift=1.0)
+        kw = _rand(D, device=device, dtype=dtype, grad=grad, scale=0.1, shift=1.0)
+        cos, sin = fastlm.rotary_cos_sin(L, D, device=device)
+        return ((lambda: fastlm.qk_norm_rotary(q, k, qw, kw, cos, sin)),
+                (lambda: eager_qk_norm_rope(q, k, qw, kw, cos, sin)), _grads(q, k, qw, kw))
+    return Case("qk_norm_rotary", "tiny", f"{B}x{L}x{H}x{D} q and k", L, D, make, heads=H)
+
+
 def tiny_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     """One case per public op (two for cross_entropy, linear and feed_forward), tiny shapes."""
     cases = [_norm_case(op, 4, 64, "tiny", device, dtype)
-             for op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")]
+             for op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "layer_norm_fn")]
     cases.append(_ce_case("cross_entropy", 8, 32, "tiny", device, dtype))
     cases.append(_ce_case("cross_entropy z_loss+softcap", 8, 32, "tiny", device, dtype, z_loss=1e-4, softcap=30.0))
     cases.append(_ce_stats_case(8, 32, device, dtype))
@@ -411,6 +431,7 @@ def tiny_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     cases.append(_rotary_case(1, 8, 2, 16, device, dtype))
     cases.append(_apply_rotary_emb_case(1, 8, 2, 16, device, dtype))
     cases.append(_apply_rotary_pos_emb_case(1, 8, 2, 16, device, dtype))
+    cases.append(_qk_norm_rotary_case(1, 8, 2, 16, device, dtype))
     return cases
 
 

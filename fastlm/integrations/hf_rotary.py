@@ -42,6 +42,11 @@ multimodal rotary, a function someone else already patched) is left alone with a
 warning naming its module; so is an attention module whose forward is overridden on the
 instance (accelerate's hooks). Only the attention's own ``forward`` (and functions nested in
 it) is searched for the call: a rotary applied from another method is not seen.
+
+Qwen3, OLMo-2 and Gemma 3 (and copies of their attention): the q_norm / k_norm calls and the
+rotary become one fastlm.qk_norm_rotary call (one launch forward and one backward), by a
+rewrite of HF's forward described at ``_QK_REFERENCES`` below; recorded as
+``"qk_norm_rotary: <class>"``.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..ops.rotary import apply_rotary_pos_emb
+from ..ops.rotary import apply_rotary_pos_emb, qk_norm_rotary_heads_first
 
 NAME = "apply_rotary_pos_emb"
 
@@ -253,8 +258,8 @@ def _holds(cell, value) -> bool:
         return False
 
 
-def _clone(fn: types.FunctionType, namespace: dict, closure, wrapped=None) -> types.FunctionType:
-    new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, closure)
+def _clone(fn: types.FunctionType, namespace: dict, closure, wrapped=None, code=None) -> types.FunctionType:
+    new = types.FunctionType(code or fn.__code__, namespace, fn.__name__, fn.__defaults__, closure)
     new.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else fn.__kwdefaults__
     new.__dict__.update(fn.__dict__)
     new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
@@ -264,12 +269,13 @@ def _clone(fn: types.FunctionType, namespace: dict, closure, wrapped=None) -> ty
     return new
 
 
-def _rebound(chain: list[types.FunctionType], namespace: dict) -> Optional[types.FunctionType]:
-    """The chain rebuilt: the innermost function on ``namespace``, each wrapper with the cell
-    that held the function it wraps holding the rebuilt one. None when a wrapper does not
-    keep what it wraps in its closure (it could not be rebuilt faithfully)."""
+def _rebound(chain: list[types.FunctionType], namespace: dict, code=None) -> Optional[types.FunctionType]:
+    """The chain rebuilt: the innermost function on ``namespace`` (with ``code`` in place of its
+    own when given), each wrapper with the cell that held the function it wraps holding the
+    rebuilt one. None when a wrapper does not keep what it wraps in its closure (it could not
+    be rebuilt faithfully)."""
     inner = chain[-1]
-    new = _clone(inner, namespace, inner.__closure__)
+    new = _clone(inner, namespace, inner.__closure__, code=code)
     for wrapper, old in zip(reversed(chain[:-1]), reversed(chain[1:])):
         cells = wrapper.__closure__ or ()
         if not any(_holds(c, old) for c in cells):
@@ -325,15 +331,261 @@ def _swap_class_for(cls: type) -> tuple[Optional[type], Optional[str]]:
     return _swap_classes[key], None
 
 
+# ============================================================================ q/k norm + rotary in one call
+#
+# Qwen3's, OLMo-2's and Gemma 3's attention normalise q and k (their q_norm / k_norm modules)
+# and then call apply_rotary_pos_emb: fastlm.qk_norm_rotary does both in one launch. Their
+# forward is rewritten, not replaced: the attention's own forward, its syntax tree equal to one
+# of the reference forwards below (transformers' own classes, or a copy of one), with the two
+# norm calls ``self.q_norm(x)`` / ``self.k_norm(x)`` dropped and the rotary call
+# ``apply_rotary_pos_emb(q, k, cos, sin)`` becoming ``_fastlm_qk_norm_rotary(self, q, k, cos, sin)``;
+# every other statement is HF's, compiled from HF's source into the same copy of the module
+# globals as the rotary swap uses. That is exact because, in these forwards, what happens between
+# the norm and the rotary is a view and a transpose of the head axes, which commute with a norm
+# over the head dim (Qwen3, Gemma 3) and, for OLMo-2's norm over the whole projection, leave
+# each token's features together. The norm modules must be the family's own (checked on their
+# source, per instance; fastlm's norm swap of them counts as theirs); a call the fused op does
+# not take as HF computes it (mixed dtypes whose promotion HF's code would change, hooks on a
+# norm module) runs HF's norms and then the rotary swap's function, so the result is the same.
+#
+# family's attention class -> (module, its norm class, eps attribute, norm over all heads,
+# weight offset, xhat rounded before the weight, HF's rotary keeps q's dtype)
+_QK_REFERENCES = {
+    "Qwen3Attention": ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "variance_epsilon", False, 0.0,
+                       True),
+    "Olmo2Attention": ("transformers.models.olmo2.modeling_olmo2", "Olmo2RMSNorm", "variance_epsilon", True, 0.0,
+                       False),
+    "Gemma3Attention": ("transformers.models.gemma3.modeling_gemma3", "Gemma3RMSNorm", "eps", False, 1.0, False),
+}
+_QK_CALL = "_fastlm_qk_norm_rotary"
+_qk_reference_trees: Optional[dict[str, tuple]] = None  # forward syntax tree -> (kind, norm class)
+_qk_kinds: dict[type, Optional[tuple]] = {}
+_qk_classes: dict[tuple, Optional[type]] = {}
+
+
+def _qk_references() -> dict[str, tuple]:
+    global _qk_reference_trees
+    if _qk_reference_trees is None:
+        trees = {}
+        for attention, (module_name, norm, eps_attr, all_heads, offset, cast) in _QK_REFERENCES.items():
+            try:
+                module = importlib.import_module(module_name)
+                forward = _chain(getattr(module, attention).forward)[-1]
+                norm_cls = getattr(module, norm)
+            except (ImportError, AttributeError, TypeError):  # another transformers version
+                continue
+            tree = _tree(forward)
+            if tree is not None:
+                trees[tree[0]] = ((eps_attr, all_heads, offset, cast), norm_cls)
+        _qk_reference_trees = trees
+    return _qk_reference_trees
+
+
+def _qk_kind(cls: type) -> Optional[tuple]:
+    """(options, the family's norm class) when ``cls``'s forward is a recognised q/k-norm attention
+    forward calling a recognised rotary; else None."""
+    if cls in _qk_kinds:
+        return _qk_kinds[cls]
+    found = None
+    forward = getattr(cls, "forward", None)
+    chain = _chain(forward) if isinstance(forward, types.FunctionType) else None
+    if chain is not None and not chain[-1].__code__.co_freevars and NAME in _global_names(chain[-1].__code__):
+        tree = _tree(chain[-1])
+        refs = _qk_references()
+        if tree is not None and tree[0] in refs:
+            original = chain[-1].__globals__.get(NAME, _MISSING)
+            if original is not _MISSING and fastlm_version(original) is not None:
+                found = refs[tree[0]]
+    _qk_kinds[cls] = found
+    return found
+
+
+def _norm_is(module, norm_cls: type) -> bool:
+    """``module`` is ``norm_cls`` or a copy of it (same source), possibly class-swapped by
+    fastlm's norm swap (fastlm.integrations.transformers), with a 1-D weight."""
+    from . import transformers as ft
+    cls = type(module)
+    if cls.__module__ == ft.__name__ and cls.__name__.startswith("Fastlm") and len(cls.__bases__) == 1:
+        cls = cls.__bases__[0]
+    if cls is not norm_cls and ft._signature(cls) != ft._signature(norm_cls):
+        return False
+    w = getattr(module, "weight", None)
+    return isinstance(w, Tensor) and w.dim() == 1
+
+
+class _Rewrite(ast.NodeTransformer):
+    """Drops ``self.q_norm(x)`` / ``self.k_norm(x)`` (to ``x``) and turns the rotary call into
+    the fused one, counting what it changed."""
+
+    def __init__(self):
+        self.norms = 0
+        self.rotary = 0
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in ("q_norm", "k_norm") and isinstance(f.value, ast.Name) \
+                and f.value.id == "self" and len(node.args) == 1 and not node.keywords:
+            self.norms += 1
+            return node.args[0]
+        if isinstance(f, ast.Name) and f.id == NAME and len(node.args) == 4 and not node.keywords:
+            self.rotary += 1
+            return ast.copy_location(ast.Call(func=ast.Name(id=_QK_CALL, ctx=ast.Load()),
+                                              args=[ast.Name(id="self", ctx=ast.Load()), *node.args], keywords=[]),
+                                     node)
+        return node
+
+
+def _rewritten_code(inner: types.FunctionType) -> Optional[types.CodeType]:
+    """The code of ``inner`` with the norms and the rotary fused (see above), compiled from its
+    source at its own file and line numbers; None where the source does not rewrite as expected."""
+    try:
+        source = textwrap.dedent(inspect.getsource(inner))
+        node = ast.parse(source).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    if not isinstance(node, ast.FunctionDef):
+        return None
+    node.decorator_list = []
+    rewrite = _Rewrite()
+    node = rewrite.visit(node)
+    if rewrite.norms != 2 or rewrite.rotary != 1:
+        return None
+    module = ast.Module(body=[node], type_ignores=[])
+    ast.fix_missing_locations(module)  # before the shift: new nodes take their parent's place
+    ast.increment_lineno(module, inner.__code__.co_firstlineno - 1)
+    try:
+        compiled = compile(module, inner.__code__.co_filename, "exec", dont_inherit=True)
+    except SyntaxError:
+        return None
+    codes = [c for c in compiled.co_consts if isinstance(c, types.CodeType) and c.co_name == inner.__name__]
+    if len(codes) != 1 or codes[0].co_freevars:
+        return None
+    return codes[0]
+
+
+def _hf_norm(norm, x: Tensor, all_heads: bool) -> Tensor:
+    """HF's norm module on q or k (B, H, S, D) as its forward applies it: per head, or (OLMo-2)
+    over the token's whole projection, (B, S, H * D) as it was before the split into heads."""
+    if not all_heads:
+        return norm(x)
+    B, H, S, D = x.shape
+    return norm(x.transpose(1, 2).reshape(B, S, H * D)).view(B, S, H, D).transpose(1, 2)
+
+
+def _fused_call(options: tuple, rotary: Callable, keeps_dtype: bool) -> Callable:
+    """The function the rewritten forward calls in place of apply_rotary_pos_emb, with the
+    attention module and the un-normalised q and k."""
+    eps_attr, all_heads, offset, cast = options
+
+    def qk_norm_rotary_call(module, q, k, cos, sin):
+        qn, kn = module.q_norm, module.k_norm
+        if _takes(qn, kn, q, k, cos, sin, cast, all_heads, keeps_dtype):
+            eps = getattr(qn, eps_attr)
+            if getattr(kn, eps_attr) == eps and isinstance(eps, (int, float)) and not isinstance(eps, bool):
+                half = cos.shape[-1] // 2
+                c, s = cos[..., :half], sin[..., :half]
+                if not (cos.is_cpu and not torch.compiler.is_compiling()) or (
+                        torch.equal(c, cos[..., half:]) and torch.equal(s, sin[..., half:])):
+                    if c.dim() == 2:
+                        c, s = c[None], s[None]
+                    return qk_norm_rotary_heads_first(q, k, qn.weight, kn.weight, c, s, float(eps), offset, cast,
+                                                      all_heads)
+        return rotary(_hf_norm(qn, q, all_heads), _hf_norm(kn, k, all_heads), cos, sin)
+    qk_norm_rotary_call.__name__ = qk_norm_rotary_call.__qualname__ = _QK_CALL
+    return qk_norm_rotary_call
+
+
+def _takes(qn, kn, q, k, cos, sin, cast: bool, all_heads: bool, keeps_dtype: bool) -> bool:
+    """Whether fastlm.qk_norm_rotary computes this call as HF's norms then rotary do: shapes it
+    takes, no hooks on the norm modules, and HF's result dtype equal to q's (the fused op
+    returns q's dtype: a float32 weight or float32 tables over a half q, which HF's promotion
+    would turn into a float32 result, run HF's own path)."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(cos, Tensor) and isinstance(sin, Tensor)):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or q.dtype != k.dtype or not q.is_floating_point() or cos.shape != sin.shape \
+            or cos.dim() not in (2, 3) or cos.shape[-1] % 2 or cos.shape[-1] > q.shape[-1] \
+            or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] \
+            or cos.shape[-2] != q.shape[2] or (cos.dim() == 3 and cos.shape[0] not in (1, q.shape[0])):
+        return False
+    for norm in (qn, kn):
+        if "forward" in norm.__dict__ or norm._forward_hooks or norm._forward_pre_hooks:
+            return False
+    qw, kw = qn.weight, kn.weight
+    if qw.dtype != kw.dtype or qw.dtype not in (q.dtype, torch.float32) \
+            or cos.dtype not in (q.dtype, torch.float32) or sin.dtype != cos.dtype:
+        return False
+    if any(t.device != q.device for t in (k, qw, kw, cos, sin)):
+        return False
+    D = q.shape[-1]
+    if (qw.shape[0], kw.shape[0]) != ((q.shape[1] * D, k.shape[1] * D) if all_heads else (D, D)):
+        return False
+    # HF's dtypes: the norm's output (Llama's weight * xhat.to(x dtype) promotes with the
+    # weight; Gemma's and OLMo-2's return x's dtype), then the rotary's promotion with the tables.
+    normed = torch.promote_types(qw.dtype, q.dtype) if cast else q.dtype
+    out = normed if keeps_dtype else torch.promote_types(normed, cos.dtype)
+    return normed == q.dtype and out == q.dtype
+
+
+def _qk_swap_class_for(module) -> Optional[type]:
+    """The subclass an attention module becomes for the fused q/k norm + rotary, or None (the
+    plain rotary swap then applies)."""
+    cls = type(module)
+    kind = _qk_kind(cls)
+    if kind is None:
+        return None
+    options, norm_cls = kind
+    if not (_norm_is(getattr(module, "q_norm", None), norm_cls) and _norm_is(getattr(module, "k_norm", None),
+                                                                           norm_cls)):
+        _warn_once(f"qk-norm:{cls.__module__}.{cls.__qualname__}",
+                   f"fastlm: {cls.__module__}.{cls.__qualname__} has q_norm / k_norm modules that are not "
+                   f"{norm_cls.__name__}; its norms and rotary are not fused (the rotary alone is swapped)")
+        return None
+    chain = _chain(cls.forward)
+    inner = chain[-1]
+    namespace = inner.__globals__
+    original = namespace[NAME]
+    names = sorted(_global_names(inner.__code__))
+    key = (cls, tuple((n, id(namespace.get(n, _MISSING))) for n in names))
+    if key not in _qk_classes:
+        target = None
+        code = _rewritten_code(inner)
+        if code is not None:
+            copied = dict(namespace)
+            replacement = fastlm_version(original)
+            copied[NAME] = replacement
+            copied[_QK_CALL] = _fused_call(options, replacement, _recognise(original)[0])
+            copied.pop("__name__", None)  # as in _swap_class_for: torch.compile guards the copy
+            new_forward = _rebound(chain, copied, code)
+            if new_forward is not None:
+                target = type("Fastlm" + cls.__name__, (cls,), {
+                    "forward": new_forward, "__module__": __name__, "__qualname__": "Fastlm" + cls.__qualname__,
+                    "__doc__": f"{cls.__name__} with q_norm, k_norm and {NAME} as one fastlm.qk_norm_rotary call."})
+        _qk_classes[key] = target
+    return _qk_classes[key]
+
+
 def swap_rotary(model: torch.nn.Module, handle) -> None:
     """Give every attention module of ``model`` that applies a recognised HF rotary formula a
     subclass whose forward runs it on fastlm.apply_rotary_pos_emb (see the module docstring);
-    records ``(module name, "rotary: <class>")`` in ``handle.replaced`` and how to undo it in
+    records ``(module name, "rotary: <class>")`` (``"qk_norm_rotary: <class>"`` where the
+    attention's q/k norms are fused with the rotary) in ``handle.replaced`` and how to undo it in
     ``handle._undo``. Attention classes calling a rotary function that is not recognised, and
     instances whose forward is overridden on the instance (the class's forward would not run),
     are left alone, with one warning per class naming its module."""
     for name, module in model.named_modules():
         cls = type(module)
+        fused = _qk_swap_class_for(module)
+        if fused is not None:
+            if "forward" in module.__dict__:
+                _warn_once(f"rotary-instance:{cls.__module__}.{cls.__qualname__}",
+                           f"fastlm: {name} ({cls.__module__}.{cls.__qualname__}) has its forward replaced on the "
+                           f"instance (hooks such as accelerate's); its rotary is unchanged")
+                continue
+            module.__class__ = fused
+            handle._undo.append(lambda module=module, cls=cls: setattr(module, "__class__", cls))
+            handle.replaced.append((name, f"qk_norm_rotary: {cls.__name__}"))
+            continue
         target, why = _swap_class_for(cls)
         if why is not None:
             _warn_once(f"rotary:{cls.__module__}.{cls.__qualname__}", why)

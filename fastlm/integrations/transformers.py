@@ -700,7 +700,9 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True, lo
         get a subclass whose forward is HF's own with that name bound to
         fastlm.apply_rotary_pos_emb (per instance: the module global is untouched; see
         fastlm.integrations.hf_rotary). cos/sin stay HF's (every rope scaling type). Other
-        rotary functions are left alone with a one-time warning naming the module.
+        rotary functions are left alone with a one-time warning naming the module. Qwen3's,
+        OLMo-2's and Gemma 3's attention (q_norm / k_norm, then the rotary) run the norms and
+        the rotary as one fastlm.qk_norm_rotary call instead.
     mlp: MLPs written as HF's (Llama's and its copies: separate gate_proj / up_proj, read by
         the kernels where they lie; Phi-3's fused gate_up_proj; GPT-NeoX's; GPT-2's Conv1D
         pair; Mixtral's experts under the eager experts implementation), with a SiLU, erf

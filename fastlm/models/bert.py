@@ -1,7 +1,7 @@
 """BERT: an encoder-only masked language model built from fastlm's modules and ops.
 
 BERT-base by default: learned positions and token types, an embedding LayerNorm, post-norm
-layers (norm(x + sublayer(x)), the residual add fused into the norm), gelu, and an MLM head
+layers (norm(x + dropout(sublayer(x))), the dropout and residual add fused into the norm), gelu, and an MLM head
 (dense, gelu, LayerNorm, then the tied word embeddings plus a bias).
 
 Padding costs nothing: with an attention_mask, the tokens that are not padding are packed
@@ -78,17 +78,14 @@ class EncoderLayer(torch.nn.Module):
         self.mlp = fnn.FeedForward(c.d_model, c.d_hidden, c.activation)
         self.norm2 = fnn.LayerNorm(c.d_model, eps=c.norm_eps)
 
-    def _drop(self, t: Tensor) -> Tensor:
-        p = self.config.dropout
-        return F.dropout(t, p, self.training) if p > 0 else t
-
     def forward(self, x: Tensor, cu_seqlens: Tensor, max_len: int) -> Tensor:
         c = self.config
         q, k, v = self.qkv(x).unflatten(-1, (3, c.n_head, c.head_dim)).unbind(-3)  # views (total, H, D)
         a = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
                                    dropout_p=c.dropout if self.training else 0.0)
-        x = self.norm1(self._drop(self.proj(a.flatten(-2))), x)
-        return self.norm2(self._drop(self.mlp(x)), x)
+        # norm(dropout(sublayer) + x): the dropout (training mode only) inside the norm's kernel
+        x = self.norm1(self.proj(a.flatten(-2)), x, dropout_p=c.dropout)
+        return self.norm2(self.mlp(x), x, dropout_p=c.dropout)
 
 
 class BertForMaskedLM(torch.nn.Module):

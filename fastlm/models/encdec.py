@@ -90,8 +90,10 @@ def _norm(c: EncoderDecoderConfig) -> torch.nn.Module:
 
 
 class _Sublayers(torch.nn.Module):
-    """Residual wiring shared by the encoder and decoder layers: pre- or post-norm, with the
-    residual add fused into the norm in both."""
+    """Residual wiring shared by the encoder and decoder layers. Post-norm: the sublayer's
+    dropout and the residual add fused into the norm, norm(x + dropout(fn(x))) in one kernel.
+    Pre-norm: x + dropout(fn(norm(x))), the dropout and add as ops of their own (the norm that
+    follows them is the next sublayer's, or the stack's final one: not fused here yet)."""
 
     def __init__(self, c: EncoderDecoderConfig, count: int):
         super().__init__()
@@ -103,7 +105,8 @@ class _Sublayers(torch.nn.Module):
         drop = (lambda t: F.dropout(t, c.dropout, self.training)) if c.dropout > 0 else (lambda t: t)
         if c.prenorm:
             return x + drop(fn(self.norms[i](x)))
-        return self.norms[i](drop(fn(x)), x)  # norm(x + fn(x)), the add inside the norm's kernel
+        # norm(x + dropout(fn(x))), the dropout (training mode only) and add inside the norm's kernel
+        return self.norms[i](fn(x), x, dropout_p=c.dropout)
 
 
 class EncoderLayer(_Sublayers):

@@ -6,10 +6,10 @@ grouped-query attention, no biases) or the original Transformer's (post-norm, si
 
 Every layer runs on fastlm: attention through fastlm.flash_attn_func (causal, the q/k/v
 heads are views of one fused projection), the MLP through fastlm.feed_forward, the norms
-with the residual add fused (pre-norm: each norm also returns the updated residual
-stream), and the loss through fastlm.linear_cross_entropy, so training never forms the
-(tokens, vocab) logits. Generation keeps a KV cache per layer and attends through
-fastlm.flash_attn_with_kvcache.
+with the sublayer's dropout and the residual add fused (norm(dropout(sublayer) + residual)
+in one kernel; pre-norm: each norm also returns the updated residual stream), and the loss
+through fastlm.linear_cross_entropy, so training never forms the (tokens, vocab) logits.
+Generation keeps a KV cache per layer and attends through fastlm.flash_attn_with_kvcache.
 """
 
 from __future__ import annotations
@@ -46,6 +46,14 @@ class GPTConfig:
     prenorm: bool = True
     positions: str = "learned"  # "learned", "sinusoidal" or "rotary"
     rotary_base: float = 10000.0
+    # rotary positions turned inside the attention kernels (flash_attn_func's rotary_cos) instead
+    # of a rotary launch of their own; off by default until a GPU says it is faster
+    # (docs/rotary_in_attention.md). Decoding with a KV cache keeps the separate launch.
+    rotary_in_attention: bool = False
+    # RMSNorm of each head of q and k (learnable (head_dim,) weights, norm_eps) before the
+    # rotary, as Qwen3 and Gemma 3: with rotary positions one fastlm.qk_norm_rotary launch
+    # (which then also rotates, in place of rotary_in_attention).
+    qk_norm: bool = False
     dropout: float = 0.0
     bias: bool = True
     tie_embeddings: bool = True
@@ -72,6 +80,8 @@ class GPTConfig:
             bad(f"rotary positions need an even head dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             bad(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.qk_norm, bool):
+            bad(f"qk_norm must be a bool, got {self.qk_norm!r}")
 
     @property
     def head_dim(self) -> int:
@@ -127,6 +137,9 @@ class CausalSelfAttention(torch.nn.Module):
         H, Hk, D = config.n_head, config.kv_heads, config.head_dim
         self.qkv = fnn.Linear(config.d_model, (H + 2 * Hk) * D, bias=config.bias)
         self.proj = fnn.Linear(H * D, config.d_model, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = fnn.RMSNorm(D, eps=config.norm_eps)
+            self.k_norm = fnn.RMSNorm(D, eps=config.norm_eps)
 
     def forward(self, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]] = None, cache: Optional[KVCache] = None,
                 layer: int = 0) -> Tensor:
@@ -134,6 +147,18 @@ class CausalSelfAttention(torch.nn.Module):
         B, L, _ = x.shape
         H, Hk, D = c.n_head, c.kv_heads, c.head_dim
         q, k, v = self.qkv(x).view(B, L, H + 2 * Hk, D).split([H, Hk, Hk], dim=2)  # views
+        if c.qk_norm:
+            if rotary is not None:  # the norms and the rotary in one launch
+                from ..ops.rotary import qk_norm_rotary
+                positions = None if cache is None else torch.arange(cache.length, cache.length + L, device=x.device)
+                q, k = qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, rotary[0], rotary[1],
+                                      c.norm_eps, positions)
+                rotary = None
+            else:
+                q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None and cache is None and c.rotary_in_attention:
+            return self.proj(flash_attn_func(q, k, v, dropout_p=c.dropout if self.training else 0.0, causal=True,
+                                             rotary_cos=rotary[0], rotary_sin=rotary[1]).flatten(-2))
         if rotary is not None:
             from ..ops.rotary import rotary as apply_rotary
             cos, sin = rotary
@@ -155,10 +180,7 @@ class Block(torch.nn.Module):
         self.attn = CausalSelfAttention(config)
         self.norm2 = _norm(config)
         self.mlp = fnn.FeedForward(config.d_model, config.hidden, config.activation, bias=config.bias)
-        self.dropout = config.dropout
-
-    def _drop(self, t: Tensor) -> Tensor:
-        return F.dropout(t, self.dropout, self.training) if self.dropout > 0 else t
+        self.dropout = config.dropout  # the norms apply it: norm(dropout(sublayer) + residual)
 
 
 class GPT(torch.nn.Module):
@@ -235,19 +257,21 @@ class GPT(torch.nn.Module):
             # returns hidden + residual, the stream the next sub-layer adds to.
             residual, hidden = x, None
             for i, blk in enumerate(self.blocks):
+                # Each sublayer's dropout, residual add and the next norm are one call (the
+                # norms drop in training mode only): norm(dropout(hidden) + residual).
                 if hidden is None:
                     normed = blk.norm1(residual)
                 else:
-                    normed, residual = blk.norm1(hidden, residual, return_residual=True)
-                a = blk._drop(blk.attn(normed, rotary, cache, i))
-                normed, residual = blk.norm2(a, residual, return_residual=True)
-                hidden = blk._drop(blk.mlp(normed))
-            out = self.norm_f(hidden, residual)
+                    normed, residual = blk.norm1(hidden, residual, return_residual=True, dropout_p=c.dropout)
+                a = blk.attn(normed, rotary, cache, i)
+                normed, residual = blk.norm2(a, residual, return_residual=True, dropout_p=blk.dropout)
+                hidden = blk.mlp(normed)
+            out = self.norm_f(hidden, residual, dropout_p=c.dropout)
         else:
             out = x
             for i, blk in enumerate(self.blocks):  # post-norm: norm(x + sublayer(x))
-                out = blk.norm1(blk._drop(blk.attn(out, rotary, cache, i)), out)
-                out = blk.norm2(blk._drop(blk.mlp(out)), out)
+                out = blk.norm1(blk.attn(out, rotary, cache, i), out, dropout_p=blk.dropout)  # dropout inside
+                out = blk.norm2(blk.mlp(out), out, dropout_p=blk.dropout)
         if cache is not None:
             cache.length += L
         return out

@@ -3,8 +3,9 @@
 from .attention import MultiheadAttention
 from .ffn import FeedForward, Linear
 from .loss import CrossEntropyLoss, JSDLoss, KLDivLoss, LinearCrossEntropyLoss, LinearJSDLoss
-from .norm import LayerNorm, RMSNorm
+from .norm import DropoutAddLayerNorm, DropoutAddRMSNorm, LayerNorm, RMSNorm
 from .transformer import TransformerEncoderLayer
 
-__all__ = ["CrossEntropyLoss", "FeedForward", "JSDLoss", "KLDivLoss", "LayerNorm", "Linear", "LinearCrossEntropyLoss",
-           "LinearJSDLoss", "MultiheadAttention", "RMSNorm", "TransformerEncoderLayer"]
+__all__ = ["CrossEntropyLoss", "DropoutAddLayerNorm", "DropoutAddRMSNorm", "FeedForward", "JSDLoss", "KLDivLoss",
+           "LayerNorm", "Linear", "LinearCrossEntropyLoss", "LinearJSDLoss", "MultiheadAttention", "RMSNorm",
+           "TransformerEncoderLayer"]

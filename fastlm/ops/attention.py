@@ -48,6 +48,7 @@ from torch import Tensor
 from ..backend import native_backend_of, get_backend, native_backend, resolve
 from ..errors import ArgumentError, ArgumentTypeError
 from ..reference import attention as ref
+from ..reference import rotary as ref_rotary
 from .rotary import rotary
 from ._autocast import autocast_inputs, autocast_to, no_autocast
 from ._eager import EagerTwin, compiling
@@ -112,7 +113,7 @@ _CUDA_HEAD_DIMS = (32, 64, 96, 128)  # those csrc/attention.cu is built for
 
 def _cuda_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                       seqused_k: Optional[Tensor], softcap: float, dropout_p: float, alibi: Optional[Tensor] = None,
-                      sinks: Optional[Tensor] = None) -> Optional[str]:
+                      sinks: Optional[Tensor] = None, rotary: bool = False) -> Optional[str]:
     """Why csrc/attention.cu cannot run this call (None if it can): it covers the dense case
     with causal / sliding windows; the other options are the Triton backend's."""
     triton = "; the Triton backend (fastlm.use_backend(\"triton\")) runs it"
@@ -126,7 +127,7 @@ def _cuda_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], c
                        ("packed variable-length sequences (cu_seqlens)", cu_seqlens_q is not None),
                        ("KV-cache lengths (cache_seqlens)", seqused_k is not None),
                        ("softcap", softcap > 0), ("dropout", dropout_p > 0), ("ALiBi (alibi_slopes)", alibi is not None),
-                       ("attention sinks", sinks is not None)):
+                       ("attention sinks", sinks is not None), ("rotary inside attention (rotary_cos)", rotary)):
         if used:
             return f"the CUDA C++ attention kernels do not support {what}" + triton
     return None
@@ -134,7 +135,7 @@ def _cuda_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], c
 
 def _pick(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
           seqused_k: Optional[Tensor], softcap: float, dropout_p: float, requested: Optional[str] = None,
-          alibi: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> str:
+          alibi: Optional[Tensor] = None, sinks: Optional[Tensor] = None, rotary: bool = False) -> str:
     """The backend for one call. The reasons a kernel cannot run it are worked out only for
     the kernel that may run it (the "torch" backend needs none; the CUDA C++ kernels' only
     when "cuda" is requested: "auto" tries Triton alone), so a call pays for no messages."""
@@ -145,7 +146,8 @@ def _pick(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q:
         return "torch"
     reasons = {"triton": _triton_unsupported(q, v, mask)}
     if requested == "cuda":
-        reasons["cuda"] = _cuda_unsupported(q, k, v, mask, cu_seqlens_q, seqused_k, softcap, dropout_p, alibi, sinks)
+        reasons["cuda"] = _cuda_unsupported(q, k, v, mask, cu_seqlens_q, seqused_k, softcap, dropout_p, alibi, sinks,
+                                            rotary)
     return resolve("attention", device_type, reasons, requested)
 
 
@@ -219,21 +221,46 @@ def _attention_body(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_
                     cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], seed: Optional[Tensor], scale: float,
                     bottom_right: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
                     max_seqlen_q: int, max_seqlen_k: int, alibi: Optional[Tensor] = None,
-                    sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                    sinks: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                    rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False) -> tuple[Tensor, Tensor]:
     _check_seed("fastlm::attention", seed, dropout_p, q)
-    backend = _pick(q, k, v, mask, cu_seqlens_q, seqused_k, softcap, dropout_p, None, alibi, sinks)
+    backend = _pick(q, k, v, mask, cu_seqlens_q, seqused_k, softcap, dropout_p, None, alibi, sinks,
+                    rotary_cos is not None)
     if backend == "cuda":
         return _cuda_attention_fwd(q, k, v, scale, bottom_right, window_left, window_right)
     if backend == "triton":
         from fastlm.kernels import attention as kernels
         return kernels.attention_fwd(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask,
                                      dropout_p, seed, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                                     max_seqlen_k, alibi, sinks)
+                                     max_seqlen_k, alibi, sinks,
+                                     rotary=_rotary_tuple(rotary_cos, rotary_sin, rotary_interleaved))
+    if rotary_cos is not None:
+        q, k = _rotate_qk(q, k, rotary_cos, rotary_sin, rotary_interleaved, bottom_right)
     keep = _keep(backend, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
     out, lse = ref.attention(q, k, v, scale, bottom_right, window_left, window_right, softcap, mask, keep, dropout_p,
                              cu_seqlens_q, cu_seqlens_k, seqused_k, alibi, sinks)
     # float32, float64 for float64 inputs: a float32 lse would round the float64 oracle's backward
     return out.contiguous(), lse.to(_lse_dtype(q))
+
+
+def _rotary_tuple(cos: Optional[Tensor], sin: Optional[Tensor], interleaved: bool):
+    return None if cos is None else (cos, sin, interleaved)
+
+
+def _rotary_positions(L: int, S: int, bottom_right: bool, device) -> Optional[Tensor]:
+    """The queries' rotary positions: i + S - L aligned bottom-right (the key each query is
+    aligned with), else i; None for 0..L-1 (the reference then slices the tables)."""
+    shift = S - L if bottom_right else 0
+    return None if shift == 0 else torch.arange(L, device=device) + shift
+
+
+def _rotate_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, bottom_right: bool,
+               conjugate: bool = False) -> tuple[Tensor, Tensor]:
+    """The reference's rotary inside attention: q and k turned (or, conjugate, turned back)
+    by fastlm.reference.rotary, q at _rotary_positions, k at its row index."""
+    pos = _rotary_positions(q.shape[1], k.shape[1], bottom_right, q.device)
+    return (ref_rotary.rotary(q, cos, sin, pos, interleaved, conjugate),
+            ref_rotary.rotary(k, cos, sin, None, interleaved, conjugate))
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -245,7 +272,8 @@ _attention = torch.library.custom_op("fastlm::attention", mutates_args=())(_atte
 
 @_attention.register_fake
 def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seqused_k, seed, scale, bottom_right, window_left, window_right,
-      softcap, dropout_p, max_seqlen_q, max_seqlen_k, alibi=None, sinks=None):
+      softcap, dropout_p, max_seqlen_q, max_seqlen_k, alibi=None, sinks=None, rotary_cos=None, rotary_sin=None,
+      rotary_interleaved=False):
     _check_seed("fastlm::attention", seed, dropout_p, q)  # under torch.compile too
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if cu_seqlens_q is not None:
@@ -260,11 +288,14 @@ def _attention_bwd_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                         mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                         seed: Optional[Tensor], scale: float, bottom_right: bool, window_left: int, window_right: int,
                         softcap: float, dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, backend: str,
-                        mask_grad: bool, alibi: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        mask_grad: bool, alibi: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                        rotary_sin: Optional[Tensor] = None,
+                        rotary_interleaved: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if mask_grad and (mask is None or not mask.is_floating_point() or cu_seqlens_q is not None):
         raise ValueError("fastlm::attention_bwd: mask_grad needs a float mask on a dense batch")
     _check_seed("fastlm::attention_bwd", seed, dropout_p, q)
-    chosen = _pick(q, k, v, mask, cu_seqlens_q, None, softcap, dropout_p, backend, alibi)
+    chosen = _pick(q, k, v, mask, cu_seqlens_q, None, softcap, dropout_p, backend, alibi, None,
+                   rotary_cos is not None)
     if chosen == "cuda":
         return _cuda_attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right) + \
             (q.new_empty(0),)
@@ -272,12 +303,18 @@ def _attention_bwd_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         from fastlm.kernels import attention as kernels
         grads = kernels.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right,
                                       softcap, mask, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, mask_grad, alibi)
+                                      max_seqlen_k, mask_grad, alibi,
+                                      rotary=_rotary_tuple(rotary_cos, rotary_sin, rotary_interleaved))
     else:
         keep = _keep(chosen, seed, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
+        if rotary_cos is not None:  # the forward's turned q and k again
+            q, k = _rotate_qk(q, k, rotary_cos, rotary_sin, rotary_interleaved, bottom_right)
         grads = ref.attention_bwd(dout, q, k, v, out, lse, scale, bottom_right, window_left, window_right, softcap,
                                   mask, keep, dropout_p, cu_seqlens_q, cu_seqlens_k, mask_grad, alibi)
-        grads = tuple(g.contiguous() for g in grads[:3]) + grads[3:]
+        if rotary_cos is not None:  # the gradients of the turned q and k, turned back
+            grads = _rotate_qk(grads[0], grads[1], rotary_cos, rotary_sin, rotary_interleaved, bottom_right,
+                               conjugate=True) + tuple(grads[2:])
+        grads = tuple(g.contiguous() for g in grads[:3]) + tuple(grads[3:])
     if not mask_grad:
         return grads + (q.new_empty(0),)
     # dS summed over the dimensions the mask is broadcast along, in float32, then cast.
@@ -289,7 +326,8 @@ _attention_bwd = torch.library.custom_op("fastlm::attention_bwd", mutates_args=(
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed, scale, bottom_right, window_left,
-      window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, backend, mask_grad, alibi=None):
+      window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, backend, mask_grad, alibi=None, rotary_cos=None,
+      rotary_sin=None, rotary_interleaved=False):
     _check_seed("fastlm::attention_bwd", seed, dropout_p, q)
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
     # Every backend returns contiguous gradients, whatever the strides of q, k and v.
@@ -299,9 +337,11 @@ def _(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed, scale, bo
 def _setup_context(ctx, inputs, output):
     (q, k, v, mask, cu_q, cu_k, seqused_k, seed, scale, bottom_right, window_left, window_right, softcap, dropout_p,
      max_q, max_k) = inputs[:16]
-    alibi, sinks = tuple(inputs[16:]) + (None,) * (18 - len(inputs))  # the eager twin passes only what is given
+    # The eager twin passes only what is given: (alibi, sinks, rotary_cos, rotary_sin, rotary_interleaved).
+    alibi, sinks, rot_cos, rot_sin, rot_inter = tuple(inputs[16:]) + (None, None, None, None, False)[len(inputs) - 16:]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k, seed, alibi, sinks)
+    ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k, seed, alibi, sinks, rot_cos, rot_sin)
+    ctx.rotary_interleaved = bool(rot_inter)
     ctx.options = (scale, bottom_right, window_left, window_right, softcap, dropout_p, max_q, max_k)
     ctx.backend = get_backend()
     ctx.inputs = len(inputs)
@@ -316,16 +356,17 @@ def _backward_with(attention_bwd):
     slopes are constants (flash-attn gives them no gradient); the sinks' gradient is formed
     here from the output, its gradient and the lse (``ref.sink_grad``: two small reductions)."""
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, mask, cu_q, cu_k, seed, alibi, sinks = ctx.saved_tensors
+        q, k, v, out, lse, mask, cu_q, cu_k, seed, alibi, sinks, rot_cos, rot_sin = ctx.saved_tensors
         mask_grad = bool(ctx.needs_input_grad[3])  # only a float mask can require grad
+        rot = () if rot_cos is None else (rot_cos, rot_sin, ctx.rotary_interleaved)
         dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, seed, *ctx.options, ctx.backend,
-                                          mask_grad, alibi)
+                                          mask_grad, alibi, *rot)
         grads = (dq, dk, dv, dmask if mask_grad else None) + _NO_GRADS
         if ctx.inputs > 16:
             dsinks = None
             if sinks is not None and ctx.needs_input_grad[17]:
                 dsinks = ref.sink_grad(dout, out, lse, sinks, cu_q is not None).to(sinks.dtype)
-            grads = grads + (None, dsinks)[:ctx.inputs - 16]
+            grads = grads + (None, dsinks, None, None, None)[:ctx.inputs - 16]  # no gradient for the tables
         return grads
     return backward
 
@@ -483,9 +524,24 @@ def _window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                     causal: bool = False, window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0,
                     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-                    return_attn_probs: bool = False, *, return_lse: bool = False, sinks: Optional[Tensor] = None):
+                    return_attn_probs: bool = False, *, return_lse: bool = False, sinks: Optional[Tensor] = None,
+                    rotary_cos: Optional[Tensor] = None, rotary_sin: Optional[Tensor] = None,
+                    rotary_interleaved: bool = False):
     """FlashAttention 2.8's flash_attn_func, argument for argument: q (B, L, H, D), k and v
     (B, S, Hk, D), Hk dividing H.
+
+    fastlm's keywords ``rotary_cos``, ``rotary_sin`` (seqlen_ro, rotary_dim / 2), float32 or
+    q's dtype, as flash-attn's rotary takes them (``fastlm.rotary_cos_sin``): rotary inside
+    the attention. q and k are turned as the kernels load their tiles, and in the backward
+    the gradients of the turned q and k are turned back before they are stored, so rotary
+    costs no pass over q, k, dq, dk of its own (docs/rotary_in_attention.md weighs it). Key j
+    sits at position j; query i at i + S - L, the key it is aligned with bottom-right (as the
+    causal mask and ALiBi align it, and as flash_attn_with_kvcache positions a causal call's
+    queries), for causal and non-causal calls alike: so L <= S, and seqlen_ro >= S. The first
+    rotary_dim features of each head turn, the rest pass through; rotary_interleaved pairs
+    (2i, 2i + 1) (GPT-J), else (i, i + rotary_dim / 2) (GPT-NeoX, Llama), fastlm.rotary's
+    default. The result equals fastlm.rotary on q and k, then this function (q and k turned
+    in float32 and rounded to their dtype, as the separate launch stores them).
 
     causal and window_size are aligned bottom-right (query i sees keys up to i + S - L), so a
     single query attends to the whole cache. alibi_slopes: float32 (H,) or (B, H), adding
@@ -512,22 +568,69 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     left, right = _window_of(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
     want_lse = return_lse or return_attn_probs
+    rotary = _check_rotary(fn, rotary_cos, rotary_sin, rotary_interleaved, q, k)
     if alibi_slopes is None and sinks is None and not want_lse and dropout_p == 0.0 and softcap == 0.0 \
             and left == -1 and right <= 0 and not compiling() and q.is_cpu and native_backend("cpu"):
-        out = _native_flash(q, k, v, scale, right == 0)
+        # The CPU path; with rotary, the reference's (differentiated by autograd) first.
+        qn, kn = _rotate_qk(q, k, *rotary, True) if rotary else (q, k)
+        out = _native_flash(qn, kn, v, scale, right == 0)
         if out is not None:
             return out
     slopes = _check_slopes(fn, alibi_slopes, q.shape[0], q.shape[2], q)
     seed = _seed_for(dropout_p, q.device)
+    extras = _extras(fn, slopes, sinks, q)
+    if rotary:
+        extras = (tuple(extras) + (None, None))[:2] + rotary
     out, lse = _attention_eager(q, k, v, None, None, None, None, seed, scale, True, left, right, softcap,
-                                dropout_p, 0, 0, *_extras(fn, slopes, sinks, q))
+                                dropout_p, 0, 0, *extras)
     if return_attn_probs:
         probs = None
         if dropout_p > 0.0:
             bias = None if slopes is None else _alibi_bias(fn, slopes, q, k.shape[1])
-            probs = _dropped_probs(q, k, v, bias, lse, seed, scale, left, right, softcap, dropout_p)
+            qp, kp = q, k
+            if rotary:
+                with torch.no_grad():
+                    qp, kp = _rotate_qk(q, k, rotary[0], rotary[1], rotary[2], True)
+            probs = _dropped_probs(qp, kp, v, bias, lse, seed, scale, left, right, softcap, dropout_p)
         return out, lse, probs
     return (out, lse) if return_lse else out
+
+
+def _check_rotary(fn: str, cos, sin, interleaved, q: Tensor, k: Tensor) -> tuple:
+    """flash_attn_func's rotary keywords: () when not used, else (cos, sin, interleaved) with
+    the tables detached (no gradient reaches them, as fastlm.rotary)."""
+    if cos is None and sin is None:
+        return ()
+    if cos is None or sin is None:
+        raise ValueError(f"fastlm.{fn}: rotary_cos and rotary_sin must be given together")
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fastlm.{fn}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, q.dtype):
+            raise TypeError(f"fastlm.{fn}: {name} has dtype {t.dtype}; with q of dtype {q.dtype} it must be "
+                            f"torch.float32 or {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"fastlm.{fn}: {name} is on {t.device} but q is on {q.device}")
+        if t.dim() != 2:
+            raise ValueError(f"fastlm.{fn}: {name} must be 2-D (seqlen_ro, rotary_dim / 2), got shape "
+                             f"{list(t.shape)}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"fastlm.{fn}: rotary_sin has shape {list(sin.shape)} but rotary_cos has "
+                         f"{list(cos.shape)}; they must match")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"fastlm.{fn}: rotary_interleaved must be a bool, got {interleaved!r}")
+    rows, half = cos.shape
+    D, L, S = q.shape[-1], q.shape[1], k.shape[1]
+    if half == 0 or 2 * half > D:
+        raise ValueError(f"fastlm.{fn}: rotary_cos has {half} columns, so the rotary dim is {2 * half}; it must "
+                         f"be between 2 and the head dim {D} (the tables are (seqlen_ro, rotary_dim / 2))")
+    if L > S:
+        raise ValueError(f"fastlm.{fn}: with rotary_cos, query i sits at position i + S - L (bottom-right, the "
+                         f"key it is aligned with), so q's length {L} must be at most k's {S}")
+    if rows < S:
+        raise ValueError(f"fastlm.{fn}: rotary_cos has {rows} rows (positions) but k has {S}: seqlen_ro must be "
+                         f"at least S")
+    return cos.detach(), sin.detach(), interleaved
 
 
 def _check_slopes(fn: str, slopes, B: int, H: int, q: Tensor) -> Optional[Tensor]:
@@ -697,7 +800,9 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            window_size: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0,
                            alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
                            return_attn_probs: bool = False, block_table: Optional[Tensor] = None, *,
-                           return_lse: bool = False, sinks: Optional[Tensor] = None):
+                           return_lse: bool = False, sinks: Optional[Tensor] = None,
+                           rotary_cos: Optional[Tensor] = None, rotary_sin: Optional[Tensor] = None,
+                           rotary_interleaved: bool = False):
     """FlashAttention 2.8's flash_attn_varlen_func, argument for argument. Packed sequences
     without padding: q (total_q, H, D), k and v (total_k, Hk, D); sequence b
     is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (likewise for k). max_seqlen_q/k bound the
@@ -713,8 +818,14 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     page_size, Hk, D), page_size a multiple of 16, sequence b's key j in page
     block_table[b, j // page_size], slot j % page_size; cu_seqlens_k then only gives the key
     lengths. As in flash-attn that call is forward-only (no gradient; dropout refused). Not yet
-    supported, raising NotImplementedError that names it: return_attn_probs with dropout."""
+    supported, raising NotImplementedError that names it: return_attn_probs with dropout, and
+    fastlm's rotary_cos / rotary_sin / rotary_interleaved (flash_attn_func's rotary inside the
+    attention; here rotate with fastlm.apply_rotary_emb(..., cu_seqlens=...) first)."""
     fn = "flash_attn_varlen_func"
+    if rotary_cos is not None or rotary_sin is not None or rotary_interleaved:
+        raise NotImplementedError(f"fastlm.{fn}: rotary_cos / rotary_sin (rotary inside the attention) are not "
+                                  f"supported for packed sequences yet; flash_attn_func has them (or rotate first "
+                                  f"with fastlm.apply_rotary_emb(x, cos, sin, cu_seqlens=...))")
     if _autocast_any():
         q, k, v = autocast_inputs(q, k, v)
     if block_table is not None:

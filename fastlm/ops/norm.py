@@ -10,6 +10,17 @@ so they share one pair of custom ops:
 
 ``sum`` is x + residual (the pre-norm residual stream), written only when it is asked for
 or needed by the backward; ``mean`` is empty for RMSNorm; absent outputs are empty tensors.
+
+Dropout + residual + norm (issue 23): both ops take ``seed?, dropout_p, sum_fp32`` last:
+    y = norm(dropout(x) + residual),   sum = dropout(x) + residual,
+one kernel forward and one backward, the mask never stored: each call draws one int64 seed
+on the input's device (ops/attention.py's draw_dropout_seed, the same scheme as attention's
+dropout: torch.manual_seed reproduces it, no host sync), the kernel draws the mask from it
+with tl.rand, the backward draws it again; the reference seeds a torch.Generator with it
+(``dropout_mask`` gives either backend's mask, for tests). ``sum_fp32`` keeps the stream in
+float32 for 16-bit inputs (flash-attn's residual_in_fp32); the residual may then be float32
+or the input's dtype. The backward op then also returns the residual's gradient apart from
+the input's (dropped and scaled, or of another dtype).
 The backend is resolved when the op runs, not when it is traced; the backward resolves the
 backend that was requested at the forward (autograd may run it on another thread, where
 ``use_backend`` would not be seen).
@@ -28,6 +39,7 @@ from ..errors import ArgumentError, ArgumentTypeError
 from ..reference import norm as ref
 from ._autocast import no_autocast, promote_residual
 from ._eager import EagerTwin, autocast_any, compiling
+from .attention import draw_dropout_seed
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ShapeArg = Union[int, Sequence[int], torch.Size]
@@ -52,7 +64,8 @@ def _check_normalized_shape(input: Tensor, normalized_shape: _ShapeArg, fn: str)
 
 
 def _check_args(fn: str, input: Tensor, residual: Optional[Tensor], normalized_shape: _ShapeArg,
-                weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[int, ...]:
+                weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                residual_in_fp32: bool = False) -> tuple[int, ...]:
     if not isinstance(input, Tensor):
         raise ArgumentTypeError(f"fastlm.{fn}: input must be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -63,9 +76,14 @@ def _check_args(fn: str, input: Tensor, residual: Optional[Tensor], normalized_s
             raise ArgumentTypeError(f"fastlm.{fn}: residual must be a Tensor, got {type(residual).__name__}")
         if residual.device != input.device:
             raise ArgumentError(f"fastlm.{fn}: residual is on {residual.device} but input is on {input.device}")
-        if residual.dtype != input.dtype:
+        if residual_in_fp32:
+            if residual.dtype not in (input.dtype, torch.float32):
+                raise ArgumentTypeError(f"fastlm.{fn}: residual has dtype {residual.dtype}; with input of dtype "
+                                        f"{input.dtype} and residual_in_fp32=True it must be {input.dtype} "
+                                        f"or torch.float32")
+        elif residual.dtype != input.dtype:
             raise ArgumentTypeError(f"fastlm.{fn}: residual has dtype {residual.dtype} but input has {input.dtype}; "
-                                    f"they must match")
+                                    f"they must match (or pass residual_in_fp32=True for a float32 residual)")
         if residual.shape != input.shape:
             raise ArgumentError(f"fastlm.{fn}: residual has shape {list(residual.shape)} but input has "
                                 f"{list(input.shape)}; they must match")
@@ -86,18 +104,63 @@ def _check_args(fn: str, input: Tensor, residual: Optional[Tensor], normalized_s
     return shape
 
 
-def _triton_unsupported(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Optional[str]:
-    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
+def _check_dropout(fn: str, dropout_p, residual_in_fp32) -> float:
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ArgumentError(f"fastlm.{fn}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if not isinstance(residual_in_fp32, bool):
+        raise ArgumentTypeError(f"fastlm.{fn}: residual_in_fp32 must be a bool, got {residual_in_fp32!r}")
+    return float(dropout_p)
+
+
+def _triton_unsupported(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        residual: Optional[Tensor] = None) -> Optional[str]:
+    for name, t in (("input", x), ("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None and t.dtype not in _KERNEL_DTYPES:
             return f"{name} has dtype {t.dtype}; the kernel takes float32, float16 and bfloat16"
     return None
 
 
-def _pick(fn: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], requested: Optional[str] = None) -> str:
+def _cuda_unsupported(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                      dropout_p: float, sum_fp32: bool) -> Optional[str]:
+    if dropout_p > 0.0 or sum_fp32 or (residual is not None and residual.dtype != x.dtype):
+        return "the CUDA C++ norm has no dropout and no float32 residual stream (residual_in_fp32)"
+    return _triton_unsupported(x, weight, bias)  # the same dtypes
+
+
+def _pick(fn: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], requested: Optional[str] = None,
+          residual: Optional[Tensor] = None, dropout_p: float = 0.0, sum_fp32: bool = False) -> str:
     return resolve(fn, x.device.type, {
-        "triton": _triton_unsupported(x, weight, bias),
-        "cuda": _triton_unsupported(x, weight, bias),  # the same dtypes
+        "triton": _triton_unsupported(x, weight, bias, residual),
+        "cuda": _cuda_unsupported(x, weight, bias, residual, dropout_p, sum_fp32),
     }, requested)
+
+
+def _stream_dtype(x: Tensor, sum_fp32: bool) -> torch.dtype:
+    """The residual stream's dtype: float32 for 16-bit inputs with sum_fp32, else the input's."""
+    return torch.float32 if sum_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _transformed(residual: Optional[Tensor], dropout_p: float, sum_fp32: bool) -> bool:
+    """Whether the normalised tensor is a stream formed from x (and so has a ``sum`` output)."""
+    return residual is not None or dropout_p > 0.0 or sum_fp32
+
+
+def _reference_keep(seed: Tensor, shape, dropout_p: float, device) -> Tensor:
+    return ref.dropout_keep(int(seed.item()), shape, dropout_p, device)
+
+
+def dropout_mask(seed: Tensor, shape, dropout_p: float, backend: str, device=None) -> Tensor:
+    """The boolean mask of kept elements that ``backend`` ("torch" or "triton") draws for
+    ``seed`` over a tensor of ``shape`` in add_layer_norm / add_rms_norm with dropout (the
+    seed a call draws is draw_dropout_seed(input.device) after the same torch.manual_seed).
+    A debugging and testing aid: the ops never store it."""
+    device = torch.device(device) if device is not None else seed.device
+    if backend == "triton":
+        from fastlm.kernels import norm as kernels
+        return kernels.dropout_mask(seed.to(device), tuple(shape), dropout_p, device)
+    if backend != "torch":
+        raise ArgumentError(f"fastlm.dropout_mask: backend must be 'torch' or 'triton', got {backend!r}")
+    return _reference_keep(seed, shape, dropout_p, device)
 
 
 # ----------------------------------------------------------------------------- the CUDA C++ backend
@@ -165,28 +228,48 @@ def _zero_width(x: Tensor, normalized_ndim: int) -> bool:
 
 @no_autocast
 def _norm_body(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-               normalized_ndim: int, eps: float, rms: bool, keep_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               normalized_ndim: int, eps: float, rms: bool, keep_sum: bool, seed: Optional[Tensor] = None,
+               dropout_p: float = 0.0, sum_fp32: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fn = ("add_" if residual is not None else "") + ("rms_norm" if rms else "layer_norm")
-    backend = _pick(fn, x, weight, bias)
+    _check_seed(fn, seed, dropout_p, x)
+    backend = _pick(fn, x, weight, bias, None, residual, dropout_p, sum_fp32)
     if _zero_width(x, normalized_ndim):
         backend = "torch"  # nothing to launch: the reference gives the empty result, as torch does
     if backend == "cuda":
         return _cuda_norm_fwd(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum)
     if backend == "triton":
         from fastlm.kernels import norm as kernels
-        return kernels.norm_fwd(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum)
-    s = x + residual if residual is not None else x
+        return kernels.norm_fwd(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum,
+                                seed=seed, dropout_p=dropout_p, sum_fp32=sum_fp32)
+    if dropout_p > 0.0 or sum_fp32 or (residual is not None and residual.dtype != x.dtype):
+        keep = _reference_keep(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
+        s = ref.dropout_add(x, residual, keep, dropout_p, _stream_dtype(x, sum_fp32))
+    else:
+        s = x + residual if residual is not None else x
     y, mean, rstd = ref.norm(s, weight, bias, normalized_ndim, eps, rms)
-    return y, (s if (residual is not None and keep_sum) else x.new_empty(0)), mean, rstd
+    return (y.to(x.dtype), (s if (_transformed(residual, dropout_p, sum_fp32) and keep_sum) else x.new_empty(0)),
+            mean, rstd)
+
+
+def _check_seed(fn: str, seed: Optional[Tensor], dropout_p: float, x: Tensor) -> None:
+    """With dropout, the seed is a one-element int64 tensor on the input's device."""
+    if dropout_p == 0.0:
+        return
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ArgumentError(f"fastlm.{fn}: dropout_p > 0 needs seed, a one-element int64 tensor "
+                            f"(draw_dropout_seed(input.device)), got {seed!r}")
+    if seed.device != x.device:
+        raise ArgumentError(f"fastlm.{fn}: seed is on {seed.device} but input is on {x.device}")
 
 
 _norm = torch.library.custom_op("fastlm::norm", mutates_args=())(_norm_body)
 
 
 @_norm.register_fake
-def _(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum):
+def _(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum, seed=None, dropout_p=0.0, sum_fp32=False):
     rows = math.prod(x.shape[: x.dim() - normalized_ndim])
-    s = torch.empty_like(x) if (residual is not None and keep_sum) else x.new_empty(0)
+    s = (torch.empty_like(x, dtype=_stream_dtype(x, sum_fp32)) if (_transformed(residual, dropout_p, sum_fp32)
+                                                                  and keep_sum) else x.new_empty(0))
     mean = x.new_empty(0 if rms else rows, dtype=torch.float32)
     return torch.empty_like(x), s, mean, x.new_empty(rows, dtype=torch.float32)
 
@@ -194,63 +277,106 @@ def _(x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum):
 @no_autocast
 def _norm_bwd_body(dy: Tensor, dsum: Optional[Tensor], x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    mean: Tensor, rstd: Tensor, normalized_ndim: int, eps: float, rms: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    chosen = _pick("rms_norm" if rms else "layer_norm", x, weight, bias, backend)
+                   backend: str, seed: Optional[Tensor] = None, dropout_p: float = 0.0,
+                   dx_dtype: Optional[torch.dtype] = None,
+                   dres_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``x`` is the normalised stream. dx is the gradient of the op's input (x's dtype, or
+    ``dx_dtype``; dropped and scaled with dropout); with ``dres_dtype`` the fourth output is
+    the stream's gradient (the residual's) in that dtype, else it is empty."""
+    fn = "rms_norm" if rms else "layer_norm"
+    _check_seed(fn, seed, dropout_p, x)
+    extras = dropout_p > 0.0 or dres_dtype is not None or (dx_dtype is not None and dx_dtype != x.dtype)
+    chosen = _pick(fn, x, weight, bias, backend, None, dropout_p, extras)
     if _zero_width(x, normalized_ndim):
         chosen = "torch"
+    dres = None
     if chosen == "cuda":
         dx, dw, db = _cuda_norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms)
     elif chosen == "triton":
         from fastlm.kernels import norm as kernels
-        dx, dw, db = kernels.norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms)
+        if extras:
+            dx, dw, db, *rest = kernels.norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms,
+                                                 seed=seed, dropout_p=dropout_p, dx_dtype=dx_dtype,
+                                                 dres_dtype=dres_dtype)
+            dres = rest[0] if rest else None
+        else:
+            dx, dw, db = kernels.norm_bwd(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, rms)
     else:
         dx, dw, db = ref.norm_bwd(dy, x, weight, bias, normalized_ndim, eps, rms)
         if dsum is not None:
             dx = dx + dsum
+        if extras:  # dx is the stream's gradient so far
+            if dres_dtype is not None:
+                dres = dx.to(dres_dtype)
+            if dropout_p > 0.0:
+                keep = _reference_keep(seed, x.shape, dropout_p, x.device)
+                dx = torch.where(keep, dx * (1.0 / (1.0 - dropout_p)), 0.0)
+            dx = dx.to(dx_dtype or x.dtype)
     empty = x.new_empty(0)
-    return dx, (dw if dw is not None else empty), (db if db is not None else empty.clone())
+    return (dx, (dw if dw is not None else empty), (db if db is not None else empty.clone()),
+            dres if dres is not None else empty.clone())
 
 
 _norm_bwd = torch.library.custom_op("fastlm::norm_bwd", mutates_args=())(_norm_bwd_body)
 
 
 @_norm_bwd.register_fake
-def _(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, eps, rms, backend):
+def _(dy, dsum, x, weight, bias, mean, rstd, normalized_ndim, eps, rms, backend, seed=None, dropout_p=0.0,
+      dx_dtype=None, dres_dtype=None):
     dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    return torch.empty_like(x), dw, db
+    dres = torch.empty_like(x, dtype=dres_dtype) if dres_dtype is not None else x.new_empty(0)
+    return torch.empty_like(x, dtype=dx_dtype or x.dtype), dw, db, dres
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum = inputs
+    x, residual, weight, bias, normalized_ndim, eps, rms, keep_sum, *extra = inputs
+    seed, dropout_p, sum_fp32 = extra if extra else (None, 0.0, False)
     _, s, mean, rstd = output
-    if residual is not None and s.numel() == 0 and x.numel() != 0:
-        ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+    transformed = _transformed(residual, dropout_p, sum_fp32)
+    if transformed and s.numel() == 0 and x.numel() != 0:
+        ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
         ctx.recompute_sum = True
     else:
-        ctx.save_for_backward(s if residual is not None else x, None, weight, bias, mean, rstd)
+        ctx.save_for_backward(s if transformed else x, None, weight, bias, mean, rstd, seed)
         ctx.recompute_sum = False
     ctx.has_residual = residual is not None
+    ctx.transformed = transformed
     ctx.normalized_ndim, ctx.eps, ctx.rms = normalized_ndim, eps, rms
+    ctx.dropout_p, ctx.sum_fp32 = dropout_p, sum_fp32
+    ctx.x_dtype = x.dtype
+    # The residual's gradient is the stream's; it comes apart from the input's with dropout or
+    # another dtype.
+    ctx.dres_dtype = residual.dtype if residual is not None and (dropout_p > 0.0 or residual.dtype != x.dtype) \
+        else None
     ctx.backend = get_backend()
 
 
-def _backward_with(norm_bwd):
+def _backward_with(norm_bwd, norm_fwd):
     def backward(ctx, dy, ds, dmean, drstd):
-        x, residual, weight, bias, mean, rstd = ctx.saved_tensors
-        if ctx.recompute_sum:  # the forward did not store x + residual: form it again
-            x = x + residual
-        dsum = ds if (ctx.has_residual and ds is not None and ds.numel() == x.numel()) else None
-        dx, dw, db = norm_bwd(dy, dsum, x, weight, bias, mean, rstd, ctx.normalized_ndim, ctx.eps, ctx.rms,
-                              ctx.backend)
-        return (dx, dx if ctx.has_residual else None, dw if weight is not None else None,
-                db if bias is not None else None, None, None, None, None)
+        x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
+        if ctx.recompute_sum:  # the forward did not store the stream: form it again (the same mask)
+            if ctx.dropout_p > 0.0 or ctx.sum_fp32 or (residual is not None and residual.dtype != x.dtype):
+                x = norm_fwd(x, residual, None, None, ctx.normalized_ndim, ctx.eps, ctx.rms, True, seed,
+                             ctx.dropout_p, ctx.sum_fp32)[1]
+            else:
+                x = x + residual
+        dsum = ds if (ctx.transformed and ds is not None and ds.numel() == x.numel()) else None
+        if ctx.dropout_p > 0.0 or ctx.dres_dtype is not None or x.dtype != ctx.x_dtype:
+            dx, dw, db, dres = norm_bwd(dy, dsum, x, weight, bias, mean, rstd, ctx.normalized_ndim, ctx.eps,
+                                        ctx.rms, ctx.backend, seed, ctx.dropout_p, ctx.x_dtype, ctx.dres_dtype)
+        else:
+            dx, dw, db, dres = norm_bwd(dy, dsum, x, weight, bias, mean, rstd, ctx.normalized_ndim, ctx.eps,
+                                        ctx.rms, ctx.backend)
+        dr = (dres if ctx.dres_dtype is not None else dx) if ctx.has_residual else None
+        return (dx, dr, dw if weight is not None else None, db if bias is not None else None,
+                None, None, None, None, None, None, None)
     return backward
 
 
-_norm.register_autograd(_backward_with(_norm_bwd), setup_context=_setup_context)
+_norm.register_autograd(_backward_with(_norm_bwd, _norm), setup_context=_setup_context)
 # Eager calls skip the custom-op dispatch (fastlm/ops/_eager.py); torch.compile sees _norm.
-_norm_eager = EagerTwin(_norm, _norm_body, _setup_context, _backward_with(_norm_bwd_body), name="norm")
+_norm_eager = EagerTwin(_norm, _norm_body, _setup_context, _backward_with(_norm_bwd_body, _norm_body), name="norm")
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -293,19 +419,27 @@ def _native(input: Tensor, residual: Optional[Tensor], shape: tuple[int, ...], w
     return (y, s) if return_residual else y
 
 
-def _run(fn, input, residual, normalized_shape, weight, bias, eps, rms, return_residual):
-    if residual is not None:
+def _run(fn, input, residual, normalized_shape, weight, bias, eps, rms, return_residual,
+         dropout_p=0.0, residual_in_fp32=False, seed=None):
+    plain = dropout_p == 0.0 and residual_in_fp32 is False
+    if not plain:
+        dropout_p = _check_dropout(fn, dropout_p, residual_in_fp32)
+    if residual is not None and not residual_in_fp32:  # with it, a float32 residual is the stream's own
         input, residual = promote_residual(input, residual)
-    shape = _check_args(fn, input, residual, normalized_shape, weight, bias, eps)
+    shape = _check_args(fn, input, residual, normalized_shape, weight, bias, eps, residual_in_fp32)
     eps = float(eps)
-    if not compiling() and native_backend(input.device.type):
+    if plain and not compiling() and native_backend(input.device.type) and not (rms and bias is not None):
         out = _native(input, residual, shape, weight, bias, eps, rms, return_residual)
         if out is not None:
             return out
-    keep_sum = residual is not None and (return_residual or _needs_grad(input, residual, weight, bias))
-    y, s, _, _ = _norm_eager(input, residual, weight, bias, len(shape), eps, rms, keep_sum)
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_dropout_seed(input.device)
+    transformed = _transformed(residual, dropout_p, residual_in_fp32)
+    keep_sum = transformed and (return_residual or _needs_grad(input, residual, weight, bias))
+    y, s, _, _ = _norm_eager(input, residual, weight, bias, len(shape), eps, rms, keep_sum,
+                             seed if dropout_p > 0.0 else None, dropout_p, residual_in_fp32)
     if return_residual:
-        return y, s
+        return y, (s if transformed else input)
     return y
 
 
@@ -361,12 +495,25 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor
     return _run("rms_norm", input, None, normalized_shape, weight, None, eps, True, False)
 
 
+_DROPOUT_DOC = """
+    With ``dropout_p`` > 0 the input is dropped first, ``dropout(input) + residual`` (zeroed with
+    probability dropout_p, the rest scaled by 1 / (1 - dropout_p)), in the same one kernel forward
+    and one backward: the mask comes from a seed drawn on the input's device (torch.manual_seed
+    reproduces it) and is drawn again in the backward, never stored. As in torch.nn.functional.dropout
+    with its default training=True and in flash-attn's layer_norm_fn, dropout_p > 0 always drops:
+    there is no training flag; modules pass dropout_p=0.0 in eval mode.
+    ``residual_in_fp32=True`` keeps the residual stream in float32 while input is 16-bit (the sum is
+    then not rounded to the input's dtype, and the one returned with return_residual is float32);
+    residual may then be float32 or the input's dtype. The output is in the input's dtype."""
+
+
 def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor] = None,
-                   bias: Optional[Tensor] = None, eps: float = 1e-5, return_residual: bool = False):
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, return_residual: bool = False, *,
+                   dropout_p: float = 0.0, residual_in_fp32: bool = False):
     """layer_norm(input + residual) in one kernel; with return_residual=True returns
     (normed, input + residual), the pre-norm residual stream."""
-    if type(eps) is float and 0.0 <= eps < math.inf and not compiling() and not autocast_any() \
-            and _native_residual(input, residual):
+    if dropout_p == 0.0 and residual_in_fp32 is False and type(eps) is float and 0.0 <= eps < math.inf \
+            and not compiling() and not autocast_any() and _native_residual(input, residual):
         try:
             if type(normalized_shape) is int:
                 normalized_shape = (normalized_shape,)
@@ -379,15 +526,19 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg,
                 raise
     if residual is None:
         raise ArgumentTypeError("fastlm.add_layer_norm: residual must be a Tensor, got None")
-    return _run("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, False, return_residual)
+    return _run("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, False, return_residual,
+                dropout_p, residual_in_fp32)
 
 
 def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor] = None,
-                 eps: Optional[float] = None, return_residual: bool = False):
+                 eps: Optional[float] = None, return_residual: bool = False, *,
+                 dropout_p: float = 0.0, residual_in_fp32: bool = False):
     """rms_norm(input + residual) in one kernel; with return_residual=True returns
     (normed, input + residual), the pre-norm residual stream."""
-    if (eps is None or (type(eps) is float and 0.0 <= eps < math.inf)) and not compiling() and not autocast_any() \
-            and _native_residual(input, residual) and (weight is None or weight.dtype == input.dtype):
+    if dropout_p == 0.0 and residual_in_fp32 is False \
+            and (eps is None or (type(eps) is float and 0.0 <= eps < math.inf)) and not compiling() \
+            and not autocast_any() and _native_residual(input, residual) \
+            and (weight is None or weight.dtype == input.dtype):
         try:
             if type(normalized_shape) is int:
                 normalized_shape = (normalized_shape,)
@@ -402,4 +553,61 @@ def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeArg, w
         raise ArgumentTypeError("fastlm.add_rms_norm: residual must be a Tensor, got None")
     if eps is None and isinstance(input, Tensor) and input.is_floating_point():
         eps = default_rms_eps(input.dtype)
-    return _run("add_rms_norm", input, residual, normalized_shape, weight, None, eps, True, return_residual)
+    return _run("add_rms_norm", input, residual, normalized_shape, weight, None, eps, True, return_residual,
+                dropout_p, residual_in_fp32)
+
+
+add_layer_norm.__doc__ += _DROPOUT_DOC
+add_rms_norm.__doc__ += _DROPOUT_DOC
+
+
+# ----------------------------------------------------------------------------- flash-attn's layer_norm_fn
+
+def layer_norm_fn(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor] = None,
+                  x1=None, weight1=None, bias1=None, eps: float = 1e-6, dropout_p: float = 0.0, rowscale=None,
+                  prenorm: bool = False, residual_in_fp32: bool = False, zero_centered_weight: bool = False,
+                  is_rms_norm: bool = False, return_dropout_mask: bool = False, out_dtype=None, out=None,
+                  residual_out=None):
+    """flash_attn.ops.triton.layer_norm.layer_norm_fn (flash-attn 2.8's arguments, order and
+    defaults), on fastlm's dropout + residual + norm: norm over the last dim of
+    dropout(x) + residual; with prenorm=True also returns that residual stream, with
+    return_dropout_mask=True also the mask (True = kept; None without dropout) and None for x1's.
+
+    The residual stream takes residual's dtype when a residual is given (a float32 residual with a
+    16-bit x keeps the stream in float32; residual_in_fp32 then changes nothing), else float32 with
+    residual_in_fp32=True, else x's dtype (then, without dropout, the stream returned is x itself),
+    as in flash-attn. The options for the parallel norm (x1, weight1, bias1), rowscale,
+    zero_centered_weight, out_dtype, out and residual_out are accepted by position and name but not
+    implemented: anything but their defaults raises NotImplementedError naming them."""
+    unsupported = [name for name, v in (("x1", x1), ("weight1", weight1), ("bias1", bias1), ("rowscale", rowscale),
+                                        ("out", out), ("residual_out", residual_out)) if v is not None]
+    if zero_centered_weight:
+        unsupported.append("zero_centered_weight")
+    if out_dtype is not None and not (isinstance(x, Tensor) and out_dtype == x.dtype):
+        unsupported.append("out_dtype")
+    if unsupported:
+        raise NotImplementedError(f"fastlm.layer_norm_fn: {', '.join(unsupported)} not supported (flash-attn's "
+                                  f"parallel norm, rowscale, zero-centred weight and output buffers); pass the "
+                                  f"defaults")
+    fn = "layer_norm_fn"
+    if not isinstance(x, Tensor):
+        raise ArgumentTypeError(f"fastlm.{fn}: x must be a Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ArgumentError(f"fastlm.{fn}: x must have at least one dim, got a scalar")
+    dropout_p = _check_dropout(fn, dropout_p, residual_in_fp32)
+    if residual is not None and isinstance(residual, Tensor):
+        # flash-attn: a given residual sets the stream's dtype; residual_in_fp32 acts only without one
+        residual_in_fp32 = residual.dtype == torch.float32 and x.dtype != torch.float32
+    rms = bool(is_rms_norm)
+    seed = draw_dropout_seed(x.device) if dropout_p > 0.0 else None
+    result = _run(fn, x, residual, x.shape[-1], weight, bias, eps, rms, bool(prenorm), dropout_p, residual_in_fp32,
+                  seed)
+    result = result if prenorm else (result,)
+    if return_dropout_mask:
+        mask = None
+        if dropout_p > 0.0:
+            backend = _pick(fn, x, weight, bias, None, residual, dropout_p, residual_in_fp32)
+            backend = "torch" if _zero_width(x, 1) else backend
+            mask = dropout_mask(seed, x.shape, dropout_p, backend, x.device)
+        result = result + (mask, None)
+    return result[0] if len(result) == 1 else result

@@ -3,7 +3,10 @@
     fastlm::rotary(x, cos, sin, position_ids?, interleaved, conjugate, backend?) -> out
     fastlm::rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, conjugate, backend?) -> (q_embed, k_embed)
 
-(the second is Hugging Face's apply_rotary_pos_emb, q and k in one launch; see below.)
+    fastlm::qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, ...) -> (q_out, k_out)
+
+(the second is Hugging Face's apply_rotary_pos_emb, q and k in one launch; the third RMSNorm
+of q and k then rotary, one launch, with its own backward op; see below.)
 
 Each op serves both directions: the gradient of a rotation is the rotation back, so the
 backward calls the same op with ``conjugate`` flipped (sin negated), on the backend that
@@ -22,6 +25,7 @@ concatenation), differentiated by torch's autograd.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -82,7 +86,7 @@ def _check_args(x, cos, sin, position_ids, interleaved) -> None:
         raise TypeError(f"{fn}: interleaved must be a bool, got {type(interleaved).__name__}")
 
 
-def _check_positions(position_ids: Optional[Tensor], s_max: int) -> None:
+def _check_positions(position_ids: Optional[Tensor], s_max: int, fn: str = "fastlm.rotary") -> None:
     """Positions must index the tables. Checked where it costs no device sync (CPU tensors);
     on a GPU the kernel gives NaN for the rotated features of an out-of-range token."""
     if position_ids is None or position_ids.device.type != "cpu" or position_ids.numel() == 0:
@@ -90,7 +94,7 @@ def _check_positions(position_ids: Optional[Tensor], s_max: int) -> None:
     lo, hi = int(position_ids.min()), int(position_ids.max())
     if lo < 0 or hi >= s_max:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"fastlm.rotary: position_ids holds {bad}, outside the tables: cos and sin have "
+        raise ValueError(f"{fn}: position_ids holds {bad}, outside the tables: cos and sin have "
                          f"{s_max} rows, so positions must be in [0, {s_max})")
 
 
@@ -381,3 +385,264 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positio
     if not compiling() and native_backend(q.device.type):
         return ref.rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
     return _rotary_pos_emb_eager(q, k, cos, sin, unsqueeze_dim, False, None)
+
+
+# ----------------------------------------------------------------------------- q/k RMSNorm + rotary
+#
+#     fastlm::qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, position_ids?, eps, interleaved,
+#                            weight_offset, cast_before_weight, all_heads, heads_first, backend?)
+#         -> (q_out, k_out)
+#     fastlm::qk_norm_rotary_bwd(dq_out, dk_out, q, k, ..., backend) -> (dq, dk, dq_weight, dk_weight)
+#
+# Qwen3's, OLMo-2's and Gemma 3's attention: RMSNorm of q and k, then rotary, one Triton launch
+# forward (q and k in one grid, as rotary_pos_emb) and one backward. q and k are (B, S, H, D)
+# views, or (B, H, S, D) with heads_first (Hugging Face's layout; the outputs are then
+# contiguous (B, H, S, D), as HF's). The backward is not linear in the inputs: it has its own op
+# (no double backward). On the "torch" backend the backward op is the reference's closed form.
+
+_NORM_OVER = ("heads", "all")
+
+
+def _lay(x: Tensor, heads_first: bool) -> Tensor:
+    return x.transpose(1, 2) if heads_first else x
+
+
+def _pick_qkn(q: Tensor, q_weight: Tensor, k_weight: Tensor, requested: Optional[str] = None) -> str:
+    why = None
+    for name, t in (("q", q), ("q_weight", q_weight), ("k_weight", k_weight)):
+        if t.dtype not in _KERNEL_DTYPES:
+            why = f"{name} has dtype {t.dtype}; the kernel takes float32, float16 and bfloat16"
+            break
+    if why is None and q.shape[-1] > MAX_HEAD_DIM:
+        why = f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    return resolve("qk_norm_rotary", q.device.type, {
+        "triton": why,
+        "cuda": "there is no CUDA C++ qk_norm_rotary kernel (the Triton kernel is memory-bound already)",
+    }, requested)
+
+
+def _kernel_weights(q_weight: Tensor, k_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The weights as the kernel reads them: contiguous, one dtype (float32 where they differ)."""
+    if q_weight.dtype != k_weight.dtype:
+        q_weight, k_weight = q_weight.float(), k_weight.float()
+    return q_weight.contiguous(), k_weight.contiguous()
+
+
+@no_autocast
+def _qkn_body(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
+              position_ids: Optional[Tensor], eps: float, interleaved: bool, weight_offset: float,
+              cast_before_weight: bool, all_heads: bool, heads_first: bool,
+              backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    _check_positions(position_ids, cos.shape[-2], "fastlm.qk_norm_rotary")
+    if _pick_qkn(q, q_weight, k_weight, backend) == "triton":
+        from fastlm.kernels import rotary as kernels
+        from fastlm.kernels.launch import empty
+        q_out, k_out = empty(q.shape, q.dtype, q.device), empty(k.shape, k.dtype, k.device)
+        qw, kw = _kernel_weights(q_weight, k_weight)
+        kernels.qk_norm_rotary_fwd(_lay(q, heads_first), _lay(k, heads_first), qw, kw, cos, sin, position_ids, eps,
+                                   interleaved, weight_offset, cast_before_weight, all_heads,
+                                   _lay(q_out, heads_first), _lay(k_out, heads_first))
+        return q_out, k_out
+    q_out, k_out = ref.qk_norm_rotary(_lay(q, heads_first), _lay(k, heads_first), q_weight, k_weight, cos, sin, eps,
+                                      position_ids, interleaved, weight_offset, cast_before_weight,
+                                      "all" if all_heads else "heads")
+    return _lay(q_out, heads_first).contiguous(), _lay(k_out, heads_first).contiguous()
+
+
+_qkn = torch.library.custom_op("fastlm::qk_norm_rotary", mutates_args=())(_qkn_body)
+
+
+@_qkn.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, position_ids, eps, interleaved, weight_offset, cast_before_weight,
+      all_heads, heads_first, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@no_autocast
+def _qkn_bwd_body(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor,
+                  cos: Tensor, sin: Tensor, position_ids: Optional[Tensor], eps: float, interleaved: bool,
+                  weight_offset: float, cast_before_weight: bool, all_heads: bool, heads_first: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if _pick_qkn(q, q_weight, k_weight, backend) == "triton":
+        from fastlm.kernels import rotary as kernels
+        from fastlm.kernels.launch import empty
+        dq, dk = empty(q.shape, q.dtype, q.device), empty(k.shape, k.dtype, k.device)
+        qw, kw = _kernel_weights(q_weight, k_weight)
+        dqw, dkw = kernels.qk_norm_rotary_bwd(
+            _lay(dq_out, heads_first), _lay(dk_out, heads_first), _lay(q, heads_first), _lay(k, heads_first), qw, kw,
+            cos, sin, position_ids, eps, interleaved, weight_offset, cast_before_weight, all_heads,
+            _lay(dq, heads_first), _lay(dk, heads_first))
+        return dq, dk, dqw.to(q_weight.dtype), dkw.to(k_weight.dtype)
+    dq, dk, dqw, dkw = ref.qk_norm_rotary_bwd(_lay(dq_out, heads_first), _lay(dk_out, heads_first),
+                                              _lay(q, heads_first), _lay(k, heads_first), q_weight, k_weight, cos,
+                                              sin, eps, position_ids, interleaved, weight_offset, cast_before_weight,
+                                              "all" if all_heads else "heads")
+    return _lay(dq, heads_first).contiguous(), _lay(dk, heads_first).contiguous(), dqw, dkw
+
+
+_qkn_bwd = torch.library.custom_op("fastlm::qk_norm_rotary_bwd", mutates_args=())(_qkn_bwd_body)
+
+
+@_qkn_bwd.register_fake
+def _(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, position_ids, eps, interleaved, weight_offset,
+      cast_before_weight, all_heads, heads_first, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), q_weight.new_empty(q_weight.shape), \
+        k_weight.new_empty(k_weight.shape)
+
+
+def _qkn_setup_context(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, position_ids, eps, interleaved, weight_offset, cast, all_heads, \
+        heads_first, backend = inputs
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, position_ids)
+    ctx.options = (eps, interleaved, weight_offset, cast, all_heads, heads_first)
+    ctx.backend = backend if backend is not None else get_backend()
+
+
+def _qkn_backward_with(bwd_op):
+    def backward(ctx, dq_out, dk_out):
+        q, k, q_weight, k_weight, cos, sin, position_ids = ctx.saved_tensors
+        dq, dk, dqw, dkw = bwd_op(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, position_ids, *ctx.options,
+                                  ctx.backend)
+        return dq, dk, dqw, dkw, None, None, None, None, None, None, None, None, None, None
+    return backward
+
+
+_qkn.register_autograd(_qkn_backward_with(_qkn_bwd), setup_context=_qkn_setup_context)
+_qkn_eager = EagerTwin(_qkn, _qkn_body, _qkn_setup_context, _qkn_backward_with(_qkn_bwd_body), name="qk_norm_rotary")
+
+
+def _check_qkn(fn: str, q, k, q_weight, k_weight, cos, sin, eps, position_ids, interleaved, weight_offset,
+               cast_before_weight, norm_over) -> float:
+    """Checks fastlm.qk_norm_rotary's arguments (q, k in (B, S, H, D)); returns eps as a float."""
+    for name, t in (("q", q), ("k", k), ("q_weight", q_weight), ("k_weight", k_weight), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+    if not q.is_floating_point():
+        raise TypeError(f"{fn}: q must be a floating-point tensor, got dtype {q.dtype}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"{fn}: k has dtype {k.dtype} but q has {q.dtype}; they must match")
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D (batch, seqlen, heads, head_dim), got shape {list(t.shape)}")
+    B, S, H, D = q.shape
+    if k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
+        raise ValueError(f"{fn}: k has shape {list(k.shape)} but q has {list(q.shape)}; batch, seqlen and head_dim "
+                         f"must match (the head counts may differ)")
+    if not isinstance(norm_over, str) or norm_over not in _NORM_OVER:
+        raise ValueError(f"{fn}: norm_over must be 'heads' (RMSNorm over each head's head_dim features: Qwen3, "
+                         f"Gemma 3) or 'all' (over all of a token's heads: OLMo-2), got {norm_over!r}")
+    for name, t, heads in (("q_weight", q_weight, H), ("k_weight", k_weight, k.shape[2])):
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}")
+        if t.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype}; with q of dtype {q.dtype} it must be {q.dtype} or "
+                            f"torch.float32")
+        want = (D,) if norm_over == "heads" else (heads * D,)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{fn}: {name} has shape {list(t.shape)}; with norm_over={norm_over!r} it must be "
+                             f"{list(want)}")
+    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype not in (torch.float32, q.dtype):
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype}; with q of dtype {q.dtype} it must be torch.float32 "
+                            f"or {q.dtype}")
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{fn}: {name} must be (max_seqlen, rotary_dim / 2) or (batch or 1, max_seqlen, "
+                             f"rotary_dim / 2), got shape {list(t.shape)}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"{fn}: sin has shape {list(sin.shape)} but cos has {list(cos.shape)}; they must match")
+    if cos.dim() == 3 and cos.shape[0] not in (1, B):
+        raise ValueError(f"{fn}: cos has batch {cos.shape[0]} but q has {B}; per-sequence tables need batch 1 or "
+                         f"{B}")
+    s_max, r_half = cos.shape[-2], cos.shape[-1]
+    if r_half == 0 or 2 * r_half > D:
+        raise ValueError(f"{fn}: cos has {r_half} columns, so the rotary dim is {2 * r_half}; it must be between 2 "
+                         f"and head_dim = {D} (cos and sin hold rotary_dim / 2 columns)")
+    if position_ids is None:
+        if S > s_max:
+            raise ValueError(f"{fn}: q has seqlen {S} but cos and sin have only {s_max} rows (positions); make "
+                             f"longer tables or pass position_ids")
+    else:
+        if not isinstance(position_ids, Tensor):
+            raise TypeError(f"{fn}: position_ids must be a Tensor or None, got {type(position_ids).__name__}")
+        if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+            raise TypeError(f"{fn}: position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+        if position_ids.device != q.device:
+            raise ValueError(f"{fn}: position_ids is on {position_ids.device} but q is on {q.device}")
+        if tuple(position_ids.shape) not in ((S,), (B, S), (1, S)):
+            raise ValueError(f"{fn}: position_ids must have shape (batch, seqlen) = {[B, S]} or (seqlen,) = {[S]}, "
+                             f"got {list(position_ids.shape)}")
+    for name, v in (("interleaved", interleaved), ("cast_before_weight", cast_before_weight)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{fn}: {name} must be a bool, got {type(v).__name__}")
+    if isinstance(weight_offset, bool) or not isinstance(weight_offset, (int, float)) \
+            or not math.isfinite(weight_offset):
+        raise ValueError(f"{fn}: weight_offset must be a finite number (0 for w, 1 for Gemma's 1 + w), got "
+                         f"{weight_offset!r}")
+    if eps is None:
+        from .norm import default_rms_eps
+        return default_rms_eps(q.dtype)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{fn}: eps must be None or a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def qk_norm_rotary(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
+                   eps: Optional[float] = None, position_ids: Optional[Tensor] = None, interleaved: bool = False, *,
+                   weight_offset: float = 0.0, cast_before_weight: bool = False,
+                   norm_over: str = "heads") -> tuple[Tensor, Tensor]:
+    """RMSNorm of q and k, then rotary position embedding: ``rotary(rms_norm(q) * w)`` for q and
+    k, in one Triton launch forward and one backward (the unfused chain, two rms_norm and a
+    rotary, reads and writes q and k three times). Qwen3's, OLMo-2's and Gemma 3's attention.
+
+    q (batch, seqlen, heads, head_dim) and k (batch, seqlen, kv_heads, head_dim), any strides
+    (views of a packed qkv projection are read in place), the head counts may differ (GQA).
+    Returns (q_out, k_out), new contiguous tensors in q's and k's shapes and dtype.
+
+    norm_over="heads": the norm runs over each head's head_dim features, q_weight and k_weight
+    (head_dim,) (Qwen3, Gemma 3). norm_over="all": over all of a token's features, heads *
+    head_dim (OLMo-2's q_norm / k_norm, applied before the projection is split into heads),
+    q_weight (heads * head_dim,) and k_weight (kv_heads * head_dim,); still one launch: a
+    program takes all the heads of its tokens. Weights: q's dtype or float32.
+    eps: None gives default_rms_eps(q.dtype), as fastlm.rms_norm and torch.
+    cos, sin, position_ids, interleaved: as :func:`rotary` (the first rotary_dim features of each
+    head rotate, the rest pass through, normalised); cos and sin may also be per sequence,
+    (batch or 1, max_seqlen, rotary_dim / 2).
+    weight_offset: the features are multiplied by weight + weight_offset: 0 for Llama-style
+    norms, 1 for Gemma's ``(1 + weight)``.
+    cast_before_weight: round the normalised x to q's dtype before the weight multiplies it
+    (Llama's and Qwen3's RMSNorm, ``weight * x_hat.to(input_dtype)``); False multiplies in
+    float32 and rounds once at the end (Gemma's and OLMo-2's). The math is float32 either way
+    (float64 for float64), and the rotation follows without a rounding in between.
+
+    Gradients flow to q, k, q_weight and k_weight (not to cos and sin)."""
+    fn = "fastlm.qk_norm_rotary"
+    eps = _check_qkn(fn, q, k, q_weight, k_weight, cos, sin, eps, position_ids, interleaved, weight_offset,
+                     cast_before_weight, norm_over)
+    if cos.requires_grad:
+        cos = cos.detach()
+    if sin.requires_grad:
+        sin = sin.detach()
+    if not compiling() and native_backend(q.device.type):
+        _check_positions(position_ids, cos.shape[-2], fn)
+        return ref.qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, eps, position_ids, interleaved,
+                                  float(weight_offset), cast_before_weight, norm_over)
+    return _qkn_eager(q, k, q_weight, k_weight, cos, sin, position_ids, eps, interleaved, float(weight_offset),
+                      cast_before_weight, norm_over == "all", False, None)
+
+
+def qk_norm_rotary_heads_first(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
+                               eps: float, weight_offset: float, cast_before_weight: bool,
+                               all_heads: bool) -> tuple[Tensor, Tensor]:
+    """The Hugging Face integration's entry (fastlm.integrations.hf_rotary): q (B, H, S, D) and
+    k (B, H_k, S, D), cos and sin (B or 1, S, R/2) (the first half of HF's tables), arguments
+    already checked by the caller. Outputs contiguous (B, H, S, D), as HF's."""
+    if not compiling() and native_backend(q.device.type):
+        q_out, k_out = ref.qk_norm_rotary(q.transpose(1, 2), k.transpose(1, 2), q_weight, k_weight, cos, sin, eps,
+                                          None, False, weight_offset, cast_before_weight,
+                                          "all" if all_heads else "heads")
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+    return _qkn_eager(q, k, q_weight, k_weight, cos, sin, None, eps, False, weight_offset, cast_before_weight,
+                      all_heads, True, None)

@@ -6,6 +6,9 @@ together with the per-row statistics the kernels save for the backward:
 
     layer norm:  y = (x - mean) * rstd * w + b,   rstd = 1 / sqrt(var(x) + eps)
     RMSNorm:     y = x * rstd * w,                 rstd = 1 / sqrt(mean(x^2) + eps)
+
+With dropout the input to normalise is the residual stream s = dropout(x) + residual
+(:func:`dropout_add`), the mask drawn from a seed by :func:`dropout_keep`.
 """
 
 from __future__ import annotations
@@ -87,3 +90,35 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     dw = (dyf * xhat).sum(dim=rows).to(weight.dtype) if weight is not None else None
     db = dyf.sum(dim=rows).to(bias.dtype) if bias is not None else None
     return dx, dw, db
+
+
+def dropout_keep(seed: int, shape, dropout_p: float, device) -> Tensor:
+    """The reference's dropout mask (True = kept) for an integer seed: a torch.Generator on
+    ``device`` seeded with it, one uniform draw per element, kept where the draw >= dropout_p."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return torch.rand(tuple(shape), generator=g, device=device) >= dropout_p
+
+
+def dropout_add(x: Tensor, residual: Tensor | None, keep: Tensor | None, dropout_p: float,
+                stream_dtype: torch.dtype) -> Tensor:
+    """The residual stream dropout(x) + residual: x zeroed where ``keep`` is False and scaled by
+    1 / (1 - dropout_p) elsewhere (no dropout when keep is None), plus the residual, computed in
+    float32 (float64 stays float64) and rounded once, to ``stream_dtype``."""
+    cd = torch.float64 if torch.float64 in (x.dtype, stream_dtype) else torch.float32
+    s = x.to(cd)
+    if keep is not None:
+        s = torch.where(keep, s * (1.0 / (1.0 - dropout_p)), 0.0)
+    if residual is not None:
+        s = s + residual.to(cd)
+    return s.to(stream_dtype)
+
+
+def dropout_add_norm(x: Tensor, residual: Tensor | None, normalized_shape, weight=None, bias=None,
+                     eps: float = 1e-5, keep: Tensor | None = None, dropout_p: float = 0.0, rms: bool = False,
+                     stream_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """(norm(dropout(x) + residual), the stream): the formula, for reading and for tests. The
+    output is in x's dtype, the stream in ``stream_dtype`` (default x's)."""
+    s = dropout_add(x, residual, keep, dropout_p, stream_dtype or x.dtype)
+    ndim = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    return norm(s, weight, bias, ndim, eps, rms)[0].to(x.dtype), s

@@ -92,3 +92,80 @@ def rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim
         cd = torch.float64 if x.dtype == torch.float64 else (torch.float32 if upcast else x.dtype)
         return _turn(x, c, s, False, conjugate, cd)
     return one(q), one(k)
+
+
+def _table_rows(t: Tensor, B: int, S: int, position_ids: Tensor | None) -> Tensor:
+    """Rows of a (S_max, R/2) or (B or 1, S_max, R/2) table at the tokens' positions: (S, R/2)
+    or (B or 1, S, R/2) when shared, (B, S, R/2) when gathered per sequence."""
+    if t.dim() == 2:
+        return t[:S] if position_ids is None else t[position_ids.long()]
+    if position_ids is None:
+        return t[:, :S]
+    pos = position_ids.long().expand(B, S)
+    return t.expand(B, *t.shape[1:])[torch.arange(B, device=t.device)[:, None], pos]
+
+
+def qk_norm_rotary(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, eps: float,
+                   position_ids: Tensor | None = None, interleaved: bool = False, weight_offset: float = 0.0,
+                   cast_before_weight: bool = False, norm_over: str = "heads",
+                   upcast: bool = True) -> tuple[Tensor, Tensor]:
+    """RMSNorm of q (B, S, H, D) and k (B, S, H_k, D), then RoPE, as one formula:
+
+        xhat = x / sqrt(mean(x^2) + eps)      over each head's D features (norm_over="heads")
+                                               or over a token's H * D features ("all", OLMo-2)
+        n    = xhat * (w + weight_offset)      (Gemma's 1 + w with weight_offset=1)
+        out  = rotary(n)                       (cos, sin (S_max, R/2) or (B or 1, S_max, R/2))
+
+    computed in float32 when ``upcast`` (float64 stays float64) and rounded once, to x's dtype,
+    at the end; with ``cast_before_weight`` xhat is first rounded to x's dtype (Llama's and
+    Qwen3's RMSNorm: ``weight * xhat.to(input_dtype)``). Weights: (D,) per head, or (H * D,) and
+    (H_k * D,) with norm_over="all". Differentiable by torch's autograd (the CPU path)."""
+    B, S = q.shape[:2]
+    c, s = _table_rows(cos, B, S, position_ids), _table_rows(sin, B, S, position_ids)
+    c, s = c.unsqueeze(-2), s.unsqueeze(-2)  # the same angle for every head
+
+    def one(x: Tensor, w: Tensor) -> Tensor:
+        cd = torch.float64 if x.dtype == torch.float64 else (torch.float32 if upcast else x.dtype)
+        xf = _to(x, cd)
+        dims = (-2, -1) if norm_over == "all" else (-1,)
+        xhat = xf * torch.rsqrt(xf.square().mean(dim=dims, keepdim=True) + eps)
+        if cast_before_weight:
+            xhat = _to(_to(xhat, x.dtype), cd)
+        wf = _to(w, cd)
+        if weight_offset:
+            wf = wf + weight_offset
+        n = xhat * (wf.view(x.shape[-2], x.shape[-1]) if norm_over == "all" else wf)
+        return _to(_turn(n, c, s, interleaved, False, cd), x.dtype)
+    return one(q, q_weight), one(k, k_weight)
+
+
+def qk_norm_rotary_bwd(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor,
+                       cos: Tensor, sin: Tensor, eps: float, position_ids: Tensor | None = None,
+                       interleaved: bool = False, weight_offset: float = 0.0, cast_before_weight: bool = False,
+                       norm_over: str = "heads") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dq_weight, dk_weight) of :func:`qk_norm_rotary`, in closed form (the
+    backward op's body on the "torch" backend, where autograd does not run inside a custom op):
+    dn = the output gradient rotated back; with g = dn * (w + offset) and xhat = x * rstd,
+    dx = rstd * (g - xhat * mean(g * xhat)) over the normalised features, dw = the sum of
+    dn * xhat over the tokens (and the heads, per head)."""
+    B, S = q.shape[:2]
+    c, s = _table_rows(cos, B, S, position_ids), _table_rows(sin, B, S, position_ids)
+    c, s = c.unsqueeze(-2), s.unsqueeze(-2)
+
+    def one(dy: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = _to(x, cd)
+        dims = (-2, -1) if norm_over == "all" else (-1,)
+        rstd = torch.rsqrt(xf.square().mean(dim=dims, keepdim=True) + eps)
+        xhat = xf * rstd
+        dn = _turn(_to(dy, cd), c, s, interleaved, True, cd)
+        wf = _to(w, cd) + weight_offset
+        wf = wf.view(x.shape[-2], x.shape[-1]) if norm_over == "all" else wf
+        g = dn * wf
+        dx = rstd * (g - xhat * (g * xhat).mean(dim=dims, keepdim=True))
+        xw = _to(_to(xhat, x.dtype), cd) if cast_before_weight else xhat
+        dw = (dn * xw).sum(dim=(0, 1)) if norm_over == "all" else (dn * xw).sum(dim=(0, 1, 2))
+        return _to(dx, x.dtype), _to(dw.reshape(w.shape), w.dtype)
+    dq, dqw = one(dq_out, q, q_weight)
+    dk, dkw = one(dk_out, k, k_weight)
+    return dq, dk, dqw, dkw
