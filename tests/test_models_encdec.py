@@ -147,6 +147,71 @@ def test_greedy_generation_with_the_cache_equals_recomputing(backend):
     assert torch.equal(fast, slow)
 
 
+def _record_norm_calls(monkeypatch, chain: bool = False) -> list:
+    """Record (residual given, dropout_p) for every norm module call. chain=True: the pre-norm
+    wiring before the fusion besides, each residual call as the separate ops it replaces,
+    residual + input then the plain norm (x + fn(norm(x)), the next norm reading the sum)."""
+    calls = []
+    for cls in (fastlm.nn.LayerNorm, fastlm.nn.RMSNorm):
+        plain = cls.forward
+
+        def forward(self, input, residual=None, return_residual=False, *, dropout_p=0.0, plain=plain):
+            calls.append((residual is not None, dropout_p))
+            if residual is None or not chain:
+                return plain(self, input, residual, return_residual, dropout_p=dropout_p)
+            s = residual + input
+            return (plain(self, s), s) if return_residual else plain(self, s)
+
+        monkeypatch.setattr(cls, "forward", forward)
+    return calls
+
+
+@pytest.mark.parametrize("options", [{}, OPTIONS[1]], ids=["layernorm", "modern"])
+def test_prenorm_adds_inside_the_next_norm_bit_identical(monkeypatch, options):
+    """Pre-norm: every norm but each stack's first takes the previous sublayer's output and the
+    residual stream (dropout, add and norm one call, the final norms included); with dropout 0
+    the loss and every gradient are those of the separate add and norm, bit for bit."""
+    model = make(**{"prenorm": True, **options})
+    src, mask, tgt, labels = batch()
+
+    def loss_and_grads():
+        loss = model(src, tgt, mask, labels=labels)["loss"]
+        return [loss] + list(torch.autograd.grad(loss, list(model.parameters())))
+
+    with monkeypatch.context() as m:
+        calls = _record_norm_calls(m)
+        fused = loss_and_grads()
+    c = model.config
+    n_norms = 2 * c.n_encoder_layer + 3 * c.n_decoder_layer + 2
+    assert calls.count((True, c.dropout)) == n_norms - 2 and calls.count((False, 0.0)) == 2
+    _record_norm_calls(monkeypatch, chain=True)
+    chain = loss_and_grads()
+    for a, b in zip(fused, chain):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    dropped = make(**{"prenorm": True, "dropout": 0.2, **options}).train()  # the sublayers' dropout: the norms'
+    with monkeypatch.context() as m:
+        calls = _record_norm_calls(m)
+        dropped(src, tgt, mask, labels=labels)["loss"].backward()
+    assert calls.count((True, 0.2)) == n_norms - 2 and calls.count((False, 0.0)) == 2
+
+
+def test_prenorm_generation_with_the_cache(monkeypatch):
+    """The fused pre-norm decoder under the KV cache: cached greedy decoding equals recomputing
+    the whole prefix, and equals the separate add-and-norm chain's decoding."""
+    model = make(**OPTIONS[1]).eval()
+    src, mask, _, _ = batch()
+    fast = model.generate(src, 7, src_mask=mask, temperature=0, eos_token_id=-1)
+    slow = torch.full((3, 1), 1, dtype=torch.long, device=DEVICE)
+    for _ in range(7):
+        logits = model(src, slow, mask)["logits"][:, -1]
+        slow = torch.cat([slow, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(fast, slow)
+    calls = _record_norm_calls(monkeypatch, chain=True)
+    assert torch.equal(model.generate(src, 7, src_mask=mask, temperature=0, eos_token_id=-1), fast)
+    assert any(residual for residual, _ in calls)
+
+
 def test_option_combinations_run_forward_and_backward():
     for norm, prenorm, act, pos, kv in itertools.product(["layernorm", "rmsnorm"], [False, True],
                                                          ["relu", "gelu", "geglu"], ["sinusoidal", "learned"],

@@ -394,7 +394,7 @@ def _model_and_batch(name, dropout, **kw):
     else:
         model = encdec.EncoderDecoder(encdec.EncoderDecoderConfig(
             vocab_size=61, n_encoder_layer=2, n_decoder_layer=2, n_head=2, d_model=32, d_hidden=64,
-            max_seq_len=16, dropout=dropout))
+            max_seq_len=16, dropout=dropout, **kw))
         batch = dict(src_ids=ids, tgt_ids=ids.roll(1, 1), labels=ids)
     return model.to(DEVICE).train(), batch
 
@@ -425,10 +425,12 @@ def _unfused_norms(monkeypatch, backend=None):
         monkeypatch.setattr(cls, "forward", forward)
 
 
-MODELS = ["gpt", "gpt-postnorm-rms", "bert", "encdec"]
+MODELS = ["gpt", "gpt-postnorm-rms", "bert", "encdec", "encdec-prenorm-rms"]
 
 
 def _kw(name):
+    if name == "encdec-prenorm-rms":  # pre-norm: the next norm (or the stack's final one) drops and adds
+        return dict(prenorm=True, norm="rmsnorm")
     return dict(prenorm=False, norm="rmsnorm") if name == "gpt-postnorm-rms" else {}
 
 

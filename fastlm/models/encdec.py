@@ -8,6 +8,10 @@ scaled by sqrt(d_model) and shared by the encoder, the decoder and the output la
 - The decoder's self-attention is causal on the padded (B, T) batch (with right padding a
   real token never sees a later pad); its cross-attention reads the packed encoder rows
   through flash_attn_varlen_func, every decoder sequence T long, each source its own length.
+- Each sublayer's dropout and residual add are fused into a norm (one kernel,
+  norm(dropout(sublayer) + residual)). Post-norm: the sublayer's own norm. Pre-norm: the norm
+  that follows, the next sublayer's or the stack's final one (encoder_norm, decoder_norm),
+  which also returns the updated residual stream; as fastlm.models.gpt's pre-norm loop.
 - The loss goes through fastlm.linear_cross_entropy; generate() caches the decoder's keys and
   values (fastlm.flash_attn_with_kvcache) and the encoder's projected keys and values.
 """
@@ -90,23 +94,37 @@ def _norm(c: EncoderDecoderConfig) -> torch.nn.Module:
 
 
 class _Sublayers(torch.nn.Module):
-    """Residual wiring shared by the encoder and decoder layers. Post-norm: the sublayer's
-    dropout and the residual add fused into the norm, norm(x + dropout(fn(x))) in one kernel.
-    Pre-norm: x + dropout(fn(norm(x))), the dropout and add as ops of their own (the norm that
-    follows them is the next sublayer's, or the stack's final one: not fused here yet)."""
+    """Residual wiring shared by the encoder and decoder layers; each sublayer's dropout and
+    residual add run inside a norm's kernel.
+
+    Post-norm: the state is the tensor x and each sublayer is norm(x + dropout(fn(x))), one call.
+    Pre-norm: the state is (hidden, residual): the last sublayer's output, not yet dropped nor
+    added, and the residual stream it will be added to (hidden None before the first sublayer).
+    Each sublayer's norm takes them, norm(dropout(hidden) + residual), and returns the new stream
+    beside the normed input, so the previous sublayer's dropout, the add and this norm are one
+    call; the stack's final norm (encoder_norm / decoder_norm) closes the last one (_close)."""
 
     def __init__(self, c: EncoderDecoderConfig, count: int):
         super().__init__()
         self.config = c
         self.norms = torch.nn.ModuleList(_norm(c) for _ in range(count))
 
-    def residual(self, i: int, x: Tensor, fn) -> Tensor:
+    def residual(self, i: int, state, fn):
         c = self.config
-        drop = (lambda t: F.dropout(t, c.dropout, self.training)) if c.dropout > 0 else (lambda t: t)
         if c.prenorm:
-            return x + drop(fn(self.norms[i](x)))
+            hidden, res = state
+            if hidden is None:  # the stack's first sublayer: nothing to add yet
+                return fn(self.norms[i](res)), res
+            normed, res = self.norms[i](hidden, res, return_residual=True, dropout_p=c.dropout)
+            return fn(normed), res
         # norm(x + dropout(fn(x))), the dropout (training mode only) and add inside the norm's kernel
-        return self.norms[i](fn(x), x, dropout_p=c.dropout)
+        return self.norms[i](fn(state), state, dropout_p=c.dropout)
+
+
+def _close(norm: torch.nn.Module, state, p: float) -> Tensor:
+    """A pre-norm stack's final norm over its last sublayer: norm(dropout(hidden) + residual)."""
+    hidden, res = state
+    return norm(res) if hidden is None else norm(hidden, res, dropout_p=p)
 
 
 class EncoderLayer(_Sublayers):
@@ -117,7 +135,9 @@ class EncoderLayer(_Sublayers):
         self.proj = fnn.Linear(H * D, c.d_model, bias=c.bias)
         self.mlp = fnn.FeedForward(c.d_model, c.d_hidden, c.activation, bias=c.bias)
 
-    def forward(self, x: Tensor, cu: Tensor, max_len: int) -> Tensor:
+    def forward(self, x, cu: Tensor, max_len: int):
+        """x: the packed rows (total, d_model); pre-norm: the (hidden, residual) pair (see
+        _Sublayers), returned as the pair after this layer's sublayers."""
         c = self.config
         H, Hk, D = c.n_head, c.kv_heads, c.head_dim
 
@@ -148,11 +168,13 @@ class DecoderLayer(_Sublayers):
         k, v = self.cross_kv(enc).unflatten(-1, (2, c.kv_heads, c.head_dim)).unbind(-3)
         return k, v
 
-    def forward(self, y: Tensor, memory: tuple[Tensor, Tensor], cu_src: Tensor, max_src: int,
-                cache: Optional[list] = None, cache_len: int = 0) -> Tensor:
+    def forward(self, y, memory: tuple[Tensor, Tensor], cu_src: Tensor, max_src: int,
+                cache: Optional[list] = None, cache_len: int = 0):
+        """y: (B, T, d_model); pre-norm: the (hidden, residual) pair (see _Sublayers), returned
+        as the pair after this layer's sublayers."""
         c = self.config
         H, Hk, D = c.n_head, c.kv_heads, c.head_dim
-        B, T, _ = y.shape
+        B, T, _ = (y[1] if c.prenorm else y).shape
         p = c.dropout if self.training else 0.0
 
         def self_attend(t):
@@ -232,10 +254,13 @@ class EncoderDecoder(torch.nn.Module):
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         max_src = int(lengths.max()) if B else 0
         x = self._embed(src_ids).reshape(B * S, -1)[keep.reshape(-1).nonzero()[:, 0]]
+        if self.config.prenorm:
+            state = (None, x)
+            for layer in self.encoder:
+                state = layer(state, cu, max_src)
+            return _close(self.encoder_norm, state, self.config.dropout), cu, max_src
         for layer in self.encoder:
             x = layer(x, cu, max_src)
-        if self.encoder_norm is not None:
-            x = self.encoder_norm(x)
         return x, cu, max_src
 
     def decode(self, tgt_ids: Tensor, enc: tuple[Tensor, Tensor, int], caches: Optional[list] = None,
@@ -243,11 +268,10 @@ class EncoderDecoder(torch.nn.Module):
         x, cu, max_src = enc
         y = self._embed(tgt_ids, cache_len)
         memories = memories or [layer.memory(x) for layer in self.decoder]
+        state = (None, y) if self.config.prenorm else y
         for i, layer in enumerate(self.decoder):
-            y = layer(y, memories[i], cu, max_src, caches[i] if caches is not None else None, cache_len)
-        if self.decoder_norm is not None:
-            y = self.decoder_norm(y)
-        return y
+            state = layer(state, memories[i], cu, max_src, caches[i] if caches is not None else None, cache_len)
+        return _close(self.decoder_norm, state, self.config.dropout) if self.config.prenorm else state
 
     def forward(self, src_ids: Tensor, tgt_ids: Tensor, src_mask: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, return_logits: Optional[bool] = None,
