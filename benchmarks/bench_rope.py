@@ -43,11 +43,16 @@ def test_eager_form_is_fastlm_rotary():
 def test_main_quick_writes_json_and_markdown(tmp_path):
     assert main(["rope", "--quick", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "rope.json").read_text())
-    assert {r["impl"] for r in doc["rows"]} == {"fastlm-torch", runner.EAGER}
+    # (rotary_attention's rows: rotary fused into attention vs its own launch, both on fastlm)
+    assert {r["impl"] for r in doc["rows"]} == {"fastlm-torch", runner.EAGER, "fastlm-torch-fused",
+                                                "fastlm-torch-unfused"}
+    assert {r["op"] for r in doc["rows"]} >= {"rotary", "qk_norm_rotary", "rotary_attention"}
     assert {r["mode"] for r in doc["rows"]} == set(rope_bench.MODES)
     assert not [n for n in doc["notes"] if "failed" in n or "differs" in n], doc["notes"]
     for row in doc["rows"]:
         assert math.isfinite(row["ms"]) and row["ms"] > 0 and row["gbps"] > 0
+        if row["op"] != "rotary":  # (the fused ops' rows take the attention suite's shapes)
+            continue
         B, S, H, D = 1, 64, 2, 32
         assert (row["rows"], row["width"], row["heads"], row["hidden"]) == (B, S, H, D)
         assert row["bytes"] == 2 * B * S * H * D * 4 * (2 if row["mode"] == "fwd+bwd" else 1)

@@ -63,27 +63,34 @@ def _check_args(x, cos, sin, position_ids, interleaved) -> None:
             raise ValueError(f"{fn}: {name} must be 2-D (max_seqlen, rotary_dim / 2), got shape {list(t.shape)}")
     if sin.shape != cos.shape:
         raise ValueError(f"{fn}: sin has shape {list(sin.shape)} but cos has {list(cos.shape)}; they must match")
-    s_max, r_half = cos.shape
-    if r_half == 0 or 2 * r_half > D:
-        raise ValueError(f"{fn}: cos has {r_half} columns, so the rotary dim is {2 * r_half}; it must be "
-                         f"between 2 and head_dim = {D} (cos and sin are (max_seqlen, rotary_dim / 2))")
-    if position_ids is None:
-        if S > s_max:
-            raise ValueError(f"{fn}: x has seqlen {S} but cos and sin have only {s_max} rows (positions); "
-                             f"make longer tables or pass position_ids")
-    else:
-        if not isinstance(position_ids, Tensor):
-            raise TypeError(f"{fn}: position_ids must be a Tensor or None, got {type(position_ids).__name__}")
-        if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
-            raise TypeError(f"{fn}: position_ids must be an integer tensor, got dtype {position_ids.dtype}")
-        if position_ids.device != x.device:
-            raise ValueError(f"{fn}: position_ids is on {position_ids.device} but x is on {x.device}")
-        shape = tuple(position_ids.shape)
-        if shape not in ((S,), (B, S), (1, S)):
-            raise ValueError(f"{fn}: position_ids must have shape (batch, seqlen) = {[B, S]} or (seqlen,) = "
-                             f"{[S]}, got {list(shape)}")
+    _check_tables_and_positions(fn, "x", x, cos, position_ids, B, S, D)
     if not isinstance(interleaved, bool):
         raise TypeError(f"{fn}: interleaved must be a bool, got {type(interleaved).__name__}")
+
+
+def _check_tables_and_positions(fn: str, name: str, x: Tensor, cos: Tensor, position_ids, B: int, S: int,
+                                D: int) -> None:
+    """The tables' rotary dim (cos: (..., max_seqlen, rotary_dim / 2)) fits head_dim D; without
+    position_ids the tables cover x's S positions, with them position_ids is an integer tensor
+    on x's device of shape (S,), (B, S) or (1, S). ``name``: x's name in the caller's signature."""
+    s_max, r_half = cos.shape[-2], cos.shape[-1]
+    if r_half == 0 or 2 * r_half > D:
+        raise ValueError(f"{fn}: cos has {r_half} columns, so the rotary dim is {2 * r_half}; it must be between 2 "
+                         f"and head_dim = {D} (cos and sin hold rotary_dim / 2 columns)")
+    if position_ids is None:
+        if S > s_max:
+            raise ValueError(f"{fn}: {name} has seqlen {S} but cos and sin have only {s_max} rows (positions); make "
+                             f"longer tables or pass position_ids")
+        return
+    if not isinstance(position_ids, Tensor):
+        raise TypeError(f"{fn}: position_ids must be a Tensor or None, got {type(position_ids).__name__}")
+    if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+        raise TypeError(f"{fn}: position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+    if position_ids.device != x.device:
+        raise ValueError(f"{fn}: position_ids is on {position_ids.device} but {name} is on {x.device}")
+    if tuple(position_ids.shape) not in ((S,), (B, S), (1, S)):
+        raise ValueError(f"{fn}: position_ids must have shape (batch, seqlen) = {[B, S]} or (seqlen,) = {[S]}, "
+                         f"got {list(position_ids.shape)}")
 
 
 def _check_positions(position_ids: Optional[Tensor], s_max: int, fn: str = "fastlm.rotary") -> None:
@@ -556,24 +563,7 @@ def _check_qkn(fn: str, q, k, q_weight, k_weight, cos, sin, eps, position_ids, i
     if cos.dim() == 3 and cos.shape[0] not in (1, B):
         raise ValueError(f"{fn}: cos has batch {cos.shape[0]} but q has {B}; per-sequence tables need batch 1 or "
                          f"{B}")
-    s_max, r_half = cos.shape[-2], cos.shape[-1]
-    if r_half == 0 or 2 * r_half > D:
-        raise ValueError(f"{fn}: cos has {r_half} columns, so the rotary dim is {2 * r_half}; it must be between 2 "
-                         f"and head_dim = {D} (cos and sin hold rotary_dim / 2 columns)")
-    if position_ids is None:
-        if S > s_max:
-            raise ValueError(f"{fn}: q has seqlen {S} but cos and sin have only {s_max} rows (positions); make "
-                             f"longer tables or pass position_ids")
-    else:
-        if not isinstance(position_ids, Tensor):
-            raise TypeError(f"{fn}: position_ids must be a Tensor or None, got {type(position_ids).__name__}")
-        if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
-            raise TypeError(f"{fn}: position_ids must be an integer tensor, got dtype {position_ids.dtype}")
-        if position_ids.device != q.device:
-            raise ValueError(f"{fn}: position_ids is on {position_ids.device} but q is on {q.device}")
-        if tuple(position_ids.shape) not in ((S,), (B, S), (1, S)):
-            raise ValueError(f"{fn}: position_ids must have shape (batch, seqlen) = {[B, S]} or (seqlen,) = {[S]}, "
-                             f"got {list(position_ids.shape)}")
+    _check_tables_and_positions(fn, "q", q, cos, position_ids, B, S, D)
     for name, v in (("interleaved", interleaved), ("cast_before_weight", cast_before_weight)):
         if not isinstance(v, bool):
             raise TypeError(f"{fn}: {name} must be a bool, got {type(v).__name__}")
