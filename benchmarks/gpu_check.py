@@ -97,10 +97,12 @@ BENCH = [
     ("lce", ["--rows", "8192", "--widths", "128256", "--ignored", "0", "0.85"], 60),
     ("ce", ["--rows", "4096", "--widths", "128256", "--modes", "fwd", "bwd"], 35),
     ("distill", ["--rows", "8192", "--widths", "128256", "--modes", "fwd+bwd"], 45),
-    ("norm", ["--rows", "16384", "--widths", "4096", "--ops", "rms_norm", "layer_norm",
-              "--modes", "fwd", "bwd"], 45),
+    ("norm", ["--rows", "16384", "--widths", "4096", "--ops", "rms_norm", "layer_norm", "dropout_add_rms_norm",
+              "--modes", "fwd", "bwd"], 50),
     ("ffn", ["--rows", "8192", "--widths", "4096", "--modes", "fwd+bwd"], 40),
-    ("rope", ["--rows", "4", "--widths", "4096", "--modes", "fwd", "bwd"], 30),
+    # (issue 23's fusions: q/k norm + rotary in one launch, rotary inside attention, each vs its chain)
+    ("rope", ["--rows", "4", "--widths", "4096", "--modes", "fwd", "bwd", "--ops", "rotary", "qk_norm_rotary",
+              "rotary_attention"], 60),
     ("overhead", ["--ops", "tiny", "--calls", "500"], 30),
     ("model", ["--ops", "gpt2-124m", "--reps", "10"], 100),
 ]
