@@ -283,6 +283,36 @@ def _qkn_angles(COS, SIN, POS, b, s, s_mask, j, j_mask, S_max, stride_cb, stride
 
 
 @triton.jit
+def _qkn_pairs(j, s_mask, R_half, D, INTERLEAVED: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The feature indices of each rotated pair's members (ia, ib: GPT-J's 2j, 2j + 1 or
+    NeoX's j, j + R/2), the pass-through features past the rotary dim (ip) and their masks."""
+    if INTERLEAVED:
+        ia = 2 * j
+        ib = 2 * j + 1
+    else:
+        ia = j
+        ib = j + R_half
+    ip = 2 * R_half + tl.arange(0, BLOCK_P)
+    pp_mask = ip < D
+    return ia, ib, ip, pp_mask, s_mask[:, None] & pp_mask[None, :]
+
+
+@triton.jit
+def _qkn_program(t, H, H_k, ALL_HEADS: tl.constexpr):
+    """(in_k, first head, head count) of the program on grid axis 1: q's heads then k's, one
+    each; with ALL_HEADS (OLMo-2's norm over a token's heads) program 0 takes all of q's, 1 k's."""
+    if ALL_HEADS:
+        in_k = t == 1
+        h0 = 0
+        n_h = tl.where(in_k, H_k, H)
+    else:
+        in_k = t >= H
+        h0 = tl.where(in_k, t - H, t)
+        n_h = 1
+    return in_k, h0, n_h
+
+
+@triton.jit
 def _qkn_load(row, ia, ib, ip, sd, mask, p_mask):
     """One head's three tiles (pair members a, b and the pass-through), float32, 0 outside."""
     xa = tl.load(row + ia[None, :] * sd, mask=mask, other=0.0).to(tl.float32)
@@ -345,27 +375,11 @@ def _qk_norm_rotary_fwd_kernel(
     j_mask = j < R_half
     cos, sin = _qkn_angles(COS, SIN, POS, b, s, s_mask, j, j_mask, S_max, stride_cb, stride_cs, stride_cd,
                            stride_sb, stride_ss, stride_sd, stride_pb, stride_ps, HAS_POS)
-    if INTERLEAVED:
-        ia = 2 * j
-        ib = 2 * j + 1
-    else:
-        ia = j
-        ib = j + R_half
-    ip = 2 * R_half + tl.arange(0, BLOCK_P)
-    pp_mask = ip < D
     mask = s_mask[:, None] & j_mask[None, :]
-    p_mask = s_mask[:, None] & pp_mask[None, :]
+    ia, ib, ip, pp_mask, p_mask = _qkn_pairs(j, s_mask, R_half, D, INTERLEAVED, BLOCK_P)
     # Which tensor this program works on: its base pointers and strides are selected, one body
     # of code for both.
-    t = tl.program_id(1)
-    if ALL_HEADS:
-        in_k = t == 1
-        h0 = 0
-        n_h = tl.where(in_k, H_k, H)
-    else:
-        in_k = t >= H
-        h0 = tl.where(in_k, t - H, t)
-        n_h = 1
+    in_k, h0, n_h = _qkn_program(tl.program_id(1), H, H_k, ALL_HEADS)
     x_tok = tl.where(in_k, K + b * stride_kb, Q + b * stride_qb) + s[:, None] * tl.where(in_k, stride_ks, stride_qs)
     o_tok = tl.where(in_k, OUT_K + b * stride_okb, OUT_Q + b * stride_oqb) \
         + s[:, None] * tl.where(in_k, stride_oks, stride_oqs)
@@ -455,24 +469,8 @@ def _qk_norm_rotary_bwd_kernel(
     # outside the tables keeps its NaN (on a GPU, where that is not checked).
     cos = tl.where(mask, cos, 0.0)
     sin = tl.where(mask, sin, 0.0)
-    if INTERLEAVED:
-        ia = 2 * j
-        ib = 2 * j + 1
-    else:
-        ia = j
-        ib = j + R_half
-    ip = 2 * R_half + tl.arange(0, BLOCK_P)
-    pp_mask = ip < D
-    p_mask = s_mask[:, None] & pp_mask[None, :]
-    t = tl.program_id(1)
-    if ALL_HEADS:
-        in_k = t == 1
-        h0 = 0
-        n_h = tl.where(in_k, H_k, H)
-    else:
-        in_k = t >= H
-        h0 = tl.where(in_k, t - H, t)
-        n_h = 1
+    ia, ib, ip, pp_mask, p_mask = _qkn_pairs(j, s_mask, R_half, D, INTERLEAVED, BLOCK_P)
+    in_k, h0, n_h = _qkn_program(tl.program_id(1), H, H_k, ALL_HEADS)
     x_tok = tl.where(in_k, K + b * stride_kb, Q + b * stride_qb) + s[:, None] * tl.where(in_k, stride_ks, stride_qs)
     dy_tok = tl.where(in_k, DY_K + b * stride_dykb, DY_Q + b * stride_dyqb) \
         + s[:, None] * tl.where(in_k, stride_dyks, stride_dyqs)
