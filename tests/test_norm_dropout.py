@@ -519,3 +519,30 @@ def test_layer_norm_fn_rms_with_bias_backward(backend):
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
     for g, g2 in zip(grads, g64):
         torch.testing.assert_close(g.double(), g2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_reference_matches_torch_norms_with_inf_and_nan(rms):
+    """The reference's dropout-add-norm (the CPU path) against torch's own F.dropout-free
+    composition: with no dropout, F.layer_norm / F.rms_norm of x + residual, rows holding
+    +inf, -inf and NaN included; with a mask, x * keep / (1 - p) + residual, then the norm."""
+    from fastlm.reference import norm as ref_norm
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 33, generator=g, dtype=torch.float64)
+    res = torch.randn(6, 33, generator=g, dtype=torch.float64)
+    x[1, 4], x[2, 0], res[3, 7] = float("inf"), float("-inf"), float("nan")
+    w, b = torch.randn(33, generator=g, dtype=torch.float64), torch.randn(33, generator=g, dtype=torch.float64)
+
+    def torch_norm(s):
+        return F.rms_norm(s, (33,), w, 1e-5) if rms else F.layer_norm(s, (33,), w, b, 1e-5)
+
+    y, s = ref_norm.dropout_add_norm(x, res, 33, w, None if rms else b, 1e-5, rms=rms)
+    torch.testing.assert_close(s, x + res, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(y, torch_norm(x + res), rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert y[1:4].isnan().any()  # (the special values reached the output)
+    keep = ref_norm.dropout_keep(11, x.shape, 0.3, "cpu")
+    assert 0 < int(keep.sum()) < keep.numel()
+    y, s = ref_norm.dropout_add_norm(x, res, 33, w, None if rms else b, 1e-5, keep=keep, dropout_p=0.3, rms=rms)
+    want_s = torch.where(keep, x / 0.7, 0.0) + res
+    torch.testing.assert_close(s, want_s, rtol=1e-12, atol=1e-14, equal_nan=True)
+    torch.testing.assert_close(y, torch_norm(want_s), rtol=1e-12, atol=1e-12, equal_nan=True)

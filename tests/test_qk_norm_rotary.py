@@ -722,3 +722,50 @@ def test_gpt_qk_norm_generation_with_the_cache_equals_recomputing(backend, posit
         for _ in range(steps):
             slow = torch.cat([slow, model(slow)["logits"][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(fast, slow)
+
+
+def _torch_qk_norm_rope(x, w, cos, sin, eps, weight_offset, all_heads):
+    """torch's own F.rms_norm, then the NeoX rotation written out with torch ops (float64)."""
+    B, S, H, D = x.shape
+    ww = w + weight_offset
+    if all_heads:
+        n = torch.nn.functional.rms_norm(x.reshape(B, S, H * D), (H * D,), ww, eps).reshape(B, S, H, D)
+    else:
+        n = torch.nn.functional.rms_norm(x, (D,), ww, eps)
+    half = cos.shape[-1]
+    c, s = cos[:S, None, :], sin[:S, None, :]
+    a, b, rest = n[..., :half], n[..., half:2 * half], n[..., 2 * half:]
+    return torch.cat([a * c - b * s, b * c + a * s, rest], dim=-1)
+
+
+@pytest.mark.parametrize("all_heads", [False, True])
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0])
+def test_reference_matches_torch_rms_norm_with_inf_and_nan(all_heads, weight_offset):
+    """The float64 reference (the CPU path and the kernels' oracle) against torch's own
+    F.rms_norm and the rotation by torch ops, with +inf, -inf and NaN in some rows, and
+    partial rotary; and its closed-form backward against autograd through the same formula."""
+    g = torch.Generator().manual_seed(7)
+    B, S, H, Hk, D, R = 2, 5, 3, 2, 16, 12
+    q = torch.randn(B, S, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, S, Hk, D, generator=g, dtype=torch.float64)
+    q[0, 1, 0, 3], q[1, 2, 2, 0], k[0, 3, 1, 5], k[1, 0, 0, 7] = float("inf"), float("-inf"), float("nan"), 1e300
+    qw = torch.randn(H * D if all_heads else D, generator=g, dtype=torch.float64)
+    kw = torch.randn(Hk * D if all_heads else D, generator=g, dtype=torch.float64)
+    cos, sin = fastlm.rotary_cos_sin(8, R, dtype=torch.float64)
+    norm_over = "all" if all_heads else "heads"
+    got_q, got_k = ref.qk_norm_rotary(q, k, qw, kw, cos, sin, 1e-6, weight_offset=weight_offset,
+                                      norm_over=norm_over)
+    for got, x, w in ((got_q, q, qw), (got_k, k, kw)):
+        want = _torch_qk_norm_rope(x, w, cos, sin, 1e-6, weight_offset, all_heads)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert got_q.isnan().any() and got_k.isnan().any()  # (the special values reached the output)
+    # the closed-form backward equals autograd through the formula (finite inputs)
+    qf, kf = torch.randn_like(q).requires_grad_(), torch.randn_like(k).requires_grad_()
+    qwf, kwf = qw.clone().requires_grad_(), kw.clone().requires_grad_()
+    oq, ok = ref.qk_norm_rotary(qf, kf, qwf, kwf, cos, sin, 1e-6, weight_offset=weight_offset, norm_over=norm_over)
+    dq_out, dk_out = torch.randn_like(oq), torch.randn_like(ok)
+    want = torch.autograd.grad((oq, ok), (qf, kf, qwf, kwf), (dq_out, dk_out))
+    got = ref.qk_norm_rotary_bwd(dq_out, dk_out, qf.detach(), kf.detach(), qw, kw, cos, sin, 1e-6,
+                                 weight_offset=weight_offset, norm_over=norm_over)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
