@@ -575,22 +575,15 @@ def swap_rotary(model: torch.nn.Module, handle) -> None:
     are left alone, with one warning per class naming its module."""
     for name, module in model.named_modules():
         cls = type(module)
-        fused = _qk_swap_class_for(module)
-        if fused is not None:
-            if "forward" in module.__dict__:
-                _warn_once(f"rotary-instance:{cls.__module__}.{cls.__qualname__}",
-                           f"fastlm: {name} ({cls.__module__}.{cls.__qualname__}) has its forward replaced on the "
-                           f"instance (hooks such as accelerate's); its rotary is unchanged")
-                continue
-            module.__class__ = fused
-            handle._undo.append(lambda module=module, cls=cls: setattr(module, "__class__", cls))
-            handle.replaced.append((name, f"qk_norm_rotary: {cls.__name__}"))
-            continue
-        target, why = _swap_class_for(cls)
-        if why is not None:
-            _warn_once(f"rotary:{cls.__module__}.{cls.__qualname__}", why)
+        target = _qk_swap_class_for(module)
+        label = "qk_norm_rotary"
         if target is None:
-            continue
+            target, why = _swap_class_for(cls)
+            label = "rotary"
+            if why is not None:
+                _warn_once(f"rotary:{cls.__module__}.{cls.__qualname__}", why)
+            if target is None:
+                continue
         if "forward" in module.__dict__:  # e.g. accelerate's hooks: the class's forward is not what runs
             _warn_once(f"rotary-instance:{cls.__module__}.{cls.__qualname__}",
                        f"fastlm: {name} ({cls.__module__}.{cls.__qualname__}) has its forward replaced on the "
@@ -598,7 +591,7 @@ def swap_rotary(model: torch.nn.Module, handle) -> None:
             continue
         module.__class__ = target
         handle._undo.append(lambda module=module, cls=cls: setattr(module, "__class__", cls))
-        handle.replaced.append((name, f"rotary: {cls.__name__}"))
+        handle.replaced.append((name, f"{label}: {cls.__name__}"))
 
 
 __all__ = ["fastlm_version", "swap_rotary"]

@@ -85,17 +85,18 @@ def dropout_mask(seed: Tensor, B: int, H: int, L: int, S: int, dropout_p: float,
     return _reference_keep(seed, B, H, L, S, dropout_p, device)
 
 
-def _check_seed(fn: str, seed: Optional[Tensor], dropout_p: float, q: Tensor) -> None:
-    """With dropout, the seed is a one-element int64 tensor on q's device: it is never copied
-    there (draw it with draw_dropout_seed(q.device))."""
+def _check_seed(fn: str, seed: Optional[Tensor], dropout_p: float, q: Tensor, name: str = "q") -> None:
+    """With dropout, the seed is a one-element int64 tensor on the device of q (the tensor
+    the caller calls ``name``): it is never copied there (draw it with draw_dropout_seed).
+    The attention and norm ops share this check."""
     if dropout_p == 0.0:
         return
     if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError(f"{fn}: dropout_p > 0 needs seed, a one-element int64 tensor "
-                         f"(draw_dropout_seed(q.device)), got {seed!r}")
+        raise ArgumentError(f"{fn}: dropout_p > 0 needs seed, a one-element int64 tensor "
+                            f"(draw_dropout_seed({name}.device)), got {seed!r}")
     if seed.device != q.device:
-        raise ValueError(f"{fn}: seed is on {seed.device} but q is on {q.device}; draw it there with "
-                         f"draw_dropout_seed(q.device)")
+        raise ArgumentError(f"{fn}: seed is on {seed.device} but {name} is on {q.device}; draw it there with "
+                            f"draw_dropout_seed({name}.device)")
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -39,6 +39,7 @@ from ..errors import ArgumentError, ArgumentTypeError
 from ..reference import norm as ref
 from ._autocast import no_autocast, promote_residual
 from ._eager import EagerTwin, autocast_any, compiling
+from .attention import _check_seed as _check_attention_seed
 from .attention import draw_dropout_seed
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -231,7 +232,7 @@ def _norm_body(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], 
                normalized_ndim: int, eps: float, rms: bool, keep_sum: bool, seed: Optional[Tensor] = None,
                dropout_p: float = 0.0, sum_fp32: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fn = ("add_" if residual is not None else "") + ("rms_norm" if rms else "layer_norm")
-    _check_seed(fn, seed, dropout_p, x)
+    _check_attention_seed(f"fastlm.{fn}", seed, dropout_p, x, "input")
     backend = _pick(fn, x, weight, bias, None, residual, dropout_p, sum_fp32)
     if _zero_width(x, normalized_ndim):
         backend = "torch"  # nothing to launch: the reference gives the empty result, as torch does
@@ -249,17 +250,6 @@ def _norm_body(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], 
     y, mean, rstd = ref.norm(s, weight, bias, normalized_ndim, eps, rms)
     return (y.to(x.dtype), (s if (_transformed(residual, dropout_p, sum_fp32) and keep_sum) else x.new_empty(0)),
             mean, rstd)
-
-
-def _check_seed(fn: str, seed: Optional[Tensor], dropout_p: float, x: Tensor) -> None:
-    """With dropout, the seed is a one-element int64 tensor on the input's device."""
-    if dropout_p == 0.0:
-        return
-    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ArgumentError(f"fastlm.{fn}: dropout_p > 0 needs seed, a one-element int64 tensor "
-                            f"(draw_dropout_seed(input.device)), got {seed!r}")
-    if seed.device != x.device:
-        raise ArgumentError(f"fastlm.{fn}: seed is on {seed.device} but input is on {x.device}")
 
 
 _norm = torch.library.custom_op("fastlm::norm", mutates_args=())(_norm_body)
@@ -284,7 +274,7 @@ def _norm_bwd_body(dy: Tensor, dsum: Optional[Tensor], x: Tensor, weight: Option
     ``dx_dtype``; dropped and scaled with dropout); with ``dres_dtype`` the fourth output is
     the stream's gradient (the residual's) in that dtype, else it is empty."""
     fn = "rms_norm" if rms else "layer_norm"
-    _check_seed(fn, seed, dropout_p, x)
+    _check_attention_seed(f"fastlm.{fn}", seed, dropout_p, x, "input")
     extras = dropout_p > 0.0 or dres_dtype is not None or (dx_dtype is not None and dx_dtype != x.dtype)
     chosen = _pick(fn, x, weight, bias, backend, None, dropout_p, extras)
     if _zero_width(x, normalized_ndim):
