@@ -9,10 +9,12 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlm
 from fastlm.errors import ArgumentError
@@ -149,29 +151,49 @@ def test_reduction_none_backward_skips_too(backend, monkeypatch):
     assert (dx[t == -100] == 0).all()
 
 
+class _BoolIndexMode(TorchDispatchMode):
+    """Sees boolean-mask indexing at the aten level (aten.index with a bool index), in the
+    backward too: the mode rides the thread-local state the autograd engine carries."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.index.Tensor and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            self.calls.append("__getitem__[bool]")
+        return func(*args, **(kwargs or {}))
+
+
 class _SyncSpy:
     """Records the calls that read a tensor's value on the host, in the forward and in the
     autograd engine's backward alike (the methods are patched on torch.Tensor and torch:
-    a TorchFunctionMode does not see the backward)."""
+    a TorchFunctionMode does not see the backward; boolean indexing is seen by a dispatch
+    mode — patching torch.Tensor.__getitem__ is not undoable: setting and deleting it leaves
+    CPython's sequence slot on the class, and torch.tensor([0-d tensor, ...]) then fails
+    for the rest of the process). Use as a context manager."""
 
     METHODS = ("item", "nonzero", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu",
                "argwhere", "masked_select", "unique", "any", "all")
 
     def __init__(self, monkeypatch):
         self.calls = []
+        self._monkeypatch = monkeypatch
+        self._mode = _BoolIndexMode(self.calls)
+
+    def __enter__(self):
+        self._mode.__enter__()  # first: entering it imports code that reads torch's attributes
         for name in self.METHODS:
             for owner in (torch.Tensor, torch):
                 real = getattr(owner, name, None)
-                if real is not None:
-                    monkeypatch.setattr(owner, name, self._wrap(name, real))
-        real_getitem = torch.Tensor.__getitem__
+                if callable(real) and not isinstance(real, types.ModuleType):  # torch.cpu is a module
+                    self._monkeypatch.setattr(owner, name, self._wrap(name, real))
+        return self
 
-        def getitem(t, index):
-            parts = index if isinstance(index, tuple) else (index,)
-            if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-                self.calls.append("__getitem__[bool]")
-            return real_getitem(t, index)
-        monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        self._monkeypatch.undo()
 
     def _wrap(self, name, real):
         def spy(*args, **kwargs):
@@ -191,17 +213,16 @@ def test_triton_path_reads_nothing_back(stats, monkeypatch):
     x, w, b, t = _inputs(40, 16, 30, ignored=0.7, bias=True, seed=3)
     ins = [a.detach().requires_grad_(True) for a in (x, w, b)]
     with fastlm.use_backend("triton"):
-        spy = _SyncSpy(monkeypatch)
-        for reduction in ("mean", "none"):
-            if stats:
-                loss, st = fastlm.linear_cross_entropy_with_stats(ins[0], ins[1], t, linear_bias=ins[2],
-                                                                  reduction=reduction, chunk_size=8)
-            else:
-                loss = fastlm.linear_cross_entropy(ins[0], ins[1], t, linear_bias=ins[2], reduction=reduction,
-                                                   chunk_size=8)
-            torch.autograd.grad(loss, ins, torch.ones_like(loss), retain_graph=True)
+        with _SyncSpy(monkeypatch) as spy:
+            for reduction in ("mean", "none"):
+                if stats:
+                    loss, st = fastlm.linear_cross_entropy_with_stats(ins[0], ins[1], t, linear_bias=ins[2],
+                                                                      reduction=reduction, chunk_size=8)
+                else:
+                    loss = fastlm.linear_cross_entropy(ins[0], ins[1], t, linear_bias=ins[2], reduction=reduction,
+                                                       chunk_size=8)
+                torch.autograd.grad(loss, ins, torch.ones_like(loss), retain_graph=True)
         calls = list(spy.calls)
-        monkeypatch.undo()
     assert calls == [], calls
 
 
@@ -217,15 +238,25 @@ def test_sync_spy_sees_a_sync(monkeypatch):
             g.sum().item()
             return g * 2
 
-    spy = _SyncSpy(monkeypatch)
+    class Masked(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.clone().index_put_((g > 0,), g[g > 0] * 3)
+
     a = torch.arange(5.0, requires_grad=True)
-    a.detach().sum().item()
-    a.detach().nonzero()
-    a.detach()[a.detach() > 2]
-    torch.autograd.grad(Twice.apply(a).sum(), [a])
-    calls = list(spy.calls)
-    monkeypatch.undo()
-    assert calls == ["item", "nonzero", "__getitem__[bool]", "item"], calls
+    with _SyncSpy(monkeypatch) as spy:
+        a.detach().sum().item()
+        a.detach().nonzero()
+        a.detach()[a.detach() > 2]
+        torch.autograd.grad(Twice.apply(a).sum(), [a])
+        torch.autograd.grad(Masked.apply(a).sum(), [a])
+    assert spy.calls == ["item", "nonzero", "__getitem__[bool]", "item", "__getitem__[bool]"], spy.calls
+    # the spy leaves torch.Tensor as it found it: a 0-d tensor is still no sequence
+    assert torch.tensor([torch.tensor(2.0), 1.0]).tolist() == [2.0, 1.0]
 
 
 # ----------------------------------------------------------------------------- the kernels themselves
