@@ -54,7 +54,6 @@ namespace {
 namespace wmma = nvcuda::wmma;
 
 constexpr int kRows = 64;     // rows of a CTA's own tile (queries or keys)
-constexpr int kCols = 64;     // rows of the other operand's tile walked in the loop
 constexpr int kWarps = 4;     // each warp owns 16 of the kRows rows
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -62,33 +61,41 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr const char* kHeadDims = "32, 64, 96, 128";  // the head dims instantiated (dispatch_dim)
 
 static_assert(kRows == 16 * kWarps, "one warp per 16 rows");
-static_assert(kCols == 64, "the softmax lanes below take 32 columns each (two lanes per row)");
 
-// Shared-memory geometry for head dim D (all in elements; region sizes in bytes).
-template <int D>
+// Shared-memory geometry for head dim D and NC rows of the walked operand's tiles (all in
+// elements; region sizes in bytes). NC is 64, or 32 where the device's opt-in shared memory
+// per block is too small for 64 (sm_86 / sm_89 / sm_120: 99 KiB; see tile_cols below).
+// Padding: 16-bit rows by 8 elements (16 bytes) and float rows by 8 floats (32 bytes), so
+// consecutive rows of a fragment start 4 or 8 banks apart: a 4-float pad put rows 4 banks
+// apart and cost a 2-way conflict on every accumulator fragment load and store.
+template <int D, int NC>
 struct Geometry {
   static_assert(D % 16 == 0, "head dim must be a multiple of 16 (wmma k-steps)");
-  static constexpr int LDT = D + 8;      // 16-bit tiles of q, k, v, dO: row stride
-  static constexpr int LDS = kCols + 4;  // float score tiles: row stride
-  static constexpr int LDP = kCols + 8;  // 16-bit probability tiles: row stride
-  static constexpr int LDO = D + 4;      // float accumulators / output staging: row stride
-  static constexpr int kTile = kRows * LDT * 2;      // one 64 x D tile of 16-bit values
-  static constexpr int kScores = kRows * LDS * 4;    // one 64 x 64 float tile
-  static constexpr int kProbs = kRows * LDP * 2;     // one 64 x 64 16-bit tile
-  static constexpr int kAcc = kRows * LDO * 4;       // one 64 x D float tile
-  static constexpr int kVec = kRows * 4;             // 64 floats
+  static_assert(NC == 64 || NC == 32, "the walked tiles have 64 or 32 rows (two softmax lanes per row)");
+  static constexpr int LDT = D + 8;    // 16-bit tiles of q, k, v, dO: row stride
+  static constexpr int LDS = NC + 8;   // float score tiles (kRows x NC): row stride
+  static constexpr int LDP = NC + 8;   // 16-bit probability tiles (kRows x NC): row stride
+  static constexpr int LDO = D + 8;    // float accumulators / output staging: row stride
+  static constexpr int kTile = kRows * LDT * 2;    // the CTA's own 64 x D tile of 16-bit values
+  static constexpr int kTileNC = NC * LDT * 2;     // a walked NC x D tile
+  static constexpr int kScores = kRows * LDS * 4;  // one 64 x NC float tile
+  static constexpr int kProbs = kRows * LDP * 2;   // one 64 x NC 16-bit tile
+  static constexpr int kAcc = kRows * LDO * 4;     // one 64 x D float tile
+  static constexpr int kVec = kRows * 4;           // 64 floats
+  static constexpr int kVecNC = NC * 4;            // NC floats
   // ldm multiples of 8 (16-bit) / 4 (float), and every 16-row step a multiple of 32 bytes.
   static_assert(LDT % 8 == 0 && LDP % 8 == 0 && LDS % 4 == 0 && LDO % 4 == 0, "wmma ldm");
   static_assert((16 * LDT * 2) % 32 == 0 && (16 * LDP * 2) % 32 == 0, "wmma 16-bit row steps");
   static_assert((16 * LDS * 4) % 32 == 0 && (16 * LDO * 4) % 32 == 0, "wmma float row steps");
-  static_assert(kTile % 128 == 0 && kScores % 128 == 0 && kProbs % 128 == 0 && kAcc % 128 == 0,
+  static_assert(kTile % 128 == 0 && kTileNC % 128 == 0 && kScores % 128 == 0 && kProbs % 128 == 0 &&
+                    kAcc % 128 == 0,
                 "regions keep 128-byte alignment");
-  // Forward: Q, K, V tiles, scores, probabilities, output accumulator.
-  static constexpr int kFwd = 3 * kTile + kScores + kProbs + kAcc;
-  // dQ: Q, dO, K, V tiles, scores, dP, dS, lse and delta of the 64 queries.
-  static constexpr int kBwdDq = 4 * kTile + 2 * kScores + kProbs + 2 * kVec;
-  // dK/dV: K, V, Q, dO tiles, scores, dP, P, dS, lse and delta of the 64 queries.
-  static constexpr int kBwdDkdv = 4 * kTile + 2 * kScores + 2 * kProbs + 2 * kVec;
+  // Forward: Q tile, K and V tiles, scores, probabilities, output accumulator.
+  static constexpr int kFwd = kTile + 2 * kTileNC + kScores + kProbs + kAcc;
+  // dQ: Q and dO tiles, K and V tiles, scores, dP, dS, lse and delta of the 64 queries.
+  static constexpr int kBwdDq = 2 * kTile + 2 * kTileNC + 2 * kScores + kProbs + 2 * kVec;
+  // dK/dV: K and V tiles, Q and dO tiles, scores, dP, P, dS, lse and delta of the NC queries.
+  static constexpr int kBwdDkdv = 2 * kTile + 2 * kTileNC + 2 * kScores + 2 * kProbs + 2 * kVecNC;
   // The backward kernels stage their results (64 x D floats) over the start of their region.
   static_assert(kAcc <= kBwdDq && kAcc <= kBwdDkdv, "staging fits");
 };
@@ -120,31 +127,33 @@ __device__ __forceinline__ bool visible(const Args& a, std::int64_t i, std::int6
   return true;
 }
 
-// Keys [lo, hi) that queries [m_first, m_last] may see; lo a multiple of kCols.
+// Keys [lo, hi) that queries [m_first, m_last] may see; lo a multiple of NC.
+template <int NC>
 __device__ __forceinline__ void key_range(const Args& a, std::int64_t m_first, std::int64_t m_last, std::int64_t& lo,
                                           std::int64_t& hi) {
   lo = 0;
   hi = a.S;
   if (a.window_right >= 0) hi = min(hi, m_last + a.shift + a.window_right + 1);
-  if (a.window_left >= 0) lo = max(std::int64_t{0}, m_first + a.shift - a.window_left) / kCols * kCols;
+  if (a.window_left >= 0) lo = max(std::int64_t{0}, m_first + a.shift - a.window_left) / NC * NC;
 }
 
-// Queries [lo, hi) that may see keys [n_first, n_last]; lo a multiple of kCols.
+// Queries [lo, hi) that may see keys [n_first, n_last]; lo a multiple of NC.
+template <int NC>
 __device__ __forceinline__ void query_range(const Args& a, std::int64_t n_first, std::int64_t n_last, std::int64_t& lo,
                                             std::int64_t& hi) {
   lo = 0;
   hi = a.L;
-  if (a.window_right >= 0) lo = max(std::int64_t{0}, n_first - a.shift - a.window_right) / kCols * kCols;
+  if (a.window_right >= 0) lo = max(std::int64_t{0}, n_first - a.shift - a.window_right) / NC * NC;
   if (a.window_left >= 0) hi = min(hi, n_last - a.shift + a.window_left + 1);
 }
 
-// Copy `rows` x D elements (row stride `stride` in global memory, unit column stride) into
-// a shared tile of kRows rows with row stride LDT; rows at or past `valid` become zeros.
+// Copy ROWS x D elements (row stride `stride` in global memory, unit column stride) into
+// a shared tile of ROWS rows with row stride LDT; rows at or past `valid` become zeros.
 // 16 bytes per access: src and stride must be 16-byte aligned (the host checks).
-template <typename T, int D, int LDT>
+template <typename T, int D, int LDT, int ROWS>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, std::int64_t stride, std::int64_t valid) {
   constexpr int kChunks = D / 8;
-  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += kThreads) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
     if (r < valid) v = *reinterpret_cast<const uint4*>(src + r * stride + col);
@@ -152,15 +161,35 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, std::int64_t str
   }
 }
 
+// Two floats as the bits of two 16-bit values in one 32-bit word (a at the lower address).
+__device__ __forceinline__ unsigned bits16(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ unsigned bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+template <typename T>
+__device__ __forceinline__ unsigned pack2(float a, float b) {
+  return bits16(from_float<T>(a)) | (bits16(from_float<T>(b)) << 16);
+}
+
+// One 16-byte global store (st.global.wb.v4.u32). A plain uint4 assignment is not enough:
+// nvcc 13 splits it into four 4-byte stores once the row loop is unrolled (it cannot prove the
+// offset pointers' alignment again), so the vector store is asked for by name.
+__device__ __forceinline__ void store16(void* p, uint4 v) {
+#if defined(__CUDA_ARCH__)
+  __stwb(reinterpret_cast<uint4*>(p), v);
+#else
+  *reinterpret_cast<uint4*>(p) = v;  // the CPU emulator
+#endif
+}
+
 // Write one lane's share of a row: columns [half * 8 + 16 * t, ... + 8) of D, from a float
-// row in shared memory times `mul`, converted to T, 16 bytes at a time.
+// row in shared memory times `mul`, converted to T, 16 bytes at a time (the eight values packed
+// into four 32-bit words). dst must be 16-byte aligned (D is a multiple of 16 and the output
+// rows are contiguous).
 template <typename T, int D>
 __device__ __forceinline__ void store_row_half(T* dst, const float* row, float mul, int half) {
   for (int c = half * 8; c < D; c += 16) {
-    alignas(16) T vals[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) vals[e] = from_float<T>(row[c + e] * mul);
-    *reinterpret_cast<uint4*>(dst + c) = *reinterpret_cast<const uint4*>(vals);
+    const float* x = row + c;
+    store16(dst + c, make_uint4(pack2<T>(x[0] * mul, x[1] * mul), pack2<T>(x[2] * mul, x[3] * mul),
+                                pack2<T>(x[4] * mul, x[5] * mul), pack2<T>(x[6] * mul, x[7] * mul)));
   }
 }
 
@@ -244,16 +273,16 @@ __device__ __forceinline__ void warp_gemm_ab_acc(FragC* acc, const T* a, int lda
 
 // ----------------------------------------------------------------------------- forward
 
-template <typename T, int D>
+template <typename T, int D, int NC>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Args a, const std::int64_t m_tiles) {
-  using G = Geometry<D>;
+  using G = Geometry<D, NC>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = reinterpret_cast<T*>(smem + G::kTile);
-  T* sV = reinterpret_cast<T*>(smem + 2 * G::kTile);
-  float* sS = reinterpret_cast<float*>(smem + 3 * G::kTile);
-  T* sP = reinterpret_cast<T*>(smem + 3 * G::kTile + G::kScores);
-  float* sO = reinterpret_cast<float*>(smem + 3 * G::kTile + G::kScores + G::kProbs);
+  T* sV = reinterpret_cast<T*>(smem + G::kTile + G::kTileNC);
+  float* sS = reinterpret_cast<float*>(smem + G::kTile + 2 * G::kTileNC);
+  T* sP = reinterpret_cast<T*>(smem + G::kTile + 2 * G::kTileNC + G::kScores);
+  float* sO = reinterpret_cast<float*>(smem + G::kTile + 2 * G::kTileNC + G::kScores + G::kProbs);
 
   const std::int64_t tile = blockIdx.x % m_tiles, bh = blockIdx.x / m_tiles;
   const std::int64_t b = bh / a.H, h = bh % a.H, hk = h / a.group;
@@ -263,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Args a, const 
   const T* k = static_cast<const T*>(a.k) + b * a.skb + hk * a.skh;
   const T* v = static_cast<const T*>(a.v) + b * a.svb + hk * a.svh;
 
-  load_tile<T, D, G::LDT>(sQ, q, a.sqm, a.L - m0);
+  load_tile<T, D, G::LDT, kRows>(sQ, q, a.sqm, a.L - m0);
   for (int c = threadIdx.x; c < kRows * G::LDO; c += kThreads) sO[c] = 0.0f;
 
   // This lane's row of the warp's 16 and its half of the columns (interleaved: col = 2t + half).
@@ -276,22 +305,22 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Args a, const 
   float m_run = -INFINITY, l_run = 0.0f;
 
   std::int64_t lo, hi;
-  key_range(a, m0, min(m0 + kRows, a.L) - 1, lo, hi);
+  key_range<NC>(a, m0, min(m0 + kRows, a.L) - 1, lo, hi);
   __syncthreads();  // sQ and sO ready (also when the loop below does not run)
-  for (std::int64_t n0 = lo; n0 < hi; n0 += kCols) {
-    load_tile<T, D, G::LDT>(sK, k + n0 * a.skn, a.skn, a.S - n0);
-    load_tile<T, D, G::LDT>(sV, v + n0 * a.svn, a.svn, a.S - n0);
+  for (std::int64_t n0 = lo; n0 < hi; n0 += NC) {
+    load_tile<T, D, G::LDT, NC>(sK, k + n0 * a.skn, a.skn, a.S - n0);
+    load_tile<T, D, G::LDT, NC>(sV, v + n0 * a.svn, a.svn, a.S - n0);
     __syncthreads();
 
     // S = Q K^T for the warp's 16 queries.
-    warp_gemm_abt<T, D, kCols>(sSw, G::LDS, sQ + warp * 16 * G::LDT, G::LDT, sK, G::LDT);
+    warp_gemm_abt<T, D, NC>(sSw, G::LDS, sQ + warp * 16 * G::LDT, G::LDT, sK, G::LDT);
     __syncwarp();
 
-    // Online softmax of row r: two lanes per row, 32 columns each.
-    float s[kCols / 2];
+    // Online softmax of row r: two lanes per row, NC / 2 columns each.
+    float s[NC / 2];
     float mx = -INFINITY;
 #pragma unroll
-    for (int t = 0; t < kCols / 2; ++t) {
+    for (int t = 0; t < NC / 2; ++t) {
       const int col = 2 * t + half;
       float x = sSw[r * G::LDS + col] * c_scale;
       if (!visible(a, i, n0 + col)) x = -INFINITY;
@@ -306,7 +335,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Args a, const 
     const float alpha = exp2f(m_run - m_safe);
     float sum = 0.0f;
 #pragma unroll
-    for (int t = 0; t < kCols / 2; ++t) {
+    for (int t = 0; t < NC / 2; ++t) {
       const float p = exp2f(s[t] - m_safe);
       sum += p;
       sPw[r * G::LDP + 2 * t + half] = from_float<T>(p);
@@ -318,15 +347,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Args a, const 
     __syncwarp();
 
     // O += P V for the warp's 16 rows (the accumulator goes through shared memory).
-    FragA<T> fp[kCols / 16];
+    FragA<T> fp[NC / 16];
 #pragma unroll
-    for (int kk = 0; kk < kCols / 16; ++kk) load_shared(fp[kk], sPw + kk * 16, G::LDP);
+    for (int kk = 0; kk < NC / 16; ++kk) load_shared(fp[kk], sPw + kk * 16, G::LDP);
 #pragma unroll
     for (int n = 0; n < D / 16; ++n) {
       FragC acc;
       wmma::load_matrix_sync(acc, sOw + n * 16, G::LDO, wmma::mem_row_major);
 #pragma unroll
-      for (int kk = 0; kk < kCols / 16; ++kk) {
+      for (int kk = 0; kk < NC / 16; ++kk) {
         FragB<T, wmma::row_major> fv;
         load_shared(fv, sV + kk * 16 * G::LDT + n * 16, G::LDT);
         wmma::mma_sync(acc, fp[kk], fv, acc);
@@ -362,11 +391,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Args a) 
   if (lane == 0) a.delta[(b * a.H + h) * a.L + i] = acc;
 }
 
-// The lse (in base 2) and delta of queries m0 .. m0 + 63 of head (b, h) into shared memory;
-// rows past L get lse +inf (so their probabilities are 0) and delta 0.
+// The lse (in base 2) and delta of queries m0 .. m0 + ROWS - 1 of head (b, h) into shared
+// memory; rows past L get lse +inf (so their probabilities are 0) and delta 0.
+template <int ROWS>
 __device__ __forceinline__ void load_row_stats(const Args& a, std::int64_t b, std::int64_t h, std::int64_t m0,
                                                float* sLse, float* sDelta) {
-  for (int t = threadIdx.x; t < kRows; t += kThreads) {
+  for (int t = threadIdx.x; t < ROWS; t += kThreads) {
     const std::int64_t i = m0 + t;
     const bool ok = i < a.L;
     sLse[t] = ok ? a.lse[(b * a.H + h) * a.L + i] * kLog2e : INFINITY;
@@ -376,18 +406,19 @@ __device__ __forceinline__ void load_row_stats(const Args& a, std::int64_t b, st
 
 // dQ of 64 queries of head (b, h): dQ = scale * sum over key tiles of dS K, with
 // dS = P * (dP - delta), P = exp2(S * scale * log2e - lse * log2e), dP = dO V^T.
-template <typename T, int D>
+template <typename T, int D, int NC>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const Args a, const std::int64_t m_tiles) {
-  using G = Geometry<D>;
+  using G = Geometry<D, NC>;
+  constexpr int kWalk = 2 * G::kTile + 2 * G::kTileNC;  // the four input tiles
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sDO = reinterpret_cast<T*>(smem + G::kTile);
   T* sK = reinterpret_cast<T*>(smem + 2 * G::kTile);
-  T* sV = reinterpret_cast<T*>(smem + 3 * G::kTile);
-  float* sS = reinterpret_cast<float*>(smem + 4 * G::kTile);
-  float* sDP = reinterpret_cast<float*>(smem + 4 * G::kTile + G::kScores);
-  T* sDS = reinterpret_cast<T*>(smem + 4 * G::kTile + 2 * G::kScores);
-  float* sLse = reinterpret_cast<float*>(smem + 4 * G::kTile + 2 * G::kScores + G::kProbs);
+  T* sV = reinterpret_cast<T*>(smem + 2 * G::kTile + G::kTileNC);
+  float* sS = reinterpret_cast<float*>(smem + kWalk);
+  float* sDP = reinterpret_cast<float*>(smem + kWalk + G::kScores);
+  T* sDS = reinterpret_cast<T*>(smem + kWalk + 2 * G::kScores);
+  float* sLse = reinterpret_cast<float*>(smem + kWalk + 2 * G::kScores + G::kProbs);
   float* sDelta = sLse + kRows;
 
   const std::int64_t tile = blockIdx.x % m_tiles, bh = blockIdx.x / m_tiles;
@@ -399,9 +430,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const Args a, con
   const T* k = static_cast<const T*>(a.k) + b * a.skb + hk * a.skh;
   const T* v = static_cast<const T*>(a.v) + b * a.svb + hk * a.svh;
 
-  load_tile<T, D, G::LDT>(sQ, q, a.sqm, a.L - m0);
-  load_tile<T, D, G::LDT>(sDO, dout, a.sdom, a.L - m0);
-  load_row_stats(a, b, h, m0, sLse, sDelta);
+  load_tile<T, D, G::LDT, kRows>(sQ, q, a.sqm, a.L - m0);
+  load_tile<T, D, G::LDT, kRows>(sDO, dout, a.sdom, a.L - m0);
+  load_row_stats<kRows>(a, b, h, m0, sLse, sDelta);
 
   const int r = lane >> 1, half = lane & 1;
   const std::int64_t i = m0 + warp * 16 + r;
@@ -415,19 +446,19 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const Args a, con
   for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(dq[n], 0.0f);
 
   std::int64_t lo, hi;
-  key_range(a, m0, min(m0 + kRows, a.L) - 1, lo, hi);
+  key_range<NC>(a, m0, min(m0 + kRows, a.L) - 1, lo, hi);
   __syncthreads();  // sQ, sDO, sLse, sDelta ready
-  for (std::int64_t n0 = lo; n0 < hi; n0 += kCols) {
-    load_tile<T, D, G::LDT>(sK, k + n0 * a.skn, a.skn, a.S - n0);
-    load_tile<T, D, G::LDT>(sV, v + n0 * a.svn, a.svn, a.S - n0);
+  for (std::int64_t n0 = lo; n0 < hi; n0 += NC) {
+    load_tile<T, D, G::LDT, NC>(sK, k + n0 * a.skn, a.skn, a.S - n0);
+    load_tile<T, D, G::LDT, NC>(sV, v + n0 * a.svn, a.svn, a.S - n0);
     __syncthreads();
 
-    warp_gemm_abt<T, D, kCols>(sSw, G::LDS, sQ + warp * 16 * G::LDT, G::LDT, sK, G::LDT);    // S = Q K^T
-    warp_gemm_abt<T, D, kCols>(sDPw, G::LDS, sDO + warp * 16 * G::LDT, G::LDT, sV, G::LDT);  // dP = dO V^T
+    warp_gemm_abt<T, D, NC>(sSw, G::LDS, sQ + warp * 16 * G::LDT, G::LDT, sK, G::LDT);    // S = Q K^T
+    warp_gemm_abt<T, D, NC>(sDPw, G::LDS, sDO + warp * 16 * G::LDT, G::LDT, sV, G::LDT);  // dP = dO V^T
     __syncwarp();
     const float lse2 = sLse[warp * 16 + r], delta = sDelta[warp * 16 + r];
 #pragma unroll 8
-    for (int t = 0; t < kCols / 2; ++t) {
+    for (int t = 0; t < NC / 2; ++t) {
       const int col = 2 * t + half;
       float ds = 0.0f;
       if (visible(a, i, n0 + col)) {
@@ -437,7 +468,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const Args a, con
       sDSw[r * G::LDP + col] = from_float<T>(ds);
     }
     __syncwarp();
-    warp_gemm_ab_acc<T, kCols, D / 16>(dq, sDSw, G::LDP, sK, G::LDT);  // dQ += dS K
+    warp_gemm_ab_acc<T, NC, D / 16>(dq, sDSw, G::LDP, sK, G::LDT);  // dQ += dS K
     __syncthreads();  // K and V are overwritten next
   }
 
@@ -456,20 +487,21 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const Args a, con
 // dK, dV of 64 keys of head (b, hk), over the query heads of its group and the query tiles
 // that see it: dV = sum P^T dO, dK = scale * sum dS^T Q, with the transposed scores
 // S^T = K Q^T and dP^T = V dO^T computed directly (the warp's rows are keys).
-template <typename T, int D>
+template <typename T, int D, int NC>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Args a, const std::int64_t n_tiles) {
-  using G = Geometry<D>;
+  using G = Geometry<D, NC>;
+  constexpr int kWalk = 2 * G::kTile + 2 * G::kTileNC;  // the four input tiles
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = reinterpret_cast<T*>(smem + G::kTile);
   T* sQ = reinterpret_cast<T*>(smem + 2 * G::kTile);
-  T* sDO = reinterpret_cast<T*>(smem + 3 * G::kTile);
-  float* sS = reinterpret_cast<float*>(smem + 4 * G::kTile);
-  float* sDP = reinterpret_cast<float*>(smem + 4 * G::kTile + G::kScores);
-  T* sP = reinterpret_cast<T*>(smem + 4 * G::kTile + 2 * G::kScores);
-  T* sDS = reinterpret_cast<T*>(smem + 4 * G::kTile + 2 * G::kScores + G::kProbs);
-  float* sLse = reinterpret_cast<float*>(smem + 4 * G::kTile + 2 * G::kScores + 2 * G::kProbs);
-  float* sDelta = sLse + kRows;
+  T* sDO = reinterpret_cast<T*>(smem + 2 * G::kTile + G::kTileNC);
+  float* sS = reinterpret_cast<float*>(smem + kWalk);
+  float* sDP = reinterpret_cast<float*>(smem + kWalk + G::kScores);
+  T* sP = reinterpret_cast<T*>(smem + kWalk + 2 * G::kScores);
+  T* sDS = reinterpret_cast<T*>(smem + kWalk + 2 * G::kScores + G::kProbs);
+  float* sLse = reinterpret_cast<float*>(smem + kWalk + 2 * G::kScores + 2 * G::kProbs);
+  float* sDelta = sLse + NC;
 
   const std::int64_t tile = blockIdx.x % n_tiles, bhk = blockIdx.x / n_tiles;
   const std::int64_t b = bhk / a.HK, hk = bhk % a.HK;
@@ -477,8 +509,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Args a, c
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* k = static_cast<const T*>(a.k) + b * a.skb + hk * a.skh + n0 * a.skn;
   const T* v = static_cast<const T*>(a.v) + b * a.svb + hk * a.svh + n0 * a.svn;
-  load_tile<T, D, G::LDT>(sK, k, a.skn, a.S - n0);
-  load_tile<T, D, G::LDT>(sV, v, a.svn, a.S - n0);
+  load_tile<T, D, G::LDT, kRows>(sK, k, a.skn, a.S - n0);
+  load_tile<T, D, G::LDT, kRows>(sV, v, a.svn, a.S - n0);
 
   const int r = lane >> 1, half = lane & 1;
   const std::int64_t j = n0 + warp * 16 + r;  // this lane's key
@@ -496,23 +528,23 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Args a, c
   }
 
   std::int64_t lo, hi;
-  query_range(a, n0, min(n0 + kRows, a.S) - 1, lo, hi);
+  query_range<NC>(a, n0, min(n0 + kRows, a.S) - 1, lo, hi);
   for (std::int64_t g = 0; g < a.group; ++g) {
     const std::int64_t h = hk * a.group + g;
     const T* q = static_cast<const T*>(a.q) + b * a.sqb + h * a.sqh;
     const T* dout = static_cast<const T*>(a.dout) + b * a.sdob + h * a.sdoh;
-    for (std::int64_t m0 = lo; m0 < hi; m0 += kCols) {
+    for (std::int64_t m0 = lo; m0 < hi; m0 += NC) {
       __syncthreads();  // the previous tiles of Q, dO, lse, delta are no longer read
-      load_tile<T, D, G::LDT>(sQ, q + m0 * a.sqm, a.sqm, a.L - m0);
-      load_tile<T, D, G::LDT>(sDO, dout + m0 * a.sdom, a.sdom, a.L - m0);
-      load_row_stats(a, b, h, m0, sLse, sDelta);
+      load_tile<T, D, G::LDT, NC>(sQ, q + m0 * a.sqm, a.sqm, a.L - m0);
+      load_tile<T, D, G::LDT, NC>(sDO, dout + m0 * a.sdom, a.sdom, a.L - m0);
+      load_row_stats<NC>(a, b, h, m0, sLse, sDelta);
       __syncthreads();
 
-      warp_gemm_abt<T, D, kCols>(sSw, G::LDS, sK + warp * 16 * G::LDT, G::LDT, sQ, G::LDT);    // S^T = K Q^T
-      warp_gemm_abt<T, D, kCols>(sDPw, G::LDS, sV + warp * 16 * G::LDT, G::LDT, sDO, G::LDT);  // dP^T = V dO^T
+      warp_gemm_abt<T, D, NC>(sSw, G::LDS, sK + warp * 16 * G::LDT, G::LDT, sQ, G::LDT);    // S^T = K Q^T
+      warp_gemm_abt<T, D, NC>(sDPw, G::LDS, sV + warp * 16 * G::LDT, G::LDT, sDO, G::LDT);  // dP^T = V dO^T
       __syncwarp();
 #pragma unroll 8
-      for (int t = 0; t < kCols / 2; ++t) {
+      for (int t = 0; t < NC / 2; ++t) {
         const int col = 2 * t + half;  // query m0 + col
         float p = 0.0f, ds = 0.0f;
         if (visible(a, m0 + col, j)) {
@@ -523,8 +555,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Args a, c
         sDSw[r * G::LDP + col] = from_float<T>(ds);
       }
       __syncwarp();
-      warp_gemm_ab_acc<T, kCols, D / 16>(dv, sPw, G::LDP, sDO, G::LDT);  // dV += P^T dO
-      warp_gemm_ab_acc<T, kCols, D / 16>(dk, sDSw, G::LDP, sQ, G::LDT);  // dK += dS^T Q
+      warp_gemm_ab_acc<T, NC, D / 16>(dv, sPw, G::LDP, sDO, G::LDT);  // dV += P^T dO
+      warp_gemm_ab_acc<T, NC, D / 16>(dk, sDSw, G::LDP, sQ, G::LDT);  // dK += dS^T Q
     }
   }
 
@@ -561,10 +593,102 @@ void launch(Kernel kernel, std::int64_t blocks, int smem_bytes, cudaStream_t str
   check_launch(what);
 }
 
+// ----------------------------------------------------------------------------- tile plan
+
+// The kernels, as attention_smem_bytes / attention_tile_cols number them (and
+// fastlm/ops/attention.py's mirror of this plan, checked against it in tests).
+enum Kernel : int { kKernelFwd = 0, kKernelDq = 1, kKernelDkdv = 2 };
+
+template <int D, int NC>
+constexpr int smem_bytes(int kernel) {
+  return kernel == kKernelFwd ? Geometry<D, NC>::kFwd
+                              : (kernel == kKernelDq ? Geometry<D, NC>::kBwdDq : Geometry<D, NC>::kBwdDkdv);
+}
+
+template <int NC>
+std::int64_t smem_bytes_for(int kernel, std::int64_t D) {
+  switch (D) {
+    case 32: return smem_bytes<32, NC>(kernel);
+    case 64: return smem_bytes<64, NC>(kernel);
+    case 96: return smem_bytes<96, NC>(kernel);
+    case 128: return smem_bytes<128, NC>(kernel);
+    default: return -1;
+  }
+}
+
+// Head dims whose kernels are also built with 32-row walked tiles: the others fit 64-row tiles
+// in the smallest opt-in shared memory of the targets (99 KiB: sm_86, sm_89, sm_120).
+constexpr bool has_nc32(std::int64_t D) { return D == 96 || D == 128; }
+
+// The rows of the walked tiles for `kernel` at head dim D under an opt-in limit of `limit`
+// bytes of shared memory per block: 64 where it fits, else 32 where built and it fits, else 0.
+std::int64_t tile_cols(int kernel, std::int64_t D, std::int64_t limit) {
+  const std::int64_t big = smem_bytes_for<64>(kernel, D);
+  if (big < 0) return 0;
+  if (big <= limit) return 64;
+  if (has_nc32(D) && smem_bytes_for<32>(kernel, D) <= limit) return 32;
+  return 0;
+}
+
+// The current device's opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin:
+// 163 KiB on sm_80, 99 KiB on sm_86 / sm_89 / sm_120, 227 KiB on sm_90 / sm_100).
+std::int64_t device_smem_optin(const char* what) {
+  int device = 0, bytes = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastlm ") + what + ": cannot read the device's shared memory per block: " +
+                             cudaGetErrorString(err));
+  }
+  return bytes;
+}
+
+// The walked-tile rows for `kernel`, or a clear refusal (the op checks first, with the same plan).
+std::int64_t plan(int kernel, std::int64_t D, const char* what) {
+  const std::int64_t limit = device_smem_optin(what);
+  const std::int64_t nc = tile_cols(kernel, D, limit);
+  if (nc == 0) {
+    throw std::runtime_error(std::string("fastlm ") + what + ": head dim " + std::to_string(D) + " needs " +
+                             std::to_string(has_nc32(D) ? smem_bytes_for<32>(kernel, D) : smem_bytes_for<64>(kernel, D)) +
+                             " bytes of shared memory per block at least; this device allows " +
+                             std::to_string(limit));
+  }
+  return nc;
+}
+
+template <typename T, int D, int NC>
+void run_fwd_nc(const Args& a, cudaStream_t stream) {
+  const std::int64_t tiles = cdiv(a.L, kRows);
+  launch(attn_fwd_kernel<T, D, NC>, tiles * a.B * a.H, Geometry<D, NC>::kFwd, stream, "attention_fwd", a, tiles);
+}
+
+template <typename T, int D, int NC>
+void run_dkdv_nc(const Args& a, cudaStream_t stream) {
+  const std::int64_t n_tiles = cdiv(a.S, kRows);
+  launch(attn_bwd_dkdv_kernel<T, D, NC>, n_tiles * a.B * a.HK, Geometry<D, NC>::kBwdDkdv, stream,
+         "attention_bwd (dk, dv)", a, n_tiles);
+}
+
+template <typename T, int D, int NC>
+void run_dq_nc(const Args& a, cudaStream_t stream) {
+  const std::int64_t m_tiles = cdiv(a.L, kRows);
+  launch(attn_bwd_dq_kernel<T, D, NC>, m_tiles * a.B * a.H, Geometry<D, NC>::kBwdDq, stream, "attention_bwd (dq)", a,
+         m_tiles);
+}
+
+// Launch RUN<T, D, 64> or RUN<T, D, 32> as the plan says (32 is built for has_nc32 head dims only).
+#define FASTLM_RUN_PLANNED(RUN, KERNEL, WHAT)                                \
+  do {                                                                       \
+    if (plan(KERNEL, D, WHAT) == 64) {                                       \
+      RUN<T, D, 64>(a, stream);                                              \
+    } else if constexpr (has_nc32(D)) {                                      \
+      RUN<T, D, 32>(a, stream);                                              \
+    }                                                                        \
+  } while (0)
+
 template <typename T, int D>
 void run_fwd(const Args& a, cudaStream_t stream) {
-  const std::int64_t tiles = cdiv(a.L, kRows);
-  launch(attn_fwd_kernel<T, D>, tiles * a.B * a.H, Geometry<D>::kFwd, stream, "attention_fwd", a, tiles);
+  FASTLM_RUN_PLANNED(run_fwd_nc, kKernelFwd, "attention_fwd");
 }
 
 template <typename T, int D>
@@ -575,13 +699,10 @@ void run_bwd(const Args& a, cudaStream_t stream) {
     attn_bwd_delta_kernel<T, D><<<static_cast<unsigned>(cdiv(rows, kWarps)), kThreads, 0, stream>>>(a);
     check_launch("attention_bwd (delta)");
   }
-  const std::int64_t n_tiles = cdiv(a.S, kRows);
-  launch(attn_bwd_dkdv_kernel<T, D>, n_tiles * a.B * a.HK, Geometry<D>::kBwdDkdv, stream, "attention_bwd (dk, dv)", a,
-         n_tiles);
-  const std::int64_t m_tiles = cdiv(a.L, kRows);
-  launch(attn_bwd_dq_kernel<T, D>, m_tiles * a.B * a.H, Geometry<D>::kBwdDq, stream, "attention_bwd (dq)", a,
-         m_tiles);
+  FASTLM_RUN_PLANNED(run_dkdv_nc, kKernelDkdv, "attention_bwd (dk, dv)");
+  FASTLM_RUN_PLANNED(run_dq_nc, kKernelDq, "attention_bwd (dq)");
 }
+#undef FASTLM_RUN_PLANNED
 
 template <typename T, bool Bwd>
 void dispatch_dim(std::int64_t D, const Args& a, cudaStream_t stream, const char* what) {
@@ -608,10 +729,13 @@ void dispatch(int dtype, std::int64_t D, const Args& a, cudaStream_t stream, con
   }
 }
 
-void check_operand(const char* what, const char* name, std::uintptr_t p, std::int64_t sb, std::int64_t sm,
-                   std::int64_t sh) {
-  // 2-byte elements: 16-byte accesses need addresses and strides that are multiples of 8 elements.
-  if (p % 16 != 0 || sb % 8 != 0 || sm % 8 != 0 || sh % 8 != 0) {
+// 2-byte elements: 16-byte accesses need addresses and strides that are multiples of 8 elements.
+// The stride of a dimension of size 1 is never used (its index is always 0), so it may be
+// anything: the same rule as fastlm/ops/attention.py's _cuda_ready (tests check they agree).
+void check_operand(const char* what, const char* name, std::uintptr_t p, std::int64_t nb, std::int64_t sb,
+                   std::int64_t nm, std::int64_t sm, std::int64_t nh, std::int64_t sh) {
+  const auto bad = [](std::int64_t n, std::int64_t stride) { return n > 1 && stride % 8 != 0; };
+  if (p % 16 != 0 || bad(nb, sb) || bad(nm, sm) || bad(nh, sh)) {
     throw std::invalid_argument(std::string("fastlm ") + what + ": " + name +
                                 " must be 16-byte aligned with batch, row and head strides that are multiples "
                                 "of 8 elements (got address " + std::to_string(p) + ", strides " +
@@ -629,9 +753,9 @@ Args make_args(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::int64_
                                 std::to_string(L) + ", S " + std::to_string(S) + ", H " + std::to_string(H) +
                                 ", Hk " + std::to_string(HK) + ", D " + std::to_string(D) + ")");
   }
-  check_operand(what, "q", q, sqb, sqm, sqh);
-  check_operand(what, "k", k, skb, skn, skh);
-  check_operand(what, "v", v, svb, svn, svh);
+  check_operand(what, "q", q, B, sqb, L, sqm, H, sqh);
+  check_operand(what, "k", k, B, skb, S, skn, HK, skh);
+  check_operand(what, "v", v, B, svb, S, svn, HK, svh);
   Args a{};
   a.q = reinterpret_cast<const void*>(q);
   a.k = reinterpret_cast<const void*>(k);
@@ -655,7 +779,7 @@ void attention_fwd(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t
                    std::int64_t window_right, std::uintptr_t stream) {
   Args a = make_args(q, k, v, B, L, S, H, HK, D, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, scale, bottom_right,
                      window_left, window_right, "attention_fwd");
-  check_operand("attention_fwd", "out", out, 0, 0, 0);
+  check_operand("attention_fwd", "out", out, 1, 0, 1, 0, 1, 0);
   a.out = reinterpret_cast<void*>(out);
   a.lse = reinterpret_cast<float*>(lse);
   if (B == 0 || L == 0) return;
@@ -672,10 +796,10 @@ void attention_bwd(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t
                    std::int64_t window_left, std::int64_t window_right, std::uintptr_t stream) {
   Args a = make_args(q, k, v, B, L, S, H, HK, D, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, scale, bottom_right,
                      window_left, window_right, "attention_bwd");
-  check_operand("attention_bwd", "dout", dout, sdob, sdom, sdoh);
-  check_operand("attention_bwd", "dq", dq, 0, 0, 0);
-  check_operand("attention_bwd", "dk", dk, 0, 0, 0);
-  check_operand("attention_bwd", "dv", dv, 0, 0, 0);
+  check_operand("attention_bwd", "dout", dout, B, sdob, L, sdom, H, sdoh);
+  check_operand("attention_bwd", "dq", dq, 1, 0, 1, 0, 1, 0);
+  check_operand("attention_bwd", "dk", dk, 1, 0, 1, 0, 1, 0);
+  check_operand("attention_bwd", "dv", dv, 1, 0, 1, 0, 1, 0);
   a.o = reinterpret_cast<const void*>(out);
   a.dout = reinterpret_cast<const void*>(dout);
   a.lse = reinterpret_cast<float*>(lse);
@@ -686,6 +810,18 @@ void attention_bwd(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t
   a.sob = sob, a.som = som, a.soh = soh, a.sdob = sdob, a.sdom = sdom, a.sdoh = sdoh;
   if (B == 0 || (L == 0 && S == 0)) return;
   dispatch<true>(dtype, D, a, reinterpret_cast<cudaStream_t>(stream), "attention_bwd");
+}
+
+std::int64_t attention_smem_bytes(std::int64_t kernel, std::int64_t D, std::int64_t nc) {
+  if (kernel < kKernelFwd || kernel > kKernelDkdv) throw std::invalid_argument("attention_smem_bytes: kernel 0, 1 or 2");
+  if (nc == 64) return smem_bytes_for<64>(static_cast<int>(kernel), D);
+  if (nc == 32 && has_nc32(D)) return smem_bytes_for<32>(static_cast<int>(kernel), D);
+  return -1;
+}
+
+std::int64_t attention_tile_cols(std::int64_t kernel, std::int64_t D, std::int64_t smem_limit) {
+  if (kernel < kKernelFwd || kernel > kKernelDkdv) throw std::invalid_argument("attention_tile_cols: kernel 0, 1 or 2");
+  return tile_cols(static_cast<int>(kernel), D, smem_limit);
 }
 
 }  // namespace fastlm

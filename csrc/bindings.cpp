@@ -8,7 +8,7 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlm's CUDA C++ kernels (raw device pointers and a stream; see csrc/kernels.h)";
-  m.attr("ABI") = 2;  // bumped when an entry point's arguments change; fastlm/ops/_cuda.py checks it
+  m.attr("ABI") = 3;  // bumped when an entry point's arguments change; fastlm/ops/_cuda.py checks it
   m.def("norm_fwd", &fastlm::norm_fwd, "layer norm / RMSNorm forward (csrc/norm.cu)", py::arg("dtype"),
         py::arg("x"), py::arg("res"), py::arg("sum"), py::arg("y"), py::arg("w"), py::arg("b"), py::arg("mean"),
         py::arg("rstd"), py::arg("m"), py::arg("n"), py::arg("stride_xm"), py::arg("stride_rm"), py::arg("eps"),
@@ -42,4 +42,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("soh"), py::arg("sdob"), py::arg("sdom"), py::arg("sdoh"), py::arg("scale"),
         py::arg("bottom_right"), py::arg("window_left"), py::arg("window_right"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("attention_smem_bytes", &fastlm::attention_smem_bytes,
+        "shared memory of an attention kernel (0 fwd, 1 dq, 2 dk/dv) at head dim D with nc-row walked tiles",
+        py::arg("kernel"), py::arg("D"), py::arg("nc"));
+  m.def("attention_tile_cols", &fastlm::attention_tile_cols,
+        "the walked-tile rows an attention kernel launches with under an opt-in shared-memory limit",
+        py::arg("kernel"), py::arg("D"), py::arg("smem_limit"));
+  m.def("cuda_runtime_version", &fastlm::cuda_runtime_version, "the CUDA runtime linked in (e.g. 13000)");
+  m.def("cuda_driver_version", &fastlm::cuda_driver_version, "the driver's CUDA version (0: no driver)");
 }

@@ -69,4 +69,18 @@ void attention_bwd(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t
                    std::int64_t sdob, std::int64_t sdom, std::int64_t sdoh, double scale, bool bottom_right,
                    std::int64_t window_left, std::int64_t window_right, std::uintptr_t stream);
 
+// The attention kernels' tile plan (csrc/attention.cu): kernel 0 = forward, 1 = dQ, 2 = dK/dV.
+// attention_smem_bytes: the dynamic shared memory a kernel takes at head dim D with walked
+// tiles of nc rows (64 or 32), -1 where that variant is not built. attention_tile_cols: the nc
+// the launchers pick under an opt-in limit of smem_limit bytes per block (64 where it fits,
+// else 32 where built and it fits, else 0: the launch throws).
+std::int64_t attention_smem_bytes(std::int64_t kernel, std::int64_t D, std::int64_t nc);
+std::int64_t attention_tile_cols(std::int64_t kernel, std::int64_t D, std::int64_t smem_limit);
+
+// The CUDA runtime version the module was built with (linked statically: e.g. 13000 for 13.0)
+// and the driver's (cudaDriverGetVersion: the newest CUDA it supports; 0 without a driver).
+// A runtime of a newer major version than the driver's cannot run (csrc/runtime.cu).
+int cuda_runtime_version();
+int cuda_driver_version();
+
 }  // namespace fastlm

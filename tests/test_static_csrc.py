@@ -17,6 +17,9 @@ from .test_cuda_build import csrc_with
 
 ARCHS = (90, 80)
 HEAD_DIMS = (32, 64, 96, 128)  # csrc/attention.cu's kHeadDims
+# (head dim, walked-tile rows) of every attention kernel built: 32-row tiles only where 64
+# rows may not fit a 99 KiB device (fastlm.ops.attention.cuda_attention_tile_cols)
+VARIANTS = [(d, 64) for d in HEAD_DIMS] + [(96, 32), (128, 32)]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +41,11 @@ def test_every_kernel_has_a_row_for_each_arch(rows):
     assert {k.split("<")[0] for k in by_arch[90]} == _kernels_in_sources()
     for kernel in ("attn_fwd_kernel", "attn_bwd_dq_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_delta_kernel"):
         for dtype in ("bf16", "fp16"):
-            for d in HEAD_DIMS:
-                assert f"{kernel}<{dtype}, d{d}>" in by_arch[90]
+            if kernel == "attn_bwd_delta_kernel":
+                assert all(f"{kernel}<{dtype}, d{d}>" in by_arch[90] for d in HEAD_DIMS)
+                continue
+            for d, nc in VARIANTS:
+                assert f"{kernel}<{dtype}, d{d}, nc{nc}>" in by_arch[90]
     for r in rows:
         assert r["impl"] == r["arch"].replace("sm_", "cuda sm_") and r["mode"] in ("fwd", "bwd")
 
@@ -55,12 +61,19 @@ def test_registers_stack_spills_and_shared_memory(rows):
 
 
 def test_dynamic_shared_memory_is_the_launchers(rows):
-    """The attention kernels' extern __shared__ bytes are Geometry<D>'s, as launched; at head
-    dim 128: forward 110 KiB, dQ 111.5 KiB, dK/dV 120.5 KiB (csrc/README.md rounds them)."""
+    """The attention kernels' extern __shared__ bytes are Geometry<D, NC>'s, as launched, and
+    fastlm.ops.attention's mirror of them; at head dim 128 with 64-row walked tiles: forward
+    112 KiB, dQ 113.5 KiB, dK/dV 122.5 KiB (csrc/README.md rounds them)."""
+    from fastlm.ops import attention as attn_ops
     smem = {r["kernel"]: r for r in rows if r["arch"] == "sm_90"}
-    assert smem["attn_fwd_kernel<bf16, d128>"]["dynamic_smem"] == 110 * 1024
-    assert smem["attn_bwd_dq_kernel<fp16, d128>"]["dynamic_smem"] == 111.5 * 1024
-    assert smem["attn_bwd_dkdv_kernel<bf16, d128>"]["dynamic_smem"] == 120.5 * 1024
+    assert smem["attn_fwd_kernel<bf16, d128, nc64>"]["dynamic_smem"] == 112 * 1024
+    assert smem["attn_bwd_dq_kernel<fp16, d128, nc64>"]["dynamic_smem"] == 113.5 * 1024
+    assert smem["attn_bwd_dkdv_kernel<bf16, d128, nc64>"]["dynamic_smem"] == 122.5 * 1024
+    names = {"attn_fwd_kernel": "forward", "attn_bwd_dq_kernel": "dq", "attn_bwd_dkdv_kernel": "dkdv"}
+    for kernel, name in names.items():
+        for d, nc in VARIANTS:
+            got = smem[f"{kernel}<bf16, d{d}, nc{nc}>"]["dynamic_smem"]
+            assert got == attn_ops.cuda_attention_smem_bytes(name, d, nc), (kernel, d, nc)
     assert smem["attn_bwd_delta_kernel<bf16, d128>"]["smem"] == 0
     assert smem["norm_fwd_kernel<bf16>"]["static_smem"] == 32 * 4  # scratch[32] floats
     threads = {r["kernel"].split("<")[0]: r["threads"] for r in rows}
@@ -73,11 +86,25 @@ def test_attention_products_are_on_tensor_cores(rows):
             assert r["hmma"] > 0, (r["kernel"], r["arch"])
 
 
+def test_attention_rows_are_stored_16_bytes_at_a_time(rows):
+    """The output rows (O, dQ, dK, dV) go out as 16-byte stores (STG.E.128); the only narrow
+    global stores left are the forward's float32 lse and the delta pre-pass's float."""
+    for r in rows:
+        if r["op"] != "attention":
+            continue
+        what = (r["kernel"], r["arch"])
+        if "delta" in r["kernel"]:
+            assert r["stg_narrow"] >= 1 and r["stg_128"] == 0, what
+        else:
+            assert r["stg_128"] > 0, what
+            assert r["stg_narrow"] <= (2 if "fwd" in r["kernel"] else 0), what
+
+
 def test_bf16_fragments_load_from_shared_memory(rows):
     """nvcc turns wmma::load_matrix_sync of bf16 into a generic wmma.load even from shared
     memory (fp16 gets .shared); csrc/attention.cu's load_shared must avoid that."""
     attn = [r for r in rows if r["op"] == "attention" and "delta" not in r["kernel"]]
-    assert len(attn) == 2 * 2 * 3 * len(HEAD_DIMS)
+    assert len(attn) == 2 * 2 * 3 * len(VARIANTS)
     for r in attn:
         assert r["wmma_ld_generic"] == 0 and r["wmma_ld_shared"] > 0, (r["kernel"], r["arch"])
     fp16 = {(r["kernel"].replace("fp16", "bf16"), r["arch"]): r["wmma_ld_shared"] for r in attn if r["dtype"] == "fp16"}

@@ -16,6 +16,8 @@ element type and head dim, e.g. ``attn_bwd_dkdv_kernel<bf16, d128>``. Figures:
 * threads per block: the block size of the file's launches (see ``_launch_config``);
   ctas_per_sm from registers, shared memory and warps (static.ctas_per_sm).
 * hmma (and hgmma, which wmma never produces): tensor-core instructions in cuobjdump -sass.
+* stg_128 / stg_narrow: global stores of 16 bytes and of fewer (STG.E.128 vs STG.E, .64, .U16...)
+  in the SASS: the attention kernels write their output rows 16 bytes at a time.
 * wmma_ld_shared / wmma_ld_generic: the kernel's ``wmma.load`` instructions in the PTX (kept
   with -keep) with and without the ``.shared`` state space; a generic one from a shared tile
   costs a 64-bit address and registers (the bf16 fragments did, before load_shared).
@@ -43,7 +45,7 @@ from fastlm import cuda_build
 
 from . import static
 
-FIGURES_VERSION = 1  # part of the cache key: bump it when the figures or their parsing change
+FIGURES_VERSION = 2  # part of the cache key: bump it when the figures or their parsing change
 
 DTYPES = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32"}
 
@@ -131,10 +133,11 @@ def _split_args(text: str) -> list[str]:
     return parts
 
 
-def _geometry(text: str, consts: dict[str, int], d: int) -> dict[str, int]:
-    """attention.cu's ``Geometry<D>`` members (``static constexpr int NAME = EXPR;``) for D = d."""
+def _geometry(text: str, consts: dict[str, int], d: int | None, nc: int | None = None) -> dict[str, int]:
+    """attention.cu's ``Geometry<D, NC>`` members (``static constexpr int NAME = EXPR;``) for
+    D = d and NC = nc (the walked tiles' rows)."""
     body = re.search(r"struct Geometry \{(.*?)\n\};", text, re.S)
-    env = dict(consts, D=d)
+    env = dict(consts, D=d, NC=nc)
     if body:
         for name, expr in re.findall(r"static constexpr int (\w+) = ([^;]+);", body[1]):
             env[name] = _eval(expr, env)
@@ -170,10 +173,10 @@ def _launch_config(text: str, kernel: str, targs: list[str]) -> tuple[int, int]:
         if body and "extern __shared__" in body[0]:
             raise RuntimeError(f"static_csrc: no launch of {kernel} found to read its dynamic shared memory from")
         return threads, 0
-    d = next((int(t) for t in targs if t.isdigit()), None)
-    m = re.fullmatch(r"Geometry<D>::(\w+)", smem_expr)
+    ints = [int(t) for t in targs if t.isdigit()]
+    m = re.fullmatch(r"Geometry<D(?:, NC)?>::(\w+)", smem_expr)
     if m:
-        return threads, _geometry(text, consts, d)[m[1]]
+        return threads, _geometry(text, consts, *(ints + [None, None])[:2])[m[1]]
     return threads, _eval(smem_expr, consts)
 
 
@@ -225,7 +228,8 @@ def _compile(src: Path, arch: int) -> list[dict]:
         else:
             kernel, targs = pretty.split("(")[0].split("::")[-1], []
         dtype = next((DTYPES[t] for t in targs if t in DTYPES), "-")
-        d = next((t for t in targs if t.isdigit()), None)
+        ints = [t for t in targs if t.isdigit()]
+        d, nc = (ints + [None, None])[:2]  # attention: head dim, walked-tile rows
         threads, dyn_smem = _launch_config(text, kernel, targs)
         warps = threads // 32
         smem = fig["static_smem"] + dyn_smem
@@ -233,7 +237,8 @@ def _compile(src: Path, arch: int) -> list[dict]:
         ptx = ptx_by.get(mangled, "")
         rows.append({"op": src.stem, "mode": "bwd" if "bwd" in kernel else "fwd", "impl": f"cuda sm_{arch}",
                      "shape": f"head dim {d}" if d else "any", "dtype": dtype,
-                     "kernel": f"{kernel}<{dtype}" + (f", d{d}" if d else "") + ">", "arch": f"sm_{arch}",
+                     "kernel": f"{kernel}<{dtype}" + (f", d{d}" if d else "") + (f", nc{nc}" if nc else "") + ">",
+                     "arch": f"sm_{arch}",
                      "warps": warps, "threads": threads, "regs": fig["regs"], "stack": fig["stack"],
                      "spill_stores": fig["spill_stores"], "spill_loads": fig["spill_loads"],
                      "smem": smem, "static_smem": fig["static_smem"], "dynamic_smem": dyn_smem,
@@ -241,6 +246,8 @@ def _compile(src: Path, arch: int) -> list[dict]:
                      "smem_ok": smem <= static.SHARED_LIMIT[arch],
                      "hgmma": sum("HGMMA" in ln for ln in lines),
                      "hmma": sum(re.search(r"\bHMMA\b", ln) is not None for ln in lines),
+                     "stg_128": sum(re.search(r"\bSTG\.E\.128\b", ln) is not None for ln in lines),
+                     "stg_narrow": sum(re.search(r"\bSTG\.E(\.(U8|S8|U16|S16|64))?\s", ln) is not None for ln in lines),
                      "wmma_ld_shared": len(re.findall(r"wmma\.load\.[\w.]*\.shared\.", ptx)),
                      "wmma_ld_generic": len(re.findall(r"wmma\.load\.(?![\w.]*\.shared\.)[\w.]+", ptx)),
                      "mangled": mangled, "source": src.name})

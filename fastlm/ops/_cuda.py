@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-ABI = 2  # must equal fastlm._C.ABI (csrc/bindings.cpp)
+ABI = 3  # must equal fastlm._C.ABI (csrc/bindings.cpp)
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -27,7 +27,33 @@ def load():
     if getattr(_C, "ABI", None) != ABI:
         raise ImportError(f"fastlm._C was built for ABI {getattr(_C, 'ABI', None)}, this fastlm needs {ABI}: "
                           f"rebuild it with python -m fastlm.cuda_build")
+    why = runtime_mismatch(_C.cuda_runtime_version(), _C.cuda_driver_version())
+    if why:
+        raise ImportError(why)
     return _C
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def runtime_mismatch(runtime: int, driver: int) -> Optional[str]:
+    """Why a module carrying CUDA runtime ``runtime`` (cudaRuntimeGetVersion, e.g. 13000) cannot
+    run under a driver supporting CUDA ``driver`` (cudaDriverGetVersion; 0: none), or None.
+    fastlm._C links the runtime statically from the nvcc that built it; CUDA's minor-version
+    compatibility lets it run on any driver of the same major version or newer, never on an
+    older major (a 13.x runtime needs a CUDA 13 driver, r580 or newer): there the first launch
+    fails with a misleading error, so the module is refused when it loads."""
+    if driver <= 0:
+        return "no CUDA driver is installed (cudaDriverGetVersion reports none)"
+    if driver // 1000 < runtime // 1000:
+        import torch  # noqa: PLC0415
+        matching = f" (torch was built with CUDA {torch.version.cuda})" if torch.version.cuda else ""
+        return (f"fastlm._C carries the CUDA {_version(runtime)} runtime (linked statically), which needs a driver "
+                f"for CUDA {runtime // 1000}.x; this machine's driver supports CUDA {_version(driver)}. Rebuild it "
+                f"with a toolkit of CUDA {driver // 1000}.x or older: python -m fastlm.cuda_build prefers the nvcc "
+                f"matching torch's CUDA version{matching}, FASTLM_NVCC=/path/to/nvcc picks one")
+    return None
 
 
 def addr(t: Optional[torch.Tensor]) -> int:

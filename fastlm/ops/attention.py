@@ -38,6 +38,7 @@ with it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -111,6 +112,67 @@ def _triton_unsupported(q: Tensor, v: Tensor, mask: Optional[Tensor]) -> Optiona
 
 _CUDA_HEAD_DIMS = (32, 64, 96, 128)  # those csrc/attention.cu is built for
 
+# csrc/attention.cu's tile plan, mirrored here so the op can refuse a device up front (and
+# tests/test_cuda_build.py checks it against the built module's attention_smem_bytes and
+# attention_tile_cols). Each kernel owns 64 rows and walks the other operand in tiles of NC
+# rows: 64, or 32 where the device's opt-in shared memory per block is too small for 64.
+CUDA_ATTENTION_KERNELS = ("forward", "dq", "dkdv")  # the module's kernel numbers 0, 1, 2
+_CUDA_NC32_HEAD_DIMS = (96, 128)  # head dims whose kernels are also built with NC = 32
+# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) by compute capability.
+CUDA_SMEM_OPTIN = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448,
+                   (10, 0): 232448, (12, 0): 101376}
+
+
+def cuda_attention_smem_bytes(kernel: str, head_dim: int, nc: int) -> Optional[int]:
+    """The dynamic shared memory csrc/attention.cu's ``kernel`` ("forward", "dq", "dkdv") takes
+    at ``head_dim`` with walked tiles of ``nc`` rows; None where that variant is not built."""
+    if head_dim not in _CUDA_HEAD_DIMS or nc not in (64, 32) or (nc == 32 and head_dim not in _CUDA_NC32_HEAD_DIMS):
+        return None
+    ldt = ldo = head_dim + 8  # 16-bit tile rows and float accumulator rows, padded
+    lds = ldp = nc + 8  # float score rows and 16-bit probability rows, padded
+    tile, tile_nc = 64 * ldt * 2, nc * ldt * 2
+    scores, probs, acc = 64 * lds * 4, 64 * ldp * 2, 64 * ldo * 4
+    if kernel == "forward":
+        return tile + 2 * tile_nc + scores + probs + acc
+    if kernel == "dq":
+        return 2 * tile + 2 * tile_nc + 2 * scores + probs + 2 * 64 * 4
+    if kernel == "dkdv":
+        return 2 * tile + 2 * tile_nc + 2 * scores + 2 * probs + 2 * nc * 4
+    raise ValueError(f"kernel: expected one of {CUDA_ATTENTION_KERNELS}, got {kernel!r}")
+
+
+def cuda_attention_tile_cols(kernel: str, head_dim: int, smem_limit: int) -> int:
+    """The walked-tile rows csrc/attention.cu launches ``kernel`` with under an opt-in limit of
+    ``smem_limit`` bytes per block: 64 where it fits, else 32 where built and it fits, else 0
+    (the kernel cannot run there)."""
+    for nc in (64, 32):
+        need = cuda_attention_smem_bytes(kernel, head_dim, nc)
+        if need is not None and need <= smem_limit:
+            return nc
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_unsupported(device_index: int, head_dim: int) -> Optional[str]:
+    """Why this device cannot run csrc/attention.cu at ``head_dim`` (None if it can): the
+    kernels are sm_80 code (PTX for newer), and each must fit the opt-in shared memory."""
+    props = torch.cuda.get_device_properties(device_index)
+    return cuda_device_reason((props.major, props.minor), props.shared_memory_per_block_optin, head_dim)
+
+
+def cuda_device_reason(capability: tuple[int, int], smem_optin: int, head_dim: int) -> Optional[str]:
+    """The device test of _cuda_device_unsupported from the device's figures (tested on CPU
+    with the figures of sm_80, sm_86, sm_89, sm_90 and sm_100)."""
+    if capability < (8, 0):
+        return (f"compute capability {capability[0]}.{capability[1]}: the CUDA C++ attention kernels need sm_80 "
+                f"or newer (bfloat16 tensor-core fragments)")
+    for kernel in CUDA_ATTENTION_KERNELS:
+        if cuda_attention_tile_cols(kernel, head_dim, smem_optin) == 0:
+            need = min(b for nc in (64, 32) if (b := cuda_attention_smem_bytes(kernel, head_dim, nc)) is not None)
+            return (f"the CUDA C++ attention {kernel} kernel at head dim {head_dim} needs {need} bytes of shared "
+                    f"memory per block; this device allows {smem_optin}")
+    return None
+
 
 def _cuda_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                       seqused_k: Optional[Tensor], softcap: float, dropout_p: float, alibi: Optional[Tensor] = None,
@@ -124,6 +186,11 @@ def _cuda_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], c
         return f"value head dim {v.shape[-1]} differs from q's {q.shape[-1]}" + triton
     if q.shape[-1] not in _CUDA_HEAD_DIMS:
         return f"head dim {q.shape[-1]} is not one the CUDA C++ kernels are built for {_CUDA_HEAD_DIMS}" + triton
+    if q.is_cuda:
+        why = _cuda_device_unsupported(q.device.index if q.device.index is not None else torch.cuda.current_device(),
+                                       q.shape[-1])
+        if why:
+            return why + triton
     for what, used in (("an attention mask (attn_mask)", mask is not None),
                        ("packed variable-length sequences (cu_seqlens)", cu_seqlens_q is not None),
                        ("KV-cache lengths (cache_seqlens)", seqused_k is not None),
