@@ -45,6 +45,8 @@
 //    Offsets are int64. Tiles need > 48 KiB of shared memory: opted in per launch.
 #include <mma.h>
 
+#include <cstdlib>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -631,7 +633,9 @@ std::int64_t tile_cols(int kernel, std::int64_t D, std::int64_t limit) {
 }
 
 // The current device's opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin:
-// 163 KiB on sm_80, 99 KiB on sm_86 / sm_89 / sm_120, 227 KiB on sm_90 / sm_100).
+// 163 KiB on sm_80, 99 KiB on sm_86 / sm_89 / sm_120, 227 KiB on sm_90 / sm_100), lowered to
+// FASTLM_CUDA_SMEM_LIMIT bytes when that is set (so a large GPU can run the small devices' plan:
+// the GPU check runs the 32-row tiles on an H200 that way).
 std::int64_t device_smem_optin(const char* what) {
   int device = 0, bytes = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -639,6 +643,10 @@ std::int64_t device_smem_optin(const char* what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("fastlm ") + what + ": cannot read the device's shared memory per block: " +
                              cudaGetErrorString(err));
+  }
+  if (const char* cap = std::getenv("FASTLM_CUDA_SMEM_LIMIT")) {
+    const long long v = std::atoll(cap);
+    if (v > 0 && v < bytes) return v;
   }
   return bytes;
 }

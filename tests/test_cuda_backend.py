@@ -159,6 +159,21 @@ def test_attention_other_head_dims(dtype, D, causal, L, S):
 
 
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("D", [96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L,S", [(65, 65), (129, 63), (63, 129), (31, 33)])
+def test_attention_32_row_tiles_of_the_99_kib_parts(monkeypatch, dtype, D, causal, L, S):
+    """sm_86 / sm_89 / sm_120 allow 99 KiB of shared memory per block: the launchers then walk
+    32-row tiles (all three kernels at head dim 128, dK/dV at 96). FASTLM_CUDA_SMEM_LIMIT lowers
+    this GPU's limit to theirs, so the variant runs here; the plan is fastlm's mirror's."""
+    from fastlm.ops import attention as attn_ops
+    monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", str(99 * 1024))
+    assert attn_ops.cuda_attention_tile_cols("dkdv", D, 99 * 1024) == 32
+    inputs = attn_tests.qkv(2, L, S, 4, 2, D, dtype=dtype)
+    attn_tests.check("cuda", _flash(causal=causal), attn_tests._oracle_flash({"causal": causal}), inputs)
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
 @pytest.mark.parametrize("D", [64, 128])
 def test_attention_views_of_packed_qkv(dtype, D):
     B, L, H = 2, 129, 3

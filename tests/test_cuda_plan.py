@@ -164,3 +164,19 @@ def test_the_op_asks_the_device_only_for_cuda_tensors(monkeypatch):
     monkeypatch.setattr(attn_ops, "_cuda_device_unsupported", lambda idx, d: seen.append((idx, d)) or "too small")
     why = attn_ops._cuda_unsupported(FakeCuda(), q, q, None, None, None, 0.0, 0.0)
     assert seen == [(3, 128)] and why.startswith("too small") and "Triton backend" in why
+
+
+def test_the_limit_can_be_lowered_by_the_environment(monkeypatch):
+    """FASTLM_CUDA_SMEM_LIMIT lowers the plan's limit (never raises it), as the C++ launcher
+    reads it: the GPU check runs the 99 KiB parts' 32-row tiles on an H200 with it."""
+    monkeypatch.delenv("FASTLM_CUDA_SMEM_LIMIT", raising=False)
+    assert attn_ops.cuda_smem_limit(232448) == 232448
+    monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", "101376")
+    assert attn_ops.cuda_smem_limit(232448) == 101376
+    assert attn_ops.cuda_smem_limit(50000) == 50000
+    monkeypatch.setattr(attn_ops, "_cuda_device_figures", lambda idx: ((9, 0), 232448))
+    assert attn_ops._cuda_device_unsupported(0, 128) is None  # 32-row tiles fit 99 KiB
+    monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", "70000")
+    assert "needs" in attn_ops._cuda_device_unsupported(0, 128)
+    monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", "junk")
+    assert attn_ops.cuda_smem_limit(232448) == 232448

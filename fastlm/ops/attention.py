@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Optional
 
 import torch
@@ -153,11 +154,24 @@ def cuda_attention_tile_cols(kernel: str, head_dim: int, smem_limit: int) -> int
 
 
 @functools.lru_cache(maxsize=None)
+def _cuda_device_figures(device_index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(device_index)
+    return (props.major, props.minor), props.shared_memory_per_block_optin
+
+
 def _cuda_device_unsupported(device_index: int, head_dim: int) -> Optional[str]:
     """Why this device cannot run csrc/attention.cu at ``head_dim`` (None if it can): the
     kernels are sm_80 code (PTX for newer), and each must fit the opt-in shared memory."""
-    props = torch.cuda.get_device_properties(device_index)
-    return cuda_device_reason((props.major, props.minor), props.shared_memory_per_block_optin, head_dim)
+    capability, optin = _cuda_device_figures(device_index)
+    return cuda_device_reason(capability, cuda_smem_limit(optin), head_dim)
+
+
+def cuda_smem_limit(device_optin: int) -> int:
+    """The shared memory per block csrc/attention.cu plans with: the device's opt-in limit, or
+    FASTLM_CUDA_SMEM_LIMIT bytes where that is set and lower (as the C++ launcher reads it), so
+    a large GPU can run the 32-row tiles of the 99 KiB parts."""
+    cap = os.environ.get("FASTLM_CUDA_SMEM_LIMIT", "")
+    return min(device_optin, int(cap)) if cap.isdigit() and int(cap) > 0 else device_optin
 
 
 def cuda_device_reason(capability: tuple[int, int], smem_optin: int, head_dim: int) -> Optional[str]:
