@@ -1,25 +1,34 @@
-"""The CUDA C++ attention kernels (csrc/attention.cu) run on the CPU under an emulator
-(tests/cuda_emulator), through the whole op path: fastlm.flash_attn_func and SDPA with the
-"cuda" backend, the custom ops, autograd and the _cuda_* helpers of fastlm/ops/attention.py,
-on CPU tensors, judged against the float64 oracle with tests/test_attention.py's rule.
-csrc/cross_entropy.cu runs the same way through fastlm.cross_entropy (the last section),
-judged by tests/test_cross_entropy.py's rule.
+"""The CUDA C++ kernels run on the CPU under an emulator (tests/cuda_emulator), through the
+whole op path, on CPU tensors: csrc/attention.cu through fastlm.flash_attn_func and SDPA with
+the "cuda" backend (custom ops, autograd, the _cuda_* helpers of fastlm/ops/attention.py),
+judged against the float64 oracle with tests/test_attention.py's rule; csrc/cross_entropy.cu
+through fastlm.cross_entropy (tests/test_cross_entropy.py's rule); csrc/norm.cu through
+fastlm's layer norm and RMSNorm with and without the fused residual, forward and backward
+(tests/test_norm.py's rule), including rows with -inf and NaN (torch's NaN pattern).
 
-This checks the kernels' logic (tiles, edges, masks, barriers, shared-memory layout and the
-documented wmma rules); the hardware itself is the GPU runbook's part (test_cuda_backend.py).
-Each CUDA thread is an OS thread here, so the shapes are small; the tiles are 64 rows, so
-63, 64, 65, 127, 129 are their edges. FASTLM_EMULATOR_ASAN=1 builds with AddressSanitizer;
-python must then start with it loaded: LD_PRELOAD="$(g++ -print-file-name=libasan.so)
-$(g++ -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 (libstdc++ too, or
-AddressSanitizer cannot intercept C++ exceptions thrown in the library).
+Every launch runs under the emulator's shared-memory hazard checker (a read and a write, or
+two writes, of one location by two threads with no barrier between them fail the launch;
+tests/test_cuda_emulator_hazards.py shows it at work). This checks the kernels' logic (tiles,
+edges, masks, barriers, shared-memory layout and ordering, the documented wmma rules); the
+hardware itself is the GPU runbook's part (test_cuda_backend.py). Each CUDA thread is an OS
+thread here, so the shapes are small and sit on the kernels' edges: attention's tiles are 64
+rows (63, 64, 65, 127, 129), cross_entropy.cu's block strides over 512 classes and
+norm.cu's over 256 columns. Without a compiler that can build the emulator these tests fail
+with the reason (FASTLM_ALLOW_NO_EMULATOR=1: they skip with it). FASTLM_EMULATOR_ASAN=1
+builds with AddressSanitizer instead of the checker; python must then start with it loaded:
+LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
+ASAN_OPTIONS=detect_leaks=0 (libstdc++ too, or AddressSanitizer cannot intercept C++
+exceptions thrown in the library).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastlm
 from fastlm import backend as backend_mod
@@ -28,14 +37,30 @@ from fastlm.ops import _cuda
 from . import test_attention as attn_tests
 from .cuda_emulator import emulate
 
-_why_not = emulate.compiler_error()
-pytestmark = pytest.mark.skipif(_why_not is not None, reason=f"the CUDA emulator cannot be built: {_why_not}")
+
+
+@pytest.fixture(autouse=True)
+def _emulator_available():
+    """No silent skip: without a compiler that can build the emulator these tests fail with
+    the reason, or skip with it under FASTLM_ALLOW_NO_EMULATOR=1."""
+    emulate.require_compiler()
+
+
+def _sanitize() -> bool:
+    """FASTLM_EMULATOR_ASAN=1: AddressSanitizer instead of the hazard checker (see above)."""
+    return os.environ.get("FASTLM_EMULATOR_ASAN", "0") == "1"
+
+
+_ATTENTION_ENTRY_POINTS = ("attention_fwd", "attention_bwd", "attention_smem_bytes", "attention_tile_cols")
 
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    sanitize = os.environ.get("FASTLM_EMULATOR_ASAN", "0") == "1"
-    return emulate.load(emulate.build(tmp_path_factory.mktemp("cuda_emulator"), sanitize=sanitize))
+    emulate.require_compiler()  # (fixtures of wider scope run before the autouse one)
+    lib = emulate.load(emulate.build(tmp_path_factory.mktemp("cuda_emulator"), "attention.cu", _ATTENTION_ENTRY_POINTS,
+                                     sanitize=_sanitize()))
+    assert lib.hazards == (not _sanitize())  # the checker watches every launch
+    return lib
 
 
 def _route_cuda_to(lib, monkeypatch):
@@ -46,6 +71,22 @@ def _route_cuda_to(lib, monkeypatch):
     monkeypatch.setattr(_cuda, "load", lambda: lib)
     monkeypatch.setattr(_cuda, "stream", lambda t: 0)
     return lib
+
+
+class _Counting:
+    """The emulated library, counting the calls of each entry point (so a test knows the
+    kernels ran, not a fallback)."""
+
+    def __init__(self, lib):
+        self._lib, self.calls = lib, collections.Counter()
+
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+
+        def call(*args):
+            self.calls[name] += 1
+            return fn(*args)
+        return call
 
 
 @pytest.fixture
@@ -120,20 +161,128 @@ def test_unsupported_cases_raise_before_reaching_the_kernels(cuda_on_cpu):
                                   1, 16, 16, 2, 2, 80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.1, True, -1, 0, 0)
 
 
+_SM86_OPTIN = 99 * 1024  # sm_86 / sm_89 / sm_120: the opt-in that takes the 32-row walked tiles
+
+
+def test_tile_plan_matches_the_python_mirror(emulated):
+    """attention_smem_bytes / attention_tile_cols (int64 entry points) against
+    fastlm/ops/attention.py's mirror, which the op checks devices with."""
+    from fastlm.ops import attention as attn_ops
+    for code, kernel in enumerate(attn_ops.CUDA_ATTENTION_KERNELS):
+        for d in (32, 64, 96, 128):
+            for nc in (64, 32):
+                mirror = attn_ops.cuda_attention_smem_bytes(kernel, d, nc)
+                assert emulated.attention_smem_bytes(code, d, nc) == (-1 if mirror is None else mirror), (kernel, d, nc)
+            for limit in (48 * 1024, _SM86_OPTIN, 166912, 232448):
+                assert emulated.attention_tile_cols(code, d, limit) == attn_ops.cuda_attention_tile_cols(kernel, d, limit)
+
+
+@pytest.fixture
+def small_device(emulated):
+    """The emulated device with sm_86's 99 KiB opt-in (cudaDeviceGetAttribute reports it)."""
+    emulated.set_smem_optin(_SM86_OPTIN)
+    yield emulated
+    emulated.set_smem_optin(166912)
+
+
+@pytest.mark.parametrize("D,dtype,options", [(128, torch.float16, {"window_size": (40, 7)}),
+                                             (96, torch.bfloat16, {"causal": True})],
+                         ids=["d128-float16-window", "d96-bfloat16-causal"])
+def test_attention_on_32_row_tiles(small_device, cuda_on_cpu, D, dtype, options):
+    """Under a 99 KiB opt-in the launchers take 32-row walked tiles for head dims 96 and 128
+    (the plan reads the emulated device's attribute): forward and backward, checker on."""
+    assert 32 in [small_device.attention_tile_cols(k, D, _SM86_OPTIN) for k in range(3)]
+    inputs = attn_tests.qkv(1, 70, 97, 2, 1, D, dtype=dtype)
+    attn_tests.check("cuda", _flash(**options), attn_tests._oracle_flash(options), inputs)
+
+
+def test_attention_refuses_a_device_too_small(emulated, cuda_on_cpu):
+    """Below every tile plan the launcher refuses with the device's figure (read from
+    cudaDeviceGetAttribute) instead of launching."""
+    q, k, v = attn_tests.qkv(1, 16, 16, 1, 1, 128, dtype=torch.float16)
+    emulated.set_smem_optin(48 * 1024)
+    try:
+        with fastlm.use_backend("cuda"), pytest.raises(RuntimeError, match="this device allows 49152"):
+            fastlm.flash_attn_func(q, k, v)
+    finally:
+        emulated.set_smem_optin(166912)
+
+
+def test_the_environment_lowers_the_launchers_limit(emulated, cuda_on_cpu, monkeypatch):
+    """FASTLM_CUDA_SMEM_LIMIT (how the GPU check runs the 99 KiB plan on an H200) is read by the
+    C++ launcher itself at each launch."""
+    q, k, v = attn_tests.qkv(1, 16, 16, 1, 1, 128, dtype=torch.float16)
+    monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", str(48 * 1024))
+    with fastlm.use_backend("cuda"), pytest.raises(RuntimeError, match="this device allows 49152"):
+        fastlm.flash_attn_func(q, k, v)
+    monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", str(_SM86_OPTIN))  # 32-row tiles at D = 128
+    attn_tests.check("cuda", _flash(causal=True), attn_tests._oracle_flash({"causal": True}), [q, k, v])
+
+
+def _layouts():
+    """(name, q) layouts of a (B, L, H, 64) float16 tensor: strides of size-1 dims that are not
+    multiples of 8 elements (never used: both sides must accept them), and the ones that break
+    the kernels' 16-byte loads (both sides must refuse them: Python by copying)."""
+    def strided(shape, stride, offset=0):
+        base = torch.randn(4096 * 4).half()
+        return base.as_strided(shape, stride, offset)
+    return [
+        ("contiguous", strided((2, 9, 2, 64), (9 * 128, 128, 64, 1))),
+        ("B=1, batch stride 7", strided((1, 9, 2, 64), (7, 128, 64, 1))),
+        ("H=1, head stride 3", strided((2, 9, 1, 64), (9 * 64, 64, 3, 1))),
+        ("L=1, row stride 5", strided((2, 1, 2, 64), (128, 5, 64, 1))),
+        ("B=2, batch stride 1160", strided((2, 9, 2, 64), (1160, 128, 64, 1))),
+        ("B=2, batch stride 1155", strided((2, 9, 2, 64), (1155, 128, 64, 1))),
+        ("row stride 132", strided((1, 9, 2, 64), (0, 132, 64, 1))),
+        ("head stride 65", strided((1, 9, 2, 64), (0, 130, 65, 1))),
+        ("address off by 2 bytes", strided((1, 9, 2, 64), (0, 128, 64, 1), offset=1)),
+    ]
+
+
+@pytest.mark.parametrize("name,q", _layouts(), ids=[n for n, _ in _layouts()])
+def test_the_stride_rule_is_the_same_in_python_and_cpp(emulated, name, q):
+    """fastlm/ops/attention.py's _cuda_ready passes a tensor through uncopied exactly when
+    csrc/attention.cu's check_operand accepts it (a size-1 dimension's stride is ignored on
+    both sides: the kernels never step along it)."""
+    from fastlm.ops import attention as attn_ops
+    python_accepts = attn_ops._cuda_ready(q) is q
+    B, L, H, D = q.shape
+    out = torch.empty(B, L, H, D, dtype=q.dtype)
+    lse = torch.empty(B, H, L)
+    try:
+        emulated.attention_fwd(1, q.data_ptr(), q.data_ptr(), q.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                               B, L, L, H, H, D, *q.stride()[:3], *q.stride()[:3], *q.stride()[:3],
+                               0.125, False, -1, -1, 0)
+        cpp_accepts = True
+    except RuntimeError as exc:
+        assert "16-byte aligned" in str(exc), exc
+        cpp_accepts = False
+    assert python_accepts == cpp_accepts, (name, python_accepts, cpp_accepts)
+    expect = name.startswith(("contiguous", "B=1", "H=1", "L=1", "B=2, batch stride 1160"))
+    assert cpp_accepts == expect, name
+    if cpp_accepts:  # and what it computed is attention over q, q, q
+        ref = F.scaled_dot_product_attention(*(q.double().transpose(1, 2),) * 3, scale=0.125).transpose(1, 2)
+        torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=2e-3)
+
+
 # ----------------------------------------------------------------------------- cross-entropy (csrc/cross_entropy.cu)
 
 @pytest.fixture(scope="module")
 def emulated_ce(tmp_path_factory):
-    sanitize = os.environ.get("FASTLM_EMULATOR_ASAN", "0") == "1"
+    emulate.require_compiler()  # (fixtures of wider scope run before the autouse one)
     lib = emulate.build(tmp_path_factory.mktemp("cuda_emulator_ce"), "cross_entropy.cu",
-                        ("cross_entropy_fwd", "cross_entropy_bwd"), sanitize=sanitize)
-    return emulate.load(lib)
+                        ("cross_entropy_fwd", "cross_entropy_bwd"), sanitize=_sanitize())
+    lib = emulate.load(lib)
+    assert lib.hazards == (not _sanitize())  # the checker watches every launch
+    return lib
 
 
 @pytest.fixture
 def ce_cuda_on_cpu(emulated_ce, monkeypatch):
-    """The "cuda" backend on the emulated cross-entropy kernels."""
-    return _route_cuda_to(emulated_ce, monkeypatch)
+    """The "cuda" backend on the emulated cross-entropy kernels; each test must run them."""
+    lib = _route_cuda_to(_Counting(emulated_ce), monkeypatch)
+    yield lib
+    assert lib.calls["cross_entropy_fwd"] > 0 and lib.calls["cross_entropy_bwd"] > 0, lib.calls
 
 
 _CE_THREADS = 512  # kThreads of csrc/cross_entropy.cu: thread i reads classes i, i + 512, ...
@@ -171,6 +320,15 @@ def test_cross_entropy_matches_torch(ce_cuda_on_cpu, options):
     ce_tests.check("cuda", ce_tests.logits(n, c).half(), t, **options)
 
 
+@pytest.mark.parametrize("classes", [1, _CE_THREADS - 1, _CE_THREADS, _CE_THREADS + 1])
+def test_cross_entropy_block_edges(ce_cuda_on_cpu, classes):
+    """Class counts at the block's stride (threads with one element, none, or a second)."""
+    from . import test_cross_entropy as ce_tests
+    t = ce_tests.targets(5, classes)
+    ce_tests.check("cuda", ce_tests.logits(5, classes), t, reduction="none")
+    ce_tests.check("cuda", ce_tests.logits(5, classes).to(torch.bfloat16), t, label_smoothing=0.1, softcap=4.0)
+
+
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-2}, {"softcap": 3.0}],
                          ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
 def test_cross_entropy_neg_inf_logits(ce_cuda_on_cpu, options):
@@ -204,3 +362,125 @@ def test_cross_entropy_nan_logit_reaches_the_row(ce_cuda_on_cpu):
     x[2, :] = float("-inf")
     x[2, [3, 7]] = torch.tensor([1.0, float("nan")])
     ce_tests.check("cuda", x, torch.tensor([1, 2, 3, 299]), reduction="none")
+
+
+# ----------------------------------------------------------------------------- norms (csrc/norm.cu)
+
+@pytest.fixture(scope="module")
+def emulated_norm(tmp_path_factory):
+    emulate.require_compiler()  # (fixtures of wider scope run before the autouse one)
+    lib = emulate.build(tmp_path_factory.mktemp("cuda_emulator_norm"), "norm.cu", ("norm_fwd", "norm_bwd"),
+                        sanitize=_sanitize())
+    lib = emulate.load(lib)
+    assert lib.hazards == (not _sanitize())  # the checker watches every launch
+    return lib
+
+
+@pytest.fixture
+def norm_cuda_on_cpu(emulated_norm, monkeypatch):
+    """The "cuda" backend on the emulated norm kernels; each test must run both."""
+    lib = _route_cuda_to(_Counting(emulated_norm), monkeypatch)
+    yield lib
+    assert lib.calls["norm_fwd"] > 0 and lib.calls["norm_bwd"] > 0, lib.calls
+
+
+_NORM_THREADS = 256  # kThreads of csrc/norm.cu: thread i takes columns i, i + 256, ... (one element at a time)
+_NORM_WIDTHS = [1, 2, 113, _NORM_THREADS - 1, _NORM_THREADS, _NORM_THREADS + 1, 2 * _NORM_THREADS + 1]
+
+
+def _norm_params(kind, n, dtype=torch.float32):
+    from . import test_norm as norm_tests
+    w = norm_tests.make(n, dtype)
+    b = norm_tests.make(n, dtype) if kind == "layer" else None
+    return w, b
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("n", _NORM_WIDTHS)
+def test_norm_widths(norm_cuda_on_cpu, kind, n):
+    """Forward and backward (input, weight and bias gradients) at the block stride's edges;
+    6 rows over the backward's 4 programs, so partial weight sums cover several rows."""
+    from . import test_norm as norm_tests
+    x = norm_tests.make((6, n), torch.float32, shift=0.5)
+    if n <= 2:  # (as tests/test_norm.py: keep x^2 away from eps)
+        x = x.sign() * (x.abs() + 0.1)
+    w, b = _norm_params(kind, n)
+    norm_tests.check(kind, "cuda", x, weight=w, bias=b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("kind,affine", [("layer", "none"), ("layer", "both"), ("layer", "bias"), ("rms", "none"),
+                                         ("rms", "weight")])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_norm_options(norm_cuda_on_cpu, kind, affine, residual, dtype):
+    """Every dtype, with and without the fused residual (its stream returned and given a
+    gradient of its own), weights in the input's dtype, one past the block stride."""
+    from . import test_norm as norm_tests
+    n = _NORM_THREADS + 1
+    x = norm_tests.make((5, n), dtype, scale=2.0, shift=1.0)
+    r = norm_tests.make((5, n), dtype) if residual else None
+    w = norm_tests.make(n, dtype) if affine in ("weight", "both") else None
+    b = norm_tests.make(n, dtype) if affine in ("bias", "both") else None
+    ds = norm_tests.make((5, n), dtype) if residual else None
+    norm_tests.check(kind, "cuda", x, residual=r, weight=w, bias=b, return_residual=residual, ds=ds)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_norm_strided_rows(norm_cuda_on_cpu, kind, dtype):
+    """Rows of a wider tensor (row strides 300 and 520 for 257 columns, unit column stride:
+    passed as views, not copied) for x, the residual, dy and the stream's gradient."""
+    from . import test_norm as norm_tests
+    n = _NORM_THREADS + 1
+    x = norm_tests.make((7, 300), dtype)[:, 3:3 + n]
+    r = norm_tests.make((7, 520), dtype)[:, 100:100 + n]
+    dy = norm_tests.make((7, 300), dtype)[:, 40:40 + n]
+    ds = norm_tests.make((7, 260), dtype)[:, 1:1 + n]
+    assert x.stride() == (300, 1) and not x.is_contiguous()
+    w, b = _norm_params(kind, n, dtype)
+    norm_tests.check(kind, "cuda", x.detach(), residual=r.detach(), weight=w, bias=b, dy=dy, return_residual=True,
+                     ds=ds)
+    norm_tests.check(kind, "cuda", x.detach(), weight=w, bias=b, dy=dy)
+
+
+def _norm_rows_nonfinite(n, dtype):
+    """Rows with -inf and NaN where each pass of the kernel meets them: thread 0's first
+    element, the last column (a later stride), one NaN, a +inf, a whole row of -inf; the
+    first and last rows stay finite."""
+    from . import test_norm as norm_tests
+    x = norm_tests.make((7, n), dtype)
+    x[1, 0] = float("-inf")
+    x[2, n - 1] = float("-inf")
+    x[3, n // 2] = float("nan")
+    x[4, 1] = float("inf")
+    x[5] = float("-inf")
+    return x
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_norm_nonfinite_rows(norm_cuda_on_cpu, kind, residual, dtype):
+    """torch's inf/NaN pattern in the output and every gradient (NaN exactly where torch's
+    float64 F.layer_norm / F.rms_norm and their autograd give NaN, infinities alike), and the
+    finite rows judged by the usual rule."""
+    from . import test_cross_entropy as ce_tests
+    from . import test_norm as norm_tests
+    n = _NORM_THREADS + 1
+    x = _norm_rows_nonfinite(n, dtype)
+    r = norm_tests.make((7, n), dtype) if residual else None
+    w, b = _norm_params(kind, n, dtype)
+    dy = norm_tests.make((7, n), dtype)
+    eps = 1e-5 if kind == "layer" else None
+    y, grads = norm_tests.check(kind, "cuda", x, residual=r, weight=w, bias=b, eps=eps, dy=dy)
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, r, w, b) if t is not None]
+    x64, r64 = leaves[0], (leaves[1] if residual else None)
+    w64, b64 = leaves[2 if residual else 1], (leaves[-1] if b is not None else None)
+    eps64 = eps if eps is not None else torch.finfo(torch.float32).eps  # (fastlm's default, as torch's kernels)
+    y64, _ = norm_tests.oracle(kind, x64, r64, (n,), w64, b64, eps64)
+    g64 = torch.autograd.grad((y64 * dy.double()).sum(), leaves)
+    assert torch.isnan(y64[3]).all() and torch.isfinite(y64[0]).all()  # the rows are as meant
+    ce_tests.assert_same_nonfinite(y, y64, "output")
+    names = [name for name, t in (("input", x), ("residual", r), ("weight", w), ("bias", b)) if t is not None]
+    for name, g, g_ref in zip(names, grads, g64, strict=True):
+        ce_tests.assert_same_nonfinite(g, g_ref, f"grad of {name}")
