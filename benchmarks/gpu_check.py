@@ -78,6 +78,7 @@ NOT_OP_TESTS = [
     "test_gpu_compile.py", "test_cuda_build.py", "test_cuda_emulated.py", "test_cuda_backend.py",
     "test_cuda_install.py", "test_cuda_emulator_hazards.py",
     "test_train_checkpoint.py", "test_train_cli.py", "test_train_compare.py", "test_train_data.py",
+    "test_train_rundir.py", "test_train_outputs.py", "test_train_validation.py", "test_train_data_limits.py",
     "test_train_distributed.py", "test_train_metrics.py", "test_train_resume.py", "test_convergence.py",
     "test_models_lstm.py", "test_ngram.py", "test_cli.py", "test_testing.py",
     "test_bench_attention.py", "test_bench_model.py", "test_bench_overhead.py", "test_bench_distill.py",

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
-from .config import ConfigError, TrainOptions, all_model_fields, build
+from .config import (ConfigError, TrainOptions, all_model_fields, build, check, check_backend, check_device,
+                     check_values, parse_size)
 
 HELP = {
     "model": "gpt | bert | encdec | lstm | ngram (default gpt)",
     "preset": "model size and its training defaults: tiny (minutes on a CPU), mini, 124M/350M/774M/1.5B (gpt), "
               "base/large (bert), base/big (encdec)",
     "data": "text files or folders (default: the Python standard library's source, built in)",
+    "max_data_bytes": "the most text read, all files together (default 1G; K, M, G, T suffixes): a larger file "
+                      "is refused from its size, a device or pipe once it has given that much",
     "val_fraction": "share of files (by path hash) held out for validation",
     "tokenizer": "byte (default) or bpe (trained on the training split, saved beside the checkpoint)",
     "seq_len": "tokens per training window",
@@ -29,6 +31,8 @@ HELP = {
     "compile": "torch.compile the model",
     "fsdp": "shard with FSDP2 (torch.distributed.fsdp.fully_shard) under torchrun",
     "out": "run directory (default ./runs/<model>-<timestamp>)",
+    "overwrite": "replace the run already in --out (without it, and without --resume, a used --out is refused); "
+                 "the old run is deleted only once the new one has its first checkpoint",
     "stop_after": "stop after this many steps of this invocation, with a checkpoint (resume later)",
     "peak_tflops": "the device's peak for MFU (default: a table of A100/H100/H200 bf16 dense peaks)",
     "eval_tokens": "tokens per validation (evenly spaced windows; 0: the whole split)",
@@ -108,6 +112,7 @@ def train_main(argv=None) -> int:
             model_fields = all_model_fields()
             given = {k: parse_value(k, (fields.get(k) or model_fields[k]).type, v) for k, v in args.items()}
             options, model_values, checkpoint = resume_options(resume_path, given)
+            check(options, model_values, explicit=given)  # the values it may change, the device, the data paths
         else:
             options, model_values = build(args, config_file)
             checkpoint = None
@@ -115,13 +120,6 @@ def train_main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         return _fail("train", e)
     return 0
-
-
-def _device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _backend(name: str):
@@ -142,23 +140,30 @@ def eval_main(argv=None) -> int:
                    "with --data)")
     p.add_argument("--max-tokens", type=int, default=1 << 20, help="tokens to score, evenly spaced windows "
                    "(0: all; default 1M)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: the run's)")
+    p.add_argument("--max-data-bytes", metavar="N", help="the most text read (default: the run's, 1G unless set; "
+                   "K, M, G, T suffixes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     from .checkpoint import CheckpointError
-    from .data import DataError, load_corpus, read_documents, tokenize
+    from .data import DataError, check_paths, load_corpus, read_documents, tokenize
     from .evaluate import describe, evaluate, evaluate_ngram, load
-    try:
-        device = _device(args.device)
+    try:  # every setting first: nothing is opened before they pass
+        max_data_bytes = None if args.max_data_bytes is None else parse_size("max_data_bytes", args.max_data_bytes)
+        check_values({"max_tokens": args.max_tokens, "batch_size": args.batch_size, "max_data_bytes": max_data_bytes})
+        device = check_device(args.device)
+        check_backend(args.backend, device)
         loaded = load(args.checkpoint, device)
         o = loaded.options
+        limit = max_data_bytes or o.max_data_bytes
+        check_paths(args.data or o.data, limit)
         split = args.split or ("all" if args.data else "val")
         if split == "all":
-            docs, description = read_documents(args.data or o.data)
+            docs, description = read_documents(args.data or o.data, limit)
         else:
-            corpus = load_corpus(args.data or o.data, o.val_fraction)
+            corpus = load_corpus(args.data or o.data, o.val_fraction, limit)
             docs, description = (corpus.val if split == "val" else corpus.train), corpus.description
         stream = tokenize(docs, loaded.tokenizer)
         with _backend(args.backend):
@@ -172,7 +177,8 @@ def eval_main(argv=None) -> int:
     result.update(checkpoint=loaded.checkpoint.directory, step=loaded.checkpoint.meta.get("step"), split=split,
                   model=loaded.kind)
     if args.json:
-        print(json.dumps(result, sort_keys=True))
+        from .metrics import dumps_strict  # standard JSON: a non-finite value is null, named in "nonfinite"
+        print(dumps_strict(result, sort_keys=True))
     else:
         print(f"{loaded.kind} at step {result['step']} on {description} ({split}): {describe(result)}")
     return 0
@@ -187,7 +193,7 @@ def generate_main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=50, help="0: off")
-    p.add_argument("--top-p", type=float, default=0.95, help="1: off")
+    p.add_argument("--top-p", type=float, default=0.95, help="in (0, 1]; 1: off")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -195,10 +201,14 @@ def generate_main(argv=None) -> int:
     args = p.parse_args(argv)
     from .checkpoint import CheckpointError
     from .evaluate import generate_text, load
-    try:
-        if args.max_new_tokens < 0 or args.temperature < 0 or args.num_samples < 1:
-            raise ConfigError("--max-new-tokens and --temperature must be >= 0, --num-samples >= 1")
-        device = _device(args.device)
+    try:  # every setting first: nothing is opened before they pass
+        check_values({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+                      "top_p": args.top_p, "num_samples": args.num_samples, "seed": args.seed})
+        if args.seed + args.num_samples > 2 ** 64:  # sample i draws with seed + i
+            raise ConfigError(f"--seed {args.seed} with --num-samples {args.num_samples}: the last sample's seed "
+                              f"would pass 2^64 - 1")
+        device = check_device(args.device)
+        check_backend(args.backend, device)
         loaded = load(args.checkpoint, device)
         with _backend(args.backend):
             for i in range(args.num_samples):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,8 @@ def _quiet_json(fn, argv: list[str]) -> dict:
         rc = fn(argv)
     if rc != 0:
         raise RuntimeError(f"{fn.__name__}({argv}) exited {rc}")
-    return json.loads(out.getvalue().strip().splitlines()[-1])
+    from .metrics import loads_record  # non-finite figures come back as floats (null + "nonfinite" in the JSON)
+    return loads_record(out.getvalue().strip().splitlines()[-1])
 
 
 def markdown(rows: list[dict]) -> str:
@@ -65,7 +65,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = []
     for model in args.models:
         run = args.out / "runs" / model
-        train_args = ["--model", model, "--preset", args.preset, "--out", str(run), "--no-progress", *extra]
+        # --overwrite: a comparison run again into the same --out retrains its own runs/ (atomically)
+        train_args = ["--model", model, "--preset", args.preset, "--out", str(run), "--overwrite", "--no-progress",
+                      *extra]
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             rc = train_main(train_args)
@@ -88,7 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     doc = {"suite": "lm-comparison", "environment": environment(device), "rows": rows}
-    (args.out / "comparison.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    from .metrics import dumps_strict
+    (args.out / "comparison.json").write_text(dumps_strict(doc, indent=2, default=str) + "\n")
     (args.out / "comparison.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
     return 0

@@ -6,6 +6,13 @@ under ``"model_config"``), then the command line. Every field of the model's con
 (fastlm.models) is a command-line option (``--n-layer 6``, ``--positions rotary``); the
 tokenizer fixes ``vocab_size`` and the special-token ids, and ``max_seq_len`` defaults to what
 the sequence length needs.
+
+Every value is checked before any data is read or anything written (``check``): each option
+against its rule in ``RULES`` (one table for train, eval and generate: a run that would end
+in NaN losses or in a traceback at its final sample is refused at the start instead), then
+the options that only make sense together, the device and the backend on it, and the model
+options by building the model's config. A refusal is one ``ConfigError`` line naming the
+option, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -13,9 +20,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from .data import DEFAULT_MAX_DATA_BYTES, check_paths
 
 
 class ConfigError(ValueError):
@@ -92,6 +103,7 @@ class TrainOptions:
     preset: str = "tiny"
     # data and tokenizer
     data: Optional[list] = None  # None: the built-in corpus
+    max_data_bytes: int = DEFAULT_MAX_DATA_BYTES  # the most text read, all files together
     val_fraction: float = 0.05
     tokenizer: str = "byte"
     bpe_vocab_size: int = 8192
@@ -124,6 +136,7 @@ class TrainOptions:
     threads: int = 0  # torch CPU threads (0: all cores but one, at least one)
     # bookkeeping
     out: Optional[str] = None  # run directory; default ./runs/<model>-<timestamp>
+    overwrite: bool = False  # replace a run already in `out` (atomically, at the new run's first checkpoint)
     eval_every: int = 500
     eval_tokens: int = 1 << 18
     save_every: int = 1000
@@ -147,7 +160,7 @@ class TrainOptions:
 # continue the same run).
 RESUME_MUTABLE = {"steps", "stop_after", "eval_every", "eval_tokens", "save_every", "keep", "log_every", "progress",
                   "prompt", "sample_tokens", "temperature", "top_k", "top_p", "device", "backend", "compile",
-                  "peak_tflops", "threads", "out", "activation_checkpointing"}
+                  "peak_tflops", "threads", "out", "activation_checkpointing", "max_data_bytes"}
 
 
 def model_classes(kind: str):
@@ -188,6 +201,8 @@ def parse_value(name: str, annotation: str, value: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"--{name.replace('_', '-')}: a value is required")
+    if name == "max_data_bytes":
+        return parse_size(name, value)
     try:
         if "bool" in ann:
             if isinstance(value, bool):
@@ -258,36 +273,31 @@ def build(cli: dict, file_path: Optional[str] = None) -> tuple[TrainOptions, dic
     if values.get("data"):  # eval and resume find the text from anywhere (the split uses paths inside it)
         values["data"] = [os.path.abspath(p) for p in values["data"]]
     options = TrainOptions(**values)
-    check(options, model_values)
+    check(options, model_values, explicit=cli)
     return options, model_values
 
 
-def check(o: TrainOptions, model_values: dict) -> None:
-    """Everything that can be checked before data is read or a model built."""
+def check(o: TrainOptions, model_values: dict, explicit=()) -> None:
+    """Everything that can be checked before data is read, a directory written or a model built:
+    every value against RULES, the options that only make sense together, the device and the
+    backend on it, the model options (by building the model's config), and then the --data
+    paths (that they exist; a named file's size against --max-data-bytes: stat, no read).
+    ``explicit``: the names given on the command line (an option that does nothing with the
+    others is refused only when given there, not when a shared --config file holds it)."""
     def bad(msg):
         raise ConfigError(msg)
-    for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "save_every", "log_every"):
-        if getattr(o, name) < 1:
-            bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(o, name)}")
-    if o.warmup < 0:
-        bad(f"--warmup must be >= 0, got {o.warmup}")
-    if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1:
-        bad(f"--lr must be > 0 and --min-lr-ratio in [0, 1], got {o.lr}, {o.min_lr_ratio}")
-    if o.tokenizer not in ("byte", "bpe"):
-        bad(f"--tokenizer must be 'byte' or 'bpe', got {o.tokenizer!r}")
-    if o.backend not in ("auto", "torch", "triton", "cuda"):
-        bad(f"--backend must be one of auto, torch, triton, cuda, got {o.backend!r}")
-    if not 0 < o.mlm_probability < 1 or not 0 < o.noise_density < 1 or o.mean_span < 1:
-        bad("--mlm-probability and --noise-density must be in (0, 1), --mean-span >= 1")
+    check_values(dataclasses.asdict(o))
+    check_values({k: v for k, v in model_values.items() if k not in TOKENIZER_FIELDS})
+    for name in explicit:
+        if name in ONLY_WITH:
+            applies, needs = ONLY_WITH[name]
+            if not applies(o):
+                bad(f"--{name.replace('_', '-')} applies to {needs} only (this run: --model {o.model}, "
+                    f"--tokenizer {o.tokenizer})")
     if o.model == "encdec" and o.seq_len < 4:
         bad(f"--seq-len {o.seq_len} is too short for span denoising (at least 4)")
-    if o.model == "ngram":
-        if o.ngram_order < 1:
-            bad(f"--ngram-order must be >= 1, got {o.ngram_order}")
-        if o.fsdp or o.compile or o.activation_checkpointing:
-            bad("--model ngram is counted, not trained: --fsdp, --compile and --activation-checkpointing do not apply")
-    elif "ngram_order" in model_values:
-        bad("--ngram-order applies to --model ngram only")
+    if o.model == "ngram" and (o.fsdp or o.compile or o.activation_checkpointing):
+        bad("--model ngram is counted, not trained: --fsdp, --compile and --activation-checkpointing do not apply")
     if o.fsdp and o.model == "lstm":
         bad("--fsdp shards Transformer blocks; use data parallel (no --fsdp) for --model lstm")
     if "max_seq_len" in model_values and model_values["max_seq_len"] is not None:
@@ -298,9 +308,210 @@ def check(o: TrainOptions, model_values: dict) -> None:
         if model_values["max_seq_len"] < need:
             bad(f"--max-seq-len {model_values['max_seq_len']} is shorter than the {need} positions --seq-len "
                 f"{o.seq_len} needs")
-    for name in ("vocab_size", "pad_token_id", "mask_token_id", "bos_token_id", "eos_token_id"):
+    for name in TOKENIZER_FIELDS:
         if name in model_values:
             bad(f"--{name.replace('_', '-')} is set by the tokenizer and cannot be given")
+    if o.out and os.path.exists(o.out) and not os.path.isdir(o.out):
+        bad(f"--out {o.out}: exists and is not a directory")
+    device = check_device(o.device)
+    check_backend(o.backend, device)
+    if o.model != "ngram":  # the config class's own checks (divisibility, names), now rather than after the data
+        from .tokenizer import ByteTokenizer
+        model_config(o, model_values, ByteTokenizer())  # the vocabulary size does not enter its checks
+    check_paths(o.data, o.max_data_bytes)
+
+
+# ----------------------------------------------------------------------------- the rules
+
+@dataclass(frozen=True)
+class Rule:
+    """What one option's value must be: ``test(value)``, and the words the error uses for it."""
+
+    test: Callable[[Any], bool]
+    allowed: str
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(low: int, note: str = "") -> Rule:
+    return Rule(lambda v: _is_int(v) and v >= low, f"an integer >= {low}{note}")
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False,
+            note: str = "") -> Rule:
+    """A finite number in the interval; NaN and the infinities never pass."""
+    def test(v):
+        return _is_finite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if high == math.inf:
+        text = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        text = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return Rule(test, text + note)
+
+
+def _one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+def _min_bpe_vocab() -> int:
+    from .tokenizer import special_names
+    return 256 + len(special_names()) + 1  # the bytes, the special tokens and at least one merge
+
+
+_PROBABILITY = _number(0, 1, low_open=True, high_open=True)
+_SIZE = _integer(1)
+
+# option name -> its rule, for every numeric or named-choice option of train (TrainOptions and
+# the model configs' fields), eval and generate (the same names mean the same there).
+RULES: dict[str, Rule] = {
+    # data and tokenizer
+    "max_data_bytes": _integer(1, " (bytes; K, M, G, T suffixes are powers of 1024)"),
+    "val_fraction": _number(0, 1, low_open=True, high_open=True),
+    "tokenizer": _one_of("byte", "bpe"),
+    "bpe_vocab_size": _integer(_min_bpe_vocab(), " (the 256 bytes, the special tokens and at least one merge)"),
+    # batches and optimisation
+    "seq_len": _SIZE, "batch_size": _SIZE, "grad_accum": _SIZE, "steps": _SIZE,
+    "lr": _number(0, low_open=True),
+    "min_lr_ratio": _number(0, 1),
+    "warmup": _integer(0),
+    "weight_decay": _number(0),
+    "beta1": _number(0, 1, high_open=True),
+    "beta2": _number(0, 1, high_open=True),
+    "grad_clip": _number(0, note=" (0: off)"),
+    "seed": Rule(lambda v: _is_int(v) and 0 <= v < 2 ** 64, "an integer in [0, 2^64)"),
+    # objectives
+    "mlm_probability": _PROBABILITY,
+    "noise_density": _PROBABILITY,
+    "mean_span": _number(1),
+    "ngram_order": _integer(1),
+    # execution
+    "backend": _one_of("auto", "torch", "triton", "cuda"),
+    "threads": _integer(0, " (0: all cores but one)"),
+    # bookkeeping
+    "eval_every": _SIZE, "save_every": _SIZE, "log_every": _SIZE,
+    "eval_tokens": _integer(0, " (0: the whole split)"),
+    "keep": _integer(1, " (checkpoints kept)"),
+    "stop_after": _integer(0, " (0: never)"),
+    "peak_tflops": _number(0, note=" (0: from the device table)"),
+    # sampling (train's final sample, and generate)
+    "sample_tokens": _integer(0),
+    "max_new_tokens": _integer(0),
+    "num_samples": _integer(1),
+    "temperature": _number(0, note=" (0: greedy)"),
+    "top_k": _integer(0, " (0: off)"),
+    "top_p": _number(0, 1, low_open=True, note=" (1: off)"),
+    # eval
+    "max_tokens": _integer(0, " (0: all)"),
+    # model config fields (None, where a field allows it, means its default and is not checked)
+    "max_seq_len": _SIZE, "n_layer": _SIZE, "n_head": _SIZE, "n_kv_head": _SIZE, "d_model": _SIZE,
+    "d_hidden": _SIZE, "d_embed": _SIZE, "n_encoder_layer": _SIZE, "n_decoder_layer": _SIZE,
+    "type_vocab_size": _SIZE,
+    "norm_eps": _number(0, low_open=True),
+    "rotary_base": _number(1, low_open=True),
+    "dropout": _number(0, 1, high_open=True),
+    "init_std": _number(0, low_open=True),
+    "forget_bias": Rule(_is_finite, "a finite number"),
+}
+
+# Fields with no rule above, and what checks them instead (booleans need none: parse_value
+# accepts only true/false spellings). tests/test_train_validation.py holds every field of
+# TrainOptions and of the model configs to RULES, this table or a bool annotation.
+CHECKED_ELSEWHERE = {
+    "model": "build(): one of MODELS", "preset": "build(): one of the model's PRESETS",
+    "data": "data.check_paths(): the paths exist; the size limit", "device": "check_device()",
+    "out": "check(): not an existing file", "prompt": "any text",
+    "activation": "the model's config class", "head_activation": "the model's config class",
+    "norm": "the model's config class", "positions": "the model's config class",
+    "vocab_size": "the tokenizer's", "pad_token_id": "the tokenizer's", "mask_token_id": "the tokenizer's",
+    "bos_token_id": "the tokenizer's", "eos_token_id": "the tokenizer's",
+}
+
+TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "mask_token_id", "bos_token_id", "eos_token_id")
+
+# options that do nothing unless another is set: (does it apply to these options?, what it needs)
+ONLY_WITH: dict[str, tuple[Callable[[TrainOptions], bool], str]] = {
+    "bpe_vocab_size": (lambda o: o.tokenizer == "bpe", "--tokenizer bpe"),
+    "mlm_probability": (lambda o: o.model == "bert", "--model bert"),
+    "noise_density": (lambda o: o.model == "encdec", "--model encdec"),
+    "mean_span": (lambda o: o.model == "encdec", "--model encdec"),
+    "ngram_order": (lambda o: o.model == "ngram", "--model ngram"),
+}
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_values(values: dict) -> None:
+    """Each value against its rule (names without one, and None, pass): the first that fails
+    is a ConfigError naming the option, the value and what is allowed."""
+    for name, value in values.items():
+        rule = RULES.get(name)
+        if rule is None or value is None:
+            continue
+        if not rule.test(value):
+            raise ConfigError(f"--{name.replace('_', '-')} {_show(value)}: must be {rule.allowed}")
+
+
+def check_device(name: str, flag: str = "--device"):
+    """The torch.device ``name`` means here ("auto": CUDA if present, else the CPU), or a
+    ConfigError when it is not a device name or the device is not on this machine."""
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{flag} {name!r}: not a device (expected auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {name}: no CUDA device is available here (torch {torch.__version__}, "
+                              f"CUDA build: {torch.version.cuda or 'none'}); use --device cpu or auto")
+        count = torch.cuda.device_count()
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+        if index >= count:
+            raise ConfigError(f"{flag} {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+                              + ("" if device.index is not None else f" (LOCAL_RANK is {index})"))
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{flag} {name}: no MPS device is available here")
+        return device
+    raise ConfigError(f"{flag} {name!r}: not a device here (expected auto, cpu, cuda, cuda:N or mps)")
+
+
+def check_backend(name: str, device, flag: str = "--backend") -> None:
+    """A ConfigError when backend ``name`` cannot run on ``device`` here (fastlm.backend's reason)."""
+    check_values({"backend": name})
+    if name in ("auto", "torch"):
+        return
+    from ..backend import unavailable_reason
+    why_not = unavailable_reason(name, device.type)
+    if why_not:
+        raise ConfigError(f"{flag} {name}: cannot run on {device.type} here: {why_not}")
+
+
+_SIZE_TEXT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+
+
+def parse_size(name: str, value: Any) -> int:
+    """A number of bytes: an integer, or a number with a K, M, G or T suffix (powers of 1024:
+    ``512M``, ``1.5G``, ``2GiB``)."""
+    if _is_int(value):
+        return value
+    match = _SIZE_TEXT.fullmatch(str(value))
+    if not match:
+        raise ConfigError(f"--{name.replace('_', '-')} {value!r}: expected a number of bytes (e.g. 500M, 2G)")
+    scale = 1024 ** " kmgt".index(match.group(2).lower() or " ")
+    return int(float(match.group(1)) * scale) if "." in match.group(1) else int(match.group(1)) * scale
 
 
 def model_config(o: TrainOptions, model_values: dict, tokenizer):
@@ -332,4 +543,5 @@ def default_run_dir(kind: str) -> str:
     return os.path.join("runs", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-__all__ = ["ConfigError", "MODELS", "PRESETS", "TrainOptions", "build", "model_classes", "model_config"]
+__all__ = ["ConfigError", "MODELS", "PRESETS", "RULES", "TrainOptions", "build", "check", "check_backend",
+           "check_device", "check_values", "model_classes", "model_config", "parse_size"]

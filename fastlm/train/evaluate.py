@@ -207,15 +207,103 @@ class Loaded:
     config: Any = None
 
 
+def _type_fits(value, annotation) -> bool:
+    ann = str(annotation).replace("typing.", "")
+    if value is None:
+        return "Optional" in ann or "None" in ann
+    if "bool" in ann:
+        return isinstance(value, bool)
+    if "list" in ann:
+        return isinstance(value, list)
+    if "int" in ann:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if "float" in ann:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if "str" in ann:
+        return isinstance(value, str)
+    return True
+
+
+def check_run_meta(ck: ckpt_io.Checkpoint) -> None:
+    """The training fields of a checkpoint's manifest (beyond what checkpoint.check_manifest
+    checks), or a CheckpointError naming the manifest and the field: eval, generate and
+    resume build a model and options from them, and a tampered value must not surface as a
+    traceback from deep inside."""
+    import dataclasses
+
+    from .config import MODELS
+    manifest, meta = ck.path(ckpt_io.MANIFEST), ck.meta
+
+    def bad(what: str):
+        raise ckpt_io.CheckpointError(f"{manifest}: {what}")
+
+    kind = meta.get("model")
+    if kind not in MODELS:
+        bad(f"field 'model' must be one of {sorted(MODELS)}, got {kind!r}")
+    options = meta.get("options")
+    if not isinstance(options, dict):
+        bad(f"field 'options' must be a mapping of training options, got {type(options).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(TrainOptions)}
+    for name, value in options.items():
+        if name not in fields:
+            bad(f"field 'options' has an unknown option {name!r}")
+        if not _type_fits(value, fields[name].type):
+            bad(f"field 'options' option {name!r}: {value!r} is not a {str(fields[name].type).replace('typing.', '')}")
+    for name in ("model", "seq_len", "batch_size", "grad_accum", "steps"):
+        if name not in options:
+            bad(f"field 'options' lacks {name!r}")
+    if options["model"] != kind:
+        bad(f"field 'model' is {kind!r} but field 'options' says the run trained {options['model']!r}")
+    for name in ("seq_len", "batch_size", "grad_accum", "steps"):
+        if options[name] < 1:
+            bad(f"field 'options' option {name!r} must be >= 1, got {options[name]!r}")
+    tokenizer = meta.get("tokenizer")
+    if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("byte", "bpe"):
+        bad(f"field 'tokenizer' must be a mapping with 'kind' byte or bpe, got {tokenizer!r}")
+    sentinels = tokenizer.get("n_sentinels", 0)
+    if not (isinstance(sentinels, int) and not isinstance(sentinels, bool) and 0 <= sentinels <= 1000):
+        bad(f"field 'tokenizer' entry 'n_sentinels' must be an integer in [0, 1000], got {sentinels!r}")
+    if not isinstance(meta.get("model_values", {}), dict):
+        bad(f"field 'model_values' must be a mapping, got {type(meta['model_values']).__name__}")
+    world = meta.get("world_size", 1)
+    if not (isinstance(world, int) and not isinstance(world, bool) and world >= 1):
+        bad(f"field 'world_size' must be a positive integer, got {world!r}")
+    if kind == "ngram":
+        return
+    config = meta.get("model_config")
+    if not isinstance(config, dict):
+        bad(f"field 'model_config' must be a mapping for model {kind!r}, got {type(config).__name__}")
+    _, config_cls = model_classes(kind)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+        bad(f"field 'model_config' has {unknown[:5]}, which are not fields of {config_cls.__name__} (model "
+            f"{kind!r})")
+
+
+def model_from_meta(ck: ckpt_io.Checkpoint):
+    """(config, model) built from a checked manifest; a config its class refuses is an error
+    naming the field."""
+    kind = ck.meta["model"]
+    _, config_cls = model_classes(kind)
+    try:
+        config = config_cls(**ck.meta["model_config"])
+        return config, build_model(kind, config)
+    except (TypeError, ValueError) as e:
+        raise ckpt_io.CheckpointError(f"{ck.path(ckpt_io.MANIFEST)}: field 'model_config' does not make a "
+                                      f"{config_cls.__name__} ({e})") from None
+
+
 def load(path: str, device="cpu") -> Loaded:
     """A checkpoint opened for evaluation or generation: nothing in it is executed."""
     ck = ckpt_io.open_checkpoint(path)
+    check_run_meta(ck)
     meta = ck.meta
     try:
         kind = meta["model"]
         options = TrainOptions(**meta["options"])
         tokenizer = load_tokenizer(meta["tokenizer"], ck.directory)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ckpt_io.CheckpointError(f"{ck.path(ckpt_io.MANIFEST)}: incomplete manifest ({e})") from e
     if kind == "ngram":
         model_cls, _ = model_classes("ngram")
@@ -223,9 +311,7 @@ def load(path: str, device="cpu") -> Loaded:
             return Loaded(kind, model_cls.load(ck.path("ngram")), tokenizer, options, ck)
         except Exception as e:
             raise ckpt_io.CheckpointError(f"{ck.path('ngram')}: cannot be read ({e})") from e
-    _, config_cls = model_classes(kind)
-    config = config_cls(**meta["model_config"])
-    model = build_model(kind, config)
+    config, model = model_from_meta(ck)
     ck.load_weights(model)
     return Loaded(kind, model.to(device).eval(), tokenizer, options, ck, config)
 
@@ -239,4 +325,5 @@ def describe(result: dict) -> str:
     return text + f"  ({result['tokens']:,} tokens)"
 
 
-__all__ = ["Loaded", "build_model", "describe", "evaluate", "evaluate_ngram", "generate_text", "load"]
+__all__ = ["Loaded", "build_model", "check_run_meta", "describe", "evaluate", "evaluate_ngram", "generate_text", "load",
+           "model_from_meta"]

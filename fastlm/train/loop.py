@@ -10,12 +10,21 @@ tokens per row is weighted right. The token accuracy the models return beside th
 the loss kernel's pass) is weighted the same way, so it is the fraction of all labelled
 tokens of the global batch predicted right; both stay on the device until the logging step
 reads them in the one sync it already made for the loss.
+
+A loss that is not finite stops the run (``DivergedError``, naming the first such step and
+its loss) before anything is saved over the last good checkpoint. Which step it was is kept
+on the device (no host sync per step) and read where the loop reads the host anyway: at a
+logging step, and before every evaluation and every save.
+
+The run directory is taken through ``checkpoint.claim_run_dir`` before anything is written
+(one run per directory, held by a lock; see that module).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import random
@@ -31,10 +40,15 @@ from .config import ConfigError, RESUME_MUTABLE, TrainOptions, default_run_dir, 
 from .data import TokenStream, WindowSampler, batch_positions, eval_window_indices, load_corpus, tokenize, windows
 from .distributed import (Env, all_reduce_sum, barrier, broadcast_object, checkpoint_activations, full_model_state,
                           full_optimizer_state, load_optimizer_state, setup, teardown, wrap)
-from .evaluate import autocast, build_model, describe, evaluate, evaluate_ngram, generate_text
+from .evaluate import autocast, build_model, check_run_meta, describe, evaluate, evaluate_ngram, generate_text
 from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_losses, truncate_after
 from .objectives import make_batch
 from .tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+
+
+class DivergedError(ConfigError):
+    """The training loss became NaN or infinite: in practice options that do not suit the model
+    (learning rate, warmup, clipping). Nothing was saved after the last good checkpoint."""
 
 
 def lr_factor(step: int, warmup: int, steps: int, min_ratio: float) -> float:
@@ -70,13 +84,19 @@ def set_rng_state(state: dict) -> None:
 
 def resume_options(path: str, given: dict) -> tuple[TrainOptions, dict, ckpt_io.Checkpoint]:
     """The saved run's options, with the few a resumed run may change taken from `given`."""
+    if given.get("overwrite"):
+        raise ConfigError("--resume continues the run in its directory; --overwrite (replace it) cannot be "
+                          "combined with it")
+    given = {k: v for k, v in given.items() if k != "overwrite"}
     ck = ckpt_io.open_checkpoint(path)
+    check_run_meta(ck)
     meta = ck.meta
     try:
         saved = dict(meta["options"])
         model_values = dict(meta["model_values"])
     except KeyError as e:
         raise ckpt_io.CheckpointError(f"{ck.path(ckpt_io.MANIFEST)}: incomplete manifest ({e})") from e
+    saved["overwrite"] = False  # an invocation's choice, not the run's
     for name, value in given.items():
         if name in RESUME_MUTABLE:
             saved[name] = value
@@ -104,7 +124,10 @@ def resume_options(path: str, given: dict) -> tuple[TrainOptions, dict, ckpt_io.
                           f"--grad-accum to keep {before}")
     parent = os.path.dirname(os.path.abspath(ck.directory))
     saved["out"] = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
-    options = TrainOptions(**saved)
+    try:
+        options = TrainOptions(**saved)
+    except TypeError as e:
+        raise ckpt_io.CheckpointError(f"{ck.path(ckpt_io.MANIFEST)}: field 'options' ({e})") from None
     if options.steps < meta["step"]:
         raise ConfigError(f"--steps {options.steps} is before the checkpoint's step {meta['step']}")
     return options, model_values, ck
@@ -137,25 +160,47 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
         # a standstill while another job ran; 1 thread kept 8.5k).
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1)))
     seed_everything(o.seed)
-    run_dir = broadcast_object(o.out or default_run_dir(o.model), env)
+    run_dir = o.out or default_run_dir(o.model)
+    claim, refusal = None, None
+    if env.main:  # rank 0 takes the directory; every rank learns the outcome
+        mode = "resume" if resume is not None else "overwrite" if o.overwrite else "new"
+        try:
+            claim = ckpt_io.claim_run_dir(run_dir, mode)
+        except ConfigError as e:
+            refusal = str(e)
+    run_dir, work, refusal = broadcast_object((run_dir, claim.work if claim else None, refusal), env)
+    if refusal is not None:
+        raise ckpt_io.RunDirError(refusal)
     o.out = run_dir
-    if env.main:
-        os.makedirs(run_dir, exist_ok=True)
-        if resume is not None:
-            truncate_after(os.path.join(run_dir, "metrics.jsonl"), resume.meta["step"])
+    try:
+        return _train_in(env, o, model_values, resume, say, run_dir, work, claim)
+    except BaseException:
+        if claim is not None and claim.staging:
+            say(f"the new run stopped before its first checkpoint: {run_dir} is unchanged, the new run's files "
+                f"({claim.work}) are removed")
+        raise
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _train_in(env: Env, o: TrainOptions, model_values: dict, resume, say, run_dir: str, work: str,
+              claim: Optional[ckpt_io.RunClaim]) -> dict:
+    for note in (claim.notes if claim is not None else []):
+        say(note)
     say(f"run directory: {run_dir}")
 
-    corpus = load_corpus(o.data, o.val_fraction)
+    corpus = load_corpus(o.data, o.val_fraction, o.max_data_bytes)
     say(f"data: {corpus.description}; split {corpus.split_note}")
     if resume is not None:
         tok = load_tokenizer(resume.meta["tokenizer"], resume.directory)
     elif o.tokenizer == "bpe":
-        path = os.path.join(run_dir, BPETokenizer.FILE)
+        path = os.path.join(work, BPETokenizer.FILE)
         if env.main:
             say(f"training a BPE tokenizer ({o.bpe_vocab_size} ids) on the training split...")
             BPETokenizer.train((text for _, text in corpus.train), o.bpe_vocab_size).tok.save(path)
         barrier(env)
-        tok = BPETokenizer.load(run_dir)
+        tok = BPETokenizer.load(work)
     else:
         tok = ByteTokenizer()
     train_stream, val_stream = tokenize(corpus.train, tok), tokenize(corpus.val, tok)
@@ -165,11 +210,14 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
     eval_window_indices(len(val_stream), o.seq_len, o.eval_tokens)  # fails now, not at the first evaluation
 
     if o.model == "ngram":
-        return _fit_ngram(env, o, tok, train_stream, val_stream, run_dir, say)
+        return _fit_ngram(env, o, tok, train_stream, val_stream, run_dir, say, claim)
 
     config = model_config(o, model_values, tok)
     model = build_model(o.model, config)
     if resume is not None:
+        if json.loads(json.dumps(config.to_dict())) != resume.meta.get("model_config"):
+            raise ckpt_io.CheckpointError(f"{resume.path(ckpt_io.MANIFEST)}: field 'model_config' is not the model "
+                                          f"the run's options make (edited?)")
         resume.load_weights(model)
     raw = model.to(env.device)
     n_params = sum(p.numel() for p in raw.parameters())
@@ -186,20 +234,21 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
                                   fused=env.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_factor, warmup=o.warmup, steps=o.steps, min_ratio=o.min_lr_ratio))
-    step = 0
+    step, last_saved = 0, None
     if resume is not None:
-        load_optimizer_state(wrapped, optimizer, resume.load_torch("optimizer.pt"), o.fsdp)
-        state = resume.load_torch("state.pt")
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        set_rng_state(state["rng"])
+        step = _restore(resume, wrapped, optimizer, scheduler, o)
+        last_saved = (step, resume.directory)
+        if env.main:  # the history after the checkpoint is rewritten by this run
+            truncate_after(os.path.join(run_dir, "metrics.jsonl"), step)
         say(f"resumed from {resume.directory} at step {step}")
     forward = torch.compile(wrapped) if o.compile else wrapped
 
     B, A, W, L = o.batch_size, o.grad_accum, env.world, o.seq_len
     tokens_per_step = B * A * W * L
     peak = peak_tflops(env.device, o.peak_tflops)
-    metrics = MetricsLog(run_dir, env.main)
+    metrics = MetricsLog(work, env.main)
+    if claim is not None:
+        claim.start()
     stop_at = min(o.steps, step + o.stop_after) if o.stop_after else o.steps
     from tqdm import tqdm
     bar = tqdm(total=o.steps, initial=step, desc=f"train {o.model}", dynamic_ncols=True,
@@ -207,6 +256,9 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
     out = lambda msg: bar.write(msg) if (env.main and o.progress) else say(msg)  # noqa: E731
     started, last_time, last_step, val = time.perf_counter(), time.perf_counter(), step, None
     ddp = env.distributed and not o.fsdp
+    # The first step whose loss was not finite (0: none) and that loss, kept on the device.
+    bad_step = torch.zeros((), dtype=torch.long, device=env.device)
+    bad_loss = torch.zeros((), device=env.device)
 
     while step < stop_at:
         raw.train()
@@ -248,8 +300,14 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        first = (bad_step == 0) & ~torch.isfinite(loss_sum)
+        bad_step = torch.where(first, step, bad_step)
+        bad_loss = torch.where(first, loss_sum, bad_loss)
 
-        if step % o.log_every == 0 or step == stop_at:
+        logging = step % o.log_every == 0 or step == stop_at
+        evaluating = step % o.eval_every == 0 or step == o.steps
+        saving = step % o.save_every == 0 or step == stop_at
+        if logging:
             # One all-reduce and one host read for the loss and the accuracy together.
             loss_value, acc_value = all_reduce_sum(torch.stack([loss_sum, acc_sum]), env).tolist()
             now = time.perf_counter()
@@ -271,19 +329,34 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
             bar.set_postfix(postfix, refresh=False)
             bar.update(step - bar.n)
             last_time, last_step = now, step
-        if step % o.eval_every == 0 or step == o.steps:
+        if logging or evaluating or saving:
+            diverged = _first_nonfinite(bad_step, bad_loss, env)
+            if diverged is not None:
+                bar.close()
+                at, value = diverged
+                kept = (f"the last checkpoint (step {last_saved[0]}, {last_saved[1]}) is unchanged" if last_saved
+                        else "no checkpoint was written")
+                raise DivergedError(f"step {at}: the training loss is {value} (not finite); stopped at step {step} "
+                                    f"without saving: {kept}. Lower --lr, raise --warmup or set --grad-clip")
+        if evaluating:
             val = evaluate(raw if ddp else wrapped, o.model, val_stream, tok, o, env.device, o.eval_tokens,
                            rank=env.rank, world=W)
             metrics.write({"kind": "val", "step": step, **{"val_" + k: v for k, v in val.items()}})
             out(f"step {step}: validation {describe(val)}")
             if env.main:
-                plot_losses(run_dir)
+                plot_losses(claim.work if claim is not None else work)
             last_time = time.perf_counter()
-        if step % o.save_every == 0 or step == stop_at:
-            path = save_checkpoint(env, run_dir, step, step * B * A * W, wrapped, raw, optimizer, scheduler, o,
-                                   model_values, config, tok)
+        if saving:
+            path = save_checkpoint(env, claim.work if claim is not None else work, step, step * B * A * W, wrapped,
+                                   raw, optimizer, scheduler, o, model_values, config, tok)
+            if claim is not None and claim.staging:  # the replacement's first checkpoint: it takes the name
+                claim.promote()
+                metrics.move(run_dir)
+                path = os.path.join(run_dir, os.path.relpath(path, os.path.dirname(os.path.dirname(path))))
+                out(f"--overwrite: the new run replaced the old one in {run_dir}")
             if path:
                 out(f"step {step}: checkpoint {path}")
+            last_saved = (step, path)
             last_time = time.perf_counter()
     bar.close()
 
@@ -309,6 +382,47 @@ def _train(env: Env, o: TrainOptions, model_values: dict, resume, log) -> dict:
             f"{sample}\n")
         say(f"done in {summary['time_s']:.0f} s; run directory: {run_dir}")
     return summary
+
+
+def _restore(resume: ckpt_io.Checkpoint, wrapped, optimizer, scheduler, o: TrainOptions) -> int:
+    """Optimizer, scheduler and RNG states from the checkpoint; its step. What does not fit is
+    an error naming the file (the manifest's hashes only say the files are what was written)."""
+    state_path = resume.path("state.pt")
+    state = resume.load_torch("state.pt")
+    if not isinstance(state, dict) or not all(k in state for k in ("step", "scheduler", "rng")):
+        raise ckpt_io.CheckpointError(f"{state_path}: not a training state (step, scheduler, rng expected)")
+    if not isinstance(state["step"], int) or isinstance(state["step"], bool) or state["step"] != resume.meta["step"]:
+        raise ckpt_io.CheckpointError(f"{state_path}: field 'step' is {state['step']!r}, the manifest's is "
+                                      f"{resume.meta['step']}")
+    try:
+        load_optimizer_state(wrapped, optimizer, resume.load_torch("optimizer.pt"), o.fsdp)
+    except ckpt_io.CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ckpt_io.CheckpointError(f"{resume.path('optimizer.pt')}: does not fit the model's optimizer "
+                                      f"({type(e).__name__}: {e})") from None
+    try:
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise ckpt_io.CheckpointError(f"{state_path}: the scheduler or RNG state cannot be restored "
+                                      f"({type(e).__name__}: {e})") from None
+    return state["step"]
+
+
+def _first_nonfinite(bad_step: torch.Tensor, bad_loss: torch.Tensor, env: Env) -> Optional[tuple[int, float]]:
+    """(step, loss) of the first step whose loss was not finite, on any process; None if none.
+    One host read (and, with many processes, two small all-reduces)."""
+    if not env.distributed:
+        at, value = int(bad_step), float(bad_loss)
+        return (at, value) if at > 0 else None
+    import torch.distributed as dist
+    first = torch.where(bad_step > 0, bad_step.double(), math.inf)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    value = torch.where(bad_step.double() == first, bad_loss.double(), 0.0)
+    dist.all_reduce(value)
+    at = float(first)
+    return (int(at), float(value)) if math.isfinite(at) else None
 
 
 def save_checkpoint(env, run_dir, step, position, wrapped, raw, optimizer, scheduler, o, model_values, config,
@@ -347,7 +461,7 @@ def _meta(o, model_values, tok, config, env) -> dict:
             "torch_version": torch.__version__}
 
 
-def _fit_ngram(env, o, tok, train_stream: TokenStream, val_stream: TokenStream, run_dir, say) -> dict:
+def _fit_ngram(env, o, tok, train_stream: TokenStream, val_stream: TokenStream, run_dir, say, claim) -> dict:
     model_cls, _ = model_classes("ngram")
     started = time.perf_counter()
     lm = model_cls(o.ngram_order, tok.vocab_size)
@@ -359,10 +473,15 @@ def _fit_ngram(env, o, tok, train_stream: TokenStream, val_stream: TokenStream, 
     val = evaluate_ngram(lm, val_stream, o, o.eval_tokens)
     summary = {"run_dir": run_dir, "step": 0, "val": val, "time_s": time.perf_counter() - started}
     if env.main:
-        metrics = MetricsLog(run_dir)
+        claim.start()
+        metrics = MetricsLog(claim.work)
         metrics.write({"kind": "val", "step": 0, **{"val_" + k: v for k, v in val.items()}})
         writers = {"ngram": lambda p: (os.makedirs(p, exist_ok=True), lm.save(p))}
-        path = ckpt_io.save(run_dir, 0, writers, _meta(o, {}, tok, None, env), keep=o.keep)
+        path = ckpt_io.save(claim.work, 0, writers, _meta(o, {}, tok, None, env), keep=o.keep)
+        if claim.staging:
+            claim.promote()
+            path = os.path.join(run_dir, "checkpoints", os.path.basename(path))
+            say(f"--overwrite: the new run replaced the old one in {run_dir}")
         say(f"checkpoint {path}")
         say(f"validation: {describe(val)}")
         sample = generate_text(lm, "ngram", tok, o.prompt, o.sample_tokens, o.temperature, o.top_k, o.top_p,
@@ -373,4 +492,4 @@ def _fit_ngram(env, o, tok, train_stream: TokenStream, val_stream: TokenStream, 
     return summary
 
 
-__all__ = ["lr_factor", "resume_options", "save_checkpoint", "train"]
+__all__ = ["DivergedError", "lr_factor", "resume_options", "save_checkpoint", "train"]
