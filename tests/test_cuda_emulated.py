@@ -56,11 +56,7 @@ _ATTENTION_ENTRY_POINTS = ("attention_fwd", "attention_bwd", "attention_smem_byt
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    emulate.require_compiler()  # (fixtures of wider scope run before the autouse one)
-    lib = emulate.load(emulate.build(tmp_path_factory.mktemp("cuda_emulator"), "attention.cu", _ATTENTION_ENTRY_POINTS,
-                                     sanitize=_sanitize()))
-    assert lib.hazards == (not _sanitize())  # the checker watches every launch
-    return lib
+    return _emulated_source(tmp_path_factory, "attention.cu", _ATTENTION_ENTRY_POINTS)
 
 
 def _route_cuda_to(lib, monkeypatch):
@@ -267,14 +263,19 @@ def test_the_stride_rule_is_the_same_in_python_and_cpp(emulated, name, q):
 
 # ----------------------------------------------------------------------------- cross-entropy (csrc/cross_entropy.cu)
 
-@pytest.fixture(scope="module")
-def emulated_ce(tmp_path_factory):
+def _emulated_source(tmp_path_factory, source: str, entry_points: tuple) -> emulate.Emulated:
+    """csrc/<source>'s entry points built for the emulator, the hazard checker on (unless the
+    AddressSanitizer mode is asked for)."""
     emulate.require_compiler()  # (fixtures of wider scope run before the autouse one)
-    lib = emulate.build(tmp_path_factory.mktemp("cuda_emulator_ce"), "cross_entropy.cu",
-                        ("cross_entropy_fwd", "cross_entropy_bwd"), sanitize=_sanitize())
-    lib = emulate.load(lib)
+    lib = emulate.load(emulate.build(tmp_path_factory.mktemp("cuda_emulator_" + source.split(".")[0]), source,
+                                     entry_points, sanitize=_sanitize()))
     assert lib.hazards == (not _sanitize())  # the checker watches every launch
     return lib
+
+
+@pytest.fixture(scope="module")
+def emulated_ce(tmp_path_factory):
+    return _emulated_source(tmp_path_factory, "cross_entropy.cu", ("cross_entropy_fwd", "cross_entropy_bwd"))
 
 
 @pytest.fixture
@@ -368,12 +369,7 @@ def test_cross_entropy_nan_logit_reaches_the_row(ce_cuda_on_cpu):
 
 @pytest.fixture(scope="module")
 def emulated_norm(tmp_path_factory):
-    emulate.require_compiler()  # (fixtures of wider scope run before the autouse one)
-    lib = emulate.build(tmp_path_factory.mktemp("cuda_emulator_norm"), "norm.cu", ("norm_fwd", "norm_bwd"),
-                        sanitize=_sanitize())
-    lib = emulate.load(lib)
-    assert lib.hazards == (not _sanitize())  # the checker watches every launch
-    return lib
+    return _emulated_source(tmp_path_factory, "norm.cu", ("norm_fwd", "norm_bwd"))
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ tampered manifest is an error naming the file and the field, and never costs the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -19,22 +18,12 @@ from fastlm.train import checkpoint as ck
 from fastlm.train import metrics
 from fastlm.train.commands import eval_main, generate_main, train_main
 
-from .train_common import train_args, write_corpus
+from .train_common import train_args, tree, write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("data"), n_files=8, lines=20)
-
-
-def tree(path) -> dict:
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def _reject(name):

@@ -5,7 +5,6 @@ refused before it starts leaves nothing behind."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from fastlm.train import loop
 from fastlm.train.commands import train_main
 from fastlm.train.data import DataError
 
-from .train_common import losses, train_args, write_corpus
+from .train_common import losses, train_args, tree, write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,17 +29,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("data"), n_files=8, lines=20)
-
-
-def tree(path) -> dict:
-    """Every file under path (relative name -> sha256): what "untouched" is checked against."""
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def siblings(run) -> list:

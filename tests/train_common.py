@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -44,3 +45,14 @@ def losses(run_dir: str, key: str = "loss") -> list:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     return [(r["step"], r[key]) for r in records if r["kind"] == "train"]
+
+
+def tree(path) -> dict:
+    """Every file under path (relative name -> sha256): what "untouched" is checked against."""
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
