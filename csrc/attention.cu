@@ -14,7 +14,8 @@
 //  * One CTA of 4 warps owns a tile of 64 rows (queries in the forward and dQ, keys in
 //    dK/dV); each warp owns 16 of those rows and does all the arithmetic of its rows, so
 //    the CTA synchronises only around loading the shared tiles of the other operand.
-//  * Tiles are staged in shared memory (padded rows: 16 bytes more than D elements).
+//  * Tiles are staged in shared memory (padded rows: 16-bit tiles 8 elements = 16 bytes more
+//    than their width, float tiles 8 floats = 32 bytes more; see Geometry).
 //  * Every matrix product goes through the tensor cores with nvcuda::wmma m16n16k16
 //    (bf16 / fp16 inputs, float32 accumulators). The fragments' register layouts are opaque
 //    and nothing here relies on them: fragments are only loaded from shared memory
@@ -299,6 +300,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Args a, const 
 
   // This lane's row of the warp's 16 and its half of the columns (interleaved: col = 2t + half).
   const int r = lane >> 1, half = lane & 1;
+  const int skew2 = (r >> 2) << 1;  // rows r, r + 4, ... share banks (row strides = 8 mod 32 words): permute their walks
   const std::int64_t i = m0 + warp * 16 + r;
   float* sSw = sS + warp * 16 * G::LDS;
   T* sPw = sP + warp * 16 * G::LDP;
@@ -323,7 +325,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Args a, const 
     float mx = -INFINITY;
 #pragma unroll
     for (int t = 0; t < NC / 2; ++t) {
-      const int col = 2 * t + half;
+      const int col = ((2 * t) ^ skew2) + half;
       float x = sSw[r * G::LDS + col] * c_scale;
       if (!visible(a, i, n0 + col)) x = -INFINITY;
       s[t] = x;
@@ -340,12 +342,13 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Args a, const 
     for (int t = 0; t < NC / 2; ++t) {
       const float p = exp2f(s[t] - m_safe);
       sum += p;
-      sPw[r * G::LDP + 2 * t + half] = from_float<T>(p);
+      sPw[r * G::LDP + ((2 * t) ^ skew2) + half] = from_float<T>(p);
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     l_run = l_run * alpha + sum;
     m_run = m_new;
-    for (int c = half; c < D; c += 2) sOw[r * G::LDO + c] *= alpha;
+#pragma unroll 8
+    for (int t = 0; t < D / 2; ++t) sOw[r * G::LDO + ((2 * t) ^ skew2) + half] *= alpha;
     __syncwarp();
 
     // O += P V for the warp's 16 rows (the accumulator goes through shared memory).
@@ -437,6 +440,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const Args a, con
   load_row_stats<kRows>(a, b, h, m0, sLse, sDelta);
 
   const int r = lane >> 1, half = lane & 1;
+  const int skew2 = (r >> 2) << 1;  // rows r, r + 4, ... share banks (row strides = 8 mod 32 words): permute their walks
   const std::int64_t i = m0 + warp * 16 + r;
   float* sSw = sS + warp * 16 * G::LDS;
   float* sDPw = sDP + warp * 16 * G::LDS;
@@ -461,7 +465,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const Args a, con
     const float lse2 = sLse[warp * 16 + r], delta = sDelta[warp * 16 + r];
 #pragma unroll 8
     for (int t = 0; t < NC / 2; ++t) {
-      const int col = 2 * t + half;
+      const int col = ((2 * t) ^ skew2) + half;
       float ds = 0.0f;
       if (visible(a, i, n0 + col)) {
         const float p = exp2f(sSw[r * G::LDS + col] * c_scale - lse2);
@@ -515,6 +519,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Args a, c
   load_tile<T, D, G::LDT, kRows>(sV, v, a.svn, a.S - n0);
 
   const int r = lane >> 1, half = lane & 1;
+  const int skew2 = (r >> 2) << 1;  // rows r, r + 4, ... share banks (row strides = 8 mod 32 words): permute their walks
   const std::int64_t j = n0 + warp * 16 + r;  // this lane's key
   float* sSw = sS + warp * 16 * G::LDS;
   float* sDPw = sDP + warp * 16 * G::LDS;
@@ -547,7 +552,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Args a, c
       __syncwarp();
 #pragma unroll 8
       for (int t = 0; t < NC / 2; ++t) {
-        const int col = 2 * t + half;  // query m0 + col
+        const int col = ((2 * t) ^ skew2) + half;  // query m0 + col
         float p = 0.0f, ds = 0.0f;
         if (visible(a, m0 + col, j)) {
           p = exp2f(sSw[r * G::LDS + col] * c_scale - sLse[col]);
@@ -588,8 +593,9 @@ void launch(Kernel kernel, std::int64_t blocks, int smem_bytes, cudaStream_t str
   cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("fastlm CUDA kernel ") + what + ": cannot get " + std::to_string(smem_bytes) +
-                             " bytes of shared memory: " + cudaGetErrorString(err));
+    throw std::runtime_error(std::string("fastlm CUDA kernel ") + what +
+                             ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize = " + std::to_string(smem_bytes) +
+                             ") failed: " + cudaGetErrorString(err));
   }
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(a, tiles);
   check_launch(what);
@@ -645,7 +651,14 @@ std::int64_t device_smem_optin(const char* what) {
                              cudaGetErrorString(err));
   }
   if (const char* cap = std::getenv("FASTLM_CUDA_SMEM_LIMIT")) {
-    const long long v = std::atoll(cap);
+    // ASCII digits only, as fastlm/ops/attention.py's cuda_smem_limit reads it (both must agree).
+    bool digits = *cap != '\0';
+    for (const char* c = cap; *c; ++c) digits = digits && *c >= '0' && *c <= '9';
+    if (!digits) {
+      throw std::invalid_argument(std::string("fastlm ") + what + ": FASTLM_CUDA_SMEM_LIMIT must be a number of "
+                                  "bytes (ASCII digits), got '" + cap + "'");
+    }
+    const long long v = std::strtoll(cap, nullptr, 10);
     if (v > 0 && v < bytes) return v;
   }
   return bytes;
@@ -684,14 +697,23 @@ void run_dq_nc(const Args& a, cudaStream_t stream) {
          m_tiles);
 }
 
-// Launch RUN<T, D, 64> or RUN<T, D, 32> as the plan says (32 is built for has_nc32 head dims only).
-#define FASTLM_RUN_PLANNED(RUN, KERNEL, WHAT)                                \
-  do {                                                                       \
-    if (plan(KERNEL, D, WHAT) == 64) {                                       \
-      RUN<T, D, 64>(a, stream);                                              \
-    } else if constexpr (has_nc32(D)) {                                      \
-      RUN<T, D, 32>(a, stream);                                              \
-    }                                                                        \
+// Launch RUN<T, D, 64> or RUN<T, D, 32> as the plan says (32 is built for has_nc32 head dims
+// only; plan() throws where nothing fits, and any other answer is a bug: never a silent no-op).
+#define FASTLM_RUN_PLANNED(RUN, KERNEL, WHAT)                                                  \
+  do {                                                                                         \
+    const std::int64_t nc = plan(KERNEL, D, WHAT);                                             \
+    if (nc == 64) {                                                                            \
+      RUN<T, D, 64>(a, stream);                                                                \
+      break;                                                                                   \
+    }                                                                                          \
+    if constexpr (has_nc32(D)) {                                                               \
+      if (nc == 32) {                                                                          \
+        RUN<T, D, 32>(a, stream);                                                              \
+        break;                                                                                 \
+      }                                                                                        \
+    }                                                                                          \
+    throw std::logic_error(std::string("fastlm ") + WHAT + ": no kernel built for " + std::to_string(nc) + \
+                           "-row tiles at head dim " + std::to_string(D));                     \
   } while (0)
 
 template <typename T, int D>

@@ -1,6 +1,9 @@
 // The Python module fastlm._C: pybind11 bindings of the host entry points in kernels.h.
 // Compiled by the host compiler (no CUDA headers needed here) and linked with the .cu objects.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <vector>
 
 #include "kernels.h"
 
@@ -8,7 +11,12 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlm's CUDA C++ kernels (raw device pointers and a stream; see csrc/kernels.h)";
-  m.attr("ABI") = 3;  // bumped when an entry point's arguments change; fastlm/ops/_cuda.py checks it
+  m.attr("ABI") = 3;
+  // The SM targets with machine code and the PTX target (fastlm/cuda_build.py defines them).
+#ifdef FASTLM_SASS_ARCHS
+  m.attr("SASS_ARCHS") = std::vector<int>{FASTLM_SASS_ARCHS};
+  m.attr("PTX_ARCH") = FASTLM_PTX_ARCH;
+#endif  // bumped when an entry point's arguments change; fastlm/ops/_cuda.py checks it
   m.def("norm_fwd", &fastlm::norm_fwd, "layer norm / RMSNorm forward (csrc/norm.cu)", py::arg("dtype"),
         py::arg("x"), py::arg("res"), py::arg("sum"), py::arg("y"), py::arg("w"), py::arg("b"), py::arg("mean"),
         py::arg("rstd"), py::arg("m"), py::arg("n"), py::arg("stride_xm"), py::arg("stride_rm"), py::arg("eps"),

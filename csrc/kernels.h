@@ -78,7 +78,8 @@ std::int64_t attention_smem_bytes(std::int64_t kernel, std::int64_t D, std::int6
 std::int64_t attention_tile_cols(std::int64_t kernel, std::int64_t D, std::int64_t smem_limit);
 
 // The CUDA runtime version the module was built with (linked statically: e.g. 13000 for 13.0)
-// and the driver's (cudaDriverGetVersion: the newest CUDA it supports; 0 without a driver).
+// and the driver's (cudaDriverGetVersion: the newest CUDA it supports; 0 without a driver, -1
+// if the query failed).
 // A runtime of a newer major version than the driver's cannot run (csrc/runtime.cu).
 int cuda_runtime_version();
 int cuda_driver_version();

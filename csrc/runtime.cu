@@ -16,7 +16,7 @@ int cuda_runtime_version() {
 
 int cuda_driver_version() {
   int version = 0;  // stays 0 where no driver is installed
-  if (cudaDriverGetVersion(&version) != cudaSuccess) return 0;
+  if (cudaDriverGetVersion(&version) != cudaSuccess) return -1;  // the query itself failed
   return version;
 }
 

@@ -230,6 +230,14 @@ def default_build_dir() -> Path:
         return Path(tempfile.gettempdir()) / f"fastlm-cuda-build-{tag}"
 
 
+def target_defines(archs: tuple[str, ...]) -> list[str]:
+    """bindings.cpp's record of the targets (fastlm._C.SASS_ARCHS, PTX_ARCH): fastlm/ops/_cuda.py
+    reads them to tell a device the module has machine code for from one that needs the PTX
+    JIT-compiled (which a driver older than the runtime cannot do)."""
+    sass = sorted({int(_ARCH.fullmatch(str(a))[1]) for a in archs})
+    return [f"-DFASTLM_SASS_ARCHS={','.join(map(str, sass))}", f"-DFASTLM_PTX_ARCH={ptx_arch(archs)}"]
+
+
 def write_ninja(build_dir: Path, out: Path, archs: tuple[str, ...]) -> Path:
     """Write build.ninja for the sources in csrc/; returns its path."""
     sources = sorted(CSRC.glob("*.cu"))
@@ -241,7 +249,7 @@ def write_ninja(build_dir: Path, out: Path, archs: tuple[str, ...]) -> Path:
         f"cxx = {os.environ.get('CXX', 'c++')}",
         f"nvcc_flags = {' '.join(nvcc_flags(archs))}",
         f"cxx_flags = -O2 -std=c++17 -fPIC -fvisibility=hidden -Wall -Werror -I{CSRC} "
-        f"-isystem {_pybind11_include()} -isystem {py_include}",
+        f"-isystem {_pybind11_include()} -isystem {py_include} {' '.join(target_defines(archs))}",
         "rule nvcc",
         "  command = $nvcc $nvcc_flags -MD -MF $out.d -c $in -o $out",
         "  depfile = $out.d",

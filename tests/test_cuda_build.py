@@ -72,6 +72,8 @@ def test_the_module_reports_its_runtime_and_the_driver(built):
     assert driver >= 0
     if driver == 0:
         assert "no CUDA driver" in _cuda.runtime_mismatch(module.cuda_runtime_version(), driver)
+    # the targets it was built for, which _cuda.jit_mismatch reads (the fixture builds 80 and 90)
+    assert list(module.SASS_ARCHS) == [80, 90] and module.PTX_ARCH == 90
 
 
 def cuobjdump(*args) -> str:

@@ -211,6 +211,10 @@ def test_the_environment_lowers_the_launchers_limit(emulated, cuda_on_cpu, monke
     monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", str(48 * 1024))
     with fastlm.use_backend("cuda"), pytest.raises(RuntimeError, match="this device allows 49152"):
         fastlm.flash_attn_func(q, k, v)
+    monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", "6e4")  # not digits: refused by name, as in Python
+    with pytest.raises(RuntimeError, match="FASTLM_CUDA_SMEM_LIMIT must be a number of bytes"):
+        emulated.attention_fwd(1, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.data_ptr(), q.data_ptr(),
+                               1, 16, 16, 1, 1, 128, 0, 128, 128, 0, 128, 128, 0, 128, 128, 0.1, True, -1, 0, 0)
     monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", str(_SM86_OPTIN))  # 32-row tiles at D = 128
     attn_tests.check("cuda", _flash(causal=True), attn_tests._oracle_flash({"causal": True}), [q, k, v])
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fastlm import backend as backend_mod
+from fastlm.errors import ArgumentError
 from fastlm.ops import _cuda
 from fastlm.ops import attention as attn_ops
 
@@ -29,15 +30,37 @@ from fastlm.ops import attention as attn_ops
     (12080, 13000, True),                         # an older runtime on a newer driver
     (13000, 12080, False), (12040, 11080, False),  # a newer major than the driver's
     (13000, 0, False),                            # no driver
+    (13000, -1, False),                           # the query failed
 ])
 def test_runtime_against_driver(runtime, driver, ok):
     why = _cuda.runtime_mismatch(runtime, driver)
     assert (why is None) == ok, why
-    if not ok and driver:
+    if not ok and driver > 0:
         assert f"CUDA {runtime // 1000}.{runtime % 1000 // 10} runtime" in why
         assert f"supports CUDA {driver // 1000}.{driver % 1000 // 10}" in why and "FASTLM_NVCC" in why
     if driver == 0:
         assert "no CUDA driver" in why
+    if driver < 0:
+        assert "could not be queried" in why
+
+
+@pytest.mark.parametrize("cap,ok", [
+    ((8, 0), True), ((8, 6), True), ((8, 9), True), ((9, 0), True),  # machine code (same major, minor >=)
+    ((10, 0), "jit"), ((12, 0), "jit"),                              # Blackwell: the compute_90 PTX
+    ((7, 5), False),                                                 # older than every target
+])
+@pytest.mark.parametrize("runtime,driver", [(13000, 13000), (13020, 13000), (12090, 13000)])
+def test_devices_without_machine_code_need_a_driver_that_can_jit_the_ptx(cap, ok, runtime, driver):
+    """sm_80 code runs on sm_86/89 (same major); sm_100/120 JIT-compile the compute_90 PTX, which
+    an older driver than the runtime that wrote it cannot (minor-version compatibility does not
+    cover the JIT); sm_75 runs neither."""
+    why = _cuda.jit_mismatch(cap, [80, 90], 90, runtime, driver)
+    if ok is True or (ok == "jit" and driver >= runtime):
+        assert why is None, why
+    elif ok == "jit":
+        assert "JIT-compiled" in why and f"sm_{cap[0]}{cap[1]}" in why and "FASTLM_CUDA_ARCHS" in why
+    else:
+        assert "none runs on this sm_75 device" in why
 
 
 @pytest.fixture
@@ -72,6 +95,18 @@ def test_a_matching_driver_loads(fake_module):
     fake_module.versions = (13000, 13010)
     assert _cuda.load() is fake_module
     assert backend_mod.unavailable_reason("cuda", "cuda") is None
+
+
+def test_a_device_the_module_cannot_run_is_refused_at_load(fake_module, monkeypatch):
+    fake_module.versions = (13020, 13000)
+    fake_module.SASS_ARCHS, fake_module.PTX_ARCH = [80, 90], 90
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (10, 0))
+    with pytest.raises(ImportError, match="no machine code for this sm_100 device"):
+        _cuda.load()
+    _cuda.load.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert _cuda.load() is fake_module
 
 
 def test_an_old_module_is_refused_by_its_abi(fake_module):
@@ -178,5 +213,9 @@ def test_the_limit_can_be_lowered_by_the_environment(monkeypatch):
     assert attn_ops._cuda_device_unsupported(0, 128) is None  # 32-row tiles fit 99 KiB
     monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", "70000")
     assert "needs" in attn_ops._cuda_device_unsupported(0, 128)
-    monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", "junk")
+    monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", "0")  # 0: no lowering (as the C++ launcher reads it)
     assert attn_ops.cuda_smem_limit(232448) == 232448
+    for junk in ("junk", "6e4", " 60000", "+60000", "60_000", "\u00b2", "\uff16\uff10", ""):
+        monkeypatch.setenv("FASTLM_CUDA_SMEM_LIMIT", junk)
+        with pytest.raises(ArgumentError, match="FASTLM_CUDA_SMEM_LIMIT must be a number of bytes"):
+            attn_ops.cuda_smem_limit(232448)

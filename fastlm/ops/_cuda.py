@@ -27,10 +27,37 @@ def load():
     if getattr(_C, "ABI", None) != ABI:
         raise ImportError(f"fastlm._C was built for ABI {getattr(_C, 'ABI', None)}, this fastlm needs {ABI}: "
                           f"rebuild it with python -m fastlm.cuda_build")
-    why = runtime_mismatch(_C.cuda_runtime_version(), _C.cuda_driver_version())
+    runtime, driver = _C.cuda_runtime_version(), _C.cuda_driver_version()
+    why = runtime_mismatch(runtime, driver)
+    if why is None and hasattr(_C, "SASS_ARCHS"):
+        import torch  # noqa: PLC0415
+        if torch.cuda.is_available():
+            why = jit_mismatch(torch.cuda.get_device_capability(), list(_C.SASS_ARCHS), _C.PTX_ARCH, runtime, driver)
     if why:
         raise ImportError(why)
     return _C
+
+
+def jit_mismatch(capability: tuple[int, int], sass_archs: list[int], ptx_arch: int, runtime: int,
+                 driver: int) -> Optional[str]:
+    """Why the device of ``capability`` cannot run the module (None if it can). Machine code
+    for sm_XY runs on devices of the same major and a minor >= Y; any other device JIT-compiles
+    the module's PTX (compute_``ptx_arch``), which needs a device at least that new and a
+    driver at least as new as the runtime that wrote the PTX: minor-version compatibility
+    does not cover the JIT (an older driver fails with "unsupported PTX version")."""
+    major, minor = capability
+    if any(a // 10 == major and a % 10 <= minor for a in sass_archs):
+        return None
+    name = f"sm_{major}{minor}"
+    built = ", ".join(f"sm_{a}" for a in sass_archs)
+    if major * 10 + minor < ptx_arch:
+        return f"fastlm._C has machine code for {built} and PTX for compute_{ptx_arch}: none runs on this {name} device"
+    if driver < runtime:
+        return (f"fastlm._C has no machine code for this {name} device ({built}): its compute_{ptx_arch} PTX must be "
+                f"JIT-compiled, which needs a driver for CUDA {_version(runtime)} or newer (this one supports "
+                f"{_version(driver)}). Rebuild for the device: FASTLM_CUDA_ARCHS={major}{minor} python -m "
+                f"fastlm.cuda_build")
+    return None
 
 
 def _version(v: int) -> str:
@@ -44,7 +71,9 @@ def runtime_mismatch(runtime: int, driver: int) -> Optional[str]:
     compatibility lets it run on any driver of the same major version or newer, never on an
     older major (a 13.x runtime needs a CUDA 13 driver, r580 or newer): there the first launch
     fails with a misleading error, so the module is refused when it loads."""
-    if driver <= 0:
+    if driver < 0:
+        return "cudaDriverGetVersion failed: the CUDA driver could not be queried"
+    if driver == 0:
         return "no CUDA driver is installed (cudaDriverGetVersion reports none)"
     if driver // 1000 < runtime // 1000:
         import torch  # noqa: PLC0415

@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from typing import Optional
 
 import torch
@@ -170,8 +171,12 @@ def cuda_smem_limit(device_optin: int) -> int:
     """The shared memory per block csrc/attention.cu plans with: the device's opt-in limit, or
     FASTLM_CUDA_SMEM_LIMIT bytes where that is set and lower (as the C++ launcher reads it), so
     a large GPU can run the 32-row tiles of the 99 KiB parts."""
-    cap = os.environ.get("FASTLM_CUDA_SMEM_LIMIT", "")
-    return min(device_optin, int(cap)) if cap.isdigit() and int(cap) > 0 else device_optin
+    cap = os.environ.get("FASTLM_CUDA_SMEM_LIMIT")
+    if cap is None:
+        return device_optin
+    if not re.fullmatch(r"[0-9]+", cap):  # the C++ launcher's rule too
+        raise ArgumentError(f"FASTLM_CUDA_SMEM_LIMIT must be a number of bytes (ASCII digits), got {cap!r}")
+    return min(device_optin, int(cap)) if int(cap) > 0 else device_optin
 
 
 def cuda_device_reason(capability: tuple[int, int], smem_optin: int, head_dim: int) -> Optional[str]:
