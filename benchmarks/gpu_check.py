@@ -18,7 +18,8 @@ run keeps inside --budget (default 450 s: a stage is given what is left of it at
                 where it is missing); failures listed by name
   cuda-build    the CUDA extension (python -m fastlm.cuda_build --arch 90: ninja, parallel);
                 started in the background when the run starts, so it compiles during the tests
-  cuda-tests    tests/test_cuda_backend.py on the built extension (pytest-xdist)
+  cuda-tests    tests/test_cuda_backend.py on the built extension (pytest-xdist), and
+                tests/test_cuda_mma.py (the mma.sync/ldmatrix lane layouts on the hardware)
   memcheck,     compute-sanitizer on small attention and cross-entropy cases (fastlm's "cuda" and
   racecheck     "triton" backends), beside cuda-tests; where the machine refuses the tool, what
                 it said is recorded and the run goes on
@@ -76,7 +77,7 @@ HERE = Path(__file__).resolve().parent
 # (the CUDA extension's build and tests, the CPU-only AOT compile and CUDA emulator).
 NOT_OP_TESTS = [
     "test_gpu_compile.py", "test_cuda_build.py", "test_cuda_emulated.py", "test_cuda_backend.py",
-    "test_cuda_install.py", "test_cuda_emulator_hazards.py",
+    "test_cuda_install.py", "test_cuda_emulator_hazards.py", "test_cuda_mma.py",
     "test_train_checkpoint.py", "test_train_cli.py", "test_train_compare.py", "test_train_data.py",
     "test_train_rundir.py", "test_train_outputs.py", "test_train_validation.py", "test_train_data_limits.py",
     "test_train_distributed.py", "test_train_metrics.py", "test_train_resume.py", "test_convergence.py",
@@ -649,7 +650,8 @@ def run(args: argparse.Namespace) -> int:
     if "cuda-tests" in stages:
         if built or check.dry or "cuda-build" not in stages:
             guard("cuda-tests", run_pytest, check, "cuda-tests",
-                  DRY_CUDA_TESTS if check.dry else ["tests/test_cuda_backend.py"], BOXES["cuda-tests"][check.dry])
+                  DRY_CUDA_TESTS if check.dry else ["tests/test_cuda_backend.py", "tests/test_cuda_mma.py"],
+                  BOXES["cuda-tests"][check.dry])
         else:
             check.record("cuda-tests", "skipped", summary="the CUDA extension did not build")
     guard("sanitizers", finish_sanitizers, check, sanitizers)

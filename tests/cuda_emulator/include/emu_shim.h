@@ -107,6 +107,7 @@ struct Block {
   std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
   std::vector<float> shfl;
   std::vector<float> wmma_pool;  // 256 floats per warp: a tile's elements pooled by its lanes
+  std::vector<unsigned> mma_pool;  // 320 words per warp: mma.sync's A, B, C registers of every lane
   unsigned char* smem = nullptr;
   unsigned char* static_smem = nullptr;  // the kernel's static __shared__ arrays (kStaticSmem bytes)
 };
@@ -397,6 +398,7 @@ void launch_kernel(void (*kernel)(KArgs...), unsigned grid, unsigned block, int 
     for (unsigned w = 0; w < block / 32; ++w) blk.warp_bars.push_back(std::make_unique<std::barrier<>>(32));
     blk.shfl.assign(block, 0.0f);
     blk.wmma_pool.assign(std::size_t(block / 32) * 256, 0.0f);
+    blk.mma_pool.assign(std::size_t(block / 32) * 320, 0u);
     blk.smem = static_cast<unsigned char*>(std::aligned_alloc(128, dyn_alloc));
     std::memset(blk.smem, 0xff, dyn_alloc);  // NaN in every type: unwritten shared memory shows
     blk.static_smem = static_cast<unsigned char*>(std::aligned_alloc(128, kStaticSmem));
@@ -529,3 +531,70 @@ EMU_UNCHECKED inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, 
 }
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ----------------------------------------------------------------------------- ldmatrix, mma.sync
+// csrc/mma.cuh's primitives, with PTX's documented lane layouts (that header lists them). The
+// lanes exchange addresses and registers through per-warp pools behind the shim's own barriers
+// (which order nothing for the hazard checker); each lane reads shared memory for exactly the
+// elements it receives, so those reads are the ones the checker sees.
+#define FASTLM_EMULATOR 1
+namespace emu {
+inline void ldmatrix_x4(unsigned (&r)[4], const void* row, bool trans) {
+  const unsigned lane = threadIdx.x & 31;
+  if (reinterpret_cast<std::uintptr_t>(row) % 16 != 0) fail("ldmatrix: a row address not 16-byte aligned");
+  auto* rows = reinterpret_cast<const unsigned char**>(tl_blk->wmma_pool.data() + (threadIdx.x / 32) * 256);
+  warp_barrier();  // the pool's previous use is over
+  rows[lane] = static_cast<const unsigned char*>(row);
+  warp_barrier();
+  const unsigned g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    if (!trans) {  // matrix i, row g, 16-bit columns 2t and 2t + 1: one 32-bit word
+      r[i] = *reinterpret_cast<const unsigned*>(rows[8 * i + g] + 4 * t);
+    } else {  // rows 2t and 2t + 1 of column g (lower half first)
+      const unsigned lo = *reinterpret_cast<const std::uint16_t*>(rows[8 * i + 2 * t] + 2 * g);
+      const unsigned hi = *reinterpret_cast<const std::uint16_t*>(rows[8 * i + 2 * t + 1] + 2 * g);
+      r[i] = lo | (hi << 16);
+    }
+  }
+  warp_barrier();  // every lane has read the addresses
+}
+
+template <typename T>
+inline float half_of(unsigned word, int which) {
+  T x;
+  const std::uint16_t bits = static_cast<std::uint16_t>(which ? word >> 16 : word & 0xffffu);
+  std::memcpy(&x, &bits, 2);
+  return nvcuda::wmma::elem(x);
+}
+
+// D (16 x 8) = A (16 x 16) B (16 x 8) + C, float32; every lane computes its own four outputs
+// from the whole warp's A and B registers, summing k in order (the hardware's order is its own:
+// tests compare with a tolerance).
+template <typename T>
+inline void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+  const unsigned lane = threadIdx.x & 31;
+  unsigned* pool = tl_blk->mma_pool.data() + (threadIdx.x / 32) * 320;
+  unsigned *pa = pool, *pb = pool + 128, *pc = pool + 192;
+  warp_barrier();
+  for (int i = 0; i < 4; ++i) pa[lane * 4 + i] = a[i];
+  for (int i = 0; i < 2; ++i) pb[lane * 2 + i] = b[i];
+  std::memcpy(pc + lane * 4, c, sizeof(c));
+  warp_barrier();
+  // A(row, k): lane 4 (row % 8) + (k % 8) / 2, register (row / 8) + 2 (k / 8), half k % 2
+  const auto A = [&](int row, int k) {
+    return half_of<T>(pa[(4 * (row % 8) + (k % 8) / 2) * 4 + (row / 8) + 2 * (k / 8)], k % 2);
+  };
+  // B(k, n): lane 4 n + (k % 8) / 2, register k / 8, half k % 2
+  const auto B = [&](int k, int n) { return half_of<T>(pb[(4 * n + (k % 8) / 2) * 2 + k / 8], k % 2); };
+  const int g = lane / 4, t = lane % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    out[i] = acc;
+  }
+  warp_barrier();  // every lane has read the pool
+  std::memcpy(d, out, sizeof(out));
+}
+}  // namespace emu
