@@ -140,11 +140,17 @@ def test_greedy_generation_with_the_cache_equals_recomputing(backend):
     src, mask, _, _ = batch()
     with fastlm.use_backend(backend):
         fast = model.generate(src, 7, src_mask=mask, temperature=0, eos_token_id=-1)
-        slow = torch.full((3, 1), 1, dtype=torch.long, device=DEVICE)
-        for _ in range(7):
-            logits = model(src, slow, mask)["logits"][:, -1]
-            slow = torch.cat([slow, logits.argmax(-1, keepdim=True)], dim=1)
+        slow = _greedy_by_recomputing(model, src, mask, 7)
     assert torch.equal(fast, slow)
+
+
+def _greedy_by_recomputing(model, src, mask, steps: int):
+    """Greedy decoding that runs the whole prefix through the model at every step (no cache)."""
+    out = torch.full((src.shape[0], 1), 1, dtype=torch.long, device=DEVICE)
+    for _ in range(steps):
+        logits = model(src, out, mask)["logits"][:, -1]
+        out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
+    return out
 
 
 def _record_norm_calls(monkeypatch, chain: bool = False) -> list:
@@ -202,11 +208,7 @@ def test_prenorm_generation_with_the_cache(monkeypatch):
     model = make(**OPTIONS[1]).eval()
     src, mask, _, _ = batch()
     fast = model.generate(src, 7, src_mask=mask, temperature=0, eos_token_id=-1)
-    slow = torch.full((3, 1), 1, dtype=torch.long, device=DEVICE)
-    for _ in range(7):
-        logits = model(src, slow, mask)["logits"][:, -1]
-        slow = torch.cat([slow, logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(fast, slow)
+    assert torch.equal(fast, _greedy_by_recomputing(model, src, mask, 7))
     calls = _record_norm_calls(monkeypatch, chain=True)
     assert torch.equal(model.generate(src, 7, src_mask=mask, temperature=0, eos_token_id=-1), fast)
     assert any(residual for residual, _ in calls)
